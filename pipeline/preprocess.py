@@ -1,0 +1,122 @@
+"""Preprocess on CPU workers: Idefics2's image-processor semantics, shipped compact.
+
+The reference (`Idefics2ImageProcessorPil`) does, per image: RGB conversion, optional split into 4
+crops plus the original (split first, at full resolution), resize each with bilinear PIL to the
+`longest_edge`/`shortest_edge` rule, rescale to [0, 1], normalize, then pad the batch and build an int64
+mask. This stage does the expensive, per-page part (split + resize) and stops there: its uint8 crops are
+exactly what the reference resized, so the actor's rescale/normalize/pad (see `collate.py`) reproduces
+the reference tensors bit for bit, while 4-10x fewer bytes cross the object store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline.pages import page_image
+from pipeline.schema import PREPROCESSED_SCHEMA, table_from_rows
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """The part of the checkpoint's processor config (plus job overrides) that shapes pixels."""
+
+    do_image_splitting: bool = False
+    longest_edge: int = 980
+    shortest_edge: int = 378
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_seq_len: int = 64  # <image> tokens per image; must equal the perceiver's resampler_n_latents
+    resample: int = 2  # PIL bilinear
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def images_per_page(self) -> int:
+        return 5 if self.do_image_splitting else 1
+
+    @classmethod
+    def from_processor(cls, processor, overrides: dict | None = None) -> "ImageSettings":
+        """Read the settings off a loaded Idefics2 processor, then apply job overrides (None = keep)."""
+        ip = processor.image_processor
+        size = ip.size if isinstance(ip.size, dict) else ip.size.__dict__
+        values = dict(
+            do_image_splitting=bool(ip.do_image_splitting),
+            longest_edge=int(size["longest_edge"]),
+            shortest_edge=int(size["shortest_edge"]),
+            rescale_factor=float(ip.rescale_factor),
+            image_mean=tuple(float(x) for x in ip.image_mean),
+            image_std=tuple(float(x) for x in ip.image_std),
+            image_seq_len=int(processor.image_seq_len),
+            resample=int(ip.resample),
+        )
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        return cls(**values)
+
+
+def target_size(height: int, width: int, settings: ImageSettings) -> tuple[int, int]:
+    """The reference's resize rule: cap the longest edge, then raise each edge to at least shortest_edge."""
+    from transformers.image_processing_utils import SizeDict
+    from transformers.models.idefics2.image_processing_pil_idefics2 import get_resize_output_image_size
+
+    size = SizeDict(longest_edge=settings.longest_edge, shortest_edge=settings.shortest_edge)
+    return get_resize_output_image_size(np.empty((0, height, width)), size)
+
+
+def split_into_crops(image: np.ndarray) -> list[np.ndarray]:
+    """The reference's split: four quadrants (top-left, top-right, bottom-left, bottom-right), then the whole."""
+    height, width = image.shape[:2]
+    mid_h, mid_w = height // 2, width // 2
+    return [image[:mid_h, :mid_w], image[:mid_h, mid_w:], image[mid_h:, :mid_w], image[mid_h:, mid_w:], image]
+
+
+def model_crops(image: np.ndarray, settings: ImageSettings) -> list[np.ndarray]:
+    """HWC uint8 page -> the HWC uint8 crops the model sees, resized exactly as the reference resizes."""
+    crops = split_into_crops(image) if settings.do_image_splitting else [image]
+    resized = []
+    for crop in crops:
+        height, width = target_size(crop.shape[0], crop.shape[1], settings)
+        pil = Image.fromarray(np.ascontiguousarray(crop))
+        resized.append(np.asarray(pil.resize((width, height), resample=settings.resample)))
+    return resized
+
+
+def pack_crops(crops: list[np.ndarray]) -> tuple[bytes, list[list[int]]]:
+    return b"".join(np.ascontiguousarray(c).tobytes() for c in crops), [[c.shape[0], c.shape[1]] for c in crops]
+
+
+def unpack_crops(pixels: bytes, shapes: list[list[int]]) -> list[np.ndarray]:
+    buffer = np.frombuffer(pixels, dtype=np.uint8)
+    crops, offset = [], 0
+    for height, width in shapes:
+        n = height * width * 3
+        crops.append(buffer[offset : offset + n].reshape(height, width, 3))
+        offset += n
+    return crops
+
+
+class PreprocessPages:
+    """Ray Data step: page rows in, rows with packed uint8 crops out (errors pass through)."""
+
+    def __init__(self, settings: ImageSettings):
+        self.settings = settings
+
+    def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
+        rows = []
+        for row in pages.to_pylist():
+            image_bytes = row.pop("image")
+            row["pixels"], row["crop_shapes"] = None, None
+            if row["status"] == "ok":
+                try:
+                    crops = model_crops(page_image({**row, "image": image_bytes}), self.settings)
+                    row["pixels"], row["crop_shapes"] = pack_crops(crops)
+                except Exception as exc:
+                    row.update(status="error", error=f"preprocess failed: {exc}", stage="preprocess")
+            rows.append(row)
+        yield table_from_rows(rows, PREPROCESSED_SCHEMA)
