@@ -1,0 +1,56 @@
+"""The job spec: one typed source of configuration, loaded from TOML, checked before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.cli import build_parser, spec_from_args
+from jobs.spec import SpecError, load_spec, spec_from_dict
+
+
+def test_toml_spec_loads_into_typed_sections(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text(
+        'run_id = "r1"\n[input]\nuri = "s3://b/in/"\nexclude = ["*.tmp"]\n[output]\nuri = "out"\n'
+        '[model]\nid = "m"\ndtype = "bf16"\ndo_image_splitting = true\n'
+        '[[tasks]]\nkind = "ocr"\n[[tasks]]\nkind = "qa"\nquestions = ["Who?", "When?"]\nmax_new_tokens = 64\n'
+    )
+    spec = load_spec(path).validate()
+    assert spec.input.exclude == ["*.tmp"]
+    assert spec.model.dtype == "bf16" and spec.model.do_image_splitting is True
+    assert [t.task_name for t in spec.tasks] == ["ocr", "qa"]
+    assert spec.tasks[1].questions == ["Who?", "When?"] and spec.tasks[1].max_new_tokens == 64
+
+
+def test_unknown_keys_are_refused_not_ignored():
+    with pytest.raises(SpecError, match="unknown setting.*dtpye"):
+        spec_from_dict({"model": {"id": "m", "dtpye": "bf16"}})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": {"id": ""}}, "no model"),
+        ({"model": {"id": "m", "dtype": "fp8"}}, "model.dtype"),
+        ({"tasks": [{"kind": "qa"}]}, "needs a question"),
+        ({"tasks": [{"kind": "ocr"}, {"kind": "ocr"}]}, "two tasks are named"),
+        ({"output": {"uri": "o", "overwrite": True, "retry_failed": True}}, "contradict"),
+    ],
+)
+def test_validation_names_the_problem(change, message):
+    data = {"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"id": "m"}, "tasks": [{"kind": "ocr"}]}
+    data.update(change)
+    with pytest.raises(SpecError, match=message):
+        spec_from_dict(data).validate()
+
+
+def test_flags_override_the_job_file(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[input]\nuri = "a"\n[output]\nuri = "b"\n[model]\nid = "m"\n[[tasks]]\nkind = "caption"\n')
+    args = build_parser().parse_args(
+        ["run", "--job", str(path), "--output", "c", "--max-new-tokens", "7", "--device", "cpu", "--no-image-splitting"]
+    )
+    spec = spec_from_args(args).validate()
+    assert spec.input.uri == "a" and spec.output.uri == "c"
+    assert spec.tasks[0].kind == "caption" and spec.tasks[0].max_new_tokens == 7
+    assert spec.model.device == "cpu" and spec.model.do_image_splitting is False
