@@ -1,9 +1,11 @@
 """The ledger: what a previous run already finished, read from the published files themselves.
 
 A source is *complete* when, for its recorded source ETag, every page (0..n_pages-1) has a row for every
-(task, question) the job asks for. Complete sources are skipped at planning time without being read;
-partially done sources are read again, but only their missing pages are rendered, and rows for units
-that are already published are dropped before they reach the sink.
+(task, question) the job asks of a page, and its document row (page = -1) has one for every unit asked
+of the whole document (tasks with scope = "document"). The units are given per source when it is
+planned, because QA questions may come per document from a manifest. Complete sources are skipped at
+planning time without being read; partially done sources are read again, but only their missing pages
+are rendered, and rows for units that are already published are dropped before they reach the sink.
 """
 
 from __future__ import annotations
@@ -14,32 +16,64 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from connectors.parquet_sink import ParquetStore
+from pipeline.schema import DOCUMENT_PAGE
 
 LEDGER_COLUMNS = ["source_uri", "page", "n_pages", "task", "question", "status", "source_etag"]
+
+
+@dataclass(frozen=True)
+class Units:
+    """The (task, question) pairs a source needs: on every page, and on its document row."""
+
+    page: frozenset = frozenset()
+    document: frozenset = frozenset()
 
 
 @dataclass
 class Ledger:
     etags: dict[str, str] = field(default_factory=dict)  # source -> ETag its rows were made from
-    complete: set[str] = field(default_factory=set)  # sources with every unit published
-    done_pages: dict[str, list[int]] = field(default_factory=dict)  # partial sources: fully done pages
-    done_keys: set[tuple] = field(default_factory=set)  # (source, page, task, question) of partial sources
+    got: dict[str, dict[int, set]] = field(default_factory=dict)  # source -> page -> published (task, question)
+    n_pages: dict[str, int] = field(default_factory=dict)
+    done_keys: set[tuple] = field(default_factory=set)  # (source, page, task, question) published
+    units: Units = field(default_factory=Units)  # the job-wide units, when a caller gives none
     n_rows: int = 0
     n_errors: int = 0
     duplicates: int = 0
 
-    def is_complete(self, source_uri: str, etag: str) -> bool:
-        return source_uri in self.complete and self.etags.get(source_uri) == etag
+    def done_pages_of(self, source_uri: str, units: Units | None = None) -> list[int]:
+        """Pages with every unit published, and DOCUMENT_PAGE when the document row's units are."""
+        units = units or self.units
+        pages = self.got.get(source_uri, {})
+        done = [DOCUMENT_PAGE] if units.document <= pages.get(DOCUMENT_PAGE, set()) else []
+        return done + [p for p in range(self.n_pages.get(source_uri, 1)) if units.page <= pages.get(p, set())]
+
+    @property
+    def done_pages(self) -> dict[str, list[int]]:
+        """Sources with some but not all units published (under the job-wide units) -> their done pages."""
+        partial = {}
+        for source in self.got:
+            done = self.done_pages_of(source)
+            if len(done) < self.n_pages.get(source, 1) + 1:
+                partial[source] = [p for p in done if p != DOCUMENT_PAGE]
+        return partial
+
+    def is_complete(self, source_uri: str, etag: str, units: Units | None = None) -> bool:
+        if source_uri not in self.got or self.etags.get(source_uri) != etag:
+            return False
+        return len(self.done_pages_of(source_uri, units)) == self.n_pages.get(source_uri, 1) + 1
 
     def is_stale(self, source_uri: str, etag: str) -> bool:
         """The source has rows, but they were made from a different version of it."""
         return source_uri in self.etags and bool(etag) and self.etags[source_uri] != etag
 
 
-def read_ledger(store: ParquetStore, units: set[tuple[str, str | None]]) -> Ledger:
-    """Build the ledger from every published file; `units` are the job's (task, question) pairs."""
+def read_ledger(store: ParquetStore, units: Units | set | None = None) -> Ledger:
+    """Build the ledger from every published file. `units`: the job-wide units (a set of (task, question)
+    means page units only), used where `is_complete`/`done_pages_of` are not given a source's own."""
     tables = [store.read(path, LEDGER_COLUMNS) for path in store.data_files()]
-    ledger = Ledger()
+    if isinstance(units, (set, frozenset)):
+        units = Units(page=frozenset(units))
+    ledger = Ledger(units=units or Units())
     if not tables:
         return ledger
     keys = pa.concat_tables(tables, promote_options="permissive").to_pylist()
@@ -56,12 +90,7 @@ def read_ledger(store: ParquetStore, units: set[tuple[str, str | None]]) -> Ledg
         ledger.etags[row["source_uri"]] = row["source_etag"] or ""
         by_source[row["source_uri"]][row["page"]].add((row["task"], row["question"]))
         n_pages[row["source_uri"]] = max(n_pages.get(row["source_uri"], 1), row["n_pages"] or 1)
-    for source, pages in by_source.items():
-        done = sorted(p for p, got in pages.items() if units <= got)
-        if len(done) == n_pages[source] and done == list(range(n_pages[source])):
-            ledger.complete.add(source)
-        else:
-            ledger.done_pages[source] = done
-            for page, got in pages.items():
-                ledger.done_keys.update((source, page, task, question) for task, question in got)
+    ledger.got = {source: dict(pages) for source, pages in by_source.items()}
+    ledger.n_pages = n_pages
+    ledger.done_keys = seen
     return ledger

@@ -1,24 +1,36 @@
-"""Listing: turn the job's input URI into a stream of planned inputs.
+"""Listing: turn the job's input into a stream of planned inputs (one row per object).
 
-`--input` may be a folder or prefix (everything below it), a glob (`s3://bucket/archive/**/*.pdf`) or a
-single object. Objects are yielded as they are found, so a prefix with millions of keys never becomes
-one giant list. Names starting with `_` or `.` are skipped (temporary and hidden files).
+`--input` may be a folder or prefix (everything below it), a glob (`s3://bucket/archive/**/*.pdf`), a
+single object, or, with `--manifest`, a file that lists the inputs (see `connectors/manifest.py`).
+Objects are yielded as they are found, so a prefix with millions of keys never becomes one giant list.
+Below a folder or a glob's fixed part, names starting with `_` or `.` are skipped (temporary and hidden
+files, and Scriptorium's own `_work`/`_runs` bookkeeping when the output sits inside the input).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import Iterator
 
+import fsspec.asyn
+from fsspec.utils import glob_translate
+
+from connectors.manifest import ManifestEntry, read_manifest
 from connectors.storage import StorageOptions, filesystem_for, redact, uri_for
 from jobs.spec import InputSpec
 
-GLOB_CHARS = set("*?[")
+GLOB_CHARS = "*?["
+LIST_PAGE = 1000  # objects per S3 ListObjectsV2 page (the API's maximum)
+HEAD_CONCURRENCY = 16  # parallel metadata lookups for manifest entries
+HEAD_CHUNK = 256  # manifest entries looked up per round: bounds memory for huge manifests
 
 
-def _etag(info: dict) -> str:
-    """ETag for object stores, mtime for local files: what tells us a source has changed."""
+def source_version(info: dict) -> str:
+    """ETag for object stores, mtime for local files: what tells a rerun that a source has changed."""
     for key in ("ETag", "etag", "md5Hash", "crc32c"):
         if info.get(key):
             return str(info[key]).strip('"')
@@ -28,31 +40,85 @@ def _etag(info: dict) -> str:
     return ""
 
 
-def _is_hidden(path: str) -> bool:
-    return any(part.startswith((".", "_")) for part in path.split("/") if part)
+def _is_hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
 
 
-def _walk(fs, root: str) -> Iterator[tuple[str, dict]]:
-    """(path, info) for every file below root, one directory listing at a time."""
+def _is_s3(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "s3" in protocols and hasattr(fs, "_iterdir")
+
+
+def _stream_s3(fs, key_prefix: str) -> Iterator[tuple[str, dict]]:
+    """(path, info) for every object whose key starts with `key_prefix` ("bucket/some/prefix").
+
+    `fs.find`, `fs.glob` and `fs.walk` on s3fs all collect the complete listing before returning
+    (find builds one dict of every key below the prefix), so a million-object prefix would sit in
+    memory before the first document is planned. s3fs's `_iterdir` is an async generator over
+    ListObjectsV2 pages (each page retried by s3fs's `_call_s3`); without a delimiter it walks the
+    whole tree flat. We pull it one page at a time on s3fs's event loop, so memory holds one page.
+    """
+    bucket, key, _ = fs.split_path(key_prefix)
+    pages = fs._iterdir(bucket, delimiter="", prefix=key)
+    while True:
+        page = fsspec.asyn.sync(fs.loop, _take, pages, LIST_PAGE)
+        for info in page:
+            if info.get("type") == "file" and not info["name"].endswith("/"):  # "folder/" placeholders
+                yield info["name"], info
+        if len(page) < LIST_PAGE:
+            return
+
+
+async def _take(items, n: int) -> list:
+    """Up to n items from an async iterator (fewer only when it is exhausted)."""
+    taken = []
+    try:
+        while len(taken) < n:
+            taken.append(await items.__anext__())
+    except StopAsyncIteration:
+        pass
+    return taken
+
+
+def _files_below(fs, root: str, name_prefix: str = "") -> Iterator[tuple[str, dict]]:
+    """(path, info) for every file below folder `root` whose path starts with `root/name_prefix`."""
+    start = f"{root}/{name_prefix}" if root else name_prefix
+    if _is_s3(fs):
+        yield from _stream_s3(fs, start)
+        return
+    # Local, memory, GCS, ...: one directory listing at a time.
     for directory, _dirs, files in fs.walk(root, detail=True):
         for name in sorted(files):
             info = files[name]
             path = info.get("name") or posixpath.join(directory, name)
-            yield path, info
+            if path.startswith(start):
+                yield path, info
+
+
+def _split_glob(path: str) -> tuple[str, str]:
+    """("bucket/archive", "doc") for "bucket/archive/doc*/**/*.pdf": the folder before the first wildcard
+    and the fixed start of the name after it (S3 lists by key prefix, so that narrows the listing)."""
+    first = min(i for i in (path.find(ch) for ch in GLOB_CHARS) if i >= 0)
+    fixed = path[:first]
+    root, _, name_prefix = fixed.rpartition("/")
+    return root, name_prefix
 
 
 def iter_objects(spec: InputSpec, options: StorageOptions) -> Iterator[tuple[str, dict, str]]:
-    """(uri, info, relative name) for every object the input names, before include/exclude filters."""
+    """(uri, info, name relative to the listing root) for every object the input names, unfiltered."""
     fs, path = filesystem_for(spec.uri, options)
     if any(ch in path for ch in GLOB_CHARS):
-        for match, info in sorted(fs.glob(path, detail=True).items()):
-            if info.get("type") == "file":
-                yield uri_for(fs, match), info, match
+        root, name_prefix = _split_glob(path)
+        pattern = re.compile(glob_translate(path))
+        for match, info in _files_below(fs, root, name_prefix):
+            relative = match[len(root):].lstrip("/")
+            if pattern.fullmatch(match) and not _is_hidden(relative):
+                yield uri_for(fs, match), info, relative
         return
     info = fs.info(path)  # raises FileNotFoundError for a missing input: a job-level error
     if info.get("type") == "directory":
         root = path.rstrip("/")
-        for child, child_info in _walk(fs, root):
+        for child, child_info in _files_below(fs, root):
             relative = child[len(root):].lstrip("/")
             if not _is_hidden(relative):
                 yield uri_for(fs, child), child_info, relative
@@ -60,19 +126,68 @@ def iter_objects(spec: InputSpec, options: StorageOptions) -> Iterator[tuple[str
         yield uri_for(fs, path), info, posixpath.basename(path)
 
 
-def list_inputs(spec: InputSpec, options: StorageOptions) -> Iterator[dict]:
-    """Planned inputs: dicts with source_uri, size, etag, kind and (for unusable ones) error."""
+def _selected(relative: str, spec: InputSpec) -> bool:
+    """include/exclude globs match the name relative to the listing root, or the bare file name."""
+    name = posixpath.basename(relative)
+
+    def matches(pattern: str) -> bool:
+        return fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(name, pattern)
+
+    if spec.include and not any(matches(p) for p in spec.include):
+        return False
+    return not any(matches(p) for p in spec.exclude)
+
+
+def _plan_row(uri: str, info: dict | None, relative: str, spec: InputSpec, questions=None) -> dict:
     from pipeline.pages import kind_of
 
+    size = info.get("size") if info else None
+    row = {
+        "source_uri": uri,
+        "size": int(size) if size is not None else None,
+        "etag": source_version(info) if info else None,
+        "kind": kind_of(posixpath.basename(relative)),
+        "error": None,
+        "questions": list(questions) if questions else None,
+    }
     max_bytes = int(spec.max_size_mb * 1024 * 1024) if spec.max_size_mb else 0
+    if max_bytes and size is not None and size > max_bytes:
+        row["error"] = redact(f"file is {size} bytes, more than input.max_size_mb={spec.max_size_mb:g}")
+    if info and info.get("type") == "directory":
+        row["error"] = redact(f"manifest entry {uri} is a folder: list files, or pass the folder as --input")
+    return row
+
+
+def _manifest_rows(spec: InputSpec, options: StorageOptions) -> Iterator[dict]:
+    """Plan rows for the entries of a manifest, with each object's size and ETag looked up in parallel.
+
+    An entry whose lookup fails (missing, forbidden) is still planned, with null size and ETag: reading
+    it fails the same way in the pages stage, which records an error row (stage "read") for it.
+    """
+    entries = (e for e in read_manifest(spec.uri, options) if _selected(_path_part(e.uri), spec))
+    with ThreadPoolExecutor(HEAD_CONCURRENCY) as pool:
+        while chunk := list(islice(entries, HEAD_CHUNK)):
+            for entry, info in zip(chunk, pool.map(lambda e: _info_or_none(e, options), chunk)):
+                yield _plan_row(entry.uri, info, _path_part(entry.uri), spec, entry.questions)
+
+
+def _path_part(uri: str) -> str:
+    return uri.split("://", 1)[-1]
+
+
+def _info_or_none(entry: ManifestEntry, options: StorageOptions) -> dict | None:
+    try:
+        fs, path = filesystem_for(entry.uri, options)
+        return fs.info(path)
+    except Exception:  # missing, forbidden, unreachable: the read will record why
+        return None
+
+
+def list_inputs(spec: InputSpec, options: StorageOptions) -> Iterator[dict]:
+    """Planned inputs: dicts with source_uri, size, etag, kind, questions and (for unusable ones) error."""
+    if spec.manifest:
+        yield from _manifest_rows(spec, options)
+        return
     for uri, info, relative in iter_objects(spec, options):
-        name = posixpath.basename(relative)
-        if spec.include and not any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(name, p) for p in spec.include):
-            continue
-        if spec.exclude and any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(name, p) for p in spec.exclude):
-            continue
-        size = int(info.get("size") or 0)
-        row = {"source_uri": uri, "size": size, "etag": _etag(info), "kind": kind_of(name), "error": None}
-        if max_bytes and size > max_bytes:
-            row["error"] = redact(f"file is {size} bytes, more than input.max_size_mb={spec.max_size_mb:g}")
-        yield row
+        if _selected(relative, spec):
+            yield _plan_row(uri, info, relative, spec)

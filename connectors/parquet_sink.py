@@ -8,9 +8,14 @@ Exactly-once without a coordinator:
   the ledger is simply the key columns of the published files. A rerun reads them, drops the units that
   are done before any work starts, and can therefore never write a unit twice; a kill can only lose
   unpublished rows, which the rerun redoes.
-- Rows are never edited in place. Dropping rows (`--retry-failed`, changed sources) publishes a
-  replacement file that names the file it replaces in its metadata, then deletes the old one; if a kill
-  lands in between, the next start finishes the deletion (`recover`).
+- Dropping rows (`--retry-failed`, changed sources) republishes a file without them under the same
+  name, with the same atomic publish: a reader, or a run killed half-way, sees the old file or the new
+  one, never both and never a part of one.
+- Local temporaries are hidden (`.name.xxxx.tmp`) and fsynced before the rename; `recover`, at the start
+  of every run, deletes the ones a killed run left behind, and the plan files of killed runs.
+
+One run writes to an output at a time (a second, concurrent one would see the first one's temporaries
+as leftovers).
 
 Everything in the output folder that is not a finished Parquet file starts with `_` or `.`, so the
 folder reads as one dataset with pyarrow, pandas, duckdb or Spark.
@@ -19,6 +24,7 @@ folder reads as one dataset with pyarrow, pandas, duckdb or Spark.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import time
 import uuid
@@ -28,9 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from connectors.storage import StorageOptions, filesystem_for
-
-REPLACES_KEY = b"scriptorium.replaces"
+from connectors.storage import StorageOptions, filesystem_for, redact, unreachable_reason
 
 
 class OutputError(RuntimeError):
@@ -47,18 +51,23 @@ class ParquetStore:
 
     def __init__(self, uri: str, options: StorageOptions | None = None):
         self.uri = uri
+        self.options = options
         self.fs, self.root = filesystem_for(uri, options)
         self.root = self.root.rstrip("/")
 
     def ensure_writable(self) -> None:
         """Fail early, with one clear line, if the output cannot be written."""
+        unreachable = unreachable_reason(self.uri, self.options)  # seconds, not minutes of retries
+        if unreachable:
+            raise OutputError(f"cannot reach output {self.uri}: {unreachable}")
         probe = f"{self.root}/_scriptorium_probe_{uuid.uuid4().hex[:8]}"
         try:
-            self.fs.makedirs(self.root, exist_ok=True)
+            if _is_local(self.fs):  # on object stores makedirs would silently create a missing bucket
+                self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm(probe)
         except Exception as exc:
-            raise OutputError(f"cannot write to output {self.uri}: {type(exc).__name__}: {exc}") from None
+            raise OutputError(redact(f"cannot write to output {self.uri}: {type(exc).__name__}: {exc}")) from None
 
     def data_files(self) -> list[str]:
         try:
@@ -69,65 +78,71 @@ class ParquetStore:
             return []
         return sorted(p for p in found if _is_data_file(p) and not _in_hidden_dir(p, self.root))
 
-    def publish(self, table: pa.Table, name: str, replaces: str | None = None) -> str:
-        """Write `table` as `name` under the root, atomically. Returns the published path."""
-        if replaces:
-            meta = dict(table.schema.metadata or {})
-            meta[REPLACES_KEY] = posixpath.basename(replaces).encode()
-            table = table.replace_schema_metadata(meta)
+    def publish(self, table: pa.Table, name: str) -> str:
+        """Write `table` as `name` under the root, atomically (replacing a file of that name whole).
+        Returns the published path."""
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         final = f"{self.root}/{name}"
         if _is_local(self.fs):
-            temporary = f"{self.root}/.tmp-{uuid.uuid4().hex}-{name}"
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.pipe_file(temporary, buffer.getvalue())
-            self.fs.mv(temporary, final)
+            self._move_into_place(self._write_temporary(name, buffer.getvalue()), final)
         else:
             self.fs.pipe_file(final, buffer.getvalue())  # visible only once the upload completes
         return final
+
+    def _write_temporary(self, name: str, data: bytes) -> str:
+        """A hidden file next to the final one (same filesystem, so the rename is atomic), on disk."""
+        folder, base = posixpath.split(f"{self.root}/{name}")
+        os.makedirs(folder, exist_ok=True)
+        temporary = f"{folder}/.{base}.{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}"
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # the rename must not publish a file whose bytes are not on disk yet
+        return temporary
+
+    def _move_into_place(self, temporary: str, final: str) -> None:
+        os.replace(temporary, final)
+        directory = os.open(posixpath.dirname(final), os.O_RDONLY)
+        try:
+            os.fsync(directory)  # and the rename itself survives a power cut
+        finally:
+            os.close(directory)
 
     def read(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(path, "rb") as handle:
             return pq.read_table(handle, columns=columns)
 
     def recover(self) -> list[str]:
-        """Finish interrupted replacements: delete every file that a published file says it replaces."""
-        files = self.data_files()
-        names = {posixpath.basename(p): p for p in files}
+        """Clear what killed runs left behind: half-written temporaries and plan files. Returns their paths.
+        Published files need no repair: each one is whole (see the module docstring)."""
         removed = []
-        for path in files:
-            with self.fs.open(path, "rb") as handle:
-                meta = pq.read_schema(handle).metadata or {}
-            old = meta.get(REPLACES_KEY)
-            if old and old.decode() in names and names[old.decode()] != path:
-                self.fs.rm(names[old.decode()])
-                removed.append(names[old.decode()])
-        self._remove_stale_temporaries()
+        if _is_local(self.fs) and os.path.isdir(self.root):
+            for folder, _dirs, names in os.walk(self.root):
+                for name in names:
+                    if name.startswith(".") and name.endswith(TEMPORARY_SUFFIX):
+                        os.remove(os.path.join(folder, name))
+                        removed.append(os.path.join(folder, name))
+        work = f"{self.root}/_work"
+        if self.fs.exists(work):
+            self.fs.rm(work, recursive=True)
+            removed.append(work)
         return removed
 
-    def _remove_stale_temporaries(self) -> None:
-        if not _is_local(self.fs) or not self.fs.exists(self.root):
-            return
-        for path in self.fs.ls(self.root, detail=False):
-            if posixpath.basename(path).startswith(".tmp-"):
-                self.fs.rm(path)
-
     def drop_rows(self, should_drop: Callable[[pa.Table], pa.Array], columns: list[str]) -> int:
-        """Remove the rows for which `should_drop(table)` is true, file by file, crash-safely."""
+        """Remove the rows for which `should_drop(table)` is true, file by file, each file replaced
+        atomically (or deleted when nothing is left). Returns how many rows went."""
         dropped = 0
         for path in self.data_files():
-            keys = self.read(path, columns)
-            mask = should_drop(keys)
+            mask = should_drop(self.read(path, columns))
             n = pc.sum(mask).as_py() or 0
             if not n:
                 continue
-            table = self.read(path)
-            kept = table.filter(pc.invert(mask))
+            kept = self.read(path).filter(pc.invert(mask))
             if kept.num_rows:
-                stem = posixpath.basename(path)[: -len(".parquet")]
-                self.publish(kept, f"{stem.split('.')[0]}.r{uuid.uuid4().hex[:6]}.parquet", replaces=path)
-            self.fs.rm(path)
+                self.publish(kept, path[len(self.root) + 1:])
+            else:
+                self.fs.rm(path)
             dropped += n
         return dropped
 
@@ -141,6 +156,9 @@ class ParquetStore:
             if self.fs.exists(target):
                 self.fs.rm(target, recursive=True)
         return len(files)
+
+
+TEMPORARY_SUFFIX = ".tmp"
 
 
 def _is_local(fs) -> bool:

@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,8 +20,10 @@ import pyarrow.compute as pc
 from connectors.ledger import Ledger, read_ledger
 from connectors.listing import list_inputs
 from connectors.parquet_sink import OutputError, ParquetSink, ParquetStore
-from connectors.storage import StorageOptions, redact
+from connectors.storage import StorageOptions, redact, unreachable_reason
+from jobs.progress import Progress
 from jobs.spec import JobSpec, SpecError
+from jobs.summary import write_run_summary
 from pipeline.schema import PLAN_SCHEMA, table_from_rows
 
 log = logging.getLogger("scriptorium")
@@ -40,6 +42,7 @@ class RunResult:
     error_rows: int = 0
     wall_s: float = 0.0
     files: list[str] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)  # {"run": ..., "output": ...}, see jobs/summary.py
 
 
 def new_run_id() -> str:
@@ -52,14 +55,22 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def output_uri_for_run(uri: str, run_id: str) -> str:
+    """`{run_id}` in the output URI becomes the run's id, so runs can be partitioned by run:
+    `s3://bucket/digitize/run_id={run_id}` -> `s3://bucket/digitize/run_id=2026-11`. Resuming a run
+    means passing the same run id again; a new id starts a new partition."""
+    return uri.replace("{run_id}", run_id)
+
+
 def open_model_config(spec: JobSpec):
     """Load the checkpoint's processor in the driver: fails fast on a missing model, gives image settings."""
     from pipeline.generate import load_processor
     from pipeline.preprocess import ImageSettings
 
     model_id = spec.model.id
-    looks_local = model_id.startswith((".", "/", "~")) or os.path.sep in model_id.strip("/").split("/", 1)[-1]
-    if looks_local and not os.path.isdir(os.path.expanduser(model_id)):
+    # A hub id is "org/name"; anything else that is not an existing directory is a missing local path.
+    is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) is not None and not model_id.startswith(".")
+    if not os.path.isdir(os.path.expanduser(model_id)) and not is_hub_id:
         raise SpecError(f"model path {model_id} does not exist: build one with `scriptorium tiny-model DIR` "
                         "or pass a hub id such as HuggingFaceM4/idefics2-8b")
     try:
@@ -78,13 +89,25 @@ def open_model_config(spec: JobSpec):
     return processor, settings
 
 
+def ray_address(spec: JobSpec) -> str:
+    """The cluster to join ("" for a local Ray). A Ray Client address (ray://) is refused up front:
+    Ray Data cannot run through Ray Client (ray-project/ray#48682), so a job is driven from inside
+    the cluster instead, which is what `scriptorium submit` arranges."""
+    address = spec.resources.address or os.environ.get("SCRIPTORIUM_RAY_ADDRESS", "")
+    if address.startswith("ray://"):
+        raise SpecError(f"address {address}: Ray Data cannot run through Ray Client (ray://). Submit the job "
+                        "to the cluster instead: scriptorium submit --address http://HEAD:8265 --job FILE.toml, "
+                        "or run it on a cluster node with --address auto")
+    return address
+
+
 def init_ray(spec: JobSpec) -> None:
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = spec.resources.address or os.environ.get("SCRIPTORIUM_RAY_ADDRESS", "")
+    address = ray_address(spec)
     if address:
         ray.init(address=address, log_to_driver=False)
         return
@@ -92,7 +115,10 @@ def init_ray(spec: JobSpec) -> None:
     # leave no CPU for Ray Data's own read/write tasks on a 2-core machine and the job stalls, so a
     # local Ray gets at least 4 logical CPUs; the OS shares the real cores between them.
     num_cpus = spec.resources.ray_num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    # address="local": a Ray of our own, never one found on the machine (a plain ray.init() joins the
+    # cluster `ray start` recorded in /tmp/ray). Its processes die with this driver (Ray ties them to
+    # it), so a killed run leaves nothing behind that could disturb its rerun.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=True, logging_level=logging.WARNING)
 
 
@@ -117,15 +143,18 @@ def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledg
             paths.append(path)
             buffer.clear()
 
+    from pipeline.prompts import work_units
+
     for row in list_inputs(spec.input, storage):
         uri, etag = row["source_uri"], row["etag"]
-        if ledger.is_complete(uri, etag):
+        units = work_units(spec.tasks, row.get("questions"))  # per source: QA questions may come per document
+        if ledger.is_complete(uri, etag, units):
             skipped += 1
             continue
         if ledger.is_stale(uri, etag):
             stale.append(uri)
-        else:
-            row["done_pages"] = ledger.done_pages.get(uri)
+        elif uri in ledger.got:
+            row["done_pages"] = ledger.done_pages_of(uri, units)
         buffer.append(row)
         if len(buffer) >= PLAN_ROWS_PER_FILE:
             flush()
@@ -138,14 +167,27 @@ def run_job(spec: JobSpec) -> RunResult:
     started = time.monotonic()
     spec.validate()
     spec.run_id = check_run_id(spec.run_id or new_run_id())
+    spec.output.uri = output_uri_for_run(spec.output.uri, spec.run_id)
+    ray_address(spec)  # a cluster address that cannot work fails now, not after planning
     storage = StorageOptions.from_spec(spec.storage)
-    processor, image_settings = open_model_config(spec)
+    for role, uri in (("input", spec.input.uri), ("output", spec.output.uri)):
+        unreachable = unreachable_reason(uri, storage)  # in seconds, before loading anything
+        if unreachable:
+            raise SpecError(f"cannot reach {role} {uri}: {unreachable}")
+    from pipeline.preprocess import ImageSettings
+    from pipeline.prompts import PromptBook, load_examples, resolve_prompt_format, work_units
+    from pipeline.routes import tessdata_path
 
-    from pipeline.prompts import plan_prompts, resolve_prompt_format
-
-    prompt_format = resolve_prompt_format(processor, spec.model.prompt_format)
-    plans = plan_prompts(processor, spec.tasks, prompt_format)
-    units = {(p.task, p.question) for p in plans}
+    # A job of Tesseract OCR only needs no model: no checkpoint to load, no GPU.
+    processor, image_settings = open_model_config(spec) if spec.needs_model else (None, ImageSettings())
+    if spec.routing.ocr_engine == "tesseract":
+        try:
+            tessdata_path()
+        except RuntimeError as exc:
+            raise SpecError(f"routing.ocr_engine = \"tesseract\": {exc}") from None
+    prompts = PromptBook(spec.tasks, resolve_prompt_format(processor, spec.model.prompt_format),
+                         load_examples(spec.tasks, image_settings, storage))
+    units = work_units(spec.tasks)
 
     store = ParquetStore(spec.output.uri, storage)
     store.ensure_writable()
@@ -170,18 +212,23 @@ def run_job(spec: JobSpec) -> RunResult:
     result = RunResult(run_id=spec.run_id, output=spec.output.uri, skipped_inputs=skipped)
     sink = ParquetSink(store, spec.run_id, spec.output.rows_per_file, spec.output.seconds_per_file)
     if plan_files:
-        result.planned_inputs = _run_pipeline(spec, plan_files, store, storage, image_settings, plans, ledger, sink, result)
+        result.planned_inputs = _run_pipeline(spec, plan_files, store, storage, image_settings, prompts, ledger, sink, result)
     sink.close()
     if store.fs.exists(f"{store.root}/_work/{spec.run_id}"):
         store.fs.rm(f"{store.root}/_work/{spec.run_id}", recursive=True)
+    from pipeline.crash_journal import journal_folder
+
+    shutil.rmtree(journal_folder(spec.run_id), ignore_errors=True)  # this node's replica notes (a local run's all)
     result.rows_written = sink.rows_written
     result.files = sink.published
     result.wall_s = time.monotonic() - started
-    write_summary(store, spec, result)
+    from pipeline.assemble import stage_resources
+
+    result.summary = write_run_summary(store, spec, result, stage_resources(spec).gpus_per_replica)
     return result
 
 
-def _run_pipeline(spec, plan_files, store, storage, image_settings, plans, ledger, sink, result) -> int:
+def _run_pipeline(spec, plan_files, store, storage, image_settings, prompts, ledger, sink, result) -> int:
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -190,37 +237,56 @@ def _run_pipeline(spec, plan_files, store, storage, image_settings, plans, ledge
     init_ray(spec)
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = 0  # never drop a block silently: failures are rows, not lost blocks
+    # Bounded in-flight work, so memory stays flat from 500 pages to 5 million: the listing streams into
+    # plan files; Ray Data starts tasks for a stage only while its output fits the stage's share of the
+    # object-store budget (resource_limits: by default half the cluster's object store, re-read as nodes
+    # join or leave, so it grows with the cluster, never with the input); each model replica holds at
+    # most two batches (pipeline/assemble.py). Ordered output would have to buffer every page finished
+    # behind a slow one, so results leave in completion order (the Parquet keys say where rows belong).
+    ctx.execution_options.preserve_order = False
+    _quiet_ray_progress(ctx)  # before the dataset is made: it keeps a copy of the context
     plan = ray.data.read_parquet(plan_files, filesystem=PyFileSystem(FSSpecHandler(store.fs)))
     n_planned = sum(store.read(p, ["source_uri"]).num_rows for p in plan_files)
-    dataset = build_dataset(plan, spec, image_settings, plans, storage)
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        if ledger.done_keys:
-            batch = _drop_done(batch, ledger.done_keys)
-        statuses = batch["status"].to_pylist()
-        result.ok_rows += statuses.count("ok")
-        result.error_rows += statuses.count("error")
-        sink.write(batch)
+    from pipeline.routes import DedupJoin, start_registry
+
+    registry = start_registry(spec.routing, spec.run_id)  # None unless routing.dedup
+    dataset = build_dataset(plan, spec, image_settings, prompts, storage, registry)
+    done_before = {source: len(pages) for source, pages in ledger.done_pages.items()}
+    written: set[int] = set()  # hashes of this run's keys: a batch Ray delivers twice is written once
+    with Progress(n_planned, result.skipped_inputs, done_before) as progress:
+        batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+        if registry is not None:  # duplicates' placeholders are filled here and never reach the sink
+            batches = DedupJoin(registry).join(batches)
+        for batch in batches:
+            progress.update(batch)  # before dropping re-done units: it counts pages out of the model
+            batch = _drop_done(batch, ledger.done_keys, written)
+            statuses = batch["status"].to_pylist()
+            result.ok_rows += statuses.count("ok")
+            result.error_rows += statuses.count("error")
+            sink.write(batch)
     return n_planned
 
 
-def _drop_done(batch: pa.Table, done: set[tuple]) -> pa.Table:
-    keys = zip(*(batch[c].to_pylist() for c in ("source_uri", "page", "task", "question")))
-    keep = [key not in done for key in keys]
-    return batch.filter(pa.array(keep))
+def _quiet_ray_progress(ctx) -> None:
+    """Our progress line replaces Ray Data's bars (which would garble it on a terminal) and its
+    per-operator log blocks (every few seconds in CI logs). SCRIPTORIUM_RAY_PROGRESS=1 keeps them,
+    for looking into a stalled operator."""
+    if os.environ.get("SCRIPTORIUM_RAY_PROGRESS") == "1":
+        return
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)  # "finished in"
 
 
-def write_summary(store: ParquetStore, spec: JobSpec, result: RunResult) -> None:
-    """A small JSON next to the output (hidden from dataset readers by its `_` prefix)."""
-    summary = {
-        "run_id": result.run_id,
-        "output": result.output,
-        "planned_inputs": result.planned_inputs,
-        "skipped_inputs": result.skipped_inputs,
-        "rows_written": result.rows_written,
-        "ok_rows": result.ok_rows,
-        "error_rows": result.error_rows,
-        "wall_s": round(result.wall_s, 3),
-        "model": spec.model.id,
-        "tasks": [t.task_name for t in spec.tasks],
-    }
-    store.fs.pipe_file(f"{store.root}/_runs/{result.run_id}/summary.json", json.dumps(summary, indent=2).encode())
+def _drop_done(batch: pa.Table, done: set[tuple], written: set[int]) -> pa.Table:
+    """The rows whose unit was neither published before this run (`done`) nor written by it already."""
+    keep, again = [], 0
+    for key in zip(*(batch[c].to_pylist() for c in ("source_uri", "page", "task", "question"))):
+        first_time = hash(key) not in written
+        written.add(hash(key))
+        keep.append(first_time and key not in done)
+        again += not first_time
+    if again:
+        log.warning("dropped %d rows for units this run had already written", again)
+    return batch if all(keep) else batch.filter(pa.array(keep))

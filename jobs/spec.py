@@ -15,6 +15,7 @@ TOML layout (every key optional except where a run needs it):
     [resources]  num_replicas = 1                       gpus_per_replica = 1  batch_size = 8
     [[tasks]]    kind = "ocr"                           max_new_tokens = 512
     [[tasks]]    kind = "qa"  questions = ["What is the title?"]
+    [routing]    text_layer = true                      ocr_engine = "idefics2"  dedup = true
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 TASK_KINDS = ("ocr", "caption", "qa", "custom")
+CAPTION_DETAILS = ("short", "detailed")
+TASK_SCOPES = ("page", "document")
+EXAMPLE_KEYS = ("image", "prompt", "text")
+OCR_ENGINES = ("idefics2", "tesseract")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
@@ -74,6 +79,9 @@ class ModelSpec:
     do_image_splitting: bool | None = None  # None: the checkpoint's processor config decides
     longest_edge: int | None = None
     shortest_edge: int | None = None
+    # Static KV cache for generation; on CUDA, transformers then torch.compiles the decoding step.
+    # Opt-in until bench/gpu.py shows it faster on a GPU (see BENCHMARKS.md).
+    compile: bool = False
 
 
 @dataclass
@@ -82,8 +90,8 @@ class RenderSpec:
     # which is all the model will see, instead of rendering big and shrinking.
     longest_edge: int = 0
     max_pixels: int = 40_000_000  # decoded images larger than this are refused (decompression bombs)
-    max_pages: int = 5000  # pages past this in one document become one error row
-    timeout_s: float = 60.0  # per-page render/decode time limit
+    max_pages: int = 5000  # a document with more pages than this is refused: one error row
+    timeout_s: float = 60.0  # per page; past 1.5x + 2 s the rendering process is killed (pipeline/sandbox.py)
 
 
 @dataclass
@@ -91,17 +99,41 @@ class TaskSpec:
     kind: str = "ocr"
     name: str = ""  # defaults to kind; the `task` column
     prompt: str = ""  # custom prompt text (kind="custom"), or an override of the built-in one
-    questions: list[str] = field(default_factory=list)  # kind="qa"
+    questions: list[str] = field(default_factory=list)  # kind="qa"; none: each document's manifest questions
+    detail: str = "short"  # kind="caption": "short" (one sentence) or "detailed"
+    # "page": one row per page. "document": one row per document (page = -1) whose prompt shows the
+    # document's first `document_pages` pages, in order, as interleaved images.
+    scope: str = "page"
+    document_pages: int = 4
+    # Few-shot examples shown before the page: [{image = URI, text = "the answer", prompt = "the question"}]
+    # (`prompt` defaults to the task's own instruction; base checkpoints see `<image>` + text only).
+    examples: list[dict] = field(default_factory=list)
     max_new_tokens: int = 512
     repetition_penalty: float = 1.0
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     stop_strings: list[str] = field(default_factory=list)
+    # A degenerate generation (one phrase repeated until max_new_tokens; flagged in the `degenerate`
+    # column) is generated again by sampling at each of these temperatures in turn, e.g. [0.4, 0.8],
+    # until one is not degenerate. Empty: flag only.
+    temperature_ramp: list[float] = field(default_factory=list)
 
     @property
     def task_name(self) -> str:
         return self.name or self.kind
+
+
+@dataclass
+class RoutingSpec:
+    """Cheaper routes than the model, tried before a page reaches the GPU (see pipeline/routes.py)."""
+
+    text_layer: bool = False  # OCR tasks on PDF pages with a good embedded text layer use it as is
+    text_layer_min_chars: int = 40  # fewer non-space characters than this: not a usable text layer
+    ocr_engine: str = "idefics2"  # "tesseract": OCR tasks run Tesseract (CPU) instead of the model
+    tesseract_language: str = "eng"  # Tesseract language(s), e.g. "eng+deu"
+    dedup: bool = False  # pixel-identical pages are processed once per run and their result reused
+    dedup_cache_mb: int = 256  # results kept for later duplicates (least recently used go first)
 
 
 @dataclass
@@ -126,6 +158,7 @@ class JobSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     render: RenderSpec = field(default_factory=RenderSpec)
     tasks: list[TaskSpec] = field(default_factory=list)
+    routing: RoutingSpec = field(default_factory=RoutingSpec)
     resources: ResourceSpec = field(default_factory=ResourceSpec)
 
     def validate(self) -> "JobSpec":
@@ -134,13 +167,14 @@ class JobSpec:
             raise SpecError("no input: pass --input URI (a folder, glob, file or s3:// prefix) or set [input] uri")
         if not self.output.uri:
             raise SpecError("no output: pass --output URI or set [output] uri")
-        if not self.model.id:
+        if not self.model.id and self.needs_model:
             raise SpecError("no model: pass --model (a hub id or a local checkpoint path) or set [model] id")
         _check_choice("model.dtype", self.model.dtype, DTYPES)
         _check_choice("model.device", self.model.device, DEVICES)
         _check_choice("model.attn_implementation", self.model.attn_implementation, ATTENTION)
         _check_choice("model.quantization", self.model.quantization, QUANTIZATION)
         _check_choice("model.prompt_format", self.model.prompt_format, PROMPT_FORMATS)
+        _check_model_options(self.model)
         if not self.tasks:
             raise SpecError("no task: pass --task ocr|caption|qa or add a [[tasks]] table")
         names = set()
@@ -150,11 +184,15 @@ class JobSpec:
                 raise SpecError("task 'qa' needs a question: pass --question TEXT or set questions = [...]")
             if task.kind == "custom" and not task.prompt:
                 raise SpecError("task 'custom' needs prompt = \"...\" in its [[tasks]] table")
+            _check_task_shape(task)
             if task.max_new_tokens < 1:
                 raise SpecError(f"task {task.task_name!r}: max_new_tokens must be >= 1")
+            if any(not isinstance(t, (int, float)) or t <= 0 for t in task.temperature_ramp):
+                raise SpecError(f"task {task.task_name!r}: temperature_ramp must be temperatures > 0, e.g. [0.4, 0.8]")
             if task.task_name in names:
                 raise SpecError(f"two tasks are named {task.task_name!r}: give one a distinct name = \"...\"")
             names.add(task.task_name)
+        _check_choice("routing.ocr_engine", self.routing.ocr_engine, OCR_ENGINES)
         if self.resources.num_replicas < 1:
             raise SpecError("resources.num_replicas must be >= 1")
         if self.resources.batch_size < 1:
@@ -163,8 +201,60 @@ class JobSpec:
             raise SpecError("--overwrite and --retry-failed contradict each other: pick one")
         return self
 
+    @property
+    def needs_model(self) -> bool:
+        """False when every task is page OCR done by Tesseract: such a job runs without a model or GPU."""
+        return not all(t.kind == "ocr" and t.scope == "page" and self.routing.ocr_engine == "tesseract"
+                       for t in self.tasks)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_task_shape(task: TaskSpec) -> None:
+    _check_choice(f"task {task.task_name!r}: detail", task.detail, CAPTION_DETAILS)
+    _check_choice(f"task {task.task_name!r}: scope", task.scope, TASK_SCOPES)
+    if task.document_pages < 1:
+        raise SpecError(f"task {task.task_name!r}: document_pages must be >= 1")
+    for example in task.examples:
+        if not isinstance(example, dict) or not example.get("image") or "text" not in example:
+            raise SpecError(f"task {task.task_name!r}: each example needs image = URI and text = \"...\"")
+        unknown = set(example) - set(EXAMPLE_KEYS)
+        if unknown:
+            raise SpecError(f"task {task.task_name!r}: unknown example key(s) {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(EXAMPLE_KEYS)}")
+
+
+def _check_model_options(model: ModelSpec) -> None:
+    """Settings that need a GPU or an optional package: refuse them here, in one line, rather than let
+    every model replica fail to load. The driver is expected to have the workers' packages installed."""
+    for edge in ("longest_edge", "shortest_edge"):
+        value = getattr(model, edge)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise SpecError(f"model.{edge} must be a positive number of pixels, got {value!r}")
+    if model.longest_edge and model.shortest_edge and model.shortest_edge > model.longest_edge:
+        raise SpecError(f"model.shortest_edge ({model.shortest_edge}) is larger than model.longest_edge ({model.longest_edge})")
+    if model.attn_implementation == "flash_attention_2":
+        if model.device == "cpu" or model.dtype == "fp32":
+            raise SpecError("attn_implementation = \"flash_attention_2\" runs on CUDA GPUs in fp16/bf16 only: "
+                            "set device = \"cuda\" and dtype = \"bf16\", or use attn_implementation = \"sdpa\"")
+        _require_package("flash_attn", "attn_implementation = \"flash_attention_2\"",
+                         "pip install flash-attn --no-build-isolation", "attn_implementation = \"sdpa\"")
+    if model.quantization in ("bnb-4bit", "awq") and model.device == "cpu":
+        raise SpecError(f"quantization = \"{model.quantization}\" needs a CUDA GPU: set device = \"cuda\" or quantization = \"none\"")
+    if model.quantization == "bnb-4bit":
+        _require_package("bitsandbytes", "quantization = \"bnb-4bit\"", "pip install bitsandbytes", "quantization = \"none\"")
+    if model.quantization == "awq":
+        # transformers 5 loads AWQ checkpoints through GPT-QModel (and accelerate).
+        _require_package("gptqmodel", "quantization = \"awq\"", "pip install gptqmodel accelerate", "a non-AWQ checkpoint")
+
+
+def _require_package(module: str, setting: str, install: str, alternative: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise SpecError(f"{setting} needs the {module} package, which is not installed: {install} "
+                        f"(on the driver and every GPU worker), or use {alternative}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -180,7 +270,10 @@ def _from_dict(cls, data: dict[str, Any], where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:
-        raise SpecError(f"unknown setting(s) in [{where}]: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        import difflib
+
+        named = [k + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(k, known, 1)) for k in sorted(unknown)]
+        raise SpecError(f"unknown setting(s) in [{where}]: {', '.join(named)}; known: {', '.join(sorted(known))}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
@@ -191,8 +284,36 @@ def _from_dict(cls, data: dict[str, Any], where: str):
                 raise SpecError("tasks must be an array of tables: [[tasks]]")
             kwargs[key] = [_from_dict(TaskSpec, t, "tasks") for t in value]
         else:
+            _check_type(where, key, value, hint)
             kwargs[key] = value
     return cls(**kwargs)
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string in quotes"}
+
+
+def _check_type(where: str, key: str, value: Any, hint: Any) -> None:
+    """A value of the wrong type (batch_size = "8") is named here, not met later as a TypeError."""
+    options = get_args(hint) if get_origin(hint) in (Union, type(int | None)) else (hint,)
+    if value is None and type(None) in options:
+        return
+    if not any(_matches(value, option) for option in options if option is not type(None)):
+        wanted = " or ".join(_TYPE_WORDS.get(o, "a list" if get_origin(o) is list else str(o))
+                             for o in options if o is not type(None))
+        raise SpecError(f"[{where}] {key} = {value!r} should be {wanted}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):  # TOML has no int/float confusion to forgive, except 1 for 1.0
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if get_origin(hint) is list:
+        (item,) = get_args(hint) or (Any,)
+        return isinstance(value, list) and all(item is Any or _matches(v, item) for v in value)
+    return True  # richer types are checked where they are used
 
 
 def spec_from_dict(data: dict[str, Any]) -> JobSpec:

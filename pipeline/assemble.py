@@ -1,6 +1,9 @@
 """Assemble the Ray Data graph. Reads like the system's shape:
 
-    planned inputs -> pages (read + render/decode) -> preprocess (CPU) -> generate (model actors) -> results
+    planned inputs -> pages (read + render/decode) -> routes (CPU, optional) -> preprocess (CPU)
+                   -> generate (model actors) -> results
+
+A job whose every task is Tesseract OCR has no model stage: routes answer everything on CPU.
 
 Resources are declared where each stage is built, from the job spec: CPU tasks for rendering and
 preprocessing, an actor pool with one model replica per actor (and `num_gpus` per replica on GPU
@@ -18,7 +21,8 @@ from jobs.spec import JobSpec
 from pipeline.generate import Idefics2Generator
 from pipeline.pages import RenderPages, RenderSettings
 from pipeline.preprocess import ImageSettings, PreprocessPages
-from pipeline.prompts import PromptPlan
+from pipeline.prompts import PromptBook, document_window
+from pipeline.routes import RoutedResults, RoutePages
 
 
 @dataclass
@@ -41,8 +45,9 @@ def build_dataset(
     plan: ray.data.Dataset,
     spec: JobSpec,
     image_settings: ImageSettings,
-    plans: list[PromptPlan],
+    prompts: PromptBook,
     storage: StorageOptions,
+    dedup_registry=None,
 ) -> ray.data.Dataset:
     res = stage_resources(spec)
     render = RenderSettings(
@@ -52,32 +57,51 @@ def build_dataset(
         timeout_s=spec.render.timeout_s,
     )
     pages = plan.map_batches(
-        RenderPages(render, storage),
+        RenderPages(render, storage, document_window=document_window(spec.tasks),
+                    page_rows=any(t.scope == "page" for t in spec.tasks)),
         batch_size=1,  # one document per call; its pages stream out a few at a time
         batch_format="pyarrow",
         num_cpus=res.cpus_per_task,
     )
+    routing = spec.routing
+    if routing.text_layer or routing.ocr_engine == "tesseract" or routing.dedup:
+        pages = pages.map_batches(
+            RoutePages(spec.tasks, routing, dedup_registry),
+            batch_size=4,
+            batch_format="pyarrow",
+            num_cpus=res.cpus_per_task,
+        )
+    if not spec.needs_model:
+        return pages.map_batches(RoutedResults(spec.tasks, spec.run_id), batch_size=4, batch_format="pyarrow",
+                                 num_cpus=res.cpus_per_task)
     preprocessed = pages.map_batches(
         PreprocessPages(image_settings),
         batch_size=4,
         batch_format="pyarrow",
         num_cpus=res.cpus_per_task,
     )
+    # Ray Data hands an actor whole blocks, and a CPU task emits its pages as one block until that block
+    # reaches target_max_block_size (128 MiB): a small job, or a run of small pages, would all go to one
+    # replica while the others idle. Blocks of one model batch spread the pages over every replica on
+    # every node; the repartition streams (no shuffle, nothing materialized).
+    preprocessed = preprocessed.repartition(target_num_rows_per_block=spec.resources.batch_size)
     return preprocessed.map_batches(
         Idefics2Generator,
         fn_constructor_kwargs=dict(
             model_spec=spec.model,
             image_settings=image_settings,
-            plans=plans,
+            prompts=prompts,
             run_id=spec.run_id,
             batch_size=spec.resources.batch_size,
             max_batch_pixels=spec.resources.max_batch_pixels,
         ),
         batch_size=spec.resources.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=res.replicas),
+        # Two blocks in flight per replica: while one batch generates, the next one's blocks are already
+        # fetched to the replica's node, so the GPU does not wait for the object store between batches.
+        compute=ray.data.ActorPoolStrategy(size=res.replicas, max_tasks_in_flight_per_actor=2),
         num_gpus=res.gpus_per_replica,
         num_cpus=res.cpus_per_replica,
-        max_restarts=-1,  # a replica that dies (OOM, CUDA error, killed) is restarted...
-        max_task_retries=-1,  # ...and its batch is retried on a live replica
+        # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a replica that dies
+        # (OOM, CUDA error, killed) is restarted and its batch retried, so no page is lost with it.
     )

@@ -1,29 +1,69 @@
-"""Collation inside the model actor: uint8 crops -> the model's pixel tensors.
+"""Collation inside the model actor: uint8 crops -> batches -> the model's pixel tensors.
 
-Mirrors the reference processor's last steps exactly: rescale (computed in float64, stored as float32,
-as `transformers.image_transforms.rescale` does), normalize in float32, zero-pad every crop to the
-largest height and width in the batch, and mark valid pixels in the mask. Done on the actor's device, so
-on a GPU node the CPU stage never builds float tensors at all.
+`batch_by_shape` decides which sequences share a `generate` call: sorted by crop count and size, so
+crops of one shape meet in the same vision-tower calls (see `image_features.py`), and cut by a count
+and an optional pixel budget.
+
+`collate_pixels` mirrors the reference processor's last steps exactly: rescale (computed in float64,
+stored as float32, as `transformers.image_transforms.rescale` does), normalize in float32, zero-pad every
+crop to the largest height and width in the batch, and mark valid pixels in the mask. It runs on the
+actor's device, so on a GPU node the CPU stage never builds float tensors at all: the uint8 crops cross
+to the GPU in one transfer and become floats there.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from pipeline.preprocess import ImageSettings
 
+T = TypeVar("T")
 
-def normalization_table(settings: ImageSettings, device) -> torch.Tensor:
-    """(3, 256) float32: the normalized value of every uint8 level per channel.
+
+def batch_by_shape(
+    items: list[T],
+    crops_of: Callable[[T], list[np.ndarray]],
+    batch_size: int,
+    max_batch_pixels: int = 0,
+) -> Iterator[list[T]]:
+    """Sort `items` by (crop count, tallest crop, widest crop), then cut batches of at most `batch_size`
+    items and, when `max_batch_pixels` > 0, at most that many crop pixels (a single larger item still
+    gets a batch of its own). Crops are encoded at their own size, so their own pixels are the cost."""
+
+    def shape(item: T) -> tuple[int, int, int]:
+        crops = crops_of(item)
+        return len(crops), max(c.shape[0] for c in crops), max(c.shape[1] for c in crops)
+
+    def pixels(item: T) -> int:
+        return sum(c.shape[0] * c.shape[1] for c in crops_of(item))
+
+    batch: list[T] = []
+    batch_pixels = 0
+    for item in sorted(items, key=shape):
+        item_pixels = pixels(item)
+        if batch and (len(batch) >= batch_size or (max_batch_pixels and batch_pixels + item_pixels > max_batch_pixels)):
+            yield batch
+            batch, batch_pixels = [], 0
+        batch.append(item)
+        batch_pixels += item_pixels
+    if batch:
+        yield batch
+
+
+def normalization_table(settings: ImageSettings, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(3, 256): the normalized value of every uint8 level per channel, in `dtype`.
 
     A uint8 pixel has 256 possible values, so rescale + normalize is a table lookup; the table is built
-    with the reference's arithmetic (float64 rescale, float32 normalize), so lookups are bit-exact.
+    with the reference's arithmetic (float64 rescale, float32 normalize), so lookups are bit-exact, and
+    a table cast to fp16/bf16 gives exactly the reference's float32 tensor cast to that dtype.
     """
     levels = (torch.arange(256, dtype=torch.float64) * settings.rescale_factor).to(torch.float32)
     mean = torch.tensor(settings.image_mean, dtype=torch.float32).view(3, 1)
     std = torch.tensor(settings.image_std, dtype=torch.float32).view(3, 1)
-    return ((levels.view(1, 256) - mean) / std).to(device)
+    return ((levels.view(1, 256) - mean) / std).to(device=device, dtype=dtype)
 
 
 def collate_pixels(
@@ -40,15 +80,20 @@ def collate_pixels(
     n_images = max(len(crops) for crops in pages)
     height = max(c.shape[0] for crops in pages for c in crops)
     width = max(c.shape[1] for crops in pages for c in crops)
-    batch = len(pages)
-    pixel_values = torch.zeros((batch, n_images, 3, height, width), dtype=torch.float32, device=device)
-    mask = torch.zeros((batch, n_images, height, width), dtype=torch.bool, device=device)
-    lut = normalization_table(settings, device)
+    pixel_values = torch.zeros((len(pages), n_images, 3, height, width), dtype=dtype, device=device)
+    mask = torch.zeros((len(pages), n_images, height, width), dtype=torch.bool, device=device)
+    lut = normalization_table(settings, device, dtype)
+    # One host copy and one transfer for the whole batch (uint8), then everything happens on `device`.
+    flat = np.concatenate([np.asarray(c, dtype=np.uint8).reshape(-1) for crops in pages for c in crops])
+    levels = torch.from_numpy(flat).to(device, non_blocking=True)
+    offset = 0
     for i, crops in enumerate(pages):
         for j, crop in enumerate(crops):
             h, w = crop.shape[:2]
-            hwc = torch.from_numpy(np.ascontiguousarray(crop)).to(device, non_blocking=True).long()
-            for channel in range(3):
-                pixel_values[i, j, channel, :h, :w] = lut[channel][hwc[:, :, channel]]
+            hwc = levels[offset : offset + h * w * 3].view(h, w, 3)
+            offset += h * w * 3
+            # A gather per crop: channel c's level v becomes lut[c, v], laid out channels-first.
+            chw = hwc.permute(2, 0, 1).reshape(3, h * w).long()
+            pixel_values[i, j, :, :h, :w] = lut.gather(1, chw).view(3, h, w)
             mask[i, j, :h, :w] = True
-    return pixel_values.to(dtype), mask
+    return pixel_values, mask

@@ -8,9 +8,11 @@ runs: preprocessed page rows in, one result row per (page, prompt) out.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -18,9 +20,13 @@ import pyarrow as pa
 import torch
 
 from jobs.spec import ModelSpec
-from pipeline.collate import collate_pixels
+from pipeline.collate import batch_by_shape
+from pipeline.crash_journal import journal_for_this_replica, unit_key
+from pipeline.degenerate import is_degenerate
+from pipeline.image_features import encode_crops, generate_kwargs
 from pipeline.preprocess import ImageSettings, unpack_crops
-from pipeline.prompts import PromptPlan
+from pipeline.prompts import PromptBook, PromptPlan
+from pipeline.routes import routed_rows
 from pipeline.schema import RESULT_SCHEMA, table_from_rows
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -84,6 +90,10 @@ class Sequence:
     plan: PromptPlan
     crops: list
 
+    @property
+    def key(self) -> str:
+        return unit_key(self.page["source_uri"], self.page["page"], self.plan.task, self.plan.question)
+
 
 def _replica_identity() -> tuple[str, str]:
     try:
@@ -92,7 +102,8 @@ def _replica_identity() -> tuple[str, str]:
         if ray.is_initialized():
             ctx = ray.get_runtime_context()
             actor = ctx.get_actor_id() or ""
-            return f"{ctx.get_node_id()[:8]}/{actor[-8:] or os.getpid()}", ctx.get_node_id()
+            # An actor id is its own unique part followed by the job id: the head tells replicas apart.
+            return f"{ctx.get_node_id()[:8]}/{actor[:8] or os.getpid()}", ctx.get_node_id()
     except Exception:
         pass
     return f"{socket.gethostname()}/{os.getpid()}", socket.gethostname()
@@ -105,14 +116,14 @@ class Idefics2Generator:
         self,
         model_spec: ModelSpec,
         image_settings: ImageSettings,
-        plans: list[PromptPlan],
+        prompts: PromptBook,
         run_id: str = "",
         batch_size: int = 8,
         max_batch_pixels: int = 0,
     ):
         self.spec = model_spec
         self.settings = image_settings
-        self.plans = plans
+        self.book = prompts
         self.run_id = run_id
         self.batch_size = batch_size
         self.max_batch_pixels = max_batch_pixels
@@ -126,16 +137,29 @@ class Idefics2Generator:
             raise ValueError(f"processor image_seq_len={self.processor.image_seq_len} != perceiver latents {n_latents}")
         self.replica, self.node = _replica_identity()
         self._prompt_ids: dict[str, torch.Tensor] = {}
+        self.journal = journal_for_this_replica(run_id)  # finds a page that kills the replica (crash_journal.py)
 
     # -- per batch --------------------------------------------------------------------------------
     def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
         rows, sequences = [], []
         for page in pages.to_pylist():
-            if page["status"] != "ok":
-                rows.extend(self._error_row(page, plan, page["error"], page["stage"]) for plan in self.plans)
-                continue
-            crops = unpack_crops(page.pop("pixels"), page.pop("crop_shapes"))
-            sequences.extend(Sequence(page, plan, crops) for plan in self.plans)
+            crops = None
+            if page["status"] == "ok" and page.get("pixels") is not None:
+                crops = unpack_crops(page.pop("pixels"), page.pop("crop_shapes"))
+            n_page_images = len(page.get("image_shapes") or [None])  # a document row shows several pages
+
+            def to_generate(task, question, page=page, crops=crops, n_page_images=n_page_images):
+                plan = self.book.plan(self.processor, task, question, n_page_images)
+                if crops is None:
+                    return self._error_row(page, plan, "page has no pixels for the model", "preprocess")
+                # Few-shot example images come first, as in the prompt; then the page(s), in page order.
+                sequences.append(Sequence(page, plan, self.book.example_crops(task) + crops))
+                return None
+
+            # Units answered before the model (routes.py), page errors and QA units without a question
+            # become rows right away; the rest are generated below.
+            rows.extend(routed_rows(page, self.book.tasks, to_generate, run_id=self.run_id, model=self.spec.id,
+                                    replica=self.replica, node=self.node))
         for group in self._batches(sequences):
             rows.extend(self._generate_or_split(group))
         yield table_from_rows(rows, RESULT_SCHEMA)
@@ -150,25 +174,23 @@ class Idefics2Generator:
         for seq in sequences:
             by_key.setdefault(seq.plan.generation_key, []).append(seq)
         for group in by_key.values():
-            group.sort(key=lambda s: (len(s.crops), max(c.shape[0] for c in s.crops), max(c.shape[1] for c in s.crops)))
-            batch, pixels = [], 0
-            for seq in group:
-                seq_pixels = sum(c.shape[0] * c.shape[1] for c in seq.crops)
-                full = len(batch) >= self.batch_size or (
-                    self.max_batch_pixels and batch and pixels + seq_pixels > self.max_batch_pixels
-                )
-                if full:
-                    yield batch
-                    batch, pixels = [], 0
-                batch.append(seq)
-                pixels += seq_pixels
-            if batch:
-                yield batch
+            yield from batch_by_shape(group, lambda s: s.crops, self.batch_size, self.max_batch_pixels)
 
     def _generate_or_split(self, batch: list[Sequence]) -> list[dict]:
-        """Generate for a batch; if it fails, halve it until the failing page is alone and record it."""
+        """Generate for a batch; if it fails, halve it until the failing page is alone and record it.
+
+        Units that were in flight when a replica died are isolated the same way, across restarts, and a
+        unit that keeps killing the replica becomes an error row (crash_journal.py)."""
+        journal = self.journal
+        if journal is not None:
+            if len(batch) == 1 and journal.is_poison(batch[0].key):
+                return [self._error_row(batch[0].page, batch[0].plan, journal.poison_reason(batch[0].key), "generate")]
+            if len(batch) > 1 and any(journal.is_suspect(s.key) for s in batch):
+                middle = len(batch) // 2
+                return self._generate_or_split(batch[:middle]) + self._generate_or_split(batch[middle:])
         try:
-            return self._generate(batch)
+            with journal.in_flight([s.key for s in batch]) if journal is not None else nullcontext():
+                return self._retry_degenerate(batch, self._generate(batch))
         except Exception as exc:  # OOM, CUDA errors, a malformed page: isolate the culprit
             if self.device == "cuda":
                 torch.cuda.empty_cache()
@@ -185,27 +207,46 @@ class Idefics2Generator:
             self._prompt_ids[prompt] = encoded["input_ids"][0]
         return self._prompt_ids[prompt]
 
+    def _retry_degenerate(self, batch: list[Sequence], rows: list[dict]) -> list[dict]:
+        """Generate degenerate rows again by sampling, at each temperature of the task's ramp in turn;
+        a retry replaces a row only if it is not degenerate itself."""
+        task = next((t for t in self.book.tasks if t.task_name == batch[0].plan.task), None)
+        for temperature in getattr(task, "temperature_ramp", None) or []:
+            again = [i for i, row in enumerate(rows) if row["degenerate"]]
+            if not again:
+                break
+            torch.manual_seed(len(again) * 1009 + round(temperature * 1000))  # reproducible retries
+            for i, row in zip(again, self._generate([batch[i] for i in again], temperature)):
+                if not row["degenerate"]:
+                    rows[i] = row
+        return rows
+
     @torch.inference_mode()
-    def _generate(self, batch: list[Sequence]) -> list[dict]:
+    def _generate(self, batch: list[Sequence], temperature: float | None = None) -> list[dict]:
+        """Greedy (or the task's sampling), or sampling at `temperature` for a degenerate retry."""
         plan = batch[0].plan
         ids = self.prompt_ids(plan.prompt)
         input_ids = ids.unsqueeze(0).expand(len(batch), -1).to(self.device)
         attention_mask = torch.ones_like(input_ids)
-        pixel_values, pixel_mask = collate_pixels([s.crops for s in batch], self.settings, self.device, self.dtype)
         generation = dict(max_new_tokens=plan.max_new_tokens, do_sample=plan.do_sample)
+        if self.spec.compile:  # a fixed-size KV cache; on CUDA, generate() then compiles the decode step
+            generation["cache_implementation"] = "static"
         if plan.do_sample:
             generation.update(temperature=plan.temperature, top_p=plan.top_p)
+        if temperature is not None:
+            generation.update(do_sample=True, temperature=temperature, top_p=plan.top_p)
         if plan.repetition_penalty != 1.0:
             generation["repetition_penalty"] = plan.repetition_penalty
         if plan.stop_strings:
             generation.update(stop_strings=list(plan.stop_strings), tokenizer=self.tokenizer)
         started = time.perf_counter()
+        # Each crop through the vision tower at its own size, not padded to its neighbours (image_features.py).
+        features = encode_crops(self.model, [s.crops for s in batch], self.settings, self.device, self.dtype)
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            pixel_attention_mask=pixel_mask,
             pad_token_id=self.tokenizer.pad_token_id,
+            **generate_kwargs(self.model, features),
             **generation,
         )
         elapsed = time.perf_counter() - started
@@ -213,19 +254,20 @@ class Idefics2Generator:
         eos_ids = set(_as_list(self.model.generation_config.eos_token_id))
         rows = []
         for seq, tokens in zip(batch, new_tokens.tolist()):
-            n_out, finished = len(tokens), False
-            for position, token in enumerate(tokens):
-                if token in eos_ids:
-                    n_out, finished = position + 1, True
-                    break
-            # After a sequence finishes, generate pads it; count and decode only what it produced.
-            text = self.tokenizer.decode(tokens[:n_out], skip_special_tokens=True).strip()
+            n_out, finished, text = generated_output(tokens, eos_ids, plan.stop_strings, self._decode)
             truncated = not finished and n_out >= plan.max_new_tokens
             rows.append(
                 self._row(seq.page, plan, status="ok", text=text, n_input_tokens=len(ids), n_output_tokens=n_out,
-                          truncated=truncated, route="model", generate_s=elapsed / len(batch))
+                          truncated=truncated, degenerate=is_degenerate(tokens[:n_out], finished),
+                          route="model", generate_s=elapsed / len(batch))
             )
+            if temperature is not None:  # the row says how it was made
+                rows[-1]["generation"] = json.dumps({**json.loads(plan.generation), "do_sample": True,
+                                                     "temperature": temperature})
         return rows
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     # -- rows ----------------------------------------------------------------------------------------
     def _row(self, page: dict, plan: PromptPlan, **values) -> dict:
@@ -238,6 +280,8 @@ class Idefics2Generator:
             "prompt": plan.prompt,
             "model": self.spec.id,
             "max_new_tokens": plan.max_new_tokens,
+            "generation": plan.generation,
+            "content_hash": page.get("content_hash"),
             "width": page.get("width"),
             "height": page.get("height"),
             "source_size": page.get("size"),
@@ -250,6 +294,32 @@ class Idefics2Generator:
 
     def _error_row(self, page: dict, plan: PromptPlan, error: str, stage: str) -> dict:
         return self._row(page, plan, status="error", error=error, stage=stage, text=None, route=None)
+
+
+def generated_output(tokens: list[int], eos_ids: set[int], stop_strings, decode) -> tuple[int, bool, str]:
+    """(tokens the sequence produced, whether it ended by itself, its text) for one generated sequence.
+
+    After a sequence ends (at an end-of-sequence token or a stop string) `generate` pads it while the
+    rest of the batch goes on, so only what it produced is counted and decoded. The text ends before a
+    stop string (which is not part of the answer).
+    """
+    for position, token in enumerate(tokens):
+        if token in eos_ids:
+            return position + 1, True, decode(tokens[: position + 1]).strip()
+    text = decode(tokens)
+    hits = [(text.find(stop), stop) for stop in stop_strings if stop in text]
+    if not hits:
+        return len(tokens), False, text.strip()
+    # Generation stopped at the first token whose text completes a stop string: the shortest prefix
+    # that contains one (found by bisection: containing a stop string only becomes true, never false).
+    low, high = 1, len(tokens)
+    while low < high:
+        middle = (low + high) // 2
+        if any(stop in decode(tokens[:middle]) for stop in stop_strings):
+            high = middle
+        else:
+            low = middle + 1
+    return low, True, text[: min(hits)[0]].strip()
 
 
 def _as_list(value) -> list:

@@ -2,13 +2,19 @@
 
 PDF pages are rendered with PyMuPDF straight at the size the model needs (longest edge = the processor's
 `longest_edge`), rather than rendered big and shrunk. Images are decoded with Pillow and converted to RGB
-with the transformers reference semantics (transparency composited onto white); every frame of a
-multi-frame TIFF is a page. Whatever goes wrong with one input becomes an error row for it.
+with the transformers reference semantics (transparency composited onto white; 16-bit scans scaled to
+8 bits rather than clipped); every frame of a multi-frame TIFF is a page.
+
+Whatever goes wrong with one input becomes an error row for it, and every page ends as exactly one row.
+Sizes are checked before anything is allocated (decompression bombs, giant page boxes); each page has a
+time limit, soft (SIGALRM) and hard: pages are rendered in a child process (pipeline/sandbox.py) that is
+killed if a page overruns, so a pathological file cannot stall or crash a worker.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import signal
 import threading
 import warnings
@@ -21,6 +27,8 @@ import pyarrow as pa
 
 from connectors.storage import StorageOptions, read_bytes, redact
 from pipeline.schema import PAGE_SCHEMA, table_from_rows
+
+log = logging.getLogger("scriptorium")
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"}
 PDF_EXTENSIONS = {".pdf"}
@@ -46,16 +54,20 @@ class RenderSettings:
     longest_edge: int = 980
     max_pixels: int = 40_000_000
     max_pages: int = 5000
-    timeout_s: float = 60.0
+    timeout_s: float = 60.0  # per page, and for opening a file; 0 = no limit
+    # Render in a child process that is killed when a page overruns its time limit or crashes it
+    # (pipeline/sandbox.py); False renders in this process, where only the soft limit applies.
+    isolate: bool = True
 
 
 @contextmanager
 def time_limit(seconds: float, what: str):
-    """Raise PageError if the body runs longer than `seconds`.
+    """Raise PageError if the body runs longer than `seconds`: the soft time limit.
 
-    Uses SIGALRM, so it only works on a process's main thread (where Ray runs tasks); elsewhere it
-    is a no-op. Pure-Python loops and PyMuPDF's per-page callbacks are interrupted; a single C call
-    that never returns to Python is not, which is why render sizes are capped before rendering.
+    Uses SIGALRM, so it only works on a process's main thread (elsewhere it is a no-op), and it
+    interrupts Python code only: Pillow decodes in chunks and is interrupted, but MuPDF renders a
+    page in one C call that holds the GIL until it is done. The hard limit, for that, is the
+    sandbox's (pipeline/sandbox.py), which kills the process rendering the page.
     """
     if seconds <= 0 or threading.current_thread() is not threading.main_thread():
         yield
@@ -73,32 +85,35 @@ def time_limit(seconds: float, what: str):
         signal.signal(signal.SIGALRM, previous)
 
 
-def render_pdf_pages(data: bytes, settings: RenderSettings, skip: set[int]) -> Iterator[dict]:
-    """Yield one dict per PDF page: page, n_pages, width, height, image (HWC uint8 bytes), text_layer."""
-    import pymupdf
+class PdfDocument:
+    """An open PDF whose pages are rendered one at a time, at most `longest_edge` pixels long."""
 
-    try:
-        doc = pymupdf.open(stream=data, filetype="pdf")
-    except Exception as exc:  # PyMuPDF raises several types for broken files
-        raise PageError(f"cannot open PDF: {exc}") from None
-    with doc:
-        if doc.needs_pass and not doc.authenticate(""):
+    what = "rendering page"
+
+    def __init__(self, data: bytes, settings: RenderSettings):
+        import pymupdf
+
+        try:
+            self.doc = pymupdf.open(stream=data, filetype="pdf")
+        except Exception as exc:  # PyMuPDF raises several types for broken files
+            raise PageError(f"cannot open PDF: {_describe(exc)}") from None
+        self.settings = settings
+        self.n_pages = self.doc.page_count
+        if self.doc.needs_pass and not self.doc.authenticate(""):  # owner-only passwords open as is
+            self.close()
             raise PageError("PDF is encrypted with a user password")
-        n_pages = doc.page_count
-        if n_pages == 0:
+        if self.n_pages == 0:
+            self.close()
             raise PageError("PDF has no pages")
-        if n_pages > settings.max_pages:
-            raise PageError(f"PDF has {n_pages} pages, more than render.max_pages={settings.max_pages}")
-        for number in range(n_pages):
-            if number in skip:
-                continue
-            try:
-                with time_limit(settings.timeout_s, f"rendering page {number}"):
-                    yield {"page": number, "n_pages": n_pages, **_render_page(doc, number, settings)}
-            except PageError as exc:
-                yield {"page": number, "n_pages": n_pages, "error": str(exc)}
-            except Exception as exc:
-                yield {"page": number, "n_pages": n_pages, "error": f"cannot render page: {exc}"}
+        if self.n_pages > settings.max_pages:
+            self.close()
+            raise PageError(f"PDF has {self.n_pages} pages, more than render.max_pages={settings.max_pages}")
+
+    def render(self, number: int) -> dict:
+        return _render_page(self.doc, number, self.settings)
+
+    def close(self) -> None:
+        self.doc.close()
 
 
 def _render_page(doc, number: int, settings: RenderSettings) -> dict:
@@ -123,79 +138,190 @@ def _render_page(doc, number: int, settings: RenderSettings) -> dict:
     }
 
 
+class ImageDocument:
+    """A decoded image header; its frames (one, or every frame of a multi-frame TIFF) decode one at a time."""
+
+    what = "decoding frame"
+
+    def __init__(self, data: bytes, settings: RenderSettings):
+        from PIL import Image, UnidentifiedImageError
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                self.image = Image.open(io.BytesIO(data))
+            except UnidentifiedImageError:
+                raise PageError("cannot decode image: not an image format Pillow knows") from None
+            except Exception as exc:  # includes Pillow's own DecompressionBombError
+                raise PageError(f"cannot decode image: {_describe(exc)}") from None
+        self.settings = settings
+        try:
+            self._check_size()  # from the header, before a single pixel is allocated
+        except PageError:
+            self.close()
+            raise
+        # Animated GIF/WebP: the first frame is the image. TIFF: every frame is a page.
+        self.n_pages = getattr(self.image, "n_frames", 1) if self.image.format == "TIFF" else 1
+
+    def _check_size(self) -> None:
+        width, height = self.image.size
+        if width * height > self.settings.max_pixels:
+            raise PageError(f"image is {width}x{height}, more than render.max_pixels={self.settings.max_pixels}")
+
+    def render(self, number: int) -> dict:
+        if number or self.n_pages > 1:
+            self.image.seek(number)
+        self._check_size()  # each TIFF frame has its own size
+        self.image.load()
+        rgb = to_rgb(_eight_bit(self.image))
+        return {
+            "width": rgb.shape[1],
+            "height": rgb.shape[0],
+            "image": np.ascontiguousarray(rgb, dtype=np.uint8).tobytes(),
+            "text_layer": None,
+        }
+
+    def close(self) -> None:
+        self.image.close()
+
+
+def to_rgb(image) -> np.ndarray:
+    """HWC uint8 RGB with transparency composited onto white: transformers' `convert_to_rgb` (checked
+    against it in the tests), without importing transformers and torch into every renderer process."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.array(image.convert("RGB"))
+
+
+def _eight_bit(image):
+    """16-bit, 32-bit and float grayscale images scaled to 8-bit grayscale.
+
+    Pillow's convert("RGB") clips these at 255, which turns a 16-bit scan almost entirely white.
+    """
+    from PIL import Image
+
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8))  # mode L
+
+
+def open_document(kind: str, data: bytes, settings: RenderSettings) -> PdfDocument | ImageDocument:
+    """Open a file's bytes as pages; raises PageError (the reason) for a file that has none to give."""
+    if not data:
+        raise PageError("file is empty (0 bytes)")
+    _import_renderers()  # before the clock starts: a first import can take seconds on a busy node
+    with time_limit(settings.timeout_s, "opening the file"):
+        if kind == "pdf":
+            return PdfDocument(data, settings)
+        if kind == "image":
+            return ImageDocument(data, settings)
+    raise PageError(f"unsupported file kind {kind!r}")
+
+
+def _import_renderers() -> None:
+    import pymupdf  # noqa: F401
+    from PIL import Image  # noqa: F401
+
+
+def render_one(document: PdfDocument | ImageDocument, number: int, settings: RenderSettings) -> dict:
+    """One page as {page, n_pages, width, height, image, text_layer}, or {page, n_pages, error}."""
+    head = {"page": number, "n_pages": document.n_pages}
+    try:
+        with time_limit(settings.timeout_s, f"{document.what} {number}"):
+            return {**head, **document.render(number)}
+    except PageError as exc:
+        return {**head, "error": str(exc)}
+    except Exception as exc:
+        return {**head, "error": f"{document.what} {number} failed: {_describe(exc)}"}
+
+
+def local_frames(kind: str, data: bytes, settings: RenderSettings, skip: set[int]) -> Iterator[dict]:
+    """Every page not in `skip`, rendered in this process. Raises PageError if the file cannot be opened."""
+    document = open_document(kind, data, settings)
+    try:
+        for number in range(document.n_pages):
+            if number not in skip:
+                yield render_one(document, number, settings)
+    finally:
+        document.close()
+
+
+def render_pdf_pages(data: bytes, settings: RenderSettings, skip: set[int]) -> Iterator[dict]:
+    """Yield one dict per PDF page: page, n_pages, width, height, image (HWC uint8 bytes), text_layer."""
+    return local_frames("pdf", data, settings, skip)
+
+
 def decode_image_frames(data: bytes, settings: RenderSettings, skip: set[int]) -> Iterator[dict]:
     """Yield one dict per image frame (one for most formats, several for multi-frame TIFF)."""
-    from PIL import Image, ImageSequence
-    from transformers.image_transforms import convert_to_rgb
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Exception as exc:
-            raise PageError(f"cannot decode image: {exc}") from None
-        width, height = image.size
-        if width * height > settings.max_pixels:
-            raise PageError(f"image is {width}x{height}, more than render.max_pixels={settings.max_pixels}")
-        n_frames = getattr(image, "n_frames", 1)
-        if image.format != "TIFF":
-            n_frames = 1  # animated GIF/WebP: the first frame is the image
-        for number, frame in enumerate(ImageSequence.Iterator(image)):
-            if number >= n_frames:
-                break
-            if number in skip:
-                continue
-            try:
-                with time_limit(settings.timeout_s, f"decoding frame {number}"):
-                    frame.load()
-                    if frame.size[0] * frame.size[1] > settings.max_pixels:
-                        raise PageError(f"frame is {frame.size}, more than render.max_pixels")
-                    rgb = convert_to_rgb(frame, return_numpy=True)
-                yield {
-                    "page": number,
-                    "n_pages": n_frames,
-                    "width": rgb.shape[1],
-                    "height": rgb.shape[0],
-                    "image": np.ascontiguousarray(rgb, dtype=np.uint8).tobytes(),
-                    "text_layer": None,
-                }
-            except PageError as exc:
-                yield {"page": number, "n_pages": n_frames, "error": str(exc)}
-            except Exception as exc:
-                yield {"page": number, "n_pages": n_frames, "error": f"cannot decode image: {exc}"}
+    return local_frames("image", data, settings, skip)
 
 
 def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) -> Iterator[dict]:
-    """All page rows of one planned input, errors included. Never raises for a bad input."""
-    base = {k: plan_row.get(k) for k in ("source_uri", "size", "etag", "kind")}
+    """All page rows of one planned input, errors included. Never raises for a bad input.
+
+    Exactly one row for every page not already done (`done_pages`): a page that fails is an error row
+    for that page; a file that cannot be listed, read or opened is one error row (on its first page
+    not done: page 0 for a new file); a document that fails part-way has error rows for the rest.
+    """
+    base = {k: plan_row.get(k) for k in ("source_uri", "size", "etag", "kind", "questions")}
+    skip = set(plan_row.get("done_pages") or [])
+    first = next(p for p in range(len(skip) + 1) if p not in skip)
+    kind = plan_row.get("kind")
     if plan_row.get("error"):
-        yield {**base, "page": 0, "status": "error", "error": plan_row["error"], "stage": "list"}
+        yield {**base, "page": first, "status": "error", "error": plan_row["error"], "stage": "list"}
+        return
+    if kind not in ("pdf", "image"):  # known from the name: not worth reading
+        name = plan_row["source_uri"].rsplit("/", 1)[-1]
+        reason = f"unsupported file type: {name} (not a PDF or one of {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        yield {**base, "page": first, "status": "error", "error": reason, "stage": "list"}
         return
     try:
         data = read_bytes(plan_row["source_uri"], storage)
     except Exception as exc:
-        yield {**base, "page": 0, "status": "error", "error": redact(f"cannot read: {_describe(exc)}"), "stage": "read"}
+        yield {**base, "page": first, "status": "error", "error": redact(f"cannot read: {_describe(exc)}"), "stage": "read"}
         return
-    skip = set(plan_row.get("done_pages") or [])
-    kind = plan_row.get("kind")
     stage = "render" if kind == "pdf" else "decode"
+    frames = isolated_frames if settings.isolate else local_frames
+    n_pages, emitted = None, set()
     try:
-        if not data:
-            raise PageError("file is empty (0 bytes)")
-        if kind == "pdf":
-            frames = render_pdf_pages(data, settings, skip)
-        elif kind == "image":
-            frames = decode_image_frames(data, settings, skip)
-        else:
-            raise PageError(f"unsupported file type: {plan_row['source_uri'].rsplit('/', 1)[-1]}")
-        for frame in frames:
+        for frame in frames(kind, data, settings, skip):
+            n_pages = frame["n_pages"]
+            if frame["page"] in emitted:
+                continue  # never two rows for one page
+            emitted.add(frame["page"])
             error = frame.pop("error", None)
-            status = "error" if error else "ok"
-            yield {**base, **frame, "status": status, "error": error, "stage": stage if error else None}
+            yield {**base, **frame, "status": "error" if error else "ok", "error": error, "stage": stage if error else None}
+        return
     except PageError as exc:
-        yield {**base, "page": 0, "status": "error", "error": str(exc), "stage": stage}
+        reason = str(exc)
     except Exception as exc:
-        yield {**base, "page": 0, "status": "error", "error": f"{stage} failed: {_describe(exc)}", "stage": stage}
+        reason = f"{stage} failed: {_describe(exc)}"
+    if n_pages is None:  # the file never opened
+        yield {**base, "page": first, "status": "error", "error": reason, "stage": stage}
+        return
+    for number in range(n_pages):  # the document failed part-way: its remaining pages say why
+        if number not in skip and number not in emitted:
+            yield {**base, "page": number, "n_pages": n_pages, "status": "error", "error": reason, "stage": stage}
+
+
+def isolated_frames(kind: str, data: bytes, settings: RenderSettings, skip: set[int]) -> Iterator[dict]:
+    """`local_frames`, but rendered in this thread's sandbox process (pipeline/sandbox.py)."""
+    from pipeline.sandbox import SandboxUnavailable, sandbox_for_this_thread
+
+    sandbox = sandbox_for_this_thread()
+    try:
+        sandbox.ensure_started()
+    except SandboxUnavailable as exc:  # no process can be started here: the soft limit only
+        if not sandbox.warned:
+            log.warning("rendering in-process, without a hard time limit: %s", exc)
+            sandbox.warned = True
+        return local_frames(kind, data, settings, skip)
+    return sandbox.frames(kind, data, settings, skip)
 
 
 def _describe(exc: Exception) -> str:
@@ -206,15 +332,28 @@ def _describe(exc: Exception) -> str:
 class RenderPages:
     """Ray Data step: plan rows in, page rows out, a few pages at a time so memory stays bounded."""
 
-    def __init__(self, settings: RenderSettings, storage: StorageOptions, pages_per_block: int = 4):
+    def __init__(self, settings: RenderSettings, storage: StorageOptions, pages_per_block: int = 4,
+                 document_window: int = 0, page_rows: bool = True):
         self.settings = settings
         self.storage = storage
         self.pages_per_block = pages_per_block
+        self.document_window = document_window  # > 0: also one document row of that many pages (documents.py)
+        self.page_rows = page_rows  # False when no task works per page: only document rows come out
+
+    def _rows_of(self, plan_row: dict) -> Iterator[dict]:
+        def render(row: dict) -> Iterator[dict]:
+            return pages_of(row, self.settings, self.storage)
+
+        if not self.document_window:
+            return render(plan_row)
+        from pipeline.documents import with_document_row
+
+        return with_document_row(plan_row, render, self.document_window, self.page_rows)
 
     def __call__(self, plan: pa.Table) -> Iterator[pa.Table]:
         pending: list[dict] = []
         for row in plan.to_pylist():
-            for page in pages_of(row, self.settings, self.storage):
+            for page in self._rows_of(row):
                 pending.append(page)
                 if len(pending) >= self.pages_per_block:
                     yield table_from_rows(pending, PAGE_SCHEMA)
@@ -226,5 +365,16 @@ class RenderPages:
 def page_image(row: dict) -> np.ndarray:
     """The HWC uint8 array of a page row."""
     return np.frombuffer(row["image"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
+
+
+def page_images(row: dict) -> list[np.ndarray]:
+    """The HWC uint8 arrays of a row: one for a page, several (in page order) for a document row."""
+    if not row.get("image_shapes"):
+        return [page_image(row)]
+    buffer, images, offset = np.frombuffer(row["image"], dtype=np.uint8), [], 0
+    for height, width in row["image_shapes"]:
+        images.append(buffer[offset : offset + height * width * 3].reshape(height, width, 3))
+        offset += height * width * 3
+    return images
 
 

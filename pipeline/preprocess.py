@@ -5,20 +5,23 @@ crops plus the original (split first, at full resolution), resize each with bili
 `longest_edge`/`shortest_edge` rule, rescale to [0, 1], normalize, then pad the batch and build an int64
 mask. This stage does the expensive, per-page part (split + resize) and stops there: its uint8 crops are
 exactly what the reference resized, so the actor's rescale/normalize/pad (see `collate.py`) reproduces
-the reference tensors bit for bit, while 4-10x fewer bytes cross the object store.
+the reference tensors bit for bit, while 4-10x fewer bytes cross the object store
+(`tests/test_preprocess_fidelity.py` holds it to that).
+
+Everything above `PreprocessPages` needs only numpy and Pillow, so `bench/gpu.py` can drive the same
+code on a GPU machine that has torch and transformers but neither Ray nor pyarrow.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
-from pipeline.pages import page_image
-from pipeline.schema import PREPROCESSED_SCHEMA, table_from_rows
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -61,30 +64,40 @@ class ImageSettings:
 
 
 def target_size(height: int, width: int, settings: ImageSettings) -> tuple[int, int]:
-    """The reference's resize rule: cap the longest edge, then raise each edge to at least shortest_edge."""
-    from transformers.image_processing_utils import SizeDict
-    from transformers.models.idefics2.image_processing_pil_idefics2 import get_resize_output_image_size
-
-    size = SizeDict(longest_edge=settings.longest_edge, shortest_edge=settings.shortest_edge)
-    return get_resize_output_image_size(np.empty((0, height, width)), size)
-
-
-def split_into_crops(image: np.ndarray) -> list[np.ndarray]:
-    """The reference's split: four quadrants (top-left, top-right, bottom-left, bottom-right), then the whole."""
-    height, width = image.shape[:2]
-    mid_h, mid_w = height // 2, width // 2
-    return [image[:mid_h, :mid_w], image[:mid_h, mid_w:], image[mid_h:, :mid_w], image[mid_h:, mid_w:], image]
+    """The reference's resize rule (`get_resize_output_image_size` of Idefics2's image processor):
+    cap the longest edge keeping the aspect ratio (truncating), then raise each edge to shortest_edge."""
+    aspect_ratio = width / height
+    if width >= height and width > settings.longest_edge:
+        width = settings.longest_edge
+        height = int(width / aspect_ratio)
+    elif height > width and height > settings.longest_edge:
+        height = settings.longest_edge
+        width = int(height * aspect_ratio)
+    return max(height, settings.shortest_edge), max(width, settings.shortest_edge)
 
 
 def model_crops(image: np.ndarray, settings: ImageSettings) -> list[np.ndarray]:
-    """HWC uint8 page -> the HWC uint8 crops the model sees, resized exactly as the reference resizes."""
-    crops = split_into_crops(image) if settings.do_image_splitting else [image]
+    """HWC uint8 page -> the HWC uint8 crops the model sees, resized exactly as the reference resizes.
+
+    Cropping and resizing stay in Pillow on uint8 (the reference's own resize), with no float copies.
+    """
+    page = Image.fromarray(np.ascontiguousarray(image))
+    crops = [page.crop(box) for box in crop_boxes(*page.size)] if settings.do_image_splitting else [page]
     resized = []
     for crop in crops:
-        height, width = target_size(crop.shape[0], crop.shape[1], settings)
-        pil = Image.fromarray(np.ascontiguousarray(crop))
-        resized.append(np.asarray(pil.resize((width, height), resample=settings.resample)))
+        height, width = target_size(crop.height, crop.width, settings)
+        if (width, height) != crop.size:  # Pillow returns an identical copy for the same size: skip it
+            crop = crop.resize((width, height), resample=settings.resample)
+        resized.append(np.asarray(crop))
     return resized
+
+
+def crop_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """The reference's split as Pillow (left, upper, right, lower) boxes: the four quadrants (top-left,
+    top-right, bottom-left, bottom-right, cut at width // 2 and height // 2), then the whole image."""
+    mid_w, mid_h = width // 2, height // 2
+    return [(0, 0, mid_w, mid_h), (mid_w, 0, width, mid_h), (0, mid_h, mid_w, height),
+            (mid_w, mid_h, width, height), (0, 0, width, height)]
 
 
 def pack_crops(crops: list[np.ndarray]) -> tuple[bytes, list[list[int]]]:
@@ -108,13 +121,19 @@ class PreprocessPages:
         self.settings = settings
 
     def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
+        from pipeline.pages import page_images
+        from pipeline.schema import PREPROCESSED_SCHEMA, table_from_rows
+
         rows = []
         for row in pages.to_pylist():
             image_bytes = row.pop("image")
             row["pixels"], row["crop_shapes"] = None, None
-            if row["status"] == "ok":
+            # No image on an ok row: routes.py answered all its units without the model.
+            if row["status"] == "ok" and image_bytes is not None:
                 try:
-                    crops = model_crops(page_image({**row, "image": image_bytes}), self.settings)
+                    # A document row's images one after the other, in page order: the prompt's order.
+                    images = page_images({**row, "image": image_bytes})
+                    crops = [crop for image in images for crop in model_crops(image, self.settings)]
                     row["pixels"], row["crop_shapes"] = pack_crops(crops)
                 except Exception as exc:
                     row.update(status="error", error=f"preprocess failed: {exc}", stage="preprocess")

@@ -18,10 +18,35 @@ PLAN_SCHEMA = pa.schema(
         ("kind", pa.string()),  # pdf | image | unknown
         ("error", pa.string()),  # set when the object is already known to be unusable (too large, ...)
         ("done_pages", pa.list_(pa.int32())),  # pages whose every task is committed (resume)
+        ("questions", pa.list_(pa.string())),  # per-document questions from a manifest (null: none)
+    ]
+)
+
+# A result made before the model (pipeline/routes.py): the text layer, Tesseract, or a duplicate's result.
+# It rides on its page row to the model stage, which emits it as a result row without generating.
+ROUTED_RESULT = pa.struct(
+    [
+        ("task", pa.string()),
+        ("question", pa.string()),
+        ("route", pa.string()),  # text_layer | tesseract | dedup
+        ("status", pa.string()),  # ok | error | pending (a duplicate whose original is still being processed)
+        ("text", pa.string()),
+        ("error", pa.string()),
+        ("stage", pa.string()),
+        ("model", pa.string()),
+        ("prompt", pa.string()),
+        ("generation", pa.string()),
+        ("max_new_tokens", pa.int32()),
+        ("n_input_tokens", pa.int32()),
+        ("n_output_tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("dedup_of", pa.string()),  # "source_uri#page" whose result a duplicate reuses
     ]
 )
 
 # Rendered pages: one row per PDF page, image, or TIFF frame; raw RGB uint8 pixels, row-major HWC.
+# A document row (page = -1, for tasks with scope = "document") holds several pages' images
+# concatenated, one [h, w] per image in `image_shapes`.
 PAGE_SCHEMA = pa.schema(
     [
         ("source_uri", pa.string()),
@@ -37,6 +62,10 @@ PAGE_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error", pa.string()),
         ("stage", pa.string()),
+        ("questions", pa.list_(pa.string())),  # the document's manifest questions (QA tasks without their own)
+        ("image_shapes", pa.list_(pa.list_(pa.int32()))),  # document rows: [[h, w], ...] of each page image
+        ("content_hash", pa.string()),  # hash of the rendered pixels (routing.dedup)
+        ("routed", pa.list_(ROUTED_RESULT)),  # units already answered before the model (routes.py)
     ]
 )
 
@@ -70,7 +99,11 @@ RESULT_SCHEMA = pa.schema(
         ("n_input_tokens", pa.int32()),
         ("n_output_tokens", pa.int32()),
         ("truncated", pa.bool_()),
-        ("route", pa.string()),
+        ("degenerate", pa.bool_()),  # the output ends in one phrase repeated until max_new_tokens (degenerate.py)
+        ("route", pa.string()),  # model | text_layer | tesseract | dedup: what produced `text`
+        ("generation", pa.string()),  # JSON of the generation settings (model rows and their duplicates)
+        ("content_hash", pa.string()),  # hash of the page's rendered pixels (set when routing.dedup is on)
+        ("dedup_of", pa.string()),  # route dedup: "source_uri#page" whose result this row reuses
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("source_size", pa.int64()),
@@ -84,6 +117,9 @@ RESULT_SCHEMA = pa.schema(
 
 # The columns that name a unit of work: a unit is done when a row with these values is published.
 KEY_COLUMNS = ("source_uri", "page", "task", "question")
+
+# The `page` of a row about a whole document (tasks with scope = "document"), not about one page.
+DOCUMENT_PAGE = -1
 
 
 def empty(schema: pa.Schema) -> pa.Table:

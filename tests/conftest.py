@@ -83,3 +83,114 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+class S3Server:
+    """A real S3 API (moto) on loopback. Tests always pass `endpoint` explicitly: nothing reaches a cloud."""
+
+    def __init__(self, endpoint: str):
+        import boto3
+
+        self.endpoint = endpoint
+        self.client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+    def new_bucket(self, stem: str = "bkt") -> str:
+        import uuid
+
+        name = f"{stem}-{uuid.uuid4().hex[:8]}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def put(self, bucket: str, key: str, data: bytes | Path) -> None:
+        body = data.read_bytes() if isinstance(data, Path) else data
+        self.client.put_object(Bucket=bucket, Key=key, Body=body)
+
+    def filesystem(self):
+        """An s3fs filesystem on this server (pyarrow wants its paths without `s3://`)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's ThreadedMotoServer on 127.0.0.1, with fake credentials and no AWS config files."""
+    from moto.server import ThreadedMotoServer
+
+    fake_env = {
+        "AWS_ACCESS_KEY_ID": "AKIASCRIPTORIUMTEST0",
+        "AWS_SECRET_ACCESS_KEY": "scriptorium-session-fake-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {name: os.environ.get(name) for name in fake_env}
+    os.environ.update(fake_env)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Server(f"http://{host}:{port}")
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class StoreProxy:
+    """A loopback HTTP proxy in front of a store that records each request and can answer the next
+    ones with an injected failure (throttling, 5xx), the way a busy S3 endpoint would."""
+
+    def __init__(self, target: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        self.requests: list[tuple[str, str]] = []  # (method, path with query)
+        self.failures: list[tuple[int, bytes]] = []  # answered in order, one per request, before forwarding
+        target_url = urlparse(target)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests.append((self.command, self.path))
+                headers: list[tuple[str, str]] = []
+                if proxy.failures:
+                    status, payload = proxy.failures.pop(0)
+                else:
+                    upstream = http.client.HTTPConnection(target_url.hostname, target_url.port, timeout=30)
+                    upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+                    response = upstream.getresponse()
+                    status, payload, headers = response.status, response.read(), response.getheaders()
+                    upstream.close()
+                self.send_response(status)
+                for name, value in headers:  # a HEAD answer keeps the object's Content-Length
+                    if name.lower() not in ("transfer-encoding", "connection", "server", "date", "content-length") \
+                            or (name.lower() == "content-length" and self.command == "HEAD"):
+                        self.send_header(name, value)
+                if self.command != "HEAD" or not headers:
+                    self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -89,7 +89,7 @@ def test_output_folder_reads_as_one_dataset_with_other_readers(finished_run):
         if path.is_file() and not path.name.endswith(".parquet"):
             assert any(part.startswith(("_", ".")) for part in path.relative_to(output).parts), path
     frame = pandas.read_parquet(output)
-    counted = duckdb.sql(f"SELECT count(*) FROM read_parquet('{output}/*.parquet')").fetchone()[0]
+    counted = duckdb.sql(f"SELECT count(*) FROM read_parquet('{output}/*.parquet')").fetchall()[0][0]
     assert len(frame) == counted == 10
 
 

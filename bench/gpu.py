@@ -1,0 +1,234 @@
+"""The model stage on one GPU: the full-size idefics2-8b architecture (random weights), pages rendered
+from real-looking documents at 980 with image splitting, exactly N new tokens per page, against the
+model card's snippet loop (batch of one, the processor on PIL images) on the same pages in the same run.
+
+    python bench/gpu.py                                  # on a GPU machine: 256 pages, 512 new tokens
+    python bench/gpu.py --batch-size 128 --compile       # bigger batches, static cache + torch.compile
+    python bench/gpu.py --tiny --pages 2 --new-tokens 4 --device cpu   # crash-free start check on CPU
+                                                         # (add --longest-edge 490 to make it quicker)
+
+Ours is the model stage's own code without Ray around it (what `Idefics2Generator` does per block):
+uint8 crops from `pipeline.preprocess.model_crops` (the CPU stage, timed apart: it runs on other cores
+while the GPU works), batches from `pipeline.collate.batch_by_shape`, crops normalized on the GPU and
+encoded at their own size by `pipeline.image_features.encode_crops`, one shared prompt per batch,
+`model.generate`, decode. The snippet is the
+model card's loop: `processor(text=prompt, images=[image])`, `generate`, `batch_decode`, page by page.
+Both use the same model object, dtype and attention, and generate exactly `--new-tokens` tokens
+(min = max, EOS ignored), so only the data path and batching differ.
+
+Runs where torch and transformers are installed; Ray, pyarrow and PyMuPDF are optional (without
+PyMuPDF the pages are drawn with Pillow). Nothing is downloaded: the model is built from its config
+with random weights directly on the device, the tokenizer is Scriptorium's tiny offline one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# The repository first: bench/pipeline.py must not shadow the `pipeline` package.
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+import torch  # noqa: E402
+
+from documents import page_images  # noqa: E402
+from pipeline.collate import batch_by_shape  # noqa: E402
+from pipeline.image_features import encode_crops, generate_kwargs  # noqa: E402
+from pipeline.preprocess import ImageSettings, model_crops  # noqa: E402
+from pipeline.tiny_model import IDEFICS2_CHAT_TEMPLATE, build_tokenizer  # noqa: E402
+
+# HuggingFaceM4/idefics2-8b's config.json: SigLIP-so400m vision tower at 980, Mistral-7B text model
+# (the keys its config leaves out are MistralConfig's defaults, written out here), perceiver defaults.
+IDEFICS2_8B = dict(
+    vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                       patch_size=14, image_size=980),
+    perceiver_config=dict(resampler_n_latents=64, resampler_depth=3, resampler_n_heads=16, resampler_head_dim=96,
+                          num_key_value_heads=4),
+    text_config=dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=32003,
+                     max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=4096),
+    tie_word_embeddings=False,
+)
+# The same shapes at toy size, for --tiny (CPU smoke runs).
+TINY = dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       patch_size=14, image_size=980),
+    perceiver_config=dict(hidden_size=64, resampler_n_latents=64, resampler_depth=1, resampler_n_heads=2,
+                          resampler_head_dim=16, num_key_value_heads=1),
+    text_config=dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=32003, max_position_embeddings=4096),
+    tie_word_embeddings=False,
+)
+INSTRUCTION = "Transcribe all the text on this page, in reading order."  # Scriptorium's OCR prompt
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_processor(longest_edge: int = 980):
+    """Idefics2's processor (980 / 378, splitting on, 64 image tokens) around the offline tokenizer."""
+    from transformers import Idefics2Processor
+
+    try:  # transformers 5: the PIL backend (torchvision may be missing)
+        from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil as Images
+    except ImportError:  # transformers 4: the numpy/PIL processor is the default one
+        from transformers import Idefics2ImageProcessor as Images
+
+    images = Images(do_image_splitting=True, size={"longest_edge": longest_edge, "shortest_edge": min(378, longest_edge)})
+    return Idefics2Processor(image_processor=images, tokenizer=build_tokenizer(), image_seq_len=64,
+                             chat_template=IDEFICS2_CHAT_TEMPLATE)
+
+
+def build_model(processor, sizes: dict, device: str, dtype: torch.dtype, attention: str):
+    """Random weights, created on the device in `dtype` (no float32 copy, no download)."""
+    from transformers import Idefics2Config
+
+    try:
+        from transformers import AutoModelForImageTextToText as Auto
+    except ImportError:
+        from transformers import AutoModelForVision2Seq as Auto
+
+    tok = processor.tokenizer
+    config = Idefics2Config(image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **sizes)
+    config.text_config.pad_token_id = tok.pad_token_id
+    with torch.device(device):
+        try:
+            model = Auto.from_config(config, dtype=dtype, attn_implementation=attention)
+        except TypeError:  # transformers 4 names it torch_dtype
+            model = Auto.from_config(config, torch_dtype=dtype, attn_implementation=attention)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_utterance>")]
+    return model.eval()
+
+
+def generation_args(new_tokens: int, compile_: bool) -> dict:
+    args = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if compile_:  # what `[model] compile = true` does in the pipeline
+        args["cache_implementation"] = "static"
+    return args
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def run_model_stage(model, processor, prompt, crops, settings, device, dtype, batch_size, max_batch_pixels, gen):
+    """Scriptorium's model stage: shape-sorted batches, GPU collation, one prompt per batch, decode."""
+    prompt_ids = processor(text=prompt, return_tensors="pt")["input_ids"][0]
+    texts, new_tokens = [], []
+    for batch in batch_by_shape(list(range(len(crops))), lambda i: crops[i], batch_size, max_batch_pixels):
+        input_ids = prompt_ids.unsqueeze(0).expand(len(batch), -1).to(device)
+        features = encode_crops(model, [crops[i] for i in batch], settings, device, dtype)
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                **generate_kwargs(model, features), **gen)
+        generated = output[:, input_ids.shape[1]:].cpu()
+        new_tokens.extend([generated.shape[1]] * len(batch))
+        texts.extend(processor.tokenizer.batch_decode(generated, skip_special_tokens=True))
+    synchronize(device)
+    return texts, new_tokens
+
+
+@torch.inference_mode()
+def run_snippet(model, processor, prompt, images, device, gen):
+    """The model card's loop, one page at a time."""
+    texts, new_tokens = [], []
+    for image in images:
+        inputs = processor(text=prompt, images=[image], return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        generated = model.generate(**inputs, **gen)
+        new_tokens.append(generated.shape[1] - inputs["input_ids"].shape[1])
+        texts.extend(processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    synchronize(device)
+    return texts, new_tokens
+
+
+def timed(device: str, fn, *args):
+    """(seconds, peak device memory in bytes, result) of fn(*args)."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    started = time.perf_counter()
+    result = fn(*args)
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    return seconds, peak, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages", type=int, default=256, help="pages through the model stage")
+    parser.add_argument("--snippet-pages", type=int, default=4, help="of those, pages through the snippet loop")
+    parser.add_argument("--new-tokens", type=int, default=512, help="exactly this many per page")
+    parser.add_argument("--batch-size", type=int, default=64, help="pages per generate call")
+    parser.add_argument("--max-batch-pixels", type=int, default=0, help="padded pixels per batch (0: no limit)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
+    parser.add_argument("--compile", action="store_true", help="static KV cache (+ torch.compile on CUDA)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true", help="toy-size model (a crash-free start check)")
+    parser.add_argument("--longest-edge", type=int, default=980, help="render and resize size (the card's is 980)")
+    args = parser.parse_args()
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench/gpu.py measures the model stage on a CUDA GPU, and this machine has none: nothing measured.\n"
+              "Run it on a GPU machine, or check it starts with: python bench/gpu.py --tiny --device cpu", file=sys.stderr)
+        sys.exit(2)
+    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    snippet_pages = min(args.snippet_pages, args.pages)
+
+    processor = build_processor(args.longest_edge)
+    settings = ImageSettings.from_processor(processor)
+    started = time.perf_counter()
+    model = build_model(processor, TINY if args.tiny else IDEFICS2_8B, device, dtype, args.attn)
+    build_s = time.perf_counter() - started
+    n_params = sum(p.numel() for p in model.parameters())
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    pages = page_images(args.pages, longest_edge=settings.longest_edge)
+    started = time.perf_counter()
+    crops = [model_crops(page, settings) for page in pages]
+    cpu_s = time.perf_counter() - started
+    from PIL import Image
+
+    pil_pages = [Image.fromarray(page) for page in pages[:snippet_pages]]
+
+    gen = generation_args(args.new_tokens, args.compile)
+    # Warm-up for both paths (CUDA context, kernels, compilation): two pages, a few tokens.
+    warm = generation_args(min(8, args.new_tokens), args.compile)
+    run_model_stage(model, processor, prompt, crops[:2], settings, device, dtype, args.batch_size, 0, warm)
+    run_snippet(model, processor, prompt, pil_pages[:1], device, warm)
+
+    ours_s, ours_peak, (_, ours_tokens) = timed(device, run_model_stage, model, processor, prompt, crops, settings,
+                                                device, dtype, args.batch_size, args.max_batch_pixels, gen)
+    snip_s, snip_peak, (_, snip_tokens) = timed(device, run_snippet, model, processor, prompt, pil_pages, device, gen)
+
+    exact = set(ours_tokens) == set(snip_tokens) == {args.new_tokens}
+    ours_rate, snip_rate = len(pages) / ours_s, snippet_pages / snip_s
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device: {name}; model: {'tiny' if args.tiny else 'idefics2-8b'} architecture, {n_params / 1e9:.2f} B "
+          f"parameters, random weights, {str(dtype).replace('torch.', '')}, attention {args.attn}, "
+          f"compile {'on' if args.compile else 'off'}; built in {build_s:.0f} s")
+    print(f"pages: {len(pages)} rendered at {settings.longest_edge} with splitting ({settings.images_per_page} crops), "
+          f"{args.new_tokens} new tokens each (all exact: {'yes' if exact else 'NO'}); batch size {args.batch_size}")
+    print(f"CPU stage (crops for all pages, one core, not in the GPU time): {cpu_s:.1f} s = "
+          f"{len(pages) / cpu_s:.1f} pages/s per core")
+    print(f"{'':28}{'pages':>7}{'seconds':>10}{'pages/s':>10}{'tokens/s':>11}{'peak GiB':>10}")
+    for label, n, seconds, peak in (("scriptorium model stage", len(pages), ours_s, ours_peak),
+                                    ("model card snippet loop", snippet_pages, snip_s, snip_peak)):
+        print(f"{label:28}{n:7d}{seconds:10.1f}{n / seconds:10.2f}{n * args.new_tokens / seconds:11.0f}"
+              f"{peak / 2**30:10.1f}")
+    print(f"RESULT gpu_pages_per_s {ours_rate:.2f} pages/s target >= 10")
+    print(f"RESULT gpu_vs_snippet {ours_rate / snip_rate:.1f} x target >= 20")
+    if not exact:
+        sys.exit(f"expected exactly {args.new_tokens} new tokens per page, got {sorted(set(ours_tokens + snip_tokens))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Manifests: a file that lists the inputs (`[input] manifest = true` or `--manifest`).
+
+    .txt      one URI per line; blank lines and lines starting with '#' are ignored
+    .csv      a header row with a `uri` column, optionally `question` (one question per row)
+    .jsonl    one object per line: {"uri": "...", "questions": ["...", ...]} or {"uri": "...", "question": "..."}
+    .parquet  a `uri` column, optionally `question` (string) and/or `questions` (list of strings)
+
+An entry is a URI (`s3://`, `gs://`, `file://`, ...), an absolute path, or a path relative to the
+manifest's own folder (`docs/a.pdf` in `s3://b/lists/m.csv` is `s3://b/lists/docs/a.pdf`). A document
+listed on several rows is planned once, with the questions of all its rows. The questions travel with
+the document to the QA task. The manifest is read whole before planning (about 100-200 MB of driver
+memory per million entries), so a malformed line stops the job before any work starts, naming the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Iterator
+
+from connectors.storage import StorageOptions, protocol_of, read_bytes, redact
+from jobs.spec import SpecError
+
+FORMATS = (".txt", ".csv", ".jsonl", ".ndjson", ".parquet")
+
+
+class ManifestError(SpecError):
+    """The manifest cannot be used; the message names the file, the line and the fix."""
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    uri: str
+    questions: tuple[str, ...] | None = None
+
+
+def read_manifest(manifest_uri: str, options: StorageOptions | None = None) -> Iterator[ManifestEntry]:
+    """The manifest's documents in the order first listed, each once, with its questions (or None)."""
+    suffix = next((s for s in FORMATS if manifest_uri.lower().endswith(s)), None)
+    if suffix is None:
+        raise ManifestError(f"manifest {redact(manifest_uri)} must end in {', '.join(FORMATS)}")
+    data = read_bytes(manifest_uri, options)
+    parse = {".txt": _parse_txt, ".csv": _parse_csv, ".jsonl": _parse_jsonl,
+             ".ndjson": _parse_jsonl, ".parquet": _parse_parquet}[suffix]
+    questions_of: dict[str, list[str]] = {}  # insertion-ordered: documents in manifest order
+    try:
+        for where, entry, questions in parse(data):
+            if not isinstance(entry, str) or not entry.strip():
+                raise ManifestError(f"{where}: no uri")
+            bad = [q for q in questions if not isinstance(q, str)]
+            if bad:
+                raise ManifestError(f"{where}: questions must be strings, got {bad[0]!r}")
+            known = questions_of.setdefault(resolve_entry(entry.strip(), manifest_uri), [])
+            known.extend(q.strip() for q in questions if q.strip() and q.strip() not in known)
+    except ManifestError as exc:
+        raise ManifestError(redact(f"manifest {manifest_uri}: {exc}")) from None
+    for uri, questions in questions_of.items():
+        yield ManifestEntry(uri, tuple(questions) or None)
+
+
+def resolve_entry(entry: str, manifest_uri: str) -> str:
+    """A manifest entry as a URI: URIs stay, paths are taken relative to the manifest's folder."""
+    if "://" in entry:
+        return entry
+    if protocol_of(manifest_uri) == "file":
+        local = manifest_uri[len("file://"):] if manifest_uri.startswith("file://") else manifest_uri
+        folder = os.path.dirname(os.path.abspath(os.path.expanduser(local)))
+        return os.path.normpath(os.path.join(folder, os.path.expanduser(entry)))
+    scheme, _, manifest_path = manifest_uri.partition("://")
+    if entry.startswith("/"):  # a key from the root of the manifest's bucket
+        return f"{scheme}://{manifest_path.split('/', 1)[0]}{entry}"
+    folder = posixpath.dirname(manifest_path)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(folder, entry))}"
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8-sig")  # a byte-order mark (spreadsheet exports) is not part of the first URI
+
+
+def _parse_txt(data: bytes):
+    for number, line in enumerate(_text(data).splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield f"line {number}", line, []
+
+
+def _parse_csv(data: bytes):
+    reader = csv.DictReader(io.StringIO(_text(data)))
+    fields = [f.strip() for f in reader.fieldnames or []]
+    if "uri" not in fields:
+        raise ManifestError(f"a CSV manifest needs a header row with a 'uri' column, found {fields}")
+    reader.fieldnames = fields
+    for row in reader:
+        question = (row.get("question") or "").strip()
+        yield f"line {reader.line_num}", row.get("uri"), [question] if question else []
+
+
+def _parse_jsonl(data: bytes):
+    for number, line in enumerate(_text(data).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"line {number} is not JSON: {exc}") from None
+        if not isinstance(record, dict):
+            raise ManifestError(f"line {number} must be a JSON object with a \"uri\" key")
+        yield f"line {number}", record.get("uri"), _questions(record.get("question"), record.get("questions"))
+
+
+def _parse_parquet(data: bytes):
+    import pyarrow.parquet as pq
+
+    try:
+        table_file = pq.ParquetFile(io.BytesIO(data))
+    except Exception as exc:
+        raise ManifestError(f"not a readable Parquet file: {exc}") from None
+    names = table_file.schema_arrow.names
+    if "uri" not in names:
+        raise ManifestError(f"a Parquet manifest needs a 'uri' column, found {names}")
+    columns = [c for c in ("uri", "question", "questions") if c in names]
+    number = 0
+    for batch in table_file.iter_batches(columns=columns):
+        for record in batch.to_pylist():
+            number += 1
+            yield f"row {number}", record["uri"], _questions(record.get("question"), record.get("questions"))
+
+
+def _questions(question, questions) -> list:
+    """One `question`, a `questions` list, or both, as one list."""
+    found = [question] if question else []
+    if isinstance(questions, str):
+        questions = [questions]
+    return found + list(questions or [])

@@ -1,0 +1,304 @@
+"""Run summaries: what a run did and what it cost, as JSON next to the output and as readable text.
+
+Two views, both computed from published Parquet rows rather than from counters kept on the side:
+
+- the *run* view, from the files this run published: rows by status, task and error reason, pages and
+  documents, input/output tokens, wall time, pages/s, GPU-hours (replicas x GPUs per replica x wall
+  time) and, with `resources.gpu_price_per_hour` set, cost per million pages. It is written to
+  `_runs/<run_id>/summary.json` when the run ends, since wall time and resources are known only then.
+- the *output* view, over every published file in the output folder (all runs, after resumes and
+  retries), plus the run count, total wall time and GPU-hours summed from the run summaries.
+  `_summary.json` holds both as of the last run; `scriptorium summary OUTPUT` recomputes the output view.
+
+The bookkeeping names start with `_`, so dataset readers skip them and the folder stays one dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import time
+from collections import Counter
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from connectors.parquet_sink import ParquetStore
+from jobs.spec import SpecError
+
+SUMMARY_COLUMNS = ["source_uri", "page", "task", "status", "error", "stage", "n_input_tokens", "n_output_tokens", "truncated"]
+RUNS_DIR = "_runs"
+LATEST_FILE = "_summary.json"
+
+
+# -- counting rows -------------------------------------------------------------------------------------
+def error_reason(stage: str | None, error: str | None) -> str:
+    """Group similar errors: `render: cannot open PDF`, `list: file is N bytes, more than input.max_size_mb=N`.
+
+    The error's first clause (up to ': ', which is where details like a file name or the library's
+    message start) with numbers replaced by N; an exception class name right after it is kept, so
+    `generate failed: OutOfMemoryError: CUDA out of memory...` stays distinguishable from other failures.
+    """
+    text = (error or "unknown error").strip()
+    parts = text.split(": ")
+    head = parts[0]
+    if len(parts) > 1 and re.fullmatch(r"[A-Z]\w*(Error|Exception|Exceeded|Timeout)", parts[1]):
+        head += ": " + parts[1]
+    head = re.sub(r"\d+", "N", head)[:120]
+    return f"{stage or 'unknown'}: {head}"
+
+
+class RowTally:
+    """Counts over result tables, fed one table at a time so a large output never sits in memory whole
+    (only one small (source, page, failed) row per page is kept, to count distinct pages and documents)."""
+
+    def __init__(self):
+        self.rows = 0
+        self.by_status: Counter = Counter()
+        self.by_task: Counter = Counter()
+        self.errors_by_reason: Counter = Counter()
+        self.truncated = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self._pages: list[pa.Table] = []
+
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self.rows += table.num_rows
+        self.by_status.update(_value_counts(table["status"]))
+        self.by_task.update(_value_counts(table["task"]))
+        self.truncated += int(pc.sum(table["truncated"]).as_py() or 0)
+        self.input_tokens += int(pc.sum(table["n_input_tokens"]).as_py() or 0)
+        self.output_tokens += int(pc.sum(table["n_output_tokens"]).as_py() or 0)
+        is_error = pc.fill_null(pc.equal(table["status"], "error"), False)
+        for row in table.filter(is_error).select(["stage", "error"]).to_pylist():
+            self.errors_by_reason[error_reason(row["stage"], row["error"])] += 1
+        pages = pa.table({"source_uri": table["source_uri"], "page": table["page"], "failed": is_error})
+        self._pages.append(_any_failed(pages, ["source_uri", "page"]))
+
+    def as_dict(self) -> dict:
+        keys = _distinct_pages(self._pages)
+        documents = _any_failed(keys, ["source_uri"])
+        pages = keys.filter(pc.greater_equal(keys["page"], 0))  # page -1 holds whole-document rows
+        failed_pages = int(pc.sum(pages["failed"]).as_py() or 0)
+        failed_docs = int(pc.sum(documents["failed"]).as_py() or 0)
+        return {
+            "documents": {"total": documents.num_rows, "with_errors": failed_docs},
+            "pages": {"total": pages.num_rows, "ok": pages.num_rows - failed_pages, "error": failed_pages},
+            "rows": {
+                "total": self.rows,
+                "by_status": dict(sorted(self.by_status.items())),
+                "by_task": dict(sorted(self.by_task.items())),
+                "truncated": self.truncated,
+            },
+            "errors_by_reason": dict(self.errors_by_reason.most_common()),
+            "tokens": {"input": self.input_tokens, "output": self.output_tokens},
+        }
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict:
+    counts = pc.value_counts(column).to_pylist()
+    return {(c["values"] if c["values"] is not None else "null"): c["counts"] for c in counts}
+
+
+def _any_failed(table: pa.Table, keys: list[str]) -> pa.Table:
+    """One row per distinct `keys`, with `failed` true if any of its rows failed."""
+    grouped = table.group_by(keys).aggregate([("failed", "max")])
+    return pa.table({**{k: grouped[k] for k in keys}, "failed": grouped["failed_max"]})
+
+
+def _distinct_pages(parts: list[pa.Table]) -> pa.Table:
+    """(source_uri, page, failed) once per page: a page failed if any of its rows is an error."""
+    if not parts:
+        return pa.table({"source_uri": pa.array([], pa.string()), "page": pa.array([], pa.int32()),
+                         "failed": pa.array([], pa.bool_())})
+    return _any_failed(pa.concat_tables(parts), ["source_uri", "page"])
+
+
+def tally_files(store: ParquetStore, paths: Iterable[str]) -> dict:
+    tally = RowTally()
+    for path in paths:
+        tally.add(store.read(path, SUMMARY_COLUMNS))
+    return tally.as_dict()
+
+
+# -- the run view ----------------------------------------------------------------------------------
+def gpu_figures(replicas: int, gpus_per_replica: float, wall_s: float, pages: int, price_per_hour: float) -> dict:
+    """GPU-hours the run held (replicas x GPUs per replica x wall time) and what they cost."""
+    gpu_hours = replicas * gpus_per_replica * wall_s / 3600
+    cost = gpu_hours * price_per_hour if price_per_hour > 0 and gpu_hours > 0 else None
+    return {
+        "replicas": replicas,
+        "gpus_per_replica": gpus_per_replica,
+        "gpu_hours": round(gpu_hours, 6),
+        "price_per_hour": price_per_hour or None,
+        "cost": None if cost is None else round(cost, 6),
+        "cost_per_million_pages": None if cost is None or not pages else round(cost / pages * 1e6, 2),
+    }
+
+
+def build_run_summary(store: ParquetStore, spec, result, gpus_per_replica: float) -> dict:
+    """The run view, from the files this run published. `result` is the runner's RunResult."""
+    counts = tally_files(store, result.files)
+    wall_s = result.wall_s
+    finished = time.time()
+    pages = counts["pages"]["total"]
+    return {
+        "kind": "run",
+        "run_id": result.run_id,
+        "output": result.output,
+        "model": spec.model.id,
+        "tasks": [t.task_name for t in spec.tasks],
+        "started_at": _iso(finished - wall_s),
+        "finished_at": _iso(finished),
+        "wall_s": round(wall_s, 3),
+        "inputs": {"planned": result.planned_inputs, "skipped_complete": result.skipped_inputs},
+        **counts,
+        "files": [posixpath.basename(p) for p in result.files],
+        "throughput": {
+            "pages_per_s": round(pages / wall_s, 4) if wall_s else None,
+            "output_tokens_per_s": round(counts["tokens"]["output"] / wall_s, 2) if wall_s else None,
+        },
+        "gpu": gpu_figures(spec.resources.num_replicas, gpus_per_replica, wall_s, pages,
+                           spec.resources.gpu_price_per_hour),
+    }
+
+
+def _iso(epoch_s: float) -> str:
+    """UTC with milliseconds: runs sort by it, and two short runs can end within one second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{int(epoch_s % 1 * 1000):03d}Z"
+
+
+# -- the output view -------------------------------------------------------------------------------
+def read_run_summaries(store: ParquetStore) -> list[dict]:
+    """Every `_runs/*/summary.json`, oldest first."""
+    pattern = f"{store.root}/{RUNS_DIR}/*/summary.json"
+    summaries = []
+    for path in store.fs.glob(pattern):
+        try:
+            summary = json.loads(store.fs.cat_file(path))
+        except (OSError, ValueError):
+            continue  # a summary being written right now, or damaged: the output view does without it
+        if summary.get("kind") == "run":  # not the older, shorter format
+            summaries.append(summary)
+    return sorted(summaries, key=lambda s: (s.get("finished_at", ""), s.get("run_id", "")))
+
+
+def build_output_summary(store: ParquetStore, runs: list[dict] | None = None) -> dict:
+    """The output view: every published row, whichever run wrote it."""
+    runs = read_run_summaries(store) if runs is None else runs
+    files = store.data_files()
+    gpu_hours = sum((r.get("gpu") or {}).get("gpu_hours") or 0 for r in runs)
+    costs = [(r.get("gpu") or {}).get("cost") for r in runs]
+    return {
+        "kind": "output",
+        "output": store.uri,
+        "n_files": len(files),
+        "runs": [r.get("run_id") for r in runs],
+        **tally_files(store, files),
+        "wall_s_total": round(sum(r.get("wall_s") or 0 for r in runs), 3),
+        "gpu_hours_total": round(gpu_hours, 6),
+        "cost_total": round(sum(c for c in costs if c), 6) if any(costs) else None,
+    }
+
+
+def write_run_summary(store: ParquetStore, spec, result, gpus_per_replica: float) -> dict:
+    """At the end of a run: `_runs/<run_id>/summary.json` and `_summary.json` (this run + the output)."""
+    run = build_run_summary(store, spec, result, gpus_per_replica)
+    store.fs.pipe_file(f"{store.root}/{RUNS_DIR}/{result.run_id}/summary.json", _dump(run))
+    runs = [r for r in read_run_summaries(store) if r.get("run_id") != run["run_id"]] + [run]
+    latest = {"run": run, "output": build_output_summary(store, runs)}
+    store.fs.pipe_file(f"{store.root}/{LATEST_FILE}", _dump(latest))
+    return latest
+
+
+def _dump(data: dict) -> bytes:
+    return json.dumps(data, indent=2).encode()
+
+
+def load_summary(store: ParquetStore, run_id: str | None = None) -> dict:
+    """For `scriptorium summary`: the latest run's (or `run_id`'s) stored summary and a fresh output view.
+
+    Raises SpecError with a one-line reason when the output has nothing to summarize.
+    """
+    runs = read_run_summaries(store)
+    if run_id:
+        matches = [r for r in runs if r.get("run_id") == run_id]
+        if not matches:
+            known = ", ".join(r.get("run_id", "?") for r in runs) or "none"
+            raise SpecError(f"no run {run_id!r} in {store.uri} (runs there: {known})")
+        run = matches[-1]
+    else:
+        run = runs[-1] if runs else None
+    output = build_output_summary(store, runs)
+    if run is None and not output["n_files"]:
+        raise SpecError(f"{store.uri} holds no Scriptorium results: pass the --output of a run")
+    return {"run": run, "output": output}
+
+
+# -- text ----------------------------------------------------------------------------------------------
+def format_summary(summary: dict) -> str:
+    lines = []
+    run, output = summary.get("run"), summary.get("output")
+    if run:
+        lines.append(f"run {run['run_id']}  finished {run['finished_at']}  wall {_duration(run['wall_s'])}")
+        lines.append(f"  model       {run['model']}  tasks: {', '.join(run['tasks'])}")
+        inputs = run["inputs"]
+        lines.append(f"  inputs      {inputs['planned']} processed, {inputs['skipped_complete']} already complete")
+        lines += _count_lines(run)
+        throughput = run["throughput"]
+        if throughput["pages_per_s"] is not None:
+            lines.append(f"  throughput  {throughput['pages_per_s']:.3g} pages/s, "
+                         f"{throughput['output_tokens_per_s']:.3g} output tokens/s (over wall time)")
+        lines.append("  GPU         " + _gpu_line(run["gpu"]))
+    if output:
+        runs = output["runs"]
+        lines.append(f"output {output['output']}  {output['n_files']} files from {len(runs)} run(s)"
+                     + (f", {_duration(output['wall_s_total'])} in all" if runs else ""))
+        lines += _count_lines(output)
+        if output["gpu_hours_total"]:
+            cost = output["cost_total"]
+            lines.append(f"  GPU         {output['gpu_hours_total']:.4g} GPU-hours in all"
+                         + (f", cost {cost:,.2f}" if cost else ""))
+    return "\n".join(lines)
+
+
+def _count_lines(view: dict) -> list[str]:
+    docs, pages, rows, tokens = view["documents"], view["pages"], view["rows"], view["tokens"]
+    lines = [
+        f"  documents   {docs['total']} ({docs['with_errors']} with errors)",
+        f"  pages       {pages['total']} ({pages['ok']} ok, {pages['error']} with errors)",
+        f"  rows        {rows['total']}: " + _pairs(rows["by_status"]) + "; by task: " + _pairs(rows["by_task"])
+        + f"; {rows['truncated']} hit max_new_tokens",
+        f"  tokens      {tokens['input']:,} input, {tokens['output']:,} output",
+    ]
+    for reason, count in list(view["errors_by_reason"].items())[:10]:
+        lines.append(f"  error       {count} x {reason}")
+    if len(view["errors_by_reason"]) > 10:
+        lines.append(f"  error       ... {len(view['errors_by_reason']) - 10} more reasons in the JSON")
+    return lines
+
+
+def _pairs(counts: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in counts.items()) or "none"
+
+
+def _gpu_line(gpu: dict) -> str:
+    if not gpu["gpus_per_replica"]:
+        return "none requested (CPU run): no GPU-hours or GPU cost"
+    line = f"{gpu['replicas']} replica(s) x {gpu['gpus_per_replica']:g} GPU = {gpu['gpu_hours']:.4g} GPU-hours"
+    if gpu["cost"] is None:
+        return line + "; set resources.gpu_price_per_hour for cost figures"
+    line += f" x {gpu['price_per_hour']:g}/GPU-hour = {gpu['cost']:,.4g}"
+    if gpu["cost_per_million_pages"] is not None:
+        line += f"; {gpu['cost_per_million_pages']:,.2f} per million pages"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds or 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

@@ -1,0 +1,73 @@
+"""Image features for a batch, each crop encoded at its own size.
+
+Passing a batch's pixels to `generate` pads every crop to the largest height and width in the batch, and
+with image splitting a page's four quadrants (e.g. 490x378) are padded to the whole page (980x693):
+the vision tower then runs on ~2.4x the patches a split page has, and with SDPA attention builds a
+(crops, patches, patches) mask, 7 GB for 64 pages in bf16. Here the crops are grouped by exact shape and
+each group goes through the vision tower and the perceiver unpadded, in chunks of bounded size, so no
+mask is needed and padding costs nothing. The features then go to `generate` in place of the pixels.
+
+The vision tower attends only to a crop's own patches (padding is masked out) and derives patch
+positions from the crop's own size, so the features are the reference's up to floating-point rounding
+(`tests/test_preprocess_fidelity.py` compares them).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+
+from pipeline.collate import collate_pixels
+from pipeline.preprocess import ImageSettings
+
+# Pixels per vision-tower call: bounds its activations (e.g. 64 crops of 980x980 at once) however large
+# the text batch is, so the decode batch can grow without the vision tower running out of memory.
+VISION_CHUNK_PIXELS = 64 * 980 * 980
+
+
+@torch.inference_mode()
+def encode_crops(model, sequences: list[list[np.ndarray]], settings: ImageSettings, device, dtype) -> torch.Tensor:
+    """(number of crops x image_seq_len, hidden) features of every crop of every sequence, in order:
+    sequence by sequence, crop by crop, which is the order of the `<image>` tokens in the batch."""
+    crops = [crop for sequence in sequences for crop in sequence]
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for index, crop in enumerate(crops):
+        by_shape.setdefault(crop.shape[:2], []).append(index)
+    features: list[torch.Tensor | None] = [None] * len(crops)
+    for (height, width), indices in by_shape.items():
+        per_call = max(1, VISION_CHUNK_PIXELS // (height * width))
+        for start in range(0, len(indices), per_call):
+            chunk = indices[start : start + per_call]
+            pixels, _ = collate_pixels([[crops[i]] for i in chunk], settings, device, dtype)
+            for i, feature in zip(chunk, encode_same_shape(model, pixels[:, 0])):
+                features[i] = feature
+    return torch.cat(features)
+
+
+def encode_same_shape(model, pixels: torch.Tensor) -> torch.Tensor:
+    """(n, 3, h, w) crops of one shape -> (n, image_seq_len, hidden): the vision tower, then the connector
+    (modality projection and perceiver resampler), as `get_image_features` runs them, with every patch real."""
+    inner = model.model
+    patch = inner.config.vision_config.patch_size
+    n, _, height, width = pixels.shape
+    patch_mask = torch.ones((n, height // patch, width // patch), dtype=torch.bool, device=pixels.device)
+    hidden = inner.vision_model(pixel_values=pixels.to(model.dtype), patch_attention_mask=patch_mask).last_hidden_state
+    return inner.connector(hidden, attention_mask=patch_mask.view(n, -1))
+
+
+def generate_kwargs(model, features: torch.Tensor) -> dict:
+    """How this transformers version takes precomputed image features in `generate`."""
+    if "mm_encoder_outputs" in inspect.signature(model.forward).parameters:  # transformers >= 5
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[features])}}
+    return {"image_hidden_states": features}  # transformers 4
+
+
+def features_passed(generate_call_kwargs: dict) -> torch.Tensor | None:
+    """The image features a recorded `generate(**kwargs)` call received (the inverse of `generate_kwargs`)."""
+    if "mm_encoder_outputs" in generate_call_kwargs:
+        return torch.cat(generate_call_kwargs["mm_encoder_outputs"]["image"].pooler_output)
+    return generate_call_kwargs.get("image_hidden_states")

@@ -1,0 +1,350 @@
+"""Routes: answer what can be answered without the model, before a page reaches the GPU.
+
+Runs on CPU workers between rendering and preprocessing, per (page, task, question) unit:
+
+    text_layer  OCR units of a PDF page whose embedded text layer looks good (routing.text_layer):
+                PyMuPDF's `page.get_text()`, captured at render time, is the transcription.
+    dedup       units of a page whose rendered pixels are identical to a page seen earlier in the run
+                (routing.dedup) reuse that page's result instead of being generated again.
+    tesseract   OCR units when routing.ocr_engine = "tesseract": Tesseract through PyMuPDF's OCR, on CPU.
+    model       everything else goes on to preprocessing and the model.
+
+Answered units ride on their page row (`routed`) to the model stage, which emits them as result rows
+without generating; a page whose every unit is answered drops its pixels and skips preprocessing.
+
+Dedup, exactly once per run. Ray Data runs blocks in parallel, so a duplicate can be routed while its
+original is still on its way to the GPU. A small registry actor (one per run) keys each unit by
+(pixel hash, task, question) and answers one of three things when a page claims it:
+  lead  nobody had it: this page is processed normally (the original);
+  done  the original's result is known: it is copied here at once (route dedup, dedup_of = original);
+  wait  the original is still in flight: the unit travels as a `pending` row, and the driver, the single
+        consumer of results (`DedupJoin`), fills it in when the original's row arrives.
+When the driver sees an original's row it *settles* the key in the registry, which returns how many
+pending rows wait for it (after settling, nobody else waits on that key: later duplicates get `done`,
+or `lead` again if the original failed or its result was evicted). The driver keeps an original's row
+only until those pending rows are filled, and the registry keeps ok results in a bounded LRU
+(routing.dedup_cache_mb), so memory stays bounded in both. Pending rows never reach the sink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from collections import OrderedDict, defaultdict
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.spec import RoutingSpec, TaskSpec
+from pipeline.prompts import DOCUMENT_PAGE, NO_QUESTION, row_units
+from pipeline.schema import PAGE_SCHEMA, RESULT_SCHEMA, table_from_rows
+
+RESULT_FIELDS = ("status", "text", "error", "stage", "model", "prompt", "generation", "max_new_tokens",
+                 "n_input_tokens", "n_output_tokens", "truncated")
+
+
+# -- the text layer ---------------------------------------------------------------------------------------
+def text_layer_problem(text: str | None, min_chars: int = 40) -> str | None:
+    """Why this text layer should not stand in for OCR, or None if it looks like real text.
+
+    Scans have no text layer (or a few stray characters); PDFs with broken font encodings give U+FFFD,
+    private-use or control characters, or runs of symbols where letters should be.
+    """
+    chars = [c for c in text or "" if not c.isspace()]
+    if len(chars) < min_chars:
+        return f"text layer has {len(chars)} characters (fewer than {min_chars})"
+    bad = sum(c == "\ufffd" or unicodedata.category(c) in ("Cc", "Cf", "Co", "Cn", "Cs") for c in chars)
+    if bad > 0.02 * len(chars):
+        return f"text layer has {bad} unmapped or unprintable characters"
+    if sum(c.isalnum() for c in chars) < 0.5 * len(chars):
+        return "text layer is mostly symbols"
+    return None
+
+
+# -- Tesseract --------------------------------------------------------------------------------------------
+def tesseract_ocr(image: np.ndarray, language: str = "eng") -> str:
+    """Tesseract on an HWC uint8 image through PyMuPDF (MuPDF's built-in Tesseract; needs its language
+    data: Debian's `tesseract-ocr-eng`, found through TESSDATA_PREFIX or the `tesseract` command)."""
+    import pymupdf
+
+    pixmap = pymupdf.Pixmap(pymupdf.csRGB, image.shape[1], image.shape[0], np.ascontiguousarray(image).tobytes(), False)
+    with pymupdf.open("pdf", pixmap.pdfocr_tobytes(language=language, tessdata=tessdata_path())) as ocr:
+        return "".join(page.get_text() for page in ocr).strip()
+
+
+def tessdata_path() -> str:
+    """Where Tesseract's language files are; raises RuntimeError naming the fix when they are not."""
+    import os
+
+    import pymupdf
+
+    path = os.environ.get("TESSDATA_PREFIX") or pymupdf.get_tessdata()
+    if not path or not os.path.isdir(path):
+        raise RuntimeError("Tesseract language data not found: install it (apt-get install tesseract-ocr "
+                           "tesseract-ocr-eng) or set TESSDATA_PREFIX to its tessdata folder")
+    return path
+
+
+# -- dedup ------------------------------------------------------------------------------------------------
+def content_hash(row: dict) -> str:
+    """A hash of the rendered pixels and their shape: equal hashes mean the model sees equal inputs."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{row['width']}x{row['height']}:".encode())
+    digest.update(row["image"])
+    return digest.hexdigest()
+
+
+def page_id(row: dict) -> str:
+    return f"{row['source_uri']}#{row['page']}"
+
+
+def unit_key(content: str, task: str, question: str | None) -> str:
+    return f"{content}|{task}|{question or ''}"
+
+
+class DedupRegistry:
+    """One per run (a Ray actor): which page leads each unit key, and the results of finished ones."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.results: OrderedDict[str, dict] = OrderedDict()  # key -> an ok result (LRU)
+        self.bytes = 0
+        self.in_flight: dict[str, list] = {}  # key -> [leader page id, number of pending followers]
+
+    def claim(self, keys: list[str], ids: list[str]) -> list[tuple[str, object]]:
+        answers = []
+        for key, claimant in zip(keys, ids):
+            if key in self.results:
+                self.results.move_to_end(key)
+                answers.append(("done", self.results[key]))
+            elif key in self.in_flight and self.in_flight[key][0] != claimant:
+                self.in_flight[key][1] += 1
+                answers.append(("wait", self.in_flight[key][0]))
+            else:  # first claim, or the same page claiming again (a retried task): it leads
+                self.in_flight.setdefault(key, [claimant, 0])
+                answers.append(("lead", None))
+        return answers
+
+    def settle(self, outcomes: list[tuple[str, dict | None]]) -> list[int]:
+        """Record originals' outcomes (an ok result, or None); return each key's pending followers."""
+        waiting = []
+        for key, result in outcomes:
+            waiting.append(self.in_flight.pop(key, [None, 0])[1])
+            if result is not None and key not in self.results:
+                self.results[key] = result
+                self.bytes += _size(result)
+                while self.bytes > self.max_bytes and self.results:
+                    self.bytes -= _size(self.results.popitem(last=False)[1])
+        return waiting
+
+
+def _size(result: dict) -> int:
+    return 200 + sum(len(v) for v in result.values() if isinstance(v, str))
+
+
+def start_registry(routing: RoutingSpec, run_id: str):
+    """The run's dedup registry actor (None when routing.dedup is off)."""
+    if not routing.dedup:
+        return None
+    import ray
+
+    actor = ray.remote(num_cpus=0, max_restarts=0)(DedupRegistry)
+    return actor.options(name=f"scriptorium-dedup-{run_id}", get_if_exists=True).remote(routing.dedup_cache_mb << 20)
+
+
+def _shared_result(row: dict) -> dict:
+    return {"dedup_of": page_id(row), **{k: row.get(k) for k in RESULT_FIELDS}}
+
+
+class DedupJoin:
+    """Driver side of dedup: settles originals, fills pending duplicates, never lets a pending row out."""
+
+    def __init__(self, registry):
+        self.registry = registry
+        self.originals: dict[str, list] = {}  # key -> [original's shared result, followers still to fill]
+        self.pending: dict[str, list[dict]] = defaultdict(list)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import ray
+
+        out, settle = [], []
+        for row in batch.to_pylist():
+            key = unit_key(row["content_hash"], row["task"], row["question"]) if row.get("content_hash") else None
+            if row["status"] == "pending":
+                self.pending[key].append(row)
+                continue
+            out.append(row)
+            if key and row.get("route") not in ("dedup", "text_layer"):
+                settle.append((key, _shared_result(row)))
+        if settle:
+            outcomes = [(k, r if r["status"] == "ok" else None) for k, r in settle]
+            for (key, shared), n_waiting in zip(settle, ray.get(self.registry.settle.remote(outcomes))):
+                if n_waiting:
+                    self.originals[key] = [shared, n_waiting]
+        for key in [k for k in self.pending if k in self.originals]:
+            original = self.originals[key]
+            for row in self.pending.pop(key):
+                out.append(fill_duplicate(row, original[0]))
+                original[1] -= 1
+            if original[1] <= 0:
+                del self.originals[key]
+        return table_from_rows(out, RESULT_SCHEMA)
+
+    def join(self, batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        for batch in batches:
+            yield self(batch)
+        yield self.close()
+
+    def close(self) -> pa.Table:
+        """Pending rows whose original never arrived (should not happen) become error rows, not gaps."""
+        rows = [{**row, "status": "error", "stage": "dedup",
+                 "error": f"duplicate of {row.get('dedup_of')}, whose result never arrived"}
+                for rows in self.pending.values() for row in rows]
+        self.pending.clear()
+        return table_from_rows(rows, RESULT_SCHEMA)
+
+
+def fill_duplicate(row: dict, shared: dict) -> dict:
+    filled = {**row, **{k: v for k, v in shared.items() if k != "dedup_of"}, "route": "dedup",
+              "dedup_of": shared["dedup_of"]}
+    if shared["status"] != "ok":
+        filled["error"] = f"duplicate of {shared['dedup_of']}, which failed: {shared.get('error')}"
+    return filled
+
+
+# -- the stage --------------------------------------------------------------------------------------------
+class RoutePages:
+    """Ray Data step between rendering and preprocessing: page rows in, page rows with `routed` out."""
+
+    def __init__(self, tasks: list[TaskSpec], routing: RoutingSpec, registry=None):
+        self.tasks = tasks
+        self.routing = routing
+        self.registry = registry
+
+    def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
+        rows = pages.to_pylist()
+        routable = [r for r in rows if r["status"] == "ok" and r["page"] != DOCUMENT_PAGE]
+        open_units = {id(r): self._route_text_layer(r) for r in routable}
+        if self.registry is not None:
+            self._route_duplicates(routable, open_units)
+        for row in routable:
+            open_units[id(row)] = self._route_tesseract(row, open_units[id(row)])
+            if not open_units[id(row)]:
+                row["image"] = None  # nothing left for the model: no preprocessing, lighter blocks
+        yield table_from_rows(rows, PAGE_SCHEMA)
+
+    def _route_text_layer(self, row: dict) -> list[tuple[TaskSpec, str | None]]:
+        """Answer OCR units from a good text layer; return the units still open."""
+        row["routed"] = []
+        units = row_units(self.tasks, row["page"], row.get("questions"))
+        usable = (self.routing.text_layer and row.get("kind") == "pdf"
+                  and text_layer_problem(row.get("text_layer"), self.routing.text_layer_min_chars) is None)
+        if not usable:
+            return units
+        import pymupdf
+
+        for task, question in units:
+            if task.kind == "ocr":
+                row["routed"].append(_routed(task, question, route="text_layer", status="ok",
+                                             text=row["text_layer"].strip(), model=f"pymupdf-{pymupdf.VersionBind}"))
+        return [(t, q) for t, q in units if t.kind != "ocr"]
+
+    def _route_duplicates(self, rows: list[dict], open_units: dict) -> None:
+        claims = []  # (row, task, question, key)
+        for row in rows:
+            row["content_hash"] = content_hash(row)
+            for task, question in open_units[id(row)]:
+                if not (task.kind == "qa" and question is None):
+                    claims.append((row, task, question, unit_key(row["content_hash"], task.task_name, question)))
+        if not claims:
+            return
+        import ray
+
+        answers = ray.get(self.registry.claim.remote([c[3] for c in claims], [page_id(c[0]) for c in claims]))
+        for (row, task, question, _key), (answer, value) in zip(claims, answers):
+            if answer == "lead":
+                continue
+            if answer == "done":
+                entry = {**{k: value.get(k) for k in RESULT_FIELDS}, "dedup_of": value["dedup_of"]}
+                row["routed"].append(_routed(task, question, route="dedup", **entry))
+            else:
+                row["routed"].append(_routed(task, question, route="dedup", status="pending", dedup_of=value))
+            open_units[id(row)].remove((task, question))
+
+    def _route_tesseract(self, row: dict, units: list) -> list:
+        if self.routing.ocr_engine != "tesseract" or not any(t.kind == "ocr" for t, _q in units):
+            return units
+        from pipeline.pages import page_image
+
+        try:
+            text, error = tesseract_ocr(page_image(row), self.routing.tesseract_language), None
+        except Exception as exc:
+            text, error = None, f"tesseract failed: {type(exc).__name__}: {exc}"
+        for task, question in units:
+            if task.kind == "ocr":
+                row["routed"].append(_routed(task, question, route="tesseract", status="error" if error else "ok",
+                                             text=text, error=error, stage="tesseract" if error else None,
+                                             model=f"tesseract:{self.routing.tesseract_language}"))
+        return [(t, q) for t, q in units if t.kind != "ocr"]
+
+
+def _routed(task: TaskSpec, question: str | None, **values) -> dict:
+    return {"task": task.task_name, "question": question, **values}
+
+
+# -- result rows for units answered here (used by the model actor and by the model-free graph) ------------
+def page_result(page: dict, **values) -> dict:
+    """The columns of a result row that come from its page row."""
+    return {
+        "source_uri": page["source_uri"],
+        "page": page["page"],
+        "n_pages": page.get("n_pages"),
+        "width": page.get("width"),
+        "height": page.get("height"),
+        "source_size": page.get("size"),
+        "source_etag": page.get("etag"),
+        "content_hash": page.get("content_hash"),
+        **values,
+    }
+
+
+def routed_rows(page: dict, tasks: list[TaskSpec], on_open, **extra) -> list[dict]:
+    """One result row per unit of `page`: routed units from their answers, page errors and QA units
+    without a question as error rows, and the rest through `on_open(task, question)` (a row, or None
+    when the caller will generate it). `extra` columns (run_id, model, ...) go on every row."""
+    answered = {(r["task"], r["question"]): r for r in page.get("routed") or []}
+    rows = []
+    for task, question in row_units(tasks, page["page"], page.get("questions")):
+        unit = {**extra, "task": task.task_name, "question": question}
+        done = answered.get((task.task_name, question))
+        if done is not None:  # its own values (model, text, ...) over the caller's defaults
+            rows.append(page_result(page, **{**unit, **{k: v for k, v in done.items() if v is not None}}))
+        elif page["status"] != "ok":
+            rows.append(page_result(page, **unit, status="error", error=page["error"], stage=page["stage"]))
+        elif task.kind == "qa" and question is None:
+            rows.append(page_result(page, **unit, status="error", stage="plan",
+                                    error=NO_QUESTION.format(task=task.task_name)))
+        else:
+            row = on_open(task, question)
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
+class RoutedResults:
+    """The last stage of a job that needs no model (every task is Tesseract OCR): rows to results."""
+
+    def __init__(self, tasks: list[TaskSpec], run_id: str = ""):
+        self.tasks = tasks
+        self.run_id = run_id
+
+    def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
+        rows = []
+        for page in pages.to_pylist():
+            def unanswered(task, question, page=page):
+                return page_result(page, task=task.task_name, question=question, status="error", stage="route",
+                                   error=f"task {task.task_name!r} needs the model, and this job runs without one")
+
+            rows.extend(routed_rows(page, self.tasks, unanswered, run_id=self.run_id))
+        yield table_from_rows(rows, RESULT_SCHEMA)

@@ -1,0 +1,51 @@
+"""The benchmark scripts start, run end to end on toy sizes and print their machine-readable lines.
+
+No timing is asserted here (timings belong to `bench/`, run on a quiet machine): only that each script
+works and reports `RESULT <metric> <value> <unit> target <op> <value>` for its headline figures.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+RESULT = re.compile(r"^RESULT (\w+) (\d+(?:\.\d+)?) (\S+) target (>=|<=) (\d+(?:\.\d+)?)$", re.MULTILINE)
+
+
+def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def results_of(output: str) -> dict[str, str]:
+    return {m.group(1): m.group(3) for m in RESULT.finditer(output)}
+
+
+def test_gpu_bench_starts_on_cpu_with_the_tiny_architecture():
+    # Same code path as on a GPU (crops, shape batches, collation, generate, snippet loop); pages at 490
+    # instead of 980 only to keep the toy vision tower quick.
+    done = run_bench("bench/gpu.py", "--tiny", "--pages", "2", "--new-tokens", "4", "--device", "cpu",
+                     "--longest-edge", "490")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "all exact: yes" in done.stdout
+    assert results_of(done.stdout) == {"gpu_pages_per_s": "pages/s", "gpu_vs_snippet": "x"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_bench_without_a_gpu_says_so_and_measures_nothing():
+    done = run_bench("bench/gpu.py", "--pages", "1")
+    assert done.returncode == 2
+    assert "has none: nothing measured" in done.stderr
+    assert not results_of(done.stdout)
+
+
+def test_preprocess_bench_reports_exact_crops_and_both_targets():
+    done = run_bench("bench/preprocess.py", "--pages", "6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "equal the reference tensors exactly: yes" in done.stdout
+    assert results_of(done.stdout) == {"preprocess_pages_per_core": "pages/s", "bytes_per_page": "MB"}

@@ -1,0 +1,169 @@
+"""The model card's options as job settings, and how the model stage batches pages.
+
+Image splitting and edge sizes change what the model sees (crop shapes, `<image>` tokens, counted in
+`n_input_tokens` exactly as the checkpoint's processor counts them), the static-cache mode gives the
+same text, dtype reaches the model, and options that need a GPU or a missing package are refused in
+one line before anything runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+import torch
+from PIL import Image
+
+from jobs.runner import open_model_config, run_job
+from jobs.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, SpecError, TaskSpec, spec_from_dict
+from pipeline.collate import batch_by_shape
+from pipeline.generate import load_model, load_processor
+from pipeline.preprocess import PreprocessPages
+from pipeline.schema import PAGE_SCHEMA, table_from_rows
+from tests.conftest import make_image
+
+PAGE = (700, 495)  # height, width of a small page image
+
+SETTINGS = {
+    "checkpoint": ({}, 1, 700),  # overrides, crops per page, longest crop edge
+    "split": ({"do_image_splitting": True}, 5, 700),
+    "edge-490": ({"longest_edge": 490}, 1, 490),
+    "split-490-300": ({"do_image_splitting": True, "longest_edge": 490, "shortest_edge": 300}, 5, 490),
+}
+
+
+def job(model_path, folder=None, out=None, **model_settings) -> JobSpec:
+    return JobSpec(input=InputSpec(uri=str(folder or "in")), output=OutputSpec(uri=str(out or "out")),
+                   model=ModelSpec(id=str(model_path), device="cpu", **model_settings),
+                   tasks=[TaskSpec(kind="caption", max_new_tokens=4)], resources=ResourceSpec(batch_size=4))
+
+
+@pytest.fixture(scope="module")
+def pages_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pages")
+    for i in range(3):
+        make_image(folder / f"page{i}.png", size=(PAGE[1], PAGE[0]), color=(60 * i, 90, 200 - 50 * i), text=f"p{i}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def results(tiny_model, pages_folder, ray_local, tmp_path_factory):
+    """Result rows of one pipeline run per named setting, run on first use."""
+    cache = {}
+
+    def run(name: str, **model_settings) -> list[dict]:
+        if name not in cache:
+            out = tmp_path_factory.mktemp(f"out-{name}")
+            run_job(job(tiny_model, pages_folder, out, **model_settings))
+            rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
+            cache[name] = sorted(rows, key=lambda r: r["source_uri"])
+        return cache[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_splitting_and_edges_shape_the_crops(tiny_model, name):
+    overrides, n_crops, longest = SETTINGS[name]
+    _, settings = open_model_config(job(tiny_model, **overrides).validate())
+    rng = np.random.default_rng(0)
+    page = {"source_uri": "mem://p.png", "kind": "image", "page": 0, "n_pages": 1, "status": "ok",
+            "width": PAGE[1], "height": PAGE[0], "image": rng.integers(0, 256, (*PAGE, 3), np.uint8).tobytes()}
+    out = pa.concat_tables(PreprocessPages(settings)(table_from_rows([page], PAGE_SCHEMA))).to_pylist()[0]
+    shapes = out["crop_shapes"]
+    assert len(shapes) == n_crops
+    assert max(max(s) for s in shapes) == longest
+    assert min(min(s) for s in shapes) >= settings.shortest_edge
+
+
+@pytest.mark.parametrize("name", ["checkpoint", "split-490-300"])  # each a pipeline run: keep them few
+def test_input_tokens_follow_the_settings_as_the_checkpoints_processor_counts_them(tiny_model, pages_folder, results, name):
+    overrides = SETTINGS[name][0]
+    rows = results(name, **overrides)
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}
+    _, settings = open_model_config(job(tiny_model, **overrides).validate())
+    processor = load_processor(str(tiny_model), settings)
+    for row in rows:
+        image = Image.open(pages_folder / row["source_uri"].rsplit("/", 1)[-1]).convert("RGB")
+        expected = processor(text=row["prompt"], images=[image], return_tensors="pt")["input_ids"].shape[1]
+        assert row["n_input_tokens"] == expected
+
+
+def test_splitting_sends_five_images_worth_of_tokens(results):
+    whole, split = results("checkpoint")[0], results("split-490-300", **SETTINGS["split-490-300"][0])[0]
+    image_seq_len = 64  # each of the 4 extra crops brings its <image> tokens and one <fake_token_around_image>
+    assert split["n_input_tokens"] - whole["n_input_tokens"] == 4 * (image_seq_len + 1)
+
+
+def test_static_cache_mode_generates_the_same_text(results):
+    default, static = results("checkpoint"), results("static-cache", compile=True)
+    assert [r["text"] for r in static] == [r["text"] for r in default]
+    assert [r["n_output_tokens"] for r in static] == [r["n_output_tokens"] for r in default]
+
+
+def test_dtype_reaches_the_model(tiny_model):
+    model = load_model(ModelSpec(id=str(tiny_model), dtype="bf16"), "cpu")
+    assert model.dtype == torch.bfloat16
+
+
+def test_compile_is_a_toml_setting():
+    spec = spec_from_dict({"input": {"uri": "in"}, "output": {"uri": "out"}, "tasks": [{"kind": "ocr"}],
+                           "model": {"id": "m", "compile": True, "longest_edge": 490}}).validate()
+    assert spec.model.compile is True and spec.model.longest_edge == 490
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"attn_implementation": "flash_attention_2", "device": "cpu"}, "CUDA GPUs in fp16/bf16"),
+        ({"attn_implementation": "flash_attention_2", "device": "cuda", "dtype": "fp32"}, "CUDA GPUs in fp16/bf16"),
+        ({"quantization": "bnb-4bit", "device": "cpu"}, "needs a CUDA GPU"),
+        ({"shortest_edge": 500, "longest_edge": 400}, "larger than model.longest_edge"),
+        ({"longest_edge": 0}, "positive number of pixels"),
+    ],
+)
+def test_options_that_cannot_work_are_refused_with_the_fix(settings, message):
+    data = {"input": {"uri": "in"}, "output": {"uri": "out"}, "tasks": [{"kind": "ocr"}],
+            "model": {"id": "m", **settings}}
+    with pytest.raises(SpecError, match=message):
+        spec_from_dict(data).validate()
+
+
+@pytest.mark.parametrize(
+    "settings, package",
+    [({"attn_implementation": "flash_attention_2"}, "flash_attn"), ({"quantization": "bnb-4bit"}, "bitsandbytes"),
+     ({"quantization": "awq"}, "gptqmodel")],
+)
+def test_a_missing_optional_package_is_a_job_error_naming_the_install(settings, package):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    data = {"input": {"uri": "in"}, "output": {"uri": "out"}, "tasks": [{"kind": "ocr"}],
+            "model": {"id": "m", "device": "cuda", **settings}}
+    with pytest.raises(SpecError, match=f"needs the {package} package.*pip install"):
+        spec_from_dict(data).validate()
+
+
+# -- batching --------------------------------------------------------------------------------------------
+def crops(*shapes):
+    return [np.zeros((h, w, 3), np.uint8) for h, w in shapes]
+
+
+def test_batches_group_similar_shapes_and_keep_every_item_once():
+    items = [crops((980, 693)), crops((378, 980)), crops((980, 693)), crops((378, 980)), crops((980, 757))]
+    batches = list(batch_by_shape(items, lambda c: c, batch_size=2))
+    assert sorted(id(i) for b in batches for i in b) == sorted(id(i) for i in items)
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert {c[0].shape for c in batches[0]} == {(378, 980, 3)}  # the two wide pages pad nothing
+    assert {c[0].shape for c in batches[1]} == {(980, 693, 3)}
+
+
+def test_a_pixel_budget_cuts_batches_by_crop_pixels():
+    small, big = crops((400, 400)), crops((980, 980))
+    items = [small, small, small, big, big]
+    budget = 3 * 400 * 400  # three small pages fit; a big one needs a batch of its own
+    batches = list(batch_by_shape(items, lambda c: c, batch_size=8, max_batch_pixels=budget))
+    assert [len(b) for b in batches] == [3, 1, 1]
+    assert [len(b) for b in batch_by_shape(items, lambda c: c, batch_size=8)] == [5]

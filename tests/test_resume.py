@@ -1,0 +1,207 @@
+"""Resume: a run killed at any moment is rerun with the same command and ends with every page exactly once;
+`--overwrite` starts fresh; `--retry-failed` redoes the error rows only, and replaces them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from jobs.runner import run_job
+from jobs.spec import JobSpec, spec_from_dict
+from tests.conftest import REPO, make_pdf
+
+N_DOCS, PAGES_PER_DOC = 5, 12
+# Small pages, small files, long enough generations: the run publishes a file every few pages for a
+# while, so there is a middle to kill it in.
+JOB = """
+[render]
+longest_edge = 64
+[model]
+longest_edge = 56
+shortest_edge = 28
+device = "cpu"
+[resources]
+batch_size = 2
+[output]
+rows_per_file = 5
+"""
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("resume-inputs")
+    for number in range(N_DOCS):
+        make_pdf(folder / f"doc{number}.pdf", [f"document {number}, page {p}" for p in range(PAGES_PER_DOC)],
+                 size=(200, 260))
+    return folder
+
+
+def read_output(folder: Path) -> list[dict]:
+    if not any(folder.glob("*.parquet")):
+        return []
+    return pads.dataset(str(folder), format="parquet").to_table().to_pylist()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children, their children...), from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    living = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            living.add(pid)
+    return living
+
+
+@pytest.mark.timeout(480)
+def test_a_run_killed_with_sigkill_resumes_to_every_page_exactly_once(documents, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    job = tmp_path / "job.toml"
+    job.write_text(JOB)
+    args = ["run", "--job", str(job), "--input", str(documents), "--output", str(output), "--task", "ocr",
+            "--model", str(tiny_model), "--max-new-tokens", "64"]
+    total = N_DOCS * PAGES_PER_DOC
+
+    with open(tmp_path / "killed-run.log", "wb") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, stdout=log, stderr=log)
+    deadline = time.monotonic() + 300
+    while not any(output.glob("part-*.parquet")):  # wait until the run has published something
+        assert driver.poll() is None, (tmp_path / "killed-run.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no file published in 300 s"
+        time.sleep(0.02)
+    family = descendants(driver.pid)  # Ray's processes and workers, the renderers
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    published = len(read_output(output))
+    assert 0 < published < total, "the kill should land in the middle of the run"
+
+    # The same command, at once; meanwhile, nothing of the killed run may outlive it: Ray's processes are
+    # tied to the driver that started them (its agents give up on the dead GCS within about a minute).
+    with open(tmp_path / "rerun.log", "wb") as log:
+        rerun = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, stdout=log, stderr=log)
+    deadline = time.monotonic() + 90
+    while alive(family) and time.monotonic() < deadline:
+        time.sleep(1)
+    survivors = alive(family)
+    names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:60] for pid in survivors}
+    for pid in survivors:  # do not leave them to the next test
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, names
+    assert rerun.wait(timeout=400) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+
+    rows = read_output(output)
+    keys = Counter((Path(r["source_uri"]).name, r["page"], r["task"]) for r in rows)
+    assert sorted(keys) == sorted((f"doc{d}.pdf", p, "ocr") for d in range(N_DOCS) for p in range(PAGES_PER_DOC))
+    assert set(keys.values()) == {1}
+    assert {r["status"] for r in rows} == {"ok"}
+    # The rows published before the kill were kept, not redone: two runs wrote the output.
+    assert len({r["run_id"] for r in rows}) == 2
+    count, distinct = duckdb.sql(
+        f"select count(*), count(distinct (source_uri, page, task)) from read_parquet('{output}/*.parquet')").fetchall()[0]
+    assert count == distinct == total
+
+
+# -- --retry-failed and --overwrite, in this process (one Ray for all runs) --------------------------------
+def job_spec(documents: Path, output: Path, model: Path, **output_options) -> JobSpec:
+    return spec_from_dict({
+        "input": {"uri": str(documents)},
+        "output": {"uri": str(output), "rows_per_file": 4, **output_options},
+        "model": {"id": str(model), "device": "cpu", "longest_edge": 56, "shortest_edge": 28},
+        "render": {"longest_edge": 64},
+        "tasks": [{"kind": "ocr", "max_new_tokens": 4}],
+        "resources": {"batch_size": 4},
+    })
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    make_pdf(folder / "a.pdf", ["one", "two"], size=(200, 260))
+    make_pdf(folder / "b.pdf", ["three", "four"], size=(200, 260))
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    from PIL import Image
+
+    Image.fromarray(noise).save(folder / "big.png")  # ~270 kB of incompressible pixels
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_run(small_folder, tiny_model, tmp_path_factory, ray_local):
+    """A finished run in which big.png was refused at listing (input.max_size_mb): one error row."""
+    output = tmp_path_factory.mktemp("first") / "out"
+    spec = job_spec(small_folder, output, tiny_model)
+    spec.input.max_size_mb = 0.1
+    run_job(spec)
+    return spec.run_id, output
+
+
+def copy_of(output: Path, tmp_path: Path) -> Path:
+    shutil.copytree(output, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def pages_and_status(output: Path) -> list[tuple[str, int, str]]:
+    return sorted((Path(r["source_uri"]).name, r["page"], r["status"]) for r in read_output(output))
+
+
+@pytest.mark.timeout(300)
+def test_retry_failed_redoes_only_the_error_rows_and_replaces_them(first_run, small_folder, tiny_model, tmp_path):
+    first_id, first_output = first_run
+    output = copy_of(first_output, tmp_path)
+    assert pages_and_status(output) == [
+        ("a.pdf", 0, "ok"), ("a.pdf", 1, "ok"), ("b.pdf", 0, "ok"), ("b.pdf", 1, "ok"), ("big.png", 0, "error")]
+    assert next(r for r in read_output(output) if r["status"] == "error")["stage"] == "list"
+
+    # A plain rerun takes the error row as the answer: nothing to do, even with the limit lifted.
+    rerun = run_job(job_spec(small_folder, output, tiny_model))
+    assert (rerun.planned_inputs, rerun.rows_written) == (0, 0)
+
+    retry = run_job(job_spec(small_folder, output, tiny_model, retry_failed=True))
+    assert (retry.planned_inputs, retry.rows_written) == (1, 1)
+    assert pages_and_status(output) == [
+        ("a.pdf", 0, "ok"), ("a.pdf", 1, "ok"), ("b.pdf", 0, "ok"), ("b.pdf", 1, "ok"), ("big.png", 0, "ok")]
+    rows = read_output(output)  # the ok rows were left as they were: written by the first run
+    assert {r["run_id"] for r in rows if r["source_uri"].endswith(".pdf")} == {first_id}
+    assert {r["run_id"] for r in rows if r["source_uri"].endswith(".png")} == {retry.run_id}
+
+
+@pytest.mark.timeout(300)
+def test_overwrite_starts_fresh(first_run, small_folder, tiny_model, tmp_path):
+    _, first_output = first_run
+    output = copy_of(first_output, tmp_path)
+    old_files = {p.name for p in output.glob("*.parquet")}
+    again = run_job(job_spec(small_folder, output, tiny_model, overwrite=True))
+    assert (again.planned_inputs, again.skipped_inputs) == (3, 0)
+    rows = read_output(output)
+    assert len(rows) == 5 and {r["run_id"] for r in rows} == {again.run_id}
+    assert {r["status"] for r in rows} == {"ok"}  # the limit is gone: big.png is read this time
+    assert not old_files & {p.name for p in output.glob("*.parquet")}

@@ -1,0 +1,188 @@
+"""Cheaper routes before the GPU: the text layer of born-digital PDFs, Tesseract on CPU, and dedup of
+pixel-identical pages. Every row says which route produced it."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow.dataset as pads
+import pymupdf
+import pytest
+
+from conftest import make_image, make_pdf
+from connectors.storage import StorageOptions
+from jobs.runner import run_job
+from jobs.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, RoutingSpec, TaskSpec
+from pipeline.pages import RenderPages, RenderSettings
+from pipeline.routes import DedupRegistry, RoutePages, text_layer_problem
+from pipeline.schema import PLAN_SCHEMA, table_from_rows
+from stages import job, plan_row, run_stages
+
+LETTER = ("Dear Ms. Lovelace, thank you for your letter of 12 March 1843 and for the notes on the "
+          "Analytical Engine. The translation of the memoir is now with the printer, and the proofs "
+          "should reach you within a fortnight. Yours faithfully, Charles Wheatstone.")
+
+
+def make_scan(born_digital, path):
+    """A 'scanned' PDF: each page is only a picture of the born-digital page, with no text layer."""
+    scan = pymupdf.open()
+    with pymupdf.open(born_digital) as doc:
+        for page in doc:
+            picture = page.get_pixmap(dpi=150)
+            scan.new_page(width=page.rect.width, height=page.rect.height).insert_image(page.rect, pixmap=picture)
+    scan.save(str(path))
+    return path
+
+
+def cer(hypothesis: str, reference: str) -> float:
+    """Character error rate: Levenshtein distance over the reference's length (whitespace normalized)."""
+    hypothesis, reference = " ".join(hypothesis.split()), " ".join(reference.split())
+    previous = list(range(len(hypothesis) + 1))
+    for i, r in enumerate(reference, start=1):
+        current = [i]
+        for j, h in enumerate(hypothesis, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
+        previous = current
+    return previous[-1] / max(len(reference), 1)
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("routing")
+    born = make_pdf(folder / "letter.pdf", [LETTER])
+    return born, make_scan(born, folder / "letter-scan.pdf")
+
+
+def test_text_layer_quality():
+    assert text_layer_problem(LETTER) is None
+    assert "characters" in text_layer_problem("  Page 3 \n")  # a scan's stray page number
+    assert "unmapped" in text_layer_problem("\ufffd\ufffd\ufffd\ufffd" + LETTER[:100])  # a broken font encoding
+    assert "symbols" in text_layer_problem("@#%&*!$^~+=|<>{}[]/\\" * 4 + "ab")
+
+
+def test_born_digital_pages_are_read_from_their_text_layer_scans_go_to_the_model(tiny_model, documents):
+    born, scan = documents
+    tasks = [TaskSpec(kind="ocr", max_new_tokens=4), TaskSpec(kind="caption", max_new_tokens=4)]
+    spec = job(tiny_model, tasks, routing=RoutingSpec(text_layer=True))
+    rows = {(r["source_uri"].rsplit("/", 1)[-1], r["task"]): r for r in run_stages(spec, [plan_row(born), plan_row(scan)])}
+
+    ocr = rows["letter.pdf", "ocr"]
+    with pymupdf.open(born) as doc:
+        assert ocr["text"] == doc[0].get_text().strip()
+    assert (ocr["route"], ocr["status"], ocr["model"].startswith("pymupdf"), ocr["prompt"]) == ("text_layer", "ok", True, None)
+    # Only OCR takes the text layer; the scan has none worth using, so its OCR goes to the model.
+    assert [rows[k]["route"] for k in [("letter.pdf", "caption"), ("letter-scan.pdf", "ocr"),
+                                       ("letter-scan.pdf", "caption")]] == ["model", "model", "model"]
+    # Without routing.text_layer, the born-digital page goes to the model like any other.
+    [plain_ocr] = [r for r in run_stages(job(tiny_model, tasks[:1]), [plan_row(born)])]
+    assert plain_ocr["route"] == "model"
+
+
+def test_pages_answered_before_the_model_skip_preprocessing(documents):
+    born, scan = documents
+    plans = table_from_rows([plan_row(born), plan_row(scan)], PLAN_SCHEMA)
+    pages = next(RenderPages(RenderSettings(), StorageOptions())(plans))
+    routed = next(RoutePages([TaskSpec(kind="ocr")], RoutingSpec(text_layer=True))(pages)).to_pylist()
+    assert routed[0]["image"] is None and [r["route"] for r in routed[0]["routed"]] == ["text_layer"]
+    assert routed[1]["image"] is not None and routed[1]["routed"] == []
+
+
+def test_tesseract_transcribes_a_clean_page_without_a_model(documents, tmp_path):
+    _, scan = documents
+    spec = JobSpec(input=InputSpec(uri=str(scan)), output=OutputSpec(uri=str(tmp_path / "out")),
+                   tasks=[TaskSpec(kind="ocr")], routing=RoutingSpec(ocr_engine="tesseract"))
+    spec.validate()  # no model needed: every task is OCR, and Tesseract does it
+    assert not spec.needs_model
+    [row] = run_stages(spec, [plan_row(scan)])
+    assert (row["route"], row["status"], row["model"]) == ("tesseract", "ok", "tesseract:eng")
+    error_rate = cer(row["text"], LETTER)
+    print(f"tesseract CER on a clean rendered page: {error_rate:.4f}")
+    assert error_rate < 0.02
+
+
+def test_tesseract_ocr_next_to_a_model_task(tiny_model, documents):
+    _, scan = documents
+    tasks = [TaskSpec(kind="ocr"), TaskSpec(kind="caption", max_new_tokens=3)]
+    rows = run_stages(job(tiny_model, tasks, routing=RoutingSpec(ocr_engine="tesseract")), [plan_row(scan)])
+    assert [(r["task"], r["route"], r["status"]) for r in rows] == [("caption", "model", "ok"), ("ocr", "tesseract", "ok")]
+
+
+def test_dedup_registry_leads_waits_and_reuses():
+    registry = DedupRegistry(max_bytes=10_000)
+    assert registry.claim(["k1", "k1", "k1"], ["a#0", "b#0", "a#0"]) == [("lead", None), ("wait", "a#0"), ("lead", None)]
+    assert registry.settle([("k1", {"dedup_of": "a#0", "text": "hello", "status": "ok"})]) == [1]  # b#0 waits
+    assert registry.claim(["k1"], ["c#0"]) == [("done", {"dedup_of": "a#0", "text": "hello", "status": "ok"})]
+    registry.claim(["k2", "k2"], ["a#1", "b#1"])
+    assert registry.settle([("k2", None)]) == [1]  # the original failed: not kept...
+    assert registry.claim(["k2"], ["c#1"]) == [("lead", None)]  # ...so the next copy is processed anew
+    registry.settle([(f"big{i}", {"text": "x" * 3000}) for i in range(5)])
+    assert registry.bytes <= 10_000 and "k1" not in registry.results  # least recently used went first
+
+
+def test_identical_pages_are_generated_once(tiny_model, ray_local, tmp_path):
+    from pipeline.routes import start_registry
+
+    pdf = make_pdf(tmp_path / "minutes.pdf", ["Minutes of the meeting", "Attendance list", "Minutes of the meeting"])
+    registry = start_registry(RoutingSpec(dedup=True), "test-dedup")
+    tasks = [TaskSpec(kind="ocr", max_new_tokens=5), TaskSpec(kind="caption", max_new_tokens=5)]
+    spec = job(tiny_model, tasks, routing=RoutingSpec(dedup=True))
+    rows = run_stages(spec, [plan_row(pdf)], registry)
+
+    page = {(r["page"], r["task"]): r for r in rows}
+    for task in ("ocr", "caption"):
+        original, copy = page[0, task], page[2, task]
+        assert (original["route"], copy["route"]) == ("model", "dedup")
+        assert copy["dedup_of"] == f"{pdf}#0" and copy["content_hash"] == original["content_hash"]
+        assert (copy["status"], copy["text"], copy["prompt"]) == ("ok", original["text"], original["prompt"])
+        assert page[1, task]["route"] == "model" and page[1, task]["content_hash"] != original["content_hash"]
+    assert all(r["status"] != "pending" for r in rows)
+
+    # Later in the run, the same page in another document reuses the known result at once.
+    later = tmp_path / "copy.pdf"
+    shutil.copy(pdf, later)
+    plans = table_from_rows([plan_row(later)], PLAN_SCHEMA)
+    routed = next(RoutePages(tasks, spec.routing, registry)(next(RenderPages(RenderSettings(), StorageOptions())(plans))))
+    first = routed.to_pylist()[0]
+    assert first["image"] is None  # nothing left for the model
+    assert {(r["task"], r["route"], r["text"]) for r in first["routed"]} == {
+        (task, "dedup", page[0, task]["text"]) for task in ("ocr", "caption")}
+
+
+def test_routes_through_ray(tiny_model, ray_local, documents, tmp_path):
+    """The whole graph on Ray: text layer, model and dedup rows; no pending row reaches the output; a
+    rerun finds everything done."""
+    born, scan = documents
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(born, inputs / "letter.pdf")
+    shutil.copy(scan, inputs / "letter-scan.pdf")
+    make_image(inputs / "stamp-1.png", text="RECEIVED")
+    shutil.copy(inputs / "stamp-1.png", inputs / "stamp-2.png")
+    spec = JobSpec(
+        run_id="routes", input=InputSpec(uri=str(inputs)), output=OutputSpec(uri=str(tmp_path / "out")),
+        model=ModelSpec(id=str(tiny_model), device="cpu", dtype="fp32"),
+        tasks=[TaskSpec(kind="ocr", max_new_tokens=4), TaskSpec(kind="caption", max_new_tokens=4)],
+        routing=RoutingSpec(text_layer=True, dedup=True), resources=ResourceSpec(batch_size=4),
+    )
+    result = run_job(spec)
+    assert (result.rows_written, result.error_rows) == (8, 0)
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    routes = {(r["source_uri"].rsplit("/", 1)[-1], r["task"]): r["route"] for r in rows}
+    assert routes["letter.pdf", "ocr"] == "text_layer" and routes["letter.pdf", "caption"] == "model"
+    assert routes["letter-scan.pdf", "ocr"] == routes["letter-scan.pdf", "caption"] == "model"
+    # One of the two identical images was generated, the other reuses its rows (whichever came first).
+    for task in ("ocr", "caption"):
+        assert sorted([routes["stamp-1.png", task], routes["stamp-2.png", task]]) == ["dedup", "model"]
+    assert {r["status"] for r in rows} == {"ok"}
+
+    spec.run_id = "routes-again"
+    again = run_job(spec)
+    assert (again.skipped_inputs, again.rows_written) == (4, 0)
+
+    # Tesseract only: the graph has no model stage at all, and no model is named.
+    cpu_only = JobSpec(run_id="tesseract", input=InputSpec(uri=str(inputs), include=["*.pdf"]),
+                       output=OutputSpec(uri=str(tmp_path / "tesseract")), tasks=[TaskSpec(kind="ocr")],
+                       routing=RoutingSpec(ocr_engine="tesseract"))
+    assert run_job(cpu_only).rows_written == 2
+    rows = pads.dataset(str(tmp_path / "tesseract"), format="parquet").to_table().to_pylist()
+    assert all(r["route"] == "tesseract" and cer(r["text"], LETTER) < 0.02 for r in rows)
