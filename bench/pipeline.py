@@ -1,6 +1,6 @@
 """The Ray pipeline against a plain single-process loop doing the same work, with the tiny model.
 
-    .venv/bin/python bench/pipeline.py [--pages 32] [--max-new-tokens 128] [--replicas 2] [--batch-size 8]
+    .venv/bin/python bench/pipeline.py [--pages 160] [--max-new-tokens 128] [--replicas 2] [--batch-size 8]
 
 The work: OCR every page of a folder of real-looking report PDFs (text, a table, a figure), rendered at
 980 with image splitting (the tiny checkpoint's processor: the idefics2-8b settings), greedy, with the
@@ -101,7 +101,7 @@ def run_loop(model: Path, folder: Path, out: Path, prompt: str, max_new_tokens: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pages", type=int, default=32)
+    parser.add_argument("--pages", type=int, default=160)
     parser.add_argument("--max-new-tokens", type=int, default=128, help="a short page of OCR text")
     parser.add_argument("--replicas", type=int, default=2, help="model replicas of the pipeline")
     parser.add_argument("--batch-size", type=int, default=8, help="pages per model batch in the pipeline")

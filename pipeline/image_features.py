@@ -3,7 +3,7 @@
 Passing a batch's pixels to `generate` pads every crop to the largest height and width in the batch, and
 with image splitting a page's four quadrants (e.g. 490x378) are padded to the whole page (980x693):
 the vision tower then runs on ~2.4x the patches a split page has, and with SDPA attention builds a
-(crops, patches, patches) mask, 7 GB for 64 pages in bf16. Here the crops are grouped by exact shape and
+(crops, patches, patches) mask, several GB for 64 split pages. Here the crops are grouped by exact shape and
 each group goes through the vision tower and the perceiver unpadded, in chunks of bounded size, so no
 mask is needed and padding costs nothing. The features then go to `generate` in place of the pixels.
 
