@@ -25,8 +25,7 @@ models/tiny-idefics2/config.json: | $(BIN)/scriptorium
 	$(BIN)/scriptorium tiny-model models/tiny-idefics2
 
 demo: install models/tiny-idefics2/config.json
-	$(BIN)/scriptorium run --job jobs/demo.toml
-	$(BIN)/scriptorium summary out/demo
+	$(BIN)/scriptorium run --job jobs/demo.toml  # prints the run summary; again later: scriptorium summary out/demo
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -25,6 +25,9 @@ from pipeline.prompts import PromptBook, document_window
 from pipeline.routes import RoutedResults, RoutePages
 
 
+DOCUMENTS_PER_RENDER_TASK = 4
+
+
 @dataclass
 class StageResources:
     replicas: int
@@ -56,6 +59,10 @@ def build_dataset(
         max_pages=spec.render.max_pages,
         timeout_s=spec.render.timeout_s,
     )
+    # A plan file holds up to 200 documents and Ray Data runs one task per block, so without this a job
+    # of fewer than 200 documents would render on a single core. Blocks of a few documents let every
+    # CPU in the cluster render; the repartition streams.
+    plan = plan.repartition(target_num_rows_per_block=DOCUMENTS_PER_RENDER_TASK)
     pages = plan.map_batches(
         RenderPages(render, storage, document_window=document_window(spec.tasks),
                     page_rows=any(t.scope == "page" for t in spec.tasks)),
