@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/memory.py [--small 500] [--large 5000] [--replicas 1]
     .venv/bin/python bench/memory.py --address auto --workdir s3://bucket/bench --model /shared/tiny-idefics2
+    .venv/bin/python bench/memory.py --local-cluster --replicas 2   # multi-node Ray on this one machine
 
 Each run is `jobs.runner.run_job` on multi-page PDFs (50 pages each) with the tiny model, cheap on
 purpose: pages rendered at a small longest edge, no splitting, 2 new tokens, so the run measures the
@@ -152,6 +153,20 @@ def run(n_pages: int, model: str, workdir: str, args) -> dict:
             "pss": peak_pss, "rss": peak_rss}
 
 
+def run_on_local_cluster(argv: list[str]) -> int:
+    """Start the multi-node layout of tests/test_multinode.py on this machine and run this benchmark
+    against it as a separate driver process, as a user's driver would connect to a cluster."""
+    import subprocess
+
+    from tests.local_cluster import LocalCluster
+
+    gpu_node = {"num_cpus": 1, "num_gpus": 1}
+    with LocalCluster(head={"num_cpus": 0}, workers=[gpu_node, gpu_node, {"num_cpus": 3}]) as cluster:
+        rest = [a for a in argv if a != "--local-cluster"]
+        print("local cluster: a head without CPUs, two 1-CPU nodes declaring a GPU each, one 3-CPU node", flush=True)
+        return subprocess.run([sys.executable, __file__, "--address", cluster.address, *rest], env=cluster.env).returncode
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=500)
@@ -162,7 +177,14 @@ def main() -> None:
     parser.add_argument("--address", default="", help="Ray cluster address (default: a fresh local Ray per run)")
     parser.add_argument("--workdir", default="", help="URI for inputs and outputs (default: a local temp dir)")
     parser.add_argument("--model", default="", help="checkpoint every node can load (default: build the tiny one)")
+    parser.add_argument("--local-cluster", action="store_true",
+                        help="run on a multi-node Ray cluster started on this machine (the layout of "
+                             "tests/test_multinode.py: a head without CPUs, two 1-CPU nodes declaring a GPU "
+                             "each, one 3-CPU node)")
     args = parser.parse_args()
+
+    if args.local_cluster:
+        sys.exit(run_on_local_cluster(sys.argv[1:]))
 
     from pipeline.tiny_model import build_tiny_idefics2
 
