@@ -58,7 +58,7 @@ class Ledger:
         return partial
 
     def is_complete(self, source_uri: str, etag: str, units: Units | None = None) -> bool:
-        if source_uri not in self.got or self.etags.get(source_uri) != etag:
+        if source_uri not in self.got or self.etags.get(source_uri) != (etag or ""):  # "" = unknown version
             return False
         return len(self.done_pages_of(source_uri, units)) == self.n_pages.get(source_uri, 1) + 1
 

@@ -142,6 +142,15 @@ def test_the_ledger_tells_complete_partial_and_changed_sources_apart(tmp_path):
     assert not two_tasks.is_complete("whole.pdf", "e1") and page_rows_done(two_tasks, "whole.pdf") == []
 
 
+def test_a_source_of_unknown_version_is_complete_once_answered(tmp_path):
+    """A manifest entry that could not be looked up has no ETag (null); its error row is an answer too."""
+    store = ParquetStore(str(tmp_path))
+    store.publish(results("s3://b/missing.pdf", [0], None, status="error", etag=None), "part-1.parquet")
+    ledger = read_ledger(store, {("ocr", None)})
+    assert ledger.is_complete("s3://b/missing.pdf", None) and ledger.is_complete("s3://b/missing.pdf", "")
+    assert not ledger.is_complete("s3://b/missing.pdf", "e-new")  # it appeared since: redo it
+
+
 def test_the_driver_drops_units_done_before_and_units_it_already_wrote():
     done = {("a.pdf", 0, "ocr", None)}
     written: set[int] = set()
