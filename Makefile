@@ -9,7 +9,7 @@ export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean
+.PHONY: demo test install system-deps clean
 
 $(BIN)/scriptorium: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,16 @@ models/tiny-idefics2/config.json: | $(BIN)/scriptorium
 demo: install models/tiny-idefics2/config.json
 	$(BIN)/scriptorium run --job jobs/demo.toml  # prints the run summary; again later: scriptorium summary out/demo
 
-test: install
+# Debian packages some tests use: Chromium (the HTML report in a real browser) and Tesseract (the CPU OCR
+# engine). Installed when missing and apt-get is usable (root); otherwise those tests skip, saying why.
+system-deps:
+	@command -v chromium >/dev/null && command -v tesseract >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium tesseract-ocr tesseract-ocr-eng >/dev/null; } || \
+	  echo "note: chromium/tesseract not installed; their tests will be skipped"
+
+test: install system-deps
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -7,7 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import StoreProxy
+from tests.conftest import StoreProxy
 
 from connectors.listing import LIST_PAGE, list_inputs
 from connectors.storage import StorageOptions

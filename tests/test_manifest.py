@@ -9,7 +9,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_pdf
+from tests.conftest import make_pdf
 
 from connectors.listing import list_inputs
 from connectors.manifest import ManifestEntry, ManifestError, read_manifest

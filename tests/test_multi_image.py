@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image, make_pdf
+from tests.conftest import make_image, make_pdf
 from connectors.storage import StorageOptions
 from jobs.spec import TaskSpec
 from pipeline.pages import RenderSettings, page_image, pages_of
 from pipeline.prompts import DOCUMENT_PAGE
-from stages import job, plan_row, run_stages
+from tests.stages import job, plan_row, run_stages
 
 
 @pytest.fixture(scope="module")

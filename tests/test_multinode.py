@@ -12,8 +12,8 @@ from __future__ import annotations
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import make_image, make_pdf, run_cli
-from local_cluster import LocalCluster
+from tests.conftest import make_image, make_pdf, run_cli
+from tests.local_cluster import LocalCluster
 
 N_PDFS, PAGES_PER_PDF, N_IMAGES = 6, 3, 6
 

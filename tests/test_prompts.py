@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_image
+from tests.conftest import make_image
 from jobs.spec import TaskSpec
 from pipeline.generate import load_processor
 from pipeline.preprocess import ImageSettings
 from pipeline.prompts import PromptBook, load_examples, resolve_prompt_format
-from stages import job, plan_row, run_stages
+from tests.stages import job, plan_row, run_stages
 
 STATUE = "In this image, we can see the city of New York, and more specifically the Statue of Liberty."
 

@@ -9,18 +9,30 @@ import pyarrow.dataset as pads
 import pymupdf
 import pytest
 
-from conftest import make_image, make_pdf
+from tests.conftest import make_image, make_pdf
 from connectors.storage import StorageOptions
 from jobs.runner import run_job
 from jobs.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, RoutingSpec, TaskSpec
 from pipeline.pages import RenderPages, RenderSettings
-from pipeline.routes import DedupRegistry, RoutePages, text_layer_problem
+from pipeline.routes import DedupRegistry, RoutePages, tessdata_path, text_layer_problem
 from pipeline.schema import PLAN_SCHEMA, table_from_rows
-from stages import job, plan_row, run_stages
+from tests.stages import job, plan_row, run_stages
 
 LETTER = ("Dear Ms. Lovelace, thank you for your letter of 12 March 1843 and for the notes on the "
           "Analytical Engine. The translation of the memoir is now with the printer, and the proofs "
           "should reach you within a fortnight. Yours faithfully, Charles Wheatstone.")
+
+
+def _tesseract_missing() -> str:
+    try:
+        tessdata_path()
+        return ""
+    except RuntimeError as exc:
+        return str(exc)
+
+
+# `make test` installs Debian's tesseract-ocr where it can (root with apt-get); elsewhere these skip.
+needs_tesseract = pytest.mark.skipif(bool(_tesseract_missing()), reason=_tesseract_missing() or "tesseract present")
 
 
 def make_scan(born_digital, path):
@@ -87,6 +99,7 @@ def test_pages_answered_before_the_model_skip_preprocessing(documents):
     assert routed[1]["image"] is not None and routed[1]["routed"] == []
 
 
+@needs_tesseract
 def test_tesseract_transcribes_a_clean_page_without_a_model(documents, tmp_path):
     _, scan = documents
     spec = JobSpec(input=InputSpec(uri=str(scan)), output=OutputSpec(uri=str(tmp_path / "out")),
@@ -100,6 +113,7 @@ def test_tesseract_transcribes_a_clean_page_without_a_model(documents, tmp_path)
     assert error_rate < 0.02
 
 
+@needs_tesseract
 def test_tesseract_ocr_next_to_a_model_task(tiny_model, documents):
     _, scan = documents
     tasks = [TaskSpec(kind="ocr"), TaskSpec(kind="caption", max_new_tokens=3)]
@@ -148,6 +162,7 @@ def test_identical_pages_are_generated_once(tiny_model, ray_local, tmp_path):
         (task, "dedup", page[0, task]["text"]) for task in ("ocr", "caption")}
 
 
+@needs_tesseract
 def test_routes_through_ray(tiny_model, ray_local, documents, tmp_path):
     """The whole graph on Ray: text layer, model and dedup rows; no pending row reaches the output; a
     rerun finds everything done."""

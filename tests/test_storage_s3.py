@@ -13,7 +13,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import StoreProxy, make_image, make_pdf, run_cli
+from tests.conftest import StoreProxy, make_image, make_pdf, run_cli
 
 from connectors.parquet_sink import OutputError, ParquetStore
 from connectors.storage import StorageOptions, filesystem_for, fsspec_options, read_bytes, uri_for

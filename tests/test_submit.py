@@ -14,11 +14,11 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import make_image, run_cli
+from tests.conftest import make_image, run_cli
 from jobs.cli import build_parser
 from jobs.spec import SpecError
 from jobs.submit import prepare_submission
-from local_cluster import LocalCluster
+from tests.local_cluster import LocalCluster
 
 
 def write_spec(path: Path, inputs: Path, output: Path, model: Path, run_id: str = "") -> Path:

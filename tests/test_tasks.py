@@ -10,7 +10,7 @@ import pytest
 
 import pipeline.pages
 import pipeline.preprocess
-from conftest import make_pdf
+from tests.conftest import make_pdf
 from connectors.ledger import read_ledger
 from connectors.listing import list_inputs
 from connectors.parquet_sink import ParquetStore
@@ -19,7 +19,7 @@ from jobs.spec import InputSpec, JobSpec, SpecError, TaskSpec
 from pipeline.generate import generated_output, load_processor
 from pipeline.prompts import work_units
 from pipeline.schema import RESULT_SCHEMA, table_from_rows
-from stages import job, plan_row, run_stages
+from tests.stages import job, plan_row, run_stages
 
 
 @pytest.fixture(scope="module")
