@@ -39,6 +39,7 @@ class Ledger:
     n_rows: int = 0
     n_errors: int = 0
     duplicates: int = 0
+    error_sources: set[str] = field(default_factory=set)  # sources with error rows (--retry-failed)
 
     def done_pages_of(self, source_uri: str, units: Units | None = None) -> list[int]:
         """Pages with every unit published, and DOCUMENT_PAGE when the document row's units are."""
@@ -58,7 +59,9 @@ class Ledger:
         return partial
 
     def is_complete(self, source_uri: str, etag: str, units: Units | None = None) -> bool:
-        if source_uri not in self.got or self.etags.get(source_uri) != (etag or ""):  # "" = unknown version
+        if source_uri not in self.got:
+            return False
+        if etag and self.etags.get(source_uri) != etag:  # no ETag now (lookup failed): keep what is done
             return False
         return len(self.done_pages_of(source_uri, units)) == self.n_pages.get(source_uri, 1) + 1
 
@@ -67,9 +70,10 @@ class Ledger:
         return source_uri in self.etags and bool(etag) and self.etags[source_uri] != etag
 
 
-def read_ledger(store: ParquetStore, units: Units | set | None = None) -> Ledger:
+def read_ledger(store: ParquetStore, units: Units | set | None = None, errors_done: bool = True) -> Ledger:
     """Build the ledger from every published file. `units`: the job-wide units (a set of (task, question)
-    means page units only), used where `is_complete`/`done_pages_of` are not given a source's own."""
+    means page units only), used where `is_complete`/`done_pages_of` are not given a source's own.
+    `errors_done=False` (--retry-failed): error rows do not count as done, so their units are redone."""
     tables = [store.read(path, LEDGER_COLUMNS) for path in store.data_files()]
     if isinstance(units, (set, frozenset)):
         units = Units(page=frozenset(units))
@@ -86,10 +90,15 @@ def read_ledger(store: ParquetStore, units: Units | set | None = None) -> Ledger
         if key in seen:
             ledger.duplicates += 1
         seen.add(key)
-        ledger.n_errors += row["status"] == "error"
         ledger.etags[row["source_uri"]] = row["source_etag"] or ""
-        by_source[row["source_uri"]][row["page"]].add((row["task"], row["question"]))
         n_pages[row["source_uri"]] = max(n_pages.get(row["source_uri"], 1), row["n_pages"] or 1)
+        if row["status"] == "error":
+            ledger.n_errors += 1
+            ledger.error_sources.add(row["source_uri"])
+            if not errors_done:
+                seen.discard(key)
+                continue
+        by_source[row["source_uri"]][row["page"]].add((row["task"], row["question"]))
     ledger.got = {source: dict(pages) for source, pages in by_source.items()}
     ledger.n_pages = n_pages
     ledger.done_keys = seen

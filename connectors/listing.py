@@ -150,6 +150,12 @@ def _plan_row(uri: str, info: dict | None, relative: str, spec: InputSpec, quest
         "error": None,
         "questions": list(questions) if questions else None,
     }
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:  # a name in a legacy encoding (old archives): Parquet strings must be UTF-8
+        row["source_uri"] = uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        row["error"] = "file name is not valid UTF-8: rename it (e.g. convmv -f latin1 -t utf8)"
+        return row
     max_bytes = int(spec.max_size_mb * 1024 * 1024) if spec.max_size_mb else 0
     if max_bytes and size is not None and size > max_bytes:
         row["error"] = redact(f"file is {size} bytes, more than input.max_size_mb={spec.max_size_mb:g}")

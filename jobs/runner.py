@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from connectors.ledger import Ledger, read_ledger
 from connectors.listing import list_inputs
@@ -24,7 +26,7 @@ from connectors.storage import StorageOptions, redact, unreachable_reason
 from jobs.progress import Progress
 from jobs.spec import JobSpec, SpecError
 from jobs.summary import write_run_summary
-from pipeline.schema import PLAN_SCHEMA, table_from_rows
+from pipeline.schema import KEY_COLUMNS, PLAN_SCHEMA, table_from_rows
 
 log = logging.getLogger("scriptorium")
 
@@ -122,21 +124,20 @@ def init_ray(spec: JobSpec) -> None:
              configure_logging=True, logging_level=logging.WARNING)
 
 
-def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledger: Ledger) -> tuple[list[str], int, list[str]]:
+def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions,
+               ledger: Ledger) -> tuple[list[str], int, list[str], list[str]]:
     """Stream the listing into plan files under `_work/<run_id>/`, skipping complete sources.
 
-    Returns (plan file paths, number of skipped sources, stale sources whose old rows must go).
+    Returns (plan file paths, number of skipped sources, stale sources whose old rows must go, planned
+    sources whose error rows must go because this run redoes them (--retry-failed)).
     """
     work = f"{store.root}/_work/{spec.run_id}"
-    paths, buffer, skipped, stale = [], [], 0, []
+    paths, buffer, skipped, stale, retried = [], [], 0, [], []
 
     def flush():
         if buffer:
             path = f"{work}/plan-{len(paths):06d}.parquet"
             store.fs.makedirs(work, exist_ok=True)
-            import pyarrow.parquet as pq
-            import io
-
             out = io.BytesIO()
             pq.write_table(table_from_rows(buffer, PLAN_SCHEMA), out)
             store.fs.pipe_file(path, out.getvalue())
@@ -155,11 +156,14 @@ def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledg
             stale.append(uri)
         elif uri in ledger.got:
             row["done_pages"] = ledger.done_pages_of(uri, units)
+            row["known_pages"] = ledger.n_pages.get(uri)
+        if spec.output.retry_failed and uri in ledger.error_sources:
+            retried.append(uri)
         buffer.append(row)
         if len(buffer) >= PLAN_ROWS_PER_FILE:
             flush()
     flush()
-    return paths, skipped, stale
+    return paths, skipped, stale, retried
 
 
 def run_job(spec: JobSpec) -> RunResult:
@@ -194,12 +198,13 @@ def run_job(spec: JobSpec) -> RunResult:
     if spec.output.overwrite:
         store.delete_all()
     store.recover()
-    if spec.output.retry_failed:
-        store.drop_rows(lambda t: pc.equal(t["status"], "error"), ["status"])
-    ledger = read_ledger(store, units)
+    # --retry-failed: error rows do not count as done, so planning redoes their units; the error rows
+    # of the sources this run plans are dropped just before it runs (below), those of sources it does
+    # not list (a narrower --include, a smaller manifest) stay, so no unit goes from "error" to missing.
+    ledger = read_ledger(store, units, errors_done=not spec.output.retry_failed)
 
     try:
-        plan_files, skipped, stale = write_plan(spec, store, storage, ledger)
+        plan_files, skipped, stale, retried = write_plan(spec, store, storage, ledger)
     except FileNotFoundError:
         raise SpecError(f"input {spec.input.uri} does not exist") from None
     except PermissionError as exc:
@@ -207,6 +212,11 @@ def run_job(spec: JobSpec) -> RunResult:
     if stale:
         stale_set = pa.array(stale)
         store.drop_rows(lambda t: pc.is_in(t["source_uri"], value_set=stale_set), ["source_uri"])
+    if retried:
+        retried_set = pa.array(retried)
+        store.drop_rows(lambda t: pc.and_(pc.equal(t["status"], "error"), pc.is_in(t["source_uri"], value_set=retried_set)),
+                        ["source_uri", "status"])
+    if stale or retried:
         ledger = read_ledger(store, units)
 
     result = RunResult(run_id=spec.run_id, output=spec.output.uri, skipped_inputs=skipped)
@@ -282,7 +292,7 @@ def _quiet_ray_progress(ctx) -> None:
 def _drop_done(batch: pa.Table, done: set[tuple], written: set[int]) -> pa.Table:
     """The rows whose unit was neither published before this run (`done`) nor written by it already."""
     keep, again = [], 0
-    for key in zip(*(batch[c].to_pylist() for c in ("source_uri", "page", "task", "question"))):
+    for key in zip(*(batch[c].to_pylist() for c in KEY_COLUMNS)):
         first_time = hash(key) not in written
         written.add(hash(key))
         keep.append(first_time and key not in done)

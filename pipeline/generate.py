@@ -132,6 +132,12 @@ class Idefics2Generator:
         self.processor = load_processor(model_spec.id, image_settings)
         self.tokenizer = self.processor.tokenizer
         self.model = load_model(model_spec, self.device)
+        # Instruct answers end with <end_of_utterance>: stop there even if a checkpoint's generation
+        # config lists only </s>, or every answer would run to max_new_tokens.
+        self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id))
+        end_of_utterance = self.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+        if isinstance(end_of_utterance, int) and end_of_utterance != self.tokenizer.unk_token_id:
+            self.eos_ids.add(end_of_utterance)
         n_latents = self.model.config.perceiver_config.resampler_n_latents
         if self.processor.image_seq_len != n_latents:
             raise ValueError(f"processor image_seq_len={self.processor.image_seq_len} != perceiver latents {n_latents}")
@@ -246,15 +252,15 @@ class Idefics2Generator:
             input_ids=input_ids,
             attention_mask=attention_mask,
             pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.eos_ids),
             **generate_kwargs(self.model, features),
             **generation,
         )
         elapsed = time.perf_counter() - started
         new_tokens = output[:, input_ids.shape[1]:].cpu()
-        eos_ids = set(_as_list(self.model.generation_config.eos_token_id))
         rows = []
         for seq, tokens in zip(batch, new_tokens.tolist()):
-            n_out, finished, text = generated_output(tokens, eos_ids, plan.stop_strings, self._decode)
+            n_out, finished, text = generated_output(tokens, self.eos_ids, plan.stop_strings, self._decode)
             truncated = not finished and n_out >= plan.max_new_tokens
             rows.append(
                 self._row(seq.page, plan, status="ok", text=text, n_input_tokens=len(ids), n_output_tokens=n_out,

@@ -265,25 +265,33 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
     """All page rows of one planned input, errors included. Never raises for a bad input.
 
     Exactly one row for every page not already done (`done_pages`): a page that fails is an error row
-    for that page; a file that cannot be listed, read or opened is one error row (on its first page
-    not done: page 0 for a new file); a document that fails part-way has error rows for the rest.
+    for that page; a file that cannot be listed, read or opened is an error row on every page it still
+    owes (page 0 for a new file); a document that fails part-way has error rows for the rest.
     """
     base = {k: plan_row.get(k) for k in ("source_uri", "size", "etag", "kind", "questions")}
     skip = set(plan_row.get("done_pages") or [])
-    first = next(p for p in range(len(skip) + 1) if p not in skip)
+    known = plan_row.get("known_pages")
+    # A file that cannot be listed, read or opened: one error row on each page it still owes. For a
+    # partly done source the ledger knows how many; a new one owes its first page.
+    owed = [p for p in range(known) if p not in skip] if known else [next(p for p in range(len(skip) + 1) if p not in skip)]
+
+    def whole_file_failed(error: str, stage: str) -> Iterator[dict]:
+        for page in owed:
+            yield {**base, "page": page, "n_pages": known, "status": "error", "error": error, "stage": stage}
+
     kind = plan_row.get("kind")
     if plan_row.get("error"):
-        yield {**base, "page": first, "status": "error", "error": plan_row["error"], "stage": "list"}
+        yield from whole_file_failed(plan_row["error"], "list")
         return
     if kind not in ("pdf", "image"):  # known from the name: not worth reading
         name = plan_row["source_uri"].rsplit("/", 1)[-1]
         reason = f"unsupported file type: {name} (not a PDF or one of {', '.join(sorted(IMAGE_EXTENSIONS))})"
-        yield {**base, "page": first, "status": "error", "error": reason, "stage": "list"}
+        yield from whole_file_failed(reason, "list")
         return
     try:
         data = read_bytes(plan_row["source_uri"], storage)
     except Exception as exc:
-        yield {**base, "page": first, "status": "error", "error": redact(f"cannot read: {_describe(exc)}"), "stage": "read"}
+        yield from whole_file_failed(redact(f"cannot read: {_describe(exc)}"), "read")
         return
     stage = "render" if kind == "pdf" else "decode"
     frames = isolated_frames if settings.isolate else local_frames
@@ -302,7 +310,7 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
     except Exception as exc:
         reason = f"{stage} failed: {_describe(exc)}"
     if n_pages is None:  # the file never opened
-        yield {**base, "page": first, "status": "error", "error": reason, "stage": stage}
+        yield from whole_file_failed(reason, stage)
         return
     for number in range(n_pages):  # the document failed part-way: its remaining pages say why
         if number not in skip and number not in emitted:

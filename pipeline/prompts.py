@@ -143,7 +143,9 @@ def build_prompt(processor, instruction: str, prompt_format: str, n_images: int 
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": instruction}]
         messages.append({"role": "user", "content": content})
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    shots = "".join("<image>" + answer for _question, answer in examples)
+    # Base checkpoints: each shot is its image, its own prompt (if it has one) and its answer, as in the
+    # card's "<image>In this image, we can see ... Statue of Liberty.<image>In this image,".
+    shots = "".join("<image>" + (f"{question} " if question else "") + answer for question, answer in examples)
     return shots + "<image>" * n_images + instruction
 
 
@@ -168,7 +170,12 @@ class PromptBook:
         key = (task.task_name, question, n_page_images)
         if key not in self._plans:
             instruction = instruction_for(task, question, self.prompt_format)
-            shots = [(ex.prompt or instruction, ex.text) for ex in self.examples.get(task.task_name, [])]
+            examples = self.examples.get(task.task_name, [])
+            if self.prompt_format == "instruct":
+                shots = [(ex.prompt or instruction, ex.text) for ex in examples]
+            else:  # a QA example's question takes the base form ("Question: ... Answer:") like the query's
+                shots = [(instruction_for(task, ex.prompt, "base") if ex.prompt and task.kind == "qa" else ex.prompt,
+                          ex.text) for ex in examples]
             self._plans[key] = PromptPlan(
                 task=task.task_name,
                 question=question,

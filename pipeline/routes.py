@@ -99,7 +99,7 @@ def page_id(row: dict) -> str:
     return f"{row['source_uri']}#{row['page']}"
 
 
-def unit_key(content: str, task: str, question: str | None) -> str:
+def dedup_key(content: str, task: str, question: str | None) -> str:
     return f"{content}|{task}|{question or ''}"
 
 
@@ -170,7 +170,7 @@ class DedupJoin:
 
         out, settle = [], []
         for row in batch.to_pylist():
-            key = unit_key(row["content_hash"], row["task"], row["question"]) if row.get("content_hash") else None
+            key = dedup_key(row["content_hash"], row["task"], row["question"]) if row.get("content_hash") else None
             if row["status"] == "pending":
                 self.pending[key].append(row)
                 continue
@@ -256,7 +256,7 @@ class RoutePages:
             row["content_hash"] = content_hash(row)
             for task, question in open_units[id(row)]:
                 if not (task.kind == "qa" and question is None):
-                    claims.append((row, task, question, unit_key(row["content_hash"], task.task_name, question)))
+                    claims.append((row, task, question, dedup_key(row["content_hash"], task.task_name, question)))
         if not claims:
             return
         import ray

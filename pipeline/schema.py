@@ -18,6 +18,7 @@ PLAN_SCHEMA = pa.schema(
         ("kind", pa.string()),  # pdf | image | unknown
         ("error", pa.string()),  # set when the object is already known to be unusable (too large, ...)
         ("done_pages", pa.list_(pa.int32())),  # pages whose every task is committed (resume)
+        ("known_pages", pa.int32()),  # a partly done source's page count from the ledger (null: new source)
         ("questions", pa.list_(pa.string())),  # per-document questions from a manifest (null: none)
     ]
 )
@@ -120,10 +121,6 @@ KEY_COLUMNS = ("source_uri", "page", "task", "question")
 
 # The `page` of a row about a whole document (tasks with scope = "document"), not about one page.
 DOCUMENT_PAGE = -1
-
-
-def empty(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
 
 
 def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:

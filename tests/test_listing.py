@@ -116,3 +116,19 @@ def test_local_folder_and_glob_use_mtime_as_version(tmp_path):
     os.utime(first, (1_700_000_000, 1_700_000_000))  # the source changed: its version must change
     rows = list(list_inputs(InputSpec(uri=f"file://{tmp_path}/scans/**/*.pdf"), StorageOptions()))
     assert [(r["source_uri"], r["etag"]) for r in rows] == [(str(first), "mtime:1700000000.0")]
+
+
+def test_a_file_name_that_is_not_utf8_is_an_error_row_not_a_crashed_plan(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.schema import PLAN_SCHEMA, table_from_rows
+
+    folder = os.fsencode(tmp_path)
+    open(os.path.join(folder, b"caf\xe9.png"), "wb").write(b"png")  # a Latin-1 name from an old archive
+    open(os.path.join(folder, b"receipt.png"), "wb").write(b"png")
+    rows = list(list_inputs(InputSpec(uri=str(tmp_path)), StorageOptions()))
+    table_from_rows(rows, PLAN_SCHEMA)  # the plan file can be written: every string is UTF-8
+    bad = next(r for r in rows if "caf" in r["source_uri"])
+    assert bad["source_uri"].endswith("caf\\xe9.png") and "not valid UTF-8" in bad["error"]
+    assert next(r for r in rows if r["source_uri"].endswith("receipt.png"))["error"] is None
+    assert isinstance(pa.array([bad["source_uri"]]), pa.Array)

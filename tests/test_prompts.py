@@ -67,6 +67,14 @@ def test_few_shot_base_prompt_is_the_model_cards_base_example(processor, example
     assert book.plan(processor, task, None).prompt == CARD_BASE
 
 
+def test_few_shot_base_qa_examples_show_their_question_in_the_same_form(processor, example_image):
+    task = TaskSpec(kind="qa", questions=["What is the total?"],
+                    examples=[{"image": str(example_image), "prompt": "What is the date?", "text": "12 May 1990"}])
+    book = PromptBook([task], "base", load_examples([task], ImageSettings()))
+    assert book.plan(processor, task, "What is the total?").prompt == (
+        "<image>Question: What is the date? Answer: 12 May 1990<image>Question: What is the total? Answer:")
+
+
 def test_built_in_prompts_per_format(processor):
     tasks = [TaskSpec(kind="ocr"), TaskSpec(kind="caption"), TaskSpec(kind="caption", name="long", detail="detailed"),
              TaskSpec(kind="qa", questions=["What is the total?"])]

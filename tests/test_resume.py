@@ -195,6 +195,30 @@ def test_retry_failed_redoes_only_the_error_rows_and_replaces_them(first_run, sm
 
 
 @pytest.mark.timeout(300)
+def test_retry_failed_keeps_the_error_rows_of_sources_it_does_not_list(first_run, small_folder, tiny_model, tmp_path):
+    _, first_output = first_run
+    output = copy_of(first_output, tmp_path)
+    narrower = job_spec(small_folder, output, tiny_model, retry_failed=True)
+    narrower.input.include = ["*.pdf"]  # big.png is not part of this run
+    retry = run_job(narrower)
+    assert (retry.planned_inputs, retry.rows_written) == (0, 0)
+    # big.png's error row is still the answer for its page: not redone, and not lost either.
+    assert ("big.png", 0, "error") in pages_and_status(output)
+
+
+def test_a_partly_done_document_that_became_unreadable_owes_an_error_row_per_missing_page(tmp_path):
+    from connectors.storage import StorageOptions
+    from pipeline.pages import RenderSettings, pages_of
+
+    gone = {"source_uri": str(tmp_path / "gone.pdf"), "kind": "pdf", "etag": "e1", "size": 100,
+            "done_pages": [0, 1, 2], "known_pages": 6}
+    rows = list(pages_of(gone, RenderSettings(longest_edge=64, isolate=False), StorageOptions()))
+    assert [(r["page"], r["status"], r["stage"]) for r in rows] == [(3, "error", "read"), (4, "error", "read"),
+                                                                     (5, "error", "read")]
+    assert all("cannot read" in r["error"] for r in rows)
+
+
+@pytest.mark.timeout(300)
 def test_overwrite_starts_fresh(first_run, small_folder, tiny_model, tmp_path):
     _, first_output = first_run
     output = copy_of(first_output, tmp_path)

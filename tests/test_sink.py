@@ -149,6 +149,9 @@ def test_a_source_of_unknown_version_is_complete_once_answered(tmp_path):
     ledger = read_ledger(store, {("ocr", None)})
     assert ledger.is_complete("s3://b/missing.pdf", None) and ledger.is_complete("s3://b/missing.pdf", "")
     assert not ledger.is_complete("s3://b/missing.pdf", "e-new")  # it appeared since: redo it
+    # A finished source whose lookup fails now (no ETag) is not read again for nothing.
+    store.publish(results("s3://b/done.pdf", range(2), 2), "part-2.parquet")
+    assert read_ledger(store, {("ocr", None)}).is_complete("s3://b/done.pdf", None)
 
 
 def test_the_driver_drops_units_done_before_and_units_it_already_wrote():
