@@ -18,7 +18,7 @@ import pyarrow as pa
 from connectors.parquet_sink import ParquetStore
 from pipeline.schema import DOCUMENT_PAGE
 
-LEDGER_COLUMNS = ["source_uri", "page", "n_pages", "task", "question", "status", "source_etag"]
+LEDGER_COLUMNS = ["source_uri", "page", "n_pages", "task", "question", "status", "source_etag", "model"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Ledger:
     n_errors: int = 0
     duplicates: int = 0
     error_sources: set[str] = field(default_factory=set)  # sources with error rows (--retry-failed)
+    models: set[str] = field(default_factory=set)  # the `model` values of the published rows
 
     def done_pages_of(self, source_uri: str, units: Units | None = None) -> list[int]:
         """Pages with every unit published, and DOCUMENT_PAGE when the document row's units are."""
@@ -91,6 +92,8 @@ def read_ledger(store: ParquetStore, units: Units | set | None = None, errors_do
             ledger.duplicates += 1
         seen.add(key)
         ledger.etags[row["source_uri"]] = row["source_etag"] or ""
+        if row["model"]:
+            ledger.models.add(row["model"])
         n_pages[row["source_uri"]] = max(n_pages.get(row["source_uri"], 1), row["n_pages"] or 1)
         if row["status"] == "error":
             ledger.n_errors += 1

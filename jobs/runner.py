@@ -202,6 +202,7 @@ def run_job(spec: JobSpec) -> RunResult:
     # of the sources this run plans are dropped just before it runs (below), those of sources it does
     # not list (a narrower --include, a smaller manifest) stay, so no unit goes from "error" to missing.
     ledger = read_ledger(store, units, errors_done=not spec.output.retry_failed)
+    warn_if_resuming_another_model(ledger, spec)
 
     try:
         plan_files, skipped, stale, retried = write_plan(spec, store, storage, ledger)
@@ -236,6 +237,16 @@ def run_job(spec: JobSpec) -> RunResult:
 
     result.summary = write_run_summary(store, spec, result, stage_resources(spec).gpus_per_replica)
     return result
+
+
+def warn_if_resuming_another_model(ledger: Ledger, spec: JobSpec) -> None:
+    """A resume skips what is published, whatever model made it: say so when the model changed, so one
+    output does not silently mix two models (use a new output, or --overwrite, to redo everything)."""
+    made_by_models = {m for m in ledger.models if not m.startswith(("tesseract:", "pymupdf-"))}
+    if spec.needs_model and made_by_models and spec.model.id not in made_by_models:
+        log.warning("output %s already holds rows made by %s; this run (%s) only adds what is missing. "
+                    "Use a new output or --overwrite to redo everything with %s",
+                    spec.output.uri, ", ".join(sorted(made_by_models)), spec.model.id, spec.model.id)
 
 
 def _run_pipeline(spec, plan_files, store, storage, image_settings, prompts, ledger, sink, result) -> int:

@@ -206,6 +206,15 @@ def test_retry_failed_keeps_the_error_rows_of_sources_it_does_not_list(first_run
     assert ("big.png", 0, "error") in pages_and_status(output)
 
 
+def test_resuming_with_another_model_says_so(first_run, small_folder, tiny_model, tmp_path, caplog):
+    _, first_output = first_run
+    output = copy_of(first_output, tmp_path)
+    other_model = shutil.copytree(tiny_model, tmp_path / "other-model")
+    with caplog.at_level("WARNING", logger="scriptorium"):
+        run_job(job_spec(small_folder, output, other_model))
+    assert f"already holds rows made by {tiny_model}" in caplog.text and "--overwrite" in caplog.text
+
+
 def test_a_partly_done_document_that_became_unreadable_owes_an_error_row_per_missing_page(tmp_path):
     from connectors.storage import StorageOptions
     from pipeline.pages import RenderSettings, pages_of
