@@ -86,7 +86,7 @@ def build_model(processor, sizes: dict, device: str, dtype: torch.dtype, attenti
 
     try:
         from transformers import AutoModelForImageTextToText as Auto
-    except ImportError:
+    except ImportError:  # transformers 4.x on a lent GPU machine; 5.x removed this name
         from transformers import AutoModelForVision2Seq as Auto
 
     tok = processor.tokenizer
