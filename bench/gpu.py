@@ -82,22 +82,21 @@ def build_processor(longest_edge: int = 980):
 
 def build_model(processor, sizes: dict, device: str, dtype: torch.dtype, attention: str):
     """Random weights, created on the device in `dtype` (no float32 copy, no download)."""
-    from transformers import Idefics2Config
-
-    try:
-        from transformers import AutoModelForImageTextToText as Auto
-    except ImportError:  # transformers 4.x on a lent GPU machine; 5.x removed this name
-        from transformers import AutoModelForVision2Seq as Auto
+    # The concrete class, which transformers 4.x (on lent GPU machines) and 5.x both have.
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
 
     tok = processor.tokenizer
     config = Idefics2Config(image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **sizes)
     config.text_config.pad_token_id = tok.pad_token_id
-    with torch.device(device):
-        try:
-            model = Auto.from_config(config, dtype=dtype, attn_implementation=attention)
-        except TypeError:  # transformers 4 names it torch_dtype
-            model = Auto.from_config(config, torch_dtype=dtype, attn_implementation=attention)
+    config._attn_implementation = attention
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in `dtype` directly
+    try:
+        with torch.device(device):
+            model = Idefics2ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_utterance>")]
     return model.eval()

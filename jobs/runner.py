@@ -124,24 +124,31 @@ def init_ray(spec: JobSpec) -> None:
              configure_logging=True, logging_level=logging.WARNING)
 
 
-def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions,
-               ledger: Ledger) -> tuple[list[str], int, list[str], list[str]]:
-    """Stream the listing into plan files under `_work/<run_id>/`, skipping complete sources.
+@dataclass
+class Plan:
+    """What planning decided: the plan files to run, and the sources whose old rows must go first."""
 
-    Returns (plan file paths, number of skipped sources, stale sources whose old rows must go, planned
-    sources whose error rows must go because this run redoes them (--retry-failed)).
-    """
+    files: list[str] = field(default_factory=list)
+    planned: int = 0  # sources in the plan files
+    skipped: int = 0  # complete, unchanged sources
+    stale: list[str] = field(default_factory=list)  # changed since their rows were made
+    retried: list[str] = field(default_factory=list)  # with error rows this run redoes (--retry-failed)
+
+
+def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledger: Ledger) -> Plan:
+    """Stream the listing into plan files under `_work/<run_id>/`, skipping complete sources."""
     work = f"{store.root}/_work/{spec.run_id}"
-    paths, buffer, skipped, stale, retried = [], [], 0, [], []
+    plan, buffer = Plan(), []
 
     def flush():
         if buffer:
-            path = f"{work}/plan-{len(paths):06d}.parquet"
+            path = f"{work}/plan-{len(plan.files):06d}.parquet"
             store.fs.makedirs(work, exist_ok=True)
             out = io.BytesIO()
             pq.write_table(table_from_rows(buffer, PLAN_SCHEMA), out)
             store.fs.pipe_file(path, out.getvalue())
-            paths.append(path)
+            plan.files.append(path)
+            plan.planned += len(buffer)
             buffer.clear()
 
     from pipeline.prompts import work_units
@@ -150,20 +157,20 @@ def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions,
         uri, etag = row["source_uri"], row["etag"]
         units = work_units(spec.tasks, row.get("questions"))  # per source: QA questions may come per document
         if ledger.is_complete(uri, etag, units):
-            skipped += 1
+            plan.skipped += 1
             continue
         if ledger.is_stale(uri, etag):
-            stale.append(uri)
+            plan.stale.append(uri)
         elif uri in ledger.got:
             row["done_pages"] = ledger.done_pages_of(uri, units)
             row["known_pages"] = ledger.n_pages.get(uri)
         if spec.output.retry_failed and uri in ledger.error_sources:
-            retried.append(uri)
+            plan.retried.append(uri)
         buffer.append(row)
         if len(buffer) >= PLAN_ROWS_PER_FILE:
             flush()
     flush()
-    return paths, skipped, stale, retried
+    return plan
 
 
 def run_job(spec: JobSpec) -> RunResult:
@@ -205,25 +212,25 @@ def run_job(spec: JobSpec) -> RunResult:
     warn_if_resuming_another_model(ledger, spec)
 
     try:
-        plan_files, skipped, stale, retried = write_plan(spec, store, storage, ledger)
+        plan = write_plan(spec, store, storage, ledger)
     except FileNotFoundError:
         raise SpecError(f"input {spec.input.uri} does not exist") from None
     except PermissionError as exc:
         raise SpecError(redact(f"input {spec.input.uri} cannot be listed: access denied ({exc})")) from None
-    if stale:
-        stale_set = pa.array(stale)
+    if plan.stale:
+        stale_set = pa.array(plan.stale)
         store.drop_rows(lambda t: pc.is_in(t["source_uri"], value_set=stale_set), ["source_uri"])
-    if retried:
-        retried_set = pa.array(retried)
+    if plan.retried:
+        retried_set = pa.array(plan.retried)
         store.drop_rows(lambda t: pc.and_(pc.equal(t["status"], "error"), pc.is_in(t["source_uri"], value_set=retried_set)),
                         ["source_uri", "status"])
-    if stale or retried:
+    if plan.stale or plan.retried:
         ledger = read_ledger(store, units)
 
-    result = RunResult(run_id=spec.run_id, output=spec.output.uri, skipped_inputs=skipped)
+    result = RunResult(run_id=spec.run_id, output=spec.output.uri, skipped_inputs=plan.skipped, planned_inputs=plan.planned)
     sink = ParquetSink(store, spec.run_id, spec.output.rows_per_file, spec.output.seconds_per_file)
-    if plan_files:
-        result.planned_inputs = _run_pipeline(spec, plan_files, store, storage, image_settings, prompts, ledger, sink, result)
+    if plan.files:
+        _run_pipeline(spec, plan.files, store, storage, image_settings, prompts, ledger, sink, result)
     sink.close()
     if store.fs.exists(f"{store.root}/_work/{spec.run_id}"):
         store.fs.rm(f"{store.root}/_work/{spec.run_id}", recursive=True)
@@ -249,7 +256,7 @@ def warn_if_resuming_another_model(ledger: Ledger, spec: JobSpec) -> None:
                     spec.output.uri, ", ".join(sorted(made_by_models)), spec.model.id, spec.model.id)
 
 
-def _run_pipeline(spec, plan_files, store, storage, image_settings, prompts, ledger, sink, result) -> int:
+def _run_pipeline(spec, plan_files, store, storage, image_settings, prompts, ledger, sink, result) -> None:
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -267,14 +274,13 @@ def _run_pipeline(spec, plan_files, store, storage, image_settings, prompts, led
     ctx.execution_options.preserve_order = False
     _quiet_ray_progress(ctx)  # before the dataset is made: it keeps a copy of the context
     plan = ray.data.read_parquet(plan_files, filesystem=PyFileSystem(FSSpecHandler(store.fs)))
-    n_planned = sum(store.read(p, ["source_uri"]).num_rows for p in plan_files)
     from pipeline.routes import DedupJoin, start_registry
 
     registry = start_registry(spec.routing, spec.run_id)  # None unless routing.dedup
     dataset = build_dataset(plan, spec, image_settings, prompts, storage, registry)
     done_before = {source: len(pages) for source, pages in ledger.done_pages.items()}
     written: set[int] = set()  # hashes of this run's keys: a batch Ray delivers twice is written once
-    with Progress(n_planned, result.skipped_inputs, done_before) as progress:
+    with Progress(result.planned_inputs, result.skipped_inputs, done_before) as progress:
         batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
         if registry is not None:  # duplicates' placeholders are filled here and never reach the sink
             batches = DedupJoin(registry).join(batches)
@@ -285,7 +291,6 @@ def _run_pipeline(spec, plan_files, store, storage, image_settings, prompts, led
             result.ok_rows += statuses.count("ok")
             result.error_rows += statuses.count("error")
             sink.write(batch)
-    return n_planned
 
 
 def _quiet_ray_progress(ctx) -> None:

@@ -106,6 +106,8 @@ def build_tiny_idefics2(
             "image_size": 980,
         },
         perceiver_config={
+            "hidden_size": 64,  # the text model's: the perceiver projects into it
+            "rms_norm_eps": 1e-6,
             "resampler_n_latents": image_seq_len,
             "resampler_depth": 1,
             "resampler_n_heads": 2,
