@@ -2,14 +2,17 @@
 from real-looking documents at 980 with image splitting, exactly N new tokens per page, against the
 model card's snippet loop (batch of one, the processor on PIL images) on the same pages in the same run.
 
-    python bench/gpu.py                                  # on a GPU machine: 256 pages, 512 new tokens
-    python bench/gpu.py --batch-size 128 --compile       # bigger batches, static cache + torch.compile
+    python bench/gpu.py                                  # on a GPU machine: 512 pages, 512 new tokens
+    python bench/gpu.py --compile                        # static cache + torch.compile
+    python bench/gpu.py --batch-size 64                  # a fixed batch instead of the automatic one
     python bench/gpu.py --tiny --pages 2 --new-tokens 4 --device cpu   # crash-free start check on CPU
                                                          # (add --longest-edge 490 to make it quicker)
 
 Ours is the model stage's own code without Ray around it (what `Idefics2Generator` does per block):
 uint8 crops from `pipeline.preprocess.model_crops` (the CPU stage, timed apart: it runs on other cores
-while the GPU works), batches from `pipeline.collate.batch_by_shape`, crops normalized on the GPU and
+while the GPU works), batches from `pipeline.collate.batch_by_shape` sized as the pipeline sizes them by
+default (up to GPU_BATCH_SIZE pages, within the KV-cache token budget of `pipeline/batch_budget.py`),
+crops normalized on the GPU and
 encoded at their own size by `pipeline.image_features.encode_crops`, one shared prompt per batch,
 `model.generate`, decode. The snippet is the
 model card's loop: `processor(text=prompt, images=[image])`, `generate`, `batch_decode`, page by page.
@@ -35,6 +38,8 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 import torch  # noqa: E402
 
 from documents import page_images  # noqa: E402
+from jobs.spec import CPU_BATCH_SIZE, GPU_BATCH_SIZE  # noqa: E402
+from pipeline.batch_budget import automatic_token_budget  # noqa: E402
 from pipeline.collate import batch_by_shape  # noqa: E402
 from pipeline.image_features import encode_crops, generate_kwargs  # noqa: E402
 from pipeline.preprocess import ImageSettings, model_crops  # noqa: E402
@@ -115,11 +120,16 @@ def synchronize(device: str) -> None:
 
 
 @torch.inference_mode()
-def run_model_stage(model, processor, prompt, crops, settings, device, dtype, batch_size, max_batch_pixels, gen):
-    """Scriptorium's model stage: shape-sorted batches, GPU collation, one prompt per batch, decode."""
+def run_model_stage(model, processor, prompt, crops, settings, device, dtype, budget, gen):
+    """Scriptorium's model stage: shape-sorted batches, GPU collation, one prompt per batch, decode.
+    `budget` is (pages, pixels, tokens) per batch."""
     prompt_ids = processor(text=prompt, return_tensors="pt")["input_ids"][0]
-    texts, new_tokens = [], []
-    for batch in batch_by_shape(list(range(len(crops))), lambda i: crops[i], batch_size, max_batch_pixels):
+    batch_size, max_batch_pixels, max_batch_tokens = budget
+    tokens_per_page = len(prompt_ids) + gen["max_new_tokens"]
+    texts, new_tokens, batch_sizes = [], [], []
+    for batch in batch_by_shape(list(range(len(crops))), lambda i: crops[i], batch_size, max_batch_pixels,
+                                tokens_of=lambda i: tokens_per_page, max_batch_tokens=max_batch_tokens):
+        batch_sizes.append(len(batch))
         input_ids = prompt_ids.unsqueeze(0).expand(len(batch), -1).to(device)
         features = encode_crops(model, [crops[i] for i in batch], settings, device, dtype)
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -128,7 +138,7 @@ def run_model_stage(model, processor, prompt, crops, settings, device, dtype, ba
         new_tokens.extend([generated.shape[1]] * len(batch))
         texts.extend(processor.tokenizer.batch_decode(generated, skip_special_tokens=True))
     synchronize(device)
-    return texts, new_tokens
+    return texts, new_tokens, batch_sizes
 
 
 @torch.inference_mode()
@@ -160,11 +170,14 @@ def timed(device: str, fn, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pages", type=int, default=256, help="pages through the model stage")
+    parser.add_argument("--pages", type=int, default=512, help="pages through the model stage")
     parser.add_argument("--snippet-pages", type=int, default=4, help="of those, pages through the snippet loop")
     parser.add_argument("--new-tokens", type=int, default=512, help="exactly this many per page")
-    parser.add_argument("--batch-size", type=int, default=64, help="pages per generate call")
-    parser.add_argument("--max-batch-pixels", type=int, default=0, help="padded pixels per batch (0: no limit)")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help=f"pages per generate call at most (0: the pipeline's automatic {GPU_BATCH_SIZE} on a GPU)")
+    parser.add_argument("--max-batch-pixels", type=int, default=0, help="crop pixels per batch (0: no limit)")
+    parser.add_argument("--max-batch-tokens", type=int, default=0,
+                        help="prompt + new tokens per batch (0: the pipeline's automatic KV-cache budget)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     parser.add_argument("--compile", action="store_true", help="static KV cache (+ torch.compile on CUDA)")
@@ -201,11 +214,14 @@ def main() -> None:
     gen = generation_args(args.new_tokens, args.compile)
     # Warm-up for both paths (CUDA context, kernels, compilation): two pages, a few tokens.
     warm = generation_args(min(8, args.new_tokens), args.compile)
-    run_model_stage(model, processor, prompt, crops[:2], settings, device, dtype, args.batch_size, 0, warm)
+    run_model_stage(model, processor, prompt, crops[:2], settings, device, dtype, (2, 0, 0), warm)
     run_snippet(model, processor, prompt, pil_pages[:1], device, warm)
 
-    ours_s, ours_peak, (_, ours_tokens) = timed(device, run_model_stage, model, processor, prompt, crops, settings,
-                                                device, dtype, args.batch_size, args.max_batch_pixels, gen)
+    # Batches as the pipeline sizes them by default: measured now, with the model loaded and warmed up.
+    budget = (args.batch_size or (GPU_BATCH_SIZE if device == "cuda" else CPU_BATCH_SIZE), args.max_batch_pixels,
+              args.max_batch_tokens or automatic_token_budget(model, device, dtype))
+    ours_s, ours_peak, (_, ours_tokens, batch_sizes) = timed(device, run_model_stage, model, processor, prompt, crops,
+                                                             settings, device, dtype, budget, gen)
     snip_s, snip_peak, (_, snip_tokens) = timed(device, run_snippet, model, processor, prompt, pil_pages, device, gen)
 
     exact = set(ours_tokens) == set(snip_tokens) == {args.new_tokens}
@@ -215,7 +231,9 @@ def main() -> None:
           f"parameters, random weights, {str(dtype).replace('torch.', '')}, attention {args.attn}, "
           f"compile {'on' if args.compile else 'off'}; built in {build_s:.0f} s")
     print(f"pages: {len(pages)} rendered at {settings.longest_edge} with splitting ({settings.images_per_page} crops), "
-          f"{args.new_tokens} new tokens each (all exact: {'yes' if exact else 'NO'}); batch size {args.batch_size}")
+          f"{args.new_tokens} new tokens each (all exact: {'yes' if exact else 'NO'})")
+    print(f"batches: up to {budget[0]} pages, token budget {budget[2] or 'none'}; "
+          f"sizes {', '.join(str(n) for n in batch_sizes)}")
     print(f"CPU stage (crops for all pages, one core, not in the GPU time): {cpu_s:.1f} s = "
           f"{len(pages) / cpu_s:.1f} pages/s per core")
     print(f"{'':28}{'pages':>7}{'seconds':>10}{'pages/s':>10}{'tokens/s':>11}{'peak GiB':>10}")

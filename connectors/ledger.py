@@ -5,7 +5,8 @@ A source is *complete* when, for its recorded source ETag, every page (0..n_page
 of the whole document (tasks with scope = "document"). The units are given per source when it is
 planned, because QA questions may come per document from a manifest. Complete sources are skipped at
 planning time without being read; partially done sources are read again, but only their missing pages
-are rendered, and rows for units that are already published are dropped before they reach the sink.
+are rendered, and on those pages only the missing units are generated (the plan's `done_units`). Rows
+for units already published that reach the sink anyway are dropped there.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ class Ledger:
         pages = self.got.get(source_uri, {})
         done = [DOCUMENT_PAGE] if units.document <= pages.get(DOCUMENT_PAGE, set()) else []
         return done + [p for p in range(self.n_pages.get(source_uri, 1)) if units.page <= pages.get(p, set())]
+
+    def done_units_of(self, source_uri: str, done_pages: list[int]) -> list[dict]:
+        """The units published on pages not in `done_pages` (those pages still owe other units)."""
+        skip = set(done_pages)
+        return [{"page": page, "task": task, "question": question}
+                for page, published in sorted(self.got.get(source_uri, {}).items()) if page not in skip
+                for task, question in sorted(published, key=lambda unit: (unit[0], unit[1] or ""))]
 
     @property
     def done_pages(self) -> dict[str, list[int]]:

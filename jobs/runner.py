@@ -163,6 +163,7 @@ def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledg
             plan.stale.append(uri)
         elif uri in ledger.got:
             row["done_pages"] = ledger.done_pages_of(uri, units)
+            row["done_units"] = ledger.done_units_of(uri, row["done_pages"])
             row["known_pages"] = ledger.n_pages.get(uri)
         if spec.output.retry_failed and uri in ledger.error_sources:
             plan.retried.append(uri)
@@ -306,13 +307,19 @@ def _quiet_ray_progress(ctx) -> None:
 
 
 def _drop_done(batch: pa.Table, done: set[tuple], written: set[int]) -> pa.Table:
-    """The rows whose unit was neither published before this run (`done`) nor written by it already."""
-    keep, again = [], 0
+    """The rows whose unit was neither published before this run (`done`) nor written by it already.
+
+    Planning already keeps published units out of the pipeline (`done_pages`, `done_units`) and the
+    sink writes each key once, so this is a safety net: the warnings say it caught something."""
+    keep, again, redone = [], 0, 0
     for key in zip(*(batch[c].to_pylist() for c in KEY_COLUMNS)):
         first_time = hash(key) not in written
         written.add(hash(key))
         keep.append(first_time and key not in done)
         again += not first_time
+        redone += first_time and key in done
     if again:
         log.warning("dropped %d rows for units this run had already written", again)
+    if redone:
+        log.warning("dropped %d rows for units published before this run", redone)
     return batch if all(keep) else batch.filter(pa.array(keep))

@@ -12,7 +12,7 @@ TOML layout (every key optional except where a run needs it):
     [storage]    endpoint_url = "http://minio:9000"     region = "us-east-1"  profile = "..."  anon = false
     [model]      id = "HuggingFaceM4/idefics2-8b"       dtype = "bf16"  attn_implementation = "sdpa"
     [render]     longest_edge = 980                     timeout_s = 60
-    [resources]  num_replicas = 1                       gpus_per_replica = 1  batch_size = 8
+    [resources]  num_replicas = 1                       gpus_per_replica = 1  batch_size = 0 (auto)
     [[tasks]]    kind = "ocr"                           max_new_tokens = 512
     [[tasks]]    kind = "qa"  questions = ["What is the title?"]
     [routing]    text_layer = true                      ocr_engine = "idefics2"  dedup = true
@@ -36,6 +36,11 @@ DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
 QUANTIZATION = ("none", "bnb-4bit", "awq")
 PROMPT_FORMATS = ("auto", "instruct", "base")
+# Automatic `[resources] batch_size`. Each decoding step reads all the weights whatever the batch, so on a
+# GPU a step for a hundred sequences costs little more than one for a few: the cap is high and the
+# KV-cache token budget sizes batches to the GPU's memory. On CPU, compute grows with the batch.
+GPU_BATCH_SIZE = 256
+CPU_BATCH_SIZE = 8
 
 
 class SpecError(ValueError):
@@ -143,10 +148,22 @@ class ResourceSpec:
     gpus_per_replica: float | None = None  # None: 1 when device is cuda, else 0
     cpus_per_replica: float = 1.0
     cpus_per_preprocess_task: float = 1.0
-    batch_size: int = 8  # pages per model batch (upper bound; see max_batch_pixels)
-    max_batch_pixels: int = 0  # 0 = no pixel budget; else sub-batches are cut at this many pixels
+    # Pages per model batch, an upper bound: 0 (auto) is GPU_BATCH_SIZE on a GPU replica, where the
+    # token budget below usually decides, and CPU_BATCH_SIZE on CPU.
+    batch_size: int = 0
+    max_batch_pixels: int = 0  # 0 = no pixel budget; else sub-batches are cut at this many crop pixels
+    # Tokens per model batch, prompt + max_new_tokens per sequence (what its KV cache holds): 0 (auto)
+    # fits the KV cache in half the GPU memory left after loading the model (pipeline/batch_budget.py);
+    # no budget on CPU.
+    max_batch_tokens: int = 0
     ray_num_cpus: int = 0  # logical CPUs for a local Ray (0: max(4, cores)); see README on small machines
     gpu_price_per_hour: float = 0.0  # for the run summary's cost figures
+
+    def pages_per_batch(self, on_gpu: bool) -> int:
+        """`batch_size`, or its automatic value for a replica with (or without) a GPU."""
+        if self.batch_size:
+            return self.batch_size
+        return GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
 
 
 @dataclass
@@ -195,8 +212,9 @@ class JobSpec:
         _check_choice("routing.ocr_engine", self.routing.ocr_engine, OCR_ENGINES)
         if self.resources.num_replicas < 1:
             raise SpecError("resources.num_replicas must be >= 1")
-        if self.resources.batch_size < 1:
-            raise SpecError("resources.batch_size must be >= 1")
+        for budget in ("batch_size", "max_batch_pixels", "max_batch_tokens"):
+            if getattr(self.resources, budget) < 0:
+                raise SpecError(f"resources.{budget} must be >= 0 (0: automatic)")
         if self.output.overwrite and self.output.retry_failed:
             raise SpecError("--overwrite and --retry-failed contradict each other: pick one")
         return self

@@ -91,7 +91,8 @@ def build_dataset(
     # reaches target_max_block_size (128 MiB): a small job, or a run of small pages, would all go to one
     # replica while the others idle. Blocks of one model batch spread the pages over every replica on
     # every node; the repartition streams (no shuffle, nothing materialized).
-    preprocessed = preprocessed.repartition(target_num_rows_per_block=spec.resources.batch_size)
+    pages_per_batch = spec.resources.pages_per_batch(on_gpu=res.gpus_per_replica > 0)
+    preprocessed = preprocessed.repartition(target_num_rows_per_block=pages_per_batch)
     return preprocessed.map_batches(
         Idefics2Generator,
         fn_constructor_kwargs=dict(
@@ -99,10 +100,11 @@ def build_dataset(
             image_settings=image_settings,
             prompts=prompts,
             run_id=spec.run_id,
-            batch_size=spec.resources.batch_size,
+            batch_size=pages_per_batch,
             max_batch_pixels=spec.resources.max_batch_pixels,
+            max_batch_tokens=spec.resources.max_batch_tokens,
         ),
-        batch_size=spec.resources.batch_size,
+        batch_size=pages_per_batch,
         batch_format="pyarrow",
         # Two blocks in flight per replica: while one batch generates, the next one's blocks are already
         # fetched to the replica's node, so the GPU does not wait for the object store between batches.

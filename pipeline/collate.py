@@ -2,7 +2,7 @@
 
 `batch_by_shape` decides which sequences share a `generate` call: sorted by crop count and size, so
 crops of one shape meet in the same vision-tower calls (see `image_features.py`), and cut by a count
-and an optional pixel budget.
+and optional pixel and token budgets (`batch_budget.py` sizes the token budget to the GPU).
 
 `collate_pixels` mirrors the reference processor's last steps exactly: rescale (computed in float64,
 stored as float32, as `transformers.image_transforms.rescale` does), normalize in float32, zero-pad every
@@ -28,10 +28,14 @@ def batch_by_shape(
     crops_of: Callable[[T], list[np.ndarray]],
     batch_size: int,
     max_batch_pixels: int = 0,
+    tokens_of: Callable[[T], int] | None = None,
+    max_batch_tokens: int = 0,
 ) -> Iterator[list[T]]:
     """Sort `items` by (crop count, tallest crop, widest crop), then cut batches of at most `batch_size`
-    items and, when `max_batch_pixels` > 0, at most that many crop pixels (a single larger item still
-    gets a batch of its own). Crops are encoded at their own size, so their own pixels are the cost."""
+    items and, where a budget is > 0, at most `max_batch_pixels` crop pixels and `max_batch_tokens`
+    tokens (`tokens_of(item)`: prompt + new tokens, what the item's KV cache holds). A single item over a
+    budget still gets a batch of its own. Crops are encoded at their own size, so their own pixels are
+    the cost."""
 
     def shape(item: T) -> tuple[int, int, int]:
         crops = crops_of(item)
@@ -40,15 +44,24 @@ def batch_by_shape(
     def pixels(item: T) -> int:
         return sum(c.shape[0] * c.shape[1] for c in crops_of(item))
 
+    def tokens(item: T) -> int:
+        return tokens_of(item) if tokens_of is not None and max_batch_tokens else 0
+
     batch: list[T] = []
-    batch_pixels = 0
+    batch_pixels = batch_tokens = 0
     for item in sorted(items, key=shape):
-        item_pixels = pixels(item)
-        if batch and (len(batch) >= batch_size or (max_batch_pixels and batch_pixels + item_pixels > max_batch_pixels)):
+        item_pixels, item_tokens = pixels(item), tokens(item)
+        full = (
+            len(batch) >= batch_size
+            or (max_batch_pixels and batch_pixels + item_pixels > max_batch_pixels)
+            or (max_batch_tokens and batch_tokens + item_tokens > max_batch_tokens)
+        )
+        if batch and full:
             yield batch
-            batch, batch_pixels = [], 0
+            batch, batch_pixels, batch_tokens = [], 0, 0
         batch.append(item)
         batch_pixels += item_pixels
+        batch_tokens += item_tokens
     if batch:
         yield batch
 

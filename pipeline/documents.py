@@ -13,8 +13,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from pipeline.prompts import DOCUMENT_PAGE
-
-BASE_COLUMNS = ("source_uri", "size", "etag", "kind", "questions")
+from pipeline.schema import SOURCE_COLUMNS
 
 
 def with_document_row(
@@ -56,7 +55,7 @@ def _window_complete(shown: list[dict], window: int) -> bool:
 
 
 def document_row(plan_row: dict, pages: list[dict]) -> dict:
-    base = {k: plan_row.get(k) for k in BASE_COLUMNS}
+    base = {k: plan_row.get(k) for k in SOURCE_COLUMNS}
     row = {**base, "page": DOCUMENT_PAGE, "n_pages": pages[-1].get("n_pages")}
     failed = next((p for p in pages if p.get("status") != "ok"), None)
     if failed is not None:

@@ -9,6 +9,7 @@ runs: preprocessed page rows in, one result row per (page, prompt) out.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -20,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from jobs.spec import ModelSpec
+from pipeline.batch_budget import automatic_token_budget
 from pipeline.collate import batch_by_shape
 from pipeline.crash_journal import journal_for_this_replica, unit_key
 from pipeline.degenerate import is_degenerate
@@ -28,6 +30,8 @@ from pipeline.preprocess import ImageSettings, unpack_crops
 from pipeline.prompts import PromptBook, PromptPlan
 from pipeline.routes import routed_rows
 from pipeline.schema import RESULT_SCHEMA, table_from_rows
+
+log = logging.getLogger("scriptorium")
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -120,6 +124,7 @@ class Idefics2Generator:
         run_id: str = "",
         batch_size: int = 8,
         max_batch_pixels: int = 0,
+        max_batch_tokens: int = 0,
     ):
         self.spec = model_spec
         self.settings = image_settings
@@ -132,6 +137,8 @@ class Idefics2Generator:
         self.processor = load_processor(model_spec.id, image_settings)
         self.tokenizer = self.processor.tokenizer
         self.model = load_model(model_spec, self.device)
+        # Measured after loading, so the weights are already on the GPU (0 off GPU: no token budget).
+        self.max_batch_tokens = max_batch_tokens or automatic_token_budget(self.model, self.device, self.dtype)
         # Instruct answers end with <end_of_utterance>: stop there even if a checkpoint's generation
         # config lists only </s>, or every answer would run to max_new_tokens.
         self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id))
@@ -144,6 +151,9 @@ class Idefics2Generator:
         self.replica, self.node = _replica_identity()
         self._prompt_ids: dict[str, torch.Tensor] = {}
         self.journal = journal_for_this_replica(run_id)  # finds a page that kills the replica (crash_journal.py)
+        log.info("model replica %s on %s (%s): batches of up to %d pages, %s", self.replica, self.device,
+                 str(self.dtype).replace("torch.", ""), batch_size,
+                 f"{self.max_batch_tokens} tokens" if self.max_batch_tokens else "no token budget")
 
     # -- per batch --------------------------------------------------------------------------------
     def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
@@ -171,16 +181,22 @@ class Idefics2Generator:
         yield table_from_rows(rows, RESULT_SCHEMA)
 
     def _batches(self, sequences: list[Sequence]) -> Iterator[list[Sequence]]:
-        """Group by prompt and generation settings, then by crop shape, then cut by count and pixel budget.
+        """Group by prompt and generation settings, then by crop shape, then cut by count, pixel and
+        token budgets.
 
         Sequences in one batch share their prompt (so text needs no padding at all) and have similar
-        crop sizes (so little pixel padding).
+        crop sizes (so little pixel padding). A sequence's tokens are its prompt's (images included)
+        plus its max_new_tokens: a document-scope or few-shot prompt takes more of the KV-cache budget.
         """
         by_key: dict[tuple, list[Sequence]] = {}
         for seq in sequences:
             by_key.setdefault(seq.plan.generation_key, []).append(seq)
         for group in by_key.values():
-            yield from batch_by_shape(group, lambda s: s.crops, self.batch_size, self.max_batch_pixels)
+            yield from batch_by_shape(group, lambda s: s.crops, self.batch_size, self.max_batch_pixels,
+                                      tokens_of=self.sequence_tokens, max_batch_tokens=self.max_batch_tokens)
+
+    def sequence_tokens(self, seq: Sequence) -> int:
+        return len(self.prompt_ids(seq.plan.prompt)) + seq.plan.max_new_tokens
 
     def _generate_or_split(self, batch: list[Sequence]) -> list[dict]:
         """Generate for a batch; if it fails, halve it until the failing page is alone and record it.

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from connectors.storage import StorageOptions, read_bytes, redact
-from pipeline.schema import PAGE_SCHEMA, table_from_rows
+from pipeline.schema import PAGE_SCHEMA, SOURCE_COLUMNS, table_from_rows
 
 log = logging.getLogger("scriptorium")
 
@@ -268,7 +268,7 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
     for that page; a file that cannot be listed, read or opened is an error row on every page it still
     owes (page 0 for a new file); a document that fails part-way has error rows for the rest.
     """
-    base = {k: plan_row.get(k) for k in ("source_uri", "size", "etag", "kind", "questions")}
+    base = {k: plan_row.get(k) for k in SOURCE_COLUMNS}
     skip = set(plan_row.get("done_pages") or [])
     known = plan_row.get("known_pages")
     # A file that cannot be listed, read or opened: one error row on each page it still owes. For a

@@ -95,6 +95,14 @@ def row_units(tasks: list[TaskSpec], page: int, document_questions=None) -> list
             for question in questions_for(task, document_questions)]
 
 
+def open_units(tasks: list[TaskSpec], row: dict) -> list[tuple[TaskSpec, str | None]]:
+    """The units of a page or document row still to do: its `row_units` less those published before
+    this run (the row's `done_units`, set by the planner for pages that owe only some of their units)."""
+    published = {(u["task"], u["question"]) for u in row.get("done_units") or [] if u["page"] == row["page"]}
+    return [(task, question) for task, question in row_units(tasks, row["page"], row.get("questions"))
+            if (task.task_name, question) not in published]
+
+
 def work_units(tasks: list[TaskSpec], document_questions=None):
     """What one document must have published to be complete: the ledger's `Units` of (task, question)."""
     from connectors.ledger import Units
@@ -160,7 +168,7 @@ class PromptBook:
     _plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     def units(self, row: dict) -> list[tuple[TaskSpec, str | None]]:
-        return row_units(self.tasks, row["page"], row.get("questions"))
+        return open_units(self.tasks, row)
 
     def example_crops(self, task: TaskSpec) -> list[np.ndarray]:
         """The examples' crops, which come before the page's crops in the sequence (prompt order)."""

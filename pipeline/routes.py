@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.spec import RoutingSpec, TaskSpec
-from pipeline.prompts import DOCUMENT_PAGE, NO_QUESTION, row_units
+from pipeline.prompts import DOCUMENT_PAGE, NO_QUESTION, open_units
 from pipeline.schema import PAGE_SCHEMA, RESULT_SCHEMA, table_from_rows
 
 RESULT_FIELDS = ("status", "text", "error", "stage", "model", "prompt", "generation", "max_new_tokens",
@@ -237,7 +237,7 @@ class RoutePages:
     def _route_text_layer(self, row: dict) -> list[tuple[TaskSpec, str | None]]:
         """Answer OCR units from a good text layer; return the units still open."""
         row["routed"] = []
-        units = row_units(self.tasks, row["page"], row.get("questions"))
+        units = open_units(self.tasks, row)
         usable = (self.routing.text_layer and row.get("kind") == "pdf"
                   and text_layer_problem(row.get("text_layer"), self.routing.text_layer_min_chars) is None)
         if not usable:
@@ -310,12 +310,13 @@ def page_result(page: dict, **values) -> dict:
 
 
 def routed_rows(page: dict, tasks: list[TaskSpec], on_open, **extra) -> list[dict]:
-    """One result row per unit of `page`: routed units from their answers, page errors and QA units
-    without a question as error rows, and the rest through `on_open(task, question)` (a row, or None
-    when the caller will generate it). `extra` columns (run_id, model, ...) go on every row."""
+    """One result row per unit of `page` not published before this run (`done_units`): routed units from
+    their answers, page errors and QA units without a question as error rows, and the rest through
+    `on_open(task, question)` (a row, or None when the caller will generate it). `extra` columns
+    (run_id, model, ...) go on every row."""
     answered = {(r["task"], r["question"]): r for r in page.get("routed") or []}
     rows = []
-    for task, question in row_units(tasks, page["page"], page.get("questions")):
+    for task, question in open_units(tasks, page):
         unit = {**extra, "task": task.task_name, "question": question}
         done = answered.get((task.task_name, question))
         if done is not None:  # its own values (model, text, ...) over the caller's defaults

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# Units already published on pages that still owe others (a task added to a finished output, a run
+# killed between a page's tasks): those pages are rendered again, but only their missing units run.
+DONE_UNIT = pa.struct([("page", pa.int32()), ("task", pa.string()), ("question", pa.string())])
+
 # What the lister plans: one row per input object.
 PLAN_SCHEMA = pa.schema(
     [
@@ -19,9 +23,13 @@ PLAN_SCHEMA = pa.schema(
         ("error", pa.string()),  # set when the object is already known to be unusable (too large, ...)
         ("done_pages", pa.list_(pa.int32())),  # pages whose every task is committed (resume)
         ("known_pages", pa.int32()),  # a partly done source's page count from the ledger (null: new source)
+        ("done_units", pa.list_(DONE_UNIT)),  # published units on pages not in done_pages
         ("questions", pa.list_(pa.string())),  # per-document questions from a manifest (null: none)
     ]
 )
+
+# The plan columns every page row of a source carries along.
+SOURCE_COLUMNS = ("source_uri", "size", "etag", "kind", "questions", "done_units")
 
 # A result made before the model (pipeline/routes.py): the text layer, Tesseract, or a duplicate's result.
 # It rides on its page row to the model stage, which emits it as a result row without generating.
@@ -67,6 +75,7 @@ PAGE_SCHEMA = pa.schema(
         ("image_shapes", pa.list_(pa.list_(pa.int32()))),  # document rows: [[h, w], ...] of each page image
         ("content_hash", pa.string()),  # hash of the rendered pixels (routing.dedup)
         ("routed", pa.list_(ROUTED_RESULT)),  # units already answered before the model (routes.py)
+        ("done_units", pa.list_(DONE_UNIT)),  # the source's units published before this run: not redone
     ]
 )
 

@@ -194,3 +194,18 @@ class StoreProxy:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+@pytest.fixture
+def model_inputs(monkeypatch):
+    """What the model stage passes to `generate` (recorded, then generated as usual)."""
+    from transformers import Idefics2ForConditionalGeneration
+
+    calls, generate = [], Idefics2ForConditionalGeneration.generate
+
+    def recording_generate(self, *args, **kwargs):
+        calls.append(kwargs)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Idefics2ForConditionalGeneration, "generate", recording_generate)
+    return calls

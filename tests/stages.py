@@ -54,6 +54,12 @@ def concat(tables) -> pa.Table:
     return pa.concat_tables(tables) if tables else None
 
 
+def preprocessed(settings: ImageSettings, plan_rows: list[dict]) -> pa.Table:
+    """Page rows of `plan_rows` as the model stage receives them: rendered, then preprocessed."""
+    render = RenderPages(RenderSettings(longest_edge=settings.longest_edge), StorageOptions())
+    return concat(PreprocessPages(settings)(concat(render(table_from_rows(plan_rows, PLAN_SCHEMA)))))
+
+
 def run_stages(spec: JobSpec, plan_rows: list[dict], registry=None) -> list[dict]:
     """The result rows of `spec` over `plan_rows`, sorted by (source, page, task, question)."""
     if spec.needs_model:

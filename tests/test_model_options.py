@@ -167,3 +167,68 @@ def test_a_pixel_budget_cuts_batches_by_crop_pixels():
     batches = list(batch_by_shape(items, lambda c: c, batch_size=8, max_batch_pixels=budget))
     assert [len(b) for b in batches] == [3, 1, 1]
     assert [len(b) for b in batch_by_shape(items, lambda c: c, batch_size=8)] == [5]
+
+
+def test_a_token_budget_cuts_batches_by_prompt_plus_new_tokens():
+    page = crops((400, 400))
+    short, long = (page, 300), (page, 1300)  # (crops, tokens): a one-page prompt, a four-page document prompt
+    items = [short, short, short, long, long]
+    batches = list(batch_by_shape(items, lambda i: i[0], batch_size=8, tokens_of=lambda i: i[1],
+                                  max_batch_tokens=2000))
+    assert sorted(sum(t for _, t in b) for b in batches) == [900, 1300, 1300]  # no batch over 2,000 tokens
+    assert sorted(id(i) for b in batches for i in b) == sorted(id(i) for i in items)
+    assert [len(b) for b in batch_by_shape(items, lambda i: i[0], batch_size=8, tokens_of=lambda i: i[1])] == [5]
+
+
+def test_the_kv_cache_of_idefics2_8b_is_128_kib_per_token_and_sizes_gpu_batches():
+    from transformers import MistralConfig
+
+    from pipeline.batch_budget import kv_cache_bytes_per_token, token_budget
+
+    # idefics2-8b's text model, as its config.json gives it (head_dim = 4096 / 32).
+    mistral_7b = MistralConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    assert kv_cache_bytes_per_token(mistral_7b, torch.bfloat16) == 2 * 32 * 8 * 128 * 2
+    assert kv_cache_bytes_per_token(mistral_7b, torch.float32) == 2 * 32 * 8 * 128 * 4
+    split_page_ocr = 340 + 512  # prompt tokens of a split page + max_new_tokens
+    h100_free, a10g_free = 80e9 - 17e9, 24e9 - 17e9  # bytes left beside 8.4 B bf16 weights
+    assert token_budget(mistral_7b, torch.bfloat16, h100_free) // split_page_ocr == 282  # > the 256 cap
+    assert token_budget(mistral_7b, torch.bfloat16, a10g_free) // split_page_ocr == 31
+
+
+def test_batch_size_is_automatic_by_default_and_a_set_value_wins():
+    from jobs.spec import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+
+    assert ResourceSpec().pages_per_batch(on_gpu=True) == GPU_BATCH_SIZE
+    assert ResourceSpec().pages_per_batch(on_gpu=False) == CPU_BATCH_SIZE
+    assert ResourceSpec(batch_size=12).pages_per_batch(on_gpu=True) == 12
+    data = {"input": {"uri": "in"}, "output": {"uri": "out"}, "tasks": [{"kind": "ocr"}], "model": {"id": "m"}}
+    with pytest.raises(SpecError, match="max_batch_tokens must be >= 0"):
+        spec_from_dict({**data, "resources": {"max_batch_tokens": -1}}).validate()
+
+
+def test_the_model_stage_keeps_each_batch_within_its_token_budget(tiny_model, tmp_path, model_inputs):
+    """Five pages and a budget of two sequences' tokens: `generate` gets batches of 2, 2 and 1, with
+    the texts of one batch of five."""
+    from pipeline.generate import Idefics2Generator
+    from pipeline.prompts import PromptBook
+    from tests.stages import plan_row, preprocessed
+
+    for i in range(5):
+        make_image(tmp_path / f"page{i}.png", size=(PAGE[1], PAGE[0]), color=(50 * i, 90, 200 - 40 * i), text=f"p{i}")
+    spec = job(tiny_model).validate()
+    _, settings = open_model_config(spec)
+    book = PromptBook(spec.tasks, "instruct", {})
+    pages = preprocessed(settings, [plan_row(path) for path in sorted(tmp_path.glob("*.png"))])
+
+    def texts(generator) -> dict[str, str]:
+        return {r["source_uri"]: r["text"] for r in pa.concat_tables(generator(pages)).to_pylist() if r["status"] == "ok"}
+
+    one_batch = Idefics2Generator(spec.model, settings, book, batch_size=8)
+    expected = texts(one_batch)
+    row = pa.concat_tables(one_batch(pages.slice(0, 1))).to_pylist()[0]
+    per_sequence = row["n_input_tokens"] + row["max_new_tokens"]
+    model_inputs.clear()
+    budgeted = Idefics2Generator(spec.model, settings, book, batch_size=8, max_batch_tokens=2 * per_sequence + 1)
+
+    assert texts(budgeted) == expected and len(expected) == 5
+    assert sorted(len(call["input_ids"]) for call in model_inputs) == [1, 2, 2]

@@ -51,21 +51,6 @@ def reference_generate(reference, prompt: str, images: list[Image.Image], max_ne
     return processor.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
 
 
-@pytest.fixture
-def model_inputs(monkeypatch):
-    """What the model stage passes to `generate` (recorded, then generated as usual)."""
-    from transformers import Idefics2ForConditionalGeneration
-
-    calls, generate = [], Idefics2ForConditionalGeneration.generate
-
-    def recording_generate(self, *args, **kwargs):
-        calls.append(kwargs)
-        return generate(self, *args, **kwargs)
-
-    monkeypatch.setattr(Idefics2ForConditionalGeneration, "generate", recording_generate)
-    return calls
-
-
 def reference_features(reference, inputs) -> torch.Tensor:
     """The model's image features of the processor's (padded) pixels."""
     with torch.inference_mode():

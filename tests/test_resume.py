@@ -238,3 +238,42 @@ def test_overwrite_starts_fresh(first_run, small_folder, tiny_model, tmp_path):
     assert len(rows) == 5 and {r["run_id"] for r in rows} == {again.run_id}
     assert {r["status"] for r in rows} == {"ok"}  # the limit is gone: big.png is read this time
     assert not old_files & {p.name for p in output.glob("*.parquet")}
+
+
+# -- a task added to a finished output -------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_a_task_added_to_a_finished_output_runs_only_the_new_task(first_run, small_folder, tiny_model, tmp_path,
+                                                                   caplog):
+    first_id, first_output = first_run
+    output = copy_of(first_output, tmp_path)
+    spec = job_spec(small_folder, output, tiny_model)
+    spec.input.max_size_mb = 0.1  # as in the first run: big.png stays refused
+    spec.tasks.append(spec_from_dict({"tasks": [{"kind": "caption", "max_new_tokens": 4}]}).tasks[0])
+    with caplog.at_level("WARNING", logger="scriptorium"):
+        added = run_job(spec.validate())
+
+    # Every page is rendered again (its caption is missing) but the OCR units are not generated again:
+    # nothing reaches the sink's safety net, and the OCR rows are the first run's.
+    assert "published before this run" not in caplog.text and "already written" not in caplog.text
+    assert (added.planned_inputs, added.rows_written) == (3, 5)
+    rows = read_output(output)
+    assert Counter((Path(r["source_uri"]).name, r["page"], r["task"]) for r in rows) == Counter(
+        {(name, page, task): 1 for name, pages in (("a.pdf", 2), ("b.pdf", 2), ("big.png", 1))
+         for page in range(pages) for task in ("ocr", "caption")})
+    assert {r["run_id"] for r in rows if r["task"] == "ocr"} == {first_id}
+    assert {r["run_id"] for r in rows if r["task"] == "caption"} == {added.run_id}
+
+
+def test_a_page_that_owes_some_units_generates_only_those(small_folder, tiny_model):
+    from jobs.spec import TaskSpec
+    from tests.stages import job, plan_row, run_stages
+
+    spec = job(tiny_model, [TaskSpec(kind="ocr", max_new_tokens=4), TaskSpec(kind="caption", max_new_tokens=4),
+                            TaskSpec(kind="qa", questions=["Who?", "When?"], max_new_tokens=4)])
+    published = [{"page": 0, "task": "ocr", "question": None}, {"page": 0, "task": "qa", "question": "When?"},
+                 {"page": 1, "task": "caption", "question": None}]
+    rows = run_stages(spec, [{**plan_row(small_folder / "a.pdf"), "done_units": published}])
+    assert [(r["page"], r["task"], r["question"]) for r in rows] == [
+        (0, "caption", None), (0, "qa", "Who?"),
+        (1, "ocr", None), (1, "qa", "When?"), (1, "qa", "Who?")]
+    assert {r["status"] for r in rows} == {"ok"}
