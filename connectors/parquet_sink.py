@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from connectors.storage import StorageOptions, filesystem_for, redact, unreachable_reason
+from pipeline.schema import RESULT_SCHEMA
 
 
 class OutputError(RuntimeError):
@@ -110,8 +111,17 @@ class ParquetStore:
             os.close(directory)
 
     def read(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """A published file's `columns` (all by default). A column the file predates (it was written by
+        an older Scriptorium) comes back as nulls of the current schema's type."""
         with self.fs.open(path, "rb") as handle:
-            return pq.read_table(handle, columns=columns)
+            parquet = pq.ParquetFile(handle)
+            present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+            table = parquet.read(columns=present)
+        for name in columns or []:
+            if name not in table.column_names:
+                kind = RESULT_SCHEMA.field(name).type if name in RESULT_SCHEMA.names else pa.null()
+                table = table.append_column(pa.field(name, kind), pa.nulls(len(table), kind))
+        return table if columns is None else table.select(columns)
 
     def recover(self) -> list[str]:
         """Clear what killed runs left behind: half-written temporaries and plan files. Returns their paths.

@@ -2,7 +2,7 @@
 
 It lists the input exactly as a run would (same listing, include/exclude and size rules), opens each file
 just far enough to count its pages (PDF: PyMuPDF's page count, nothing rendered; images: the header and
-frame count), and reports documents, pages and bytes by file type, the files a run would turn into error
+frame count; tar shards: their image members, read through once), and reports documents, pages and bytes by file type, the files a run would turn into error
 rows (and why), and an estimate of GPU-hours:
 
     GPU-hours = pages x (task units per page) / (pages per second per GPU) / 3600
@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 from connectors.listing import list_inputs
 from connectors.storage import StorageOptions, filesystem_for, redact
 from jobs.spec import InputSpec, JobSpec, RenderSpec
+from pipeline.pages import KINDS, kind_of
 
 # Planning default, per GPU and per task unit (one page through one prompt). An assumption, not a
 # measurement: Idefics2-8B in bf16 on one modern GPU, HF `generate` with batches of 8, about 300-500 new
@@ -63,6 +64,18 @@ def count_pages(data_or_handle, kind: str, render: RenderSpec) -> int:
             raise ValueError(f"image is {width}x{height}, more than render.max_pixels={render.max_pixels}")
         # Every TIFF frame is a page; animated GIF/WebP are one page (their first frame).
         return getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
+    if kind == "tar":
+        import tarfile
+
+        handle = data_or_handle if hasattr(data_or_handle, "read") else io.BytesIO(data_or_handle)
+        try:  # a stream read: the index of a tar is spread over the whole file, with no seeking back
+            with tarfile.open(fileobj=handle, mode="r|") as tar:
+                images = sum(1 for m in tar if m.isfile() and kind_of(m.name) == "image")
+        except tarfile.TarError as exc:
+            raise ValueError(f"cannot open tar: {exc}") from None
+        if not images:
+            raise ValueError("tar holds no image members (png, jpg, tiff, webp, ...)")
+        return images
     raise ValueError("unsupported file type")
 
 
@@ -73,7 +86,7 @@ def inspect_file(planned: dict, storage: StorageOptions, render: RenderSpec) -> 
              "pages": 0, "error": planned.get("error")}
     if entry["error"]:
         return entry
-    if planned["kind"] not in ("pdf", "image"):
+    if planned["kind"] not in KINDS:
         entry["error"] = f"unsupported file type: {posixpath.basename(uri)}"
         return entry
     if not planned["size"]:

@@ -29,7 +29,7 @@ from connectors.storage import StorageOptions, redact
 from pipeline.pages import RenderSettings, kind_of, page_image, pages_of
 
 KEY_COLUMNS = ["source_uri", "page", "status", "run_id"]
-ROW_COLUMNS = ["source_uri", "page", "n_pages", "task", "question", "text", "status", "error", "stage",
+ROW_COLUMNS = ["source_uri", "page", "n_pages", "member", "task", "question", "text", "status", "error", "stage",
                "n_output_tokens", "truncated", "run_id"]
 THUMB_EDGE = 256
 MAX_ERROR_PAGES = 500  # pages with errors shown (all of them up to this many; the summary counts the rest)
@@ -165,9 +165,11 @@ SCRIPT = """
 """
 
 
-def _page_label(page: int, n_pages: int | None) -> str:
+def _page_label(page: int, n_pages: int | None, member: str | None = None) -> str:
     if page < 0:
         return "whole document"
+    if member:  # a tar shard's image
+        return f"{member} (image {page} of {n_pages})"
     return f"page {page}" + (f" of {n_pages}" if n_pages else "")
 
 
@@ -190,7 +192,7 @@ def render_html(title: str, summary_text: str, rows: list[dict], thumbs: dict, n
             picture = f'<img src="{esc(thumb)}" alt="page {esc(page)} of {esc(source)}">'
         else:
             picture = f'<div class="no-thumb">no preview: {esc(thumb[1:])}</div>'
-        n_pages = page_rows[0]["n_pages"]
+        n_pages, member = page_rows[0]["n_pages"], page_rows[0]["member"]
         body = []
         for r in page_rows:
             detail = r["text"] if r["status"] == "ok" else f"[{r['stage']}] {r['error']}"
@@ -202,7 +204,7 @@ def render_html(title: str, summary_text: str, rows: list[dict], thumbs: dict, n
                 f'<td class="text">{esc(detail)}</td><td>{esc(tokens)}</td></tr>'
             )
         cards.append(
-            f'<section class="page">{picture}<div class="rows"><h2>{esc(source)} &middot; {esc(_page_label(page, n_pages))}'
+            f'<section class="page">{picture}<div class="rows"><h2>{esc(source)} &middot; {esc(_page_label(page, n_pages, member))}'
             f'</h2><table><thead><tr><th>task</th><th>question</th>'
             f'<th>status</th><th>text / error</th><th>tokens</th></tr></thead><tbody>{"".join(body)}</tbody>'
             f'</table></div></section>'

@@ -28,7 +28,7 @@ from pipeline.degenerate import is_degenerate
 from pipeline.image_features import encode_crops, generate_kwargs
 from pipeline.preprocess import ImageSettings, unpack_crops
 from pipeline.prompts import PromptBook, PromptPlan
-from pipeline.routes import routed_rows
+from pipeline.routes import page_result, routed_rows
 from pipeline.schema import RESULT_SCHEMA, table_from_rows
 
 log = logging.getLogger("scriptorium")
@@ -293,26 +293,19 @@ class Idefics2Generator:
 
     # -- rows ----------------------------------------------------------------------------------------
     def _row(self, page: dict, plan: PromptPlan, **values) -> dict:
-        return {
-            "source_uri": page["source_uri"],
-            "page": page["page"],
-            "n_pages": page.get("n_pages"),
-            "task": plan.task,
-            "question": plan.question,
-            "prompt": plan.prompt,
-            "model": self.spec.id,
-            "max_new_tokens": plan.max_new_tokens,
-            "generation": plan.generation,
-            "content_hash": page.get("content_hash"),
-            "width": page.get("width"),
-            "height": page.get("height"),
-            "source_size": page.get("size"),
-            "source_etag": page.get("etag"),
-            "run_id": self.run_id,
-            "replica": self.replica,
-            "node": self.node,
+        return page_result(
+            page,
+            task=plan.task,
+            question=plan.question,
+            prompt=plan.prompt,
+            model=self.spec.id,
+            max_new_tokens=plan.max_new_tokens,
+            generation=plan.generation,
+            run_id=self.run_id,
+            replica=self.replica,
+            node=self.node,
             **values,
-        }
+        )
 
     def _error_row(self, page: dict, plan: PromptPlan, error: str, stage: str) -> dict:
         return self._row(page, plan, status="error", error=error, stage=stage, text=None, route=None)

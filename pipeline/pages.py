@@ -3,7 +3,8 @@
 PDF pages are rendered with PyMuPDF straight at the size the model needs (longest edge = the processor's
 `longest_edge`), rather than rendered big and shrunk. Images are decoded with Pillow and converted to RGB
 with the transformers reference semantics (transparency composited onto white; 16-bit scans scaled to
-8 bits rather than clipped); every frame of a multi-frame TIFF is a page.
+8 bits rather than clipped); every frame of a multi-frame TIFF is a page, and every image member of a
+tar shard (pipeline/shards.py).
 
 Whatever goes wrong with one input becomes an error row for it, and every page ends as exactly one row.
 Sizes are checked before anything is allocated (decompression bombs, giant page boxes); each page has a
@@ -32,6 +33,8 @@ log = logging.getLogger("scriptorium")
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"}
 PDF_EXTENSIONS = {".pdf"}
+SHARD_EXTENSIONS = {".tar"}  # tar shards of images (WebDataset and similar): pipeline/shards.py
+KINDS = ("pdf", "image", "tar")
 
 
 def kind_of(name: str) -> str:
@@ -42,6 +45,8 @@ def kind_of(name: str) -> str:
         return "pdf"
     if ext in IMAGE_EXTENSIONS:
         return "image"
+    if ext in SHARD_EXTENSIONS:
+        return "tar"
     return "unknown"
 
 
@@ -283,9 +288,10 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
     if plan_row.get("error"):
         yield from whole_file_failed(plan_row["error"], "list")
         return
-    if kind not in ("pdf", "image"):  # known from the name: not worth reading
+    if kind not in KINDS:  # known from the name: not worth reading
         name = plan_row["source_uri"].rsplit("/", 1)[-1]
-        reason = f"unsupported file type: {name} (not a PDF or one of {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        reason = (f"unsupported file type: {name} (not a PDF, a .tar shard of images or one of "
+                  f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
         yield from whole_file_failed(reason, "list")
         return
     try:
@@ -297,7 +303,13 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
     frames = isolated_frames if settings.isolate else local_frames
     n_pages, emitted = None, set()
     try:
-        for frame in frames(kind, data, settings, skip):
+        if kind == "tar":  # each image member is a page, decoded as an image file is
+            from pipeline.shards import shard_frames
+
+            source_frames = shard_frames(data, settings, skip, image_frames=frames)
+        else:
+            source_frames = frames(kind, data, settings, skip)
+        for frame in source_frames:
             n_pages = frame["n_pages"]
             if frame["page"] in emitted:
                 continue  # never two rows for one page

@@ -300,6 +300,7 @@ def page_result(page: dict, **values) -> dict:
         "source_uri": page["source_uri"],
         "page": page["page"],
         "n_pages": page.get("n_pages"),
+        "member": page.get("member"),
         "width": page.get("width"),
         "height": page.get("height"),
         "source_size": page.get("size"),

@@ -64,6 +64,7 @@ PAGE_SCHEMA = pa.schema(
         ("kind", pa.string()),
         ("page", pa.int32()),
         ("n_pages", pa.int32()),
+        ("member", pa.string()),  # a tar shard's page: the member's name in the tar (null otherwise)
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("image", pa.large_binary()),
@@ -97,6 +98,7 @@ RESULT_SCHEMA = pa.schema(
         ("source_uri", pa.string()),
         ("page", pa.int32()),
         ("n_pages", pa.int32()),
+        ("member", pa.string()),  # tar shards: the image member's name, to join results to samples
         ("task", pa.string()),
         ("question", pa.string()),
         ("prompt", pa.string()),

@@ -161,3 +161,15 @@ def test_the_driver_drops_units_done_before_and_units_it_already_wrote():
     assert first["page"].to_pylist() == [1, 2]
     again = _drop_done(results("a.pdf", [1, 2, 3], 4), done, written)  # a batch delivered a second time
     assert again["page"].to_pylist() == [3]
+
+
+def test_a_file_written_before_a_column_existed_reads_with_that_column_null(tmp_path):
+    import pyarrow.parquet as pq
+
+    older = results("a.pdf", [0, 1], 2).drop_columns(["member"])  # as Scriptorium wrote it before `member`
+    pq.write_table(older, tmp_path / "part-old.parquet")
+    store = ParquetStore(str(tmp_path))
+    table = store.read(store.data_files()[0], ["source_uri", "page", "member"])
+    assert table.column_names == ["source_uri", "page", "member"]
+    assert table["member"].to_pylist() == [None, None] and table.schema.field("member").type == pa.string()
+    assert read_ledger(store, {("ocr", None)}).is_complete("a.pdf", "e1")
