@@ -41,7 +41,14 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shortest-edge", type=int)
     p.add_argument("--replicas", type=int, help="model replicas (one per GPU)")
     p.add_argument("--gpus-per-replica", type=float)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="pages per model batch at most (default: automatic)")
+    p.add_argument("--max-batch-tokens", type=int,
+                   help="prompt + new tokens per model batch (default: what the GPU's memory holds)")
+    p.add_argument("--text-layer", action=argparse.BooleanOptionalAction, default=None,
+                   help="OCR PDF pages that have a good embedded text layer from it, without the model")
+    p.add_argument("--ocr-engine", choices=["idefics2", "tesseract"], help="tesseract: OCR on CPU, no model")
+    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=None,
+                   help="process pixel-identical pages once per run and reuse the result")
     p.add_argument("--run-id")
     p.add_argument("--address", help="Ray cluster address: auto or ray://host:10001 (default: local Ray)")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, R2, Ceph)")
@@ -67,8 +74,10 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
             "prompt_format": args.prompt_format, "do_image_splitting": args.do_image_splitting,
             "longest_edge": args.longest_edge, "shortest_edge": args.shortest_edge,
         },
+        "routing": {"text_layer": args.text_layer, "ocr_engine": args.ocr_engine, "dedup": args.dedup},
         "resources": {"num_replicas": args.replicas, "gpus_per_replica": args.gpus_per_replica,
-                      "batch_size": args.batch_size, "address": args.address},
+                      "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,
+                      "address": args.address},
     }
     for section, values in sections.items():
         target = getattr(spec, section)

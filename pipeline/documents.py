@@ -56,7 +56,8 @@ def _window_complete(shown: list[dict], window: int) -> bool:
 
 def document_row(plan_row: dict, pages: list[dict]) -> dict:
     base = {k: plan_row.get(k) for k in SOURCE_COLUMNS}
-    row = {**base, "page": DOCUMENT_PAGE, "n_pages": pages[-1].get("n_pages")}
+    published = [u for u in plan_row.get("done_units") or [] if u["page"] == DOCUMENT_PAGE] or None
+    row = {**base, "page": DOCUMENT_PAGE, "n_pages": pages[-1].get("n_pages"), "done_units": published}
     failed = next((p for p in pages if p.get("status") != "ok"), None)
     if failed is not None:
         where = f"page {failed['page']}: " if failed.get("n_pages") is not None else ""

@@ -274,6 +274,11 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
     owes (page 0 for a new file); a document that fails part-way has error rows for the rest.
     """
     base = {k: plan_row.get(k) for k in SOURCE_COLUMNS}
+    published = units_by_page(plan_row)
+
+    def page_row(number: int, **values) -> dict:
+        return {**base, "page": number, "done_units": published.get(number), **values}
+
     skip = set(plan_row.get("done_pages") or [])
     known = plan_row.get("known_pages")
     # A file that cannot be listed, read or opened: one error row on each page it still owes. For a
@@ -282,7 +287,7 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
 
     def whole_file_failed(error: str, stage: str) -> Iterator[dict]:
         for page in owed:
-            yield {**base, "page": page, "n_pages": known, "status": "error", "error": error, "stage": stage}
+            yield page_row(page, n_pages=known, status="error", error=error, stage=stage)
 
     kind = plan_row.get("kind")
     if plan_row.get("error"):
@@ -315,7 +320,8 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
                 continue  # never two rows for one page
             emitted.add(frame["page"])
             error = frame.pop("error", None)
-            yield {**base, **frame, "status": "error" if error else "ok", "error": error, "stage": stage if error else None}
+            yield page_row(frame.pop("page"), **frame, status="error" if error else "ok", error=error,
+                           stage=stage if error else None)
         return
     except PageError as exc:
         reason = str(exc)
@@ -326,7 +332,15 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
         return
     for number in range(n_pages):  # the document failed part-way: its remaining pages say why
         if number not in skip and number not in emitted:
-            yield {**base, "page": number, "n_pages": n_pages, "status": "error", "error": reason, "stage": stage}
+            yield page_row(number, n_pages=n_pages, status="error", error=reason, stage=stage)
+
+
+def units_by_page(plan_row: dict) -> dict[int, list[dict]]:
+    """The plan's `done_units` (units published on pages that still owe others), by page."""
+    by_page: dict[int, list[dict]] = {}
+    for unit in plan_row.get("done_units") or []:
+        by_page.setdefault(unit["page"], []).append(unit)
+    return by_page
 
 
 def isolated_frames(kind: str, data: bytes, settings: RenderSettings, skip: set[int]) -> Iterator[dict]:

@@ -28,8 +28,9 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 
-# The plan columns every page row of a source carries along.
-SOURCE_COLUMNS = ("source_uri", "size", "etag", "kind", "questions", "done_units")
+# The plan columns every page row of a source carries along (each row also gets its own page's
+# `done_units`, not the whole source's).
+SOURCE_COLUMNS = ("source_uri", "size", "etag", "kind", "questions")
 
 # A result made before the model (pipeline/routes.py): the text layer, Tesseract, or a duplicate's result.
 # It rides on its page row to the model stage, which emits it as a result row without generating.
@@ -76,7 +77,7 @@ PAGE_SCHEMA = pa.schema(
         ("image_shapes", pa.list_(pa.list_(pa.int32()))),  # document rows: [[h, w], ...] of each page image
         ("content_hash", pa.string()),  # hash of the rendered pixels (routing.dedup)
         ("routed", pa.list_(ROUTED_RESULT)),  # units already answered before the model (routes.py)
-        ("done_units", pa.list_(DONE_UNIT)),  # the source's units published before this run: not redone
+        ("done_units", pa.list_(DONE_UNIT)),  # this row's units published before this run: not redone
     ]
 )
 

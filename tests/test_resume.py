@@ -277,3 +277,15 @@ def test_a_page_that_owes_some_units_generates_only_those(small_folder, tiny_mod
         (0, "caption", None), (0, "qa", "Who?"),
         (1, "ocr", None), (1, "qa", "When?"), (1, "qa", "Who?")]
     assert {r["status"] for r in rows} == {"ok"}
+
+
+def test_each_page_row_carries_only_its_own_pages_published_units(small_folder):
+    """A 5,000-page document with a task added must not copy all its published units onto every page."""
+    from connectors.storage import StorageOptions
+    from pipeline.pages import RenderSettings, pages_of
+    from tests.stages import plan_row
+
+    on_page = [{"page": p, "task": "ocr", "question": None} for p in (0, 1)]
+    rows = list(pages_of({**plan_row(small_folder / "a.pdf"), "done_units": on_page},
+                         RenderSettings(longest_edge=64, isolate=False), StorageOptions()))
+    assert [(r["page"], r["done_units"]) for r in rows] == [(0, [on_page[0]]), (1, [on_page[1]])]

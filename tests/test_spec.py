@@ -54,3 +54,15 @@ def test_flags_override_the_job_file(tmp_path):
     assert spec.input.uri == "a" and spec.output.uri == "c"
     assert spec.tasks[0].kind == "caption" and spec.tasks[0].max_new_tokens == 7
     assert spec.model.device == "cpu" and spec.model.do_image_splitting is False
+
+
+def test_routing_and_batch_budgets_are_flags_too(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[input]\nuri = "a"\n[output]\nuri = "b"\n[model]\nid = "m"\n[[tasks]]\nkind = "ocr"\n'
+                    '[routing]\ndedup = true\n[resources]\nbatch_size = 32\n')
+    args = build_parser().parse_args(["run", "--job", str(path), "--text-layer", "--ocr-engine", "tesseract",
+                                      "--no-dedup", "--max-batch-tokens", "50000"])
+    spec = spec_from_args(args).validate()
+    assert (spec.routing.text_layer, spec.routing.ocr_engine, spec.routing.dedup) == (True, "tesseract", False)
+    assert (spec.resources.batch_size, spec.resources.max_batch_tokens) == (32, 50000)  # the file's, and the flag's
+    assert not spec.needs_model  # Tesseract answers every OCR page: no model, no GPU
