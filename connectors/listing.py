@@ -24,7 +24,7 @@ from connectors.storage import StorageOptions, filesystem_for, redact, uri_for
 from jobs.spec import InputSpec
 
 GLOB_CHARS = "*?["
-LIST_PAGE = 1000  # objects per S3 ListObjectsV2 page (the API's maximum)
+LIST_PAGE = 1000  # objects per S3 ListObjectsV2 / GCS objects.list page (both APIs' maximum)
 HEAD_CONCURRENCY = 16  # parallel metadata lookups for manifest entries
 HEAD_CHUNK = 256  # manifest entries looked up per round: bounds memory for huge manifests
 
@@ -69,6 +69,33 @@ def _stream_s3(fs, key_prefix: str) -> Iterator[tuple[str, dict]]:
             return
 
 
+def _is_gcs(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "gs" in protocols and hasattr(fs, "_process_object")
+
+
+def _stream_gcs(fs, key_prefix: str) -> Iterator[tuple[str, dict]]:
+    """(path, info) for every object whose name starts with `key_prefix` ("bucket/some/prefix").
+
+    gcsfs has no paged iterator: `walk`, `find` and `glob` gather every page of a listing before they
+    return. So we ask for one objects.list page at a time through gcsfs's own `_call` (its auth,
+    retries and requester-pays parameters apply), without a delimiter so the tree comes flat, and turn
+    items into info dicts the way gcsfs does (`_process_object`): memory holds one page.
+    """
+    bucket, key, _ = fs.split_path(key_prefix)
+    token = None
+    while True:
+        page = fsspec.asyn.sync(fs.loop, fs._call, "GET", "b/{}/o", bucket, json_out=True,
+                                prefix=key or None, maxResults=LIST_PAGE, pageToken=token)
+        for item in page.get("items", []):
+            if not item["name"].endswith("/"):  # "folder/" placeholders
+                info = fs._process_object(bucket, item)
+                yield info["name"], info
+        token = page.get("nextPageToken")
+        if not token:
+            return
+
+
 async def _take(items, n: int) -> list:
     """Up to n items from an async iterator (fewer only when it is exhausted)."""
     taken = []
@@ -86,7 +113,10 @@ def _files_below(fs, root: str, name_prefix: str = "") -> Iterator[tuple[str, di
     if _is_s3(fs):
         yield from _stream_s3(fs, start)
         return
-    # Local, memory, GCS, ...: one directory listing at a time.
+    if _is_gcs(fs):
+        yield from _stream_gcs(fs, start)
+        return
+    # Local, memory, ...: one directory listing at a time.
     for directory, _dirs, files in fs.walk(root, detail=True):
         for name in sorted(files):
             info = files[name]

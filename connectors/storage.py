@@ -28,14 +28,15 @@ T = TypeVar("T")
 class StorageOptions:
     """What a worker needs to open a URI. Picklable, so it travels to Ray workers; holds no secrets."""
 
-    endpoint_url: str = ""
+    endpoint_url: str = ""  # s3:// only
     region: str = ""
     profile: str = ""
     anon: bool = False
+    gcs_endpoint_url: str = ""  # gs:// only: a job may read from MinIO and GCS at once
 
     @classmethod
     def from_spec(cls, spec: StorageSpec) -> "StorageOptions":
-        return cls(spec.endpoint_url, spec.region, spec.profile, spec.anon)
+        return cls(spec.endpoint_url, spec.region, spec.profile, spec.anon, spec.gcs_endpoint_url)
 
 
 def protocol_of(uri: str) -> str:
@@ -67,17 +68,32 @@ def fsspec_options(protocol: str, options: StorageOptions) -> dict:
         kwargs["config_kwargs"] = {"retries": {"max_attempts": 8, "mode": "adaptive"}}
         return kwargs
     if protocol == "gs":
-        return {"token": "anon"} if options.anon else {}
+        kwargs = {"token": "anon"} if options.anon else {}
+        if options.gcs_endpoint_url:  # an emulator or gateway; gcsfs itself reads STORAGE_EMULATOR_HOST
+            kwargs["endpoint_url"] = options.gcs_endpoint_url
+        return kwargs
     if protocol == "file":
         return {"auto_mkdir": True}
     return {}
+
+
+def _filesystem(protocol: str, **kwargs) -> fsspec.AbstractFileSystem:
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default")  # as gcsfs reads it
+    if protocol == "gs" and (kwargs.get("endpoint_url") or emulator):
+        # gcsfs's default class asks the gRPC Storage Control API for a bucket's layout (zonal,
+        # hierarchical) before most calls, and does not remember a failed answer. Emulators speak the
+        # JSON API only, so every read would wait out a minute of gRPC retries; the plain class doesn't ask.
+        from gcsfs.core import GCSFileSystem
+
+        return GCSFileSystem(**kwargs)
+    return fsspec.filesystem(protocol, **kwargs)
 
 
 def filesystem_for(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return (fsspec filesystem, path within it) for a URI."""
     options = options or StorageOptions()
     protocol = protocol_of(uri)
-    fs = fsspec.filesystem(protocol, **fsspec_options(protocol, options))
+    fs = _filesystem(protocol, **fsspec_options(protocol, options))
     if protocol == "file":
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         return fs, os.path.abspath(os.path.expanduser(path))
@@ -205,7 +221,7 @@ def probe_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[f
     kwargs = fsspec_options(protocol, options or StorageOptions())
     if protocol == "s3":
         kwargs["config_kwargs"] = PROBE_CONFIG
-    fs = fsspec.filesystem(protocol, skip_instance_cache=True, **kwargs)
+    fs = _filesystem(protocol, skip_instance_cache=True, **kwargs)
     if protocol == "s3":
         fs.retries = 1  # s3fs's own retry loop around botocore's (a class attribute, not an argument)
     return fs, path

@@ -67,10 +67,11 @@ class OutputSpec:
 
 @dataclass
 class StorageSpec:
-    endpoint_url: str = ""
+    endpoint_url: str = ""  # S3-compatible stores (MinIO, R2, Ceph): s3:// URIs only
     region: str = ""
     profile: str = ""
     anon: bool = False
+    gcs_endpoint_url: str = ""  # a GCS emulator or gateway (JSON API): gs:// URIs only
 
 
 @dataclass
