@@ -2,8 +2,9 @@
 
 It lists the input exactly as a run would (same listing, include/exclude and size rules), opens each file
 just far enough to count its pages (PDF: PyMuPDF's page count, nothing rendered; images: the header and
-frame count; tar shards: their image members, read through once), and reports documents, pages and bytes by file type, the files a run would turn into error
-rows (and why), and an estimate of GPU-hours:
+frame count; tar shards: their image members, read through once; Parquet shards: the footer), and
+reports documents, pages and bytes by file type, the files a run would turn into error rows (and why),
+and an estimate of GPU-hours:
 
     GPU-hours = pages x (task units per page) / (pages per second per GPU) / 3600
 
@@ -76,6 +77,23 @@ def count_pages(data_or_handle, kind: str, render: RenderSpec) -> int:
         if not images:
             raise ValueError("tar holds no image members (png, jpg, tiff, webp, ...)")
         return images
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        from pipeline.pages import PageError
+        from pipeline.shards import image_column
+
+        try:  # the footer only: row count and schema
+            parquet = pq.ParquetFile(data_or_handle if hasattr(data_or_handle, "read") else io.BytesIO(data_or_handle))
+        except Exception as exc:
+            raise ValueError(f"cannot open Parquet: {exc}") from None
+        try:
+            image_column(parquet.schema_arrow)
+        except PageError as exc:
+            raise ValueError(str(exc)) from None
+        if not parquet.metadata.num_rows:
+            raise ValueError("Parquet table has no rows")
+        return parquet.metadata.num_rows
     raise ValueError("unsupported file type")
 
 

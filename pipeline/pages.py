@@ -3,8 +3,8 @@
 PDF pages are rendered with PyMuPDF straight at the size the model needs (longest edge = the processor's
 `longest_edge`), rather than rendered big and shrunk. Images are decoded with Pillow and converted to RGB
 with the transformers reference semantics (transparency composited onto white; 16-bit scans scaled to
-8 bits rather than clipped); every frame of a multi-frame TIFF is a page, and every image member of a
-tar shard (pipeline/shards.py).
+8 bits rather than clipped); every frame of a multi-frame TIFF is a page, and every image of a tar or
+Parquet shard (pipeline/shards.py).
 
 Whatever goes wrong with one input becomes an error row for it, and every page ends as exactly one row.
 Sizes are checked before anything is allocated (decompression bombs, giant page boxes); each page has a
@@ -33,8 +33,9 @@ log = logging.getLogger("scriptorium")
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"}
 PDF_EXTENSIONS = {".pdf"}
-SHARD_EXTENSIONS = {".tar"}  # tar shards of images (WebDataset and similar): pipeline/shards.py
-KINDS = ("pdf", "image", "tar")
+# Shards of many images (pipeline/shards.py): WebDataset-style tars, Parquet tables of images.
+SHARD_EXTENSIONS = {".tar": "tar", ".parquet": "parquet"}
+KINDS = ("pdf", "image", *SHARD_EXTENSIONS.values())
 
 
 def kind_of(name: str) -> str:
@@ -45,9 +46,7 @@ def kind_of(name: str) -> str:
         return "pdf"
     if ext in IMAGE_EXTENSIONS:
         return "image"
-    if ext in SHARD_EXTENSIONS:
-        return "tar"
-    return "unknown"
+    return SHARD_EXTENSIONS.get(ext, "unknown")
 
 
 class PageError(Exception):
@@ -295,7 +294,7 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
         return
     if kind not in KINDS:  # known from the name: not worth reading
         name = plan_row["source_uri"].rsplit("/", 1)[-1]
-        reason = (f"unsupported file type: {name} (not a PDF, a .tar shard of images or one of "
+        reason = (f"unsupported file type: {name} (not a PDF, a .tar or .parquet shard of images, or one of "
                   f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
         yield from whole_file_failed(reason, "list")
         return
@@ -308,10 +307,10 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
     frames = isolated_frames if settings.isolate else local_frames
     n_pages, emitted = None, set()
     try:
-        if kind == "tar":  # each image member is a page, decoded as an image file is
+        if kind in SHARD_EXTENSIONS.values():  # each image in it is a page, decoded as an image file is
             from pipeline.shards import shard_frames
 
-            source_frames = shard_frames(data, settings, skip, image_frames=frames)
+            source_frames = shard_frames(kind, data, settings, skip, image_frames=frames)
         else:
             source_frames = frames(kind, data, settings, skip)
         for frame in source_frames:

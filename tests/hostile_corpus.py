@@ -81,11 +81,34 @@ def write_hostile_corpus(folder: Path) -> dict[str, Expected]:
     put("wide.png", image_bytes(Image.new("RGB", (5000, 20), "white"), "PNG"), Expected(1, 1))
     put("tall.png", image_bytes(Image.new("RGB", (20, 5000), "white"), "PNG"), Expected(1, 1))
 
+    # -- shards of images --------------------------------------------------------------------------------
+    good = {f"{i:06d}.png": png for i in range(3)}
+    whole = _tar_bytes(good)
+    # An upload cut in the middle of the third image: two images, the third an error row, then one more
+    # error row saying the images after it (unknown) are lost.
+    put("cut_short.tar", whole[: whole.index(png, 3 * 512 + 2 * len(png)) + len(png) // 2], Expected(4, 2, "tar is"))
+    put("bomb_member.tar", _tar_bytes({"000000.png": png, "000001.png": _png_header_only(50_000, 50_000)}),
+        Expected(2, 1, "decompression bomb"))
+    put("random.tar", rng.randbytes(4096), Expected(1, 0, "cannot open tar"))
+    put("random.parquet", rng.randbytes(4096), Expected(1, 0, "cannot open parquet"))
+
     # -- not documents at all ------------------------------------------------------------------------
     put("notes.txt", b"just some text\n", Expected(1, 0, "unsupported file type"))
     put("report.docx", b"PK\x03\x04" + rng.randbytes(500), Expected(1, 0, "unsupported file type"))
     put("no_extension", b"%PDF-1.7\n", Expected(1, 0, "unsupported file type"))
     return expected
+
+
+def _tar_bytes(members: dict[str, bytes]) -> bytes:
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 # -- PDF makers -----------------------------------------------------------------------------------------

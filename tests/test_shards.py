@@ -1,6 +1,7 @@
-"""Tar shards of images (WebDataset style): each image member is a page of the shard, named in `member`,
-decoded exactly as the same image file would be; other members are not pages; a bad member is an
-error row for its page, a bad shard an error row for the file; captions join back to samples by name."""
+"""Shards of images, tar (WebDataset style) and Parquet (Hugging Face datasets style): each image is a
+page of the shard, named in `member`, decoded exactly as the same image file would be; other members
+are not pages; a bad image is an error row for its page, a bad shard an error row for the file;
+captions join back to samples by name."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from connectors.storage import StorageOptions
@@ -40,6 +43,15 @@ def make_shard(path: Path, images: dict[str, Path], extra: dict[str, bytes] | No
     return path
 
 
+def make_image_table(path: Path, images: dict[str, Path], extra_rows: list[dict] = ()) -> Path:
+    """A Hugging Face datasets-style table: `image` is a struct of bytes and path, beside other columns;
+    two rows per row group, so reads cross row groups."""
+    rows = [{"image": {"bytes": image.read_bytes(), "path": f"{key}{image.suffix}"}, "caption": f"about {key}"}
+            for key, image in images.items()]
+    pq.write_table(pa.Table.from_pylist([*rows, *extra_rows]), path, row_group_size=2)
+    return path
+
+
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("samples")
@@ -51,7 +63,8 @@ def samples(tmp_path_factory) -> dict[str, Path]:
 
 
 def plan(path: Path) -> dict:
-    return {"source_uri": str(path), "kind": "tar", "size": path.stat().st_size, "etag": "e"}
+    kind = {".tar": "tar", ".parquet": "parquet"}.get(path.suffix, "image")
+    return {"source_uri": str(path), "kind": kind, "size": path.stat().st_size, "etag": "e"}
 
 
 def test_each_image_member_is_a_page_decoded_as_the_image_file_would_be(samples, tmp_path):
@@ -61,7 +74,7 @@ def test_each_image_member_is_a_page_decoded_as_the_image_file_would_be(samples,
     assert [(r["page"], r["n_pages"], r["member"], r["status"]) for r in rows] == [
         (0, 3, "000000.jpg", "ok"), (1, 3, "000001.png", "ok"), (2, 3, "000002.webp", "ok")]
     for row, image in zip(rows, samples.values()):
-        alone = next(pages_of({**plan(image), "kind": "image"}, SETTINGS, StorageOptions()))
+        alone = next(pages_of(plan(image), SETTINGS, StorageOptions()))
         assert np.array_equal(page_image(row), page_image(alone))
 
 
@@ -98,11 +111,41 @@ def test_a_resumed_shard_decodes_only_its_missing_members(samples, tmp_path):
     assert [(r["page"], r["member"]) for r in rows] == [(1, "000001.png")]
 
 
+def test_each_row_of_an_image_table_is_a_page_named_by_its_path(samples, tmp_path):
+    table = make_image_table(tmp_path / "train-00000.parquet", samples, [
+        {"image": None, "caption": "a row whose image is missing"},
+        {"image": {"bytes": b"not an image", "path": "000004.jpg"}, "caption": "garbage"},
+    ])
+    rows = list(pages_of(plan(table), SETTINGS, StorageOptions()))
+
+    assert [(r["page"], r["n_pages"], r["member"], r["status"]) for r in rows] == [
+        (0, 5, "000000.jpg", "ok"), (1, 5, "000001.png", "ok"), (2, 5, "000002.webp", "ok"),
+        (3, 5, None, "error"), (4, 5, "000004.jpg", "error")]
+    assert rows[3]["error"] == "this row has no image (null)"
+    assert rows[4]["error"].startswith("cannot decode image")
+    for row, image in zip(rows, samples.values()):
+        assert np.array_equal(page_image(row), page_image(next(pages_of(plan(image), SETTINGS, StorageOptions()))))
+
+
+def test_a_binary_image_column_works_too_and_a_table_without_one_is_an_error_row(samples, tmp_path):
+    jpgs = tmp_path / "jpgs.parquet"
+    pq.write_table(pa.table({"key": ["a", "b"], "jpg": [samples["000000"].read_bytes()] * 2}), jpgs)
+    rows = list(pages_of(plan(jpgs), SETTINGS, StorageOptions()))
+    assert [(r["page"], r["member"], r["status"]) for r in rows] == [(0, None, "ok"), (1, None, "ok")]
+
+    metadata = tmp_path / "metadata.parquet"
+    pq.write_table(pa.table({"url": ["https://example.com/a.jpg"], "caption": ["a cat"]}), metadata)
+    rows = list(pages_of(plan(metadata), SETTINGS, StorageOptions()))
+    assert len(rows) == 1 and rows[0]["status"] == "error"
+    assert rows[0]["error"].startswith("Parquet table has no image column")
+
+
 @pytest.mark.timeout(300)
 def test_captions_of_a_shard_join_back_to_its_samples(samples, tiny_model, tmp_path, ray_local):
     inputs = tmp_path / "corpus"
     inputs.mkdir()
     make_shard(inputs / "shard-000.tar", samples, {"000003.jpg": b"truncated"})
+    make_image_table(inputs / "table-000.parquet", samples)
     make_image(inputs / "loose.png")
     output = tmp_path / "captions"
     spec = spec_from_dict({
@@ -111,14 +154,15 @@ def test_captions_of_a_shard_join_back_to_its_samples(samples, tiny_model, tmp_p
         "tasks": [{"kind": "caption", "max_new_tokens": 4}], "resources": {"batch_size": 4},
     })
     first = run_job(spec)
-    assert (first.ok_rows, first.error_rows) == (4, 1)  # 3 members and the loose image; the truncated member
+    # 3 tar members, 3 table rows and the loose image; the truncated member
+    assert (first.ok_rows, first.error_rows) == (7, 1)
 
     samples_json = tmp_path / "samples.json"  # the corpus's own index, keyed like WebDataset's __key__
     samples_json.write_text("\n".join(f'{{"key": "{key}"}}' for key in [*samples, "000003"]))
     joined = duckdb.sql(f"""
         SELECT s.key, r.status, r.page FROM read_json_auto('{samples_json}') s
         JOIN read_parquet('{output}/*.parquet') r ON r.member = s.key || regexp_extract(r.member, '\\.[a-z]+$')
-        ORDER BY s.key""").fetchall()
+        WHERE r.source_uri LIKE '%.tar' ORDER BY s.key""").fetchall()
     assert joined == [("000000", "ok", 0), ("000001", "ok", 1), ("000002", "ok", 2), ("000003", "error", 3)]
     loose = [r for r in pads.dataset(str(output), format="parquet").to_table().to_pylist() if r["member"] is None]
     assert [Path(r["source_uri"]).name for r in loose] == ["loose.png"]
@@ -127,14 +171,15 @@ def test_captions_of_a_shard_join_back_to_its_samples(samples, tiny_model, tmp_p
     assert (again.planned_inputs, again.rows_written) == (0, 0)  # every member is done: the shard is skipped
 
 
-def test_inspect_counts_a_shards_image_members(samples, tmp_path, capsys):
+def test_inspect_counts_the_images_of_shards(samples, tmp_path, capsys):
     import json
 
     from jobs.cli import main
 
     make_shard(tmp_path / "shard-000.tar", samples)
+    make_image_table(tmp_path / "train-00000.parquet", samples, [{"image": None, "caption": "no image"}])
     (tmp_path / "captions-only.tar").write_bytes(b"not a tar at all" * 64)
     assert main(["inspect", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["by_type"][".tar"]["documents"] == 2 and report["pages"] == 3
+    assert report["by_type"][".tar"]["documents"] == 2 and report["pages"] == 3 + 4  # every row: one may fail
     assert [f["reason"].split(":")[0] for f in report["unreadable_files"]] == ["cannot open tar"]
