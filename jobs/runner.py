@@ -231,7 +231,7 @@ def run_job(spec: JobSpec) -> RunResult:
     result = RunResult(run_id=spec.run_id, output=spec.output.uri, skipped_inputs=plan.skipped, planned_inputs=plan.planned)
     sink = ParquetSink(store, spec.run_id, spec.output.rows_per_file, spec.output.seconds_per_file)
     if plan.files:
-        _run_pipeline(spec, plan.files, store, storage, image_settings, prompts, ledger, sink, result)
+        _run_pipeline(spec, plan.files, store, storage, processor, image_settings, prompts, ledger, sink, result)
     sink.close()
     if store.fs.exists(f"{store.root}/_work/{spec.run_id}"):
         store.fs.rm(f"{store.root}/_work/{spec.run_id}", recursive=True)
@@ -257,7 +257,7 @@ def warn_if_resuming_another_model(ledger: Ledger, spec: JobSpec) -> None:
                     spec.output.uri, ", ".join(sorted(made_by_models)), spec.model.id, spec.model.id)
 
 
-def _run_pipeline(spec, plan_files, store, storage, image_settings, prompts, ledger, sink, result) -> None:
+def _run_pipeline(spec, plan_files, store, storage, processor, image_settings, prompts, ledger, sink, result) -> None:
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -275,9 +275,13 @@ def _run_pipeline(spec, plan_files, store, storage, image_settings, prompts, led
     ctx.execution_options.preserve_order = False
     _quiet_ray_progress(ctx)  # before the dataset is made: it keeps a copy of the context
     plan = ray.data.read_parquet(plan_files, filesystem=PyFileSystem(FSSpecHandler(store.fs)))
-    from pipeline.routes import DedupJoin, start_registry
+    from pipeline.routes import DedupJoin, earlier_results, seed_registry, start_registry
 
     registry = start_registry(spec.routing, spec.run_id)  # None unless routing.dedup
+    if registry is not None and spec.routing.dedup_across_runs and spec.needs_model:
+        reused = seed_registry(registry, earlier_results(store, prompts, processor, spec.model.id))
+        if reused:
+            log.info("dedup: %d results of earlier runs can be reused by identical pages", reused)
     dataset = build_dataset(plan, spec, image_settings, prompts, storage, registry)
     done_before = {source: len(pages) for source, pages in ledger.done_pages.items()}
     written: set[int] = set()  # hashes of this run's keys: a batch Ray delivers twice is written once

@@ -140,6 +140,7 @@ class RoutingSpec:
     tesseract_language: str = "eng"  # Tesseract language(s), e.g. "eng+deu"
     dedup: bool = False  # pixel-identical pages are processed once per run and their result reused
     dedup_cache_mb: int = 256  # results kept for later duplicates (least recently used go first)
+    dedup_across_runs: bool = True  # with dedup: also reuse results earlier runs published to this output
 
 
 @dataclass

@@ -4,8 +4,10 @@ Runs on CPU workers between rendering and preprocessing, per (page, task, questi
 
     text_layer  OCR units of a PDF page whose embedded text layer looks good (routing.text_layer):
                 PyMuPDF's `page.get_text()`, captured at render time, is the transcription.
-    dedup       units of a page whose rendered pixels are identical to a page seen earlier in the run
-                (routing.dedup) reuse that page's result instead of being generated again.
+    dedup       units of a page whose rendered pixels are identical to a page seen earlier in the run, or
+                published by an earlier run into the same output with the same model, prompt and
+                generation settings (routing.dedup), reuse that page's result instead of being
+                generated again.
     tesseract   OCR units when routing.ocr_engine = "tesseract": Tesseract through PyMuPDF's OCR, on CPU.
     model       everything else goes on to preprocessing and the model.
 
@@ -24,6 +26,11 @@ pending rows wait for it (after settling, nobody else waits on that key: later d
 or `lead` again if the original failed or its result was evicted). The driver keeps an original's row
 only until those pending rows are filled, and the registry keeps ok results in a bounded LRU
 (routing.dedup_cache_mb), so memory stays bounded in both. Pending rows never reach the sink.
+
+Across runs: before a run starts, the driver *seeds* the registry with the ok results earlier runs
+published (`earlier_results`: the same model, prompt and generation settings only), so an incremental
+run over a grown corpus does not caption a copy of an image it already captioned. Seeded results share
+the LRU with the run's own (routing.dedup_across_runs = false turns this off).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import OrderedDict, defaultdict
+from itertools import islice
 from typing import Iterator
 
 import numpy as np
@@ -137,6 +145,51 @@ class DedupRegistry:
                 while self.bytes > self.max_bytes and self.results:
                     self.bytes -= _size(self.results.popitem(last=False)[1])
         return waiting
+
+
+    def seed(self, entries: list[tuple[str, dict]]) -> int:
+        """Results published by earlier runs, reused like this run's own (least recently used first out)."""
+        added = 0
+        for key, result in entries:
+            if key not in self.results:
+                added += 1
+                self.results[key] = result
+                self.bytes += _size(result)
+        while self.bytes > self.max_bytes and self.results:
+            self.bytes -= _size(self.results.popitem(last=False)[1])
+        return added
+
+
+def earlier_results(store, book, processor, model_id: str) -> Iterator[tuple[str, dict]]:
+    """(dedup key, shared result) of each ok row earlier runs published that this run would make the same
+    way: the same model, prompt and generation settings, for a page whose pixels were hashed (a run with
+    routing.dedup). A page of this run with the same pixels then reuses it instead of generating."""
+    import pyarrow.compute as pc
+
+    tasks = {t.task_name: t for t in book.tasks if t.scope == "page"}
+    columns = ["source_uri", "page", "task", "question", "content_hash", "dedup_of", *RESULT_FIELDS]
+    for path in store.data_files():
+        table = store.read(path, columns)
+        reusable = pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["content_hash"]))
+        for row in table.filter(reusable).to_pylist():
+            task = tasks.get(row["task"])
+            if task is None or row["model"] != model_id:
+                continue
+            plan = book.plan(processor, task, row["question"])
+            if (row["prompt"], row["generation"]) != (plan.prompt, plan.generation):
+                continue
+            shared = {**{k: row[k] for k in RESULT_FIELDS}, "dedup_of": row["dedup_of"] or page_id(row)}
+            yield dedup_key(row["content_hash"], row["task"], row["question"]), shared
+
+
+def seed_registry(registry, entries: Iterator[tuple[str, dict]], chunk: int = 2000) -> int:
+    """Hand `entries` to the registry actor a chunk at a time; return how many it took."""
+    import ray
+
+    taken = 0
+    while batch := list(islice(entries, chunk)):
+        taken += ray.get(registry.seed.remote(batch))
+    return taken
 
 
 def _size(result: dict) -> int:

@@ -201,3 +201,42 @@ def test_routes_through_ray(tiny_model, ray_local, documents, tmp_path):
     assert run_job(cpu_only).rows_written == 2
     rows = pads.dataset(str(tmp_path / "tesseract"), format="parquet").to_table().to_pylist()
     assert all(r["route"] == "tesseract" and cer(r["text"], LETTER) < 0.02 for r in rows)
+
+
+@pytest.mark.timeout(300)
+def test_a_later_run_reuses_earlier_results_for_identical_images_with_the_same_settings(tiny_model, ray_local, tmp_path):
+    """An incremental run over a grown corpus: a new copy of an image captioned before is not generated
+    again, unless the prompt or generation settings changed."""
+    inputs, output = tmp_path / "corpus", tmp_path / "captions"
+    inputs.mkdir()
+    make_image(inputs / "cat.png", text="CAT")
+
+    def caption_run(run_id: str, max_new_tokens: int = 4, **routing):
+        return run_job(JobSpec(
+            run_id=run_id, input=InputSpec(uri=str(inputs)), output=OutputSpec(uri=str(output)),
+            model=ModelSpec(id=str(tiny_model), device="cpu", dtype="fp32"),
+            tasks=[TaskSpec(kind="caption", max_new_tokens=max_new_tokens)],
+            routing=RoutingSpec(dedup=True, **routing), resources=ResourceSpec(batch_size=4)))
+
+    def rows() -> dict[str, dict]:
+        table = pads.dataset(str(output), format="parquet").to_table().to_pylist()
+        return {(r["source_uri"].rsplit("/", 1)[-1], r["max_new_tokens"]): r for r in table}
+
+    caption_run("first")
+    shutil.copy(inputs / "cat.png", inputs / "cat-copy.png")  # the corpus grows: a copy, and a new image
+    make_image(inputs / "dog.png", text="DOG", color=(200, 120, 30))
+    second = caption_run("second")
+
+    assert second.planned_inputs == 2
+    cat, copy, dog = rows()["cat.png", 4], rows()["cat-copy.png", 4], rows()["dog.png", 4]
+    assert (copy["route"], copy["dedup_of"], copy["text"]) == ("dedup", f"{inputs}/cat.png#0", cat["text"])
+    assert (copy["run_id"], dog["route"]) == ("second", "model")
+
+    # Other settings make other answers: a copy captioned with 6 tokens reuses nothing from 4-token ones.
+    shutil.copy(inputs / "cat.png", inputs / "cat-copy-2.png")
+    caption_run("longer", max_new_tokens=6)
+    assert rows()["cat-copy-2.png", 6]["route"] == "model"
+    # And with dedup_across_runs = false, only copies within the run are reused.
+    shutil.copy(inputs / "cat.png", inputs / "cat-copy-3.png")
+    caption_run("within-run-only", dedup_across_runs=False)
+    assert rows()["cat-copy-3.png", 4]["route"] == "model"
