@@ -70,11 +70,13 @@ def load_model(spec: ModelSpec, device: str):
     from transformers import AutoModelForImageTextToText
 
     dtype = resolve_dtype(spec.dtype, device)
-    kwargs = {"dtype": dtype, "attn_implementation": spec.attn_implementation}
-    if device == "cuda":
-        # Weights go straight to this replica's GPU (Ray shows it as device 0), not through a host copy:
-        # 16 GB of bf16 per replica would otherwise sit in host memory while loading.
-        kwargs["device_map"] = {"": 0}
+    kwargs = {
+        "dtype": dtype,
+        "attn_implementation": spec.attn_implementation,
+        # Weights load straight onto the replica's device (its GPU is device 0 inside a Ray actor), not
+        # through a host copy: 16 GB of bf16 per replica would otherwise sit in host memory while loading.
+        "device_map": {"": 0 if device == "cuda" else device},
+    }
     if spec.quantization == "bnb-4bit":
         from transformers import BitsAndBytesConfig
 
@@ -83,8 +85,6 @@ def load_model(spec: ModelSpec, device: str):
         )
     # AWQ checkpoints carry their quantization_config; from_pretrained applies it by itself.
     model = AutoModelForImageTextToText.from_pretrained(spec.id, **kwargs)
-    if device != "cuda":
-        model.to(device)
     model.eval()
     return model
 
