@@ -147,17 +147,18 @@ class DedupRegistry:
         return waiting
 
 
-    def seed(self, entries: list[tuple[str, dict]]) -> int:
-        """Results published by earlier runs, reused like this run's own (least recently used first out)."""
+    def seed(self, entries: list[tuple[str, dict]]) -> tuple[int, bool]:
+        """Results published by earlier runs, reused like this run's own. Returns how many were taken,
+        and whether the cache is now full (then more would only push earlier ones out)."""
         added = 0
         for key, result in entries:
+            if self.bytes >= self.max_bytes:
+                break
             if key not in self.results:
                 added += 1
                 self.results[key] = result
                 self.bytes += _size(result)
-        while self.bytes > self.max_bytes and self.results:
-            self.bytes -= _size(self.results.popitem(last=False)[1])
-        return added
+        return added, self.bytes >= self.max_bytes
 
 
 def earlier_results(store, book, processor, model_id: str) -> Iterator[tuple[str, dict]]:
@@ -183,12 +184,14 @@ def earlier_results(store, book, processor, model_id: str) -> Iterator[tuple[str
 
 
 def seed_registry(registry, entries: Iterator[tuple[str, dict]], chunk: int = 2000) -> int:
-    """Hand `entries` to the registry actor a chunk at a time; return how many it took."""
+    """Hand `entries` to the registry actor a chunk at a time, until its cache is full (earlier runs'
+    results beyond routing.dedup_cache_mb are not read at all); return how many it took."""
     import ray
 
-    taken = 0
-    while batch := list(islice(entries, chunk)):
-        taken += ray.get(registry.seed.remote(batch))
+    taken, full = 0, False
+    while not full and (batch := list(islice(entries, chunk))):
+        added, full = ray.get(registry.seed.remote(batch))
+        taken += added
     return taken
 
 

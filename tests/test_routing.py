@@ -240,3 +240,11 @@ def test_a_later_run_reuses_earlier_results_for_identical_images_with_the_same_s
     shutil.copy(inputs / "cat.png", inputs / "cat-copy-3.png")
     caption_run("within-run-only", dedup_across_runs=False)
     assert rows()["cat-copy-3.png", 4]["route"] == "model"
+
+
+def test_seeding_stops_when_the_dedup_cache_is_full():
+    registry = DedupRegistry(max_bytes=1000)
+    entries = [(f"k{i}", {"dedup_of": f"p{i}#0", "text": "x" * 300, "status": "ok"}) for i in range(10)]
+    added, full = registry.seed(entries)
+    assert full and added == 2 and registry.bytes >= 1000  # ~500 bytes each: the first two fill it
+    assert registry.claim(["k0", "k5"], ["c#0", "c#1"]) == [("done", entries[0][1]), ("lead", None)]
