@@ -31,7 +31,8 @@ from pipeline.schema import PAGE_SCHEMA, SOURCE_COLUMNS, table_from_rows
 
 log = logging.getLogger("scriptorium")
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"}
+# JPEG 2000 is what many libraries and archives keep their master scans in; AVIF is common on the web.
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".jp2", ".j2k", ".avif"}
 PDF_EXTENSIONS = {".pdf"}
 # Shards of many images (pipeline/shards.py): WebDataset-style tars, Parquet tables of images.
 SHARD_EXTENSIONS = {".tar": "tar", ".parquet": "parquet"}

@@ -78,6 +78,8 @@ def write_hostile_corpus(folder: Path) -> dict[str, Expected]:
     put("gray.png", image_bytes(photo.convert("L"), "PNG"), Expected(1, 1))
     put("gray16.png", image_bytes(gradient_16bit(Image), "PNG"), Expected(1, 1))
     put("frames.tiff", _multi_frame_tiff(Image), Expected(3, 3))
+    put("master_scan.jp2", image_bytes(photo, "JPEG2000"), Expected(1, 1))  # lossless by default
+    put("photo.avif", image_bytes(photo, "AVIF", quality=80), Expected(1, 1))
     put("wide.png", image_bytes(Image.new("RGB", (5000, 20), "white"), "PNG"), Expected(1, 1))
     put("tall.png", image_bytes(Image.new("RGB", (20, 5000), "white"), "PNG"), Expected(1, 1))
 

@@ -21,7 +21,7 @@ from connectors.storage import StorageOptions
 from pipeline import sandbox
 from pipeline.pages import PageError, RenderSettings, kind_of, local_frames, page_image, pages_of, time_limit
 from tests.conftest import make_pdf, run_cli
-from tests.hostile_corpus import Expected, _xobject_bomb_pdf, write_hostile_corpus
+from tests.hostile_corpus import Expected, _photo, _xobject_bomb_pdf, write_hostile_corpus
 
 STAGES = {"list", "read", "render", "decode", "preprocess", "generate", "write"}
 # Small pages keep the test fast; a short limit keeps the rendering bomb's cost to seconds.
@@ -80,6 +80,14 @@ def test_a_16_bit_scan_keeps_its_tones_instead_of_turning_white(corpus):
     # The gradient runs from black to white, left to right (Pillow's own conversion clips it to white).
     assert gray[:, 0].max() <= 1 and gray[:, -1].min() >= 254
     assert 110 < gray.mean() < 145
+
+
+def test_a_jpeg_2000_master_scan_decodes_to_its_exact_pixels(corpus):
+    from PIL import Image
+
+    folder, _ = corpus
+    row = rows_of(folder / "master_scan.jp2", RenderSettings(longest_edge=64, isolate=False))[0]
+    assert np.array_equal(page_image(row), np.asarray(_photo(Image, 200, 150).convert("RGB")))  # lossless
 
 
 def test_transparency_is_composited_onto_white(corpus):
