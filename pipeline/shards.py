@@ -21,6 +21,9 @@ import io
 import tarfile
 from typing import Callable, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline.pages import PageError, RenderSettings, kind_of, time_limit
 
 # Binary columns taken for images when no column is a Hugging Face `Image` struct.
@@ -53,7 +56,12 @@ class TarShard:
         self.n_pages = len(self.members) + (self.cut_short is not None)
 
     def name(self, number: int) -> str | None:
-        return self.members[number].name if number < len(self.members) else None
+        if number >= len(self.members):
+            return None
+        # tarfile gives names that are not UTF-8 (old latin-1 tars) with surrogates, which Arrow refuses:
+        # write their odd bytes as \xNN escapes, so the name stays readable and unambiguous.
+        raw = self.members[number].name.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "backslashreplace")
 
     def image_bytes(self, number: int) -> bytes | None:
         if number == len(self.members):
@@ -68,9 +76,6 @@ class ParquetImages:
     """An open Parquet table of images, read one row group at a time."""
 
     def __init__(self, data: bytes):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         try:
             self.file = pq.ParquetFile(pa.BufferReader(data))
         except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a file that is not Parquet
@@ -90,8 +95,9 @@ class ParquetImages:
         if group != self._group:
             column = self.file.read_row_group(group, columns=[self.column]).column(0).combine_chunks()
             if self.is_struct:
-                names = column.type.get_field_index("path") >= 0
-                self._names = column.field("path").to_pylist() if names else [None] * len(column)
+                index = column.type.get_field_index("path")
+                named = index >= 0 and pa.types.is_string(column.type.field(index).type)
+                self._names = column.field("path").to_pylist() if named else [None] * len(column)
                 column = column.field("bytes")
             else:
                 self._names = [None] * len(column)
@@ -110,8 +116,6 @@ class ParquetImages:
 
 def image_column(schema) -> tuple[str, bool]:
     """(the image column's name, whether it is a Hugging Face `Image` struct of bytes and path)."""
-    import pyarrow as pa
-
     binary = (pa.types.is_binary, pa.types.is_large_binary)
     for field in schema:
         if pa.types.is_struct(field.type) and field.type.get_field_index("bytes") >= 0 \

@@ -92,6 +92,7 @@ def write_hostile_corpus(folder: Path) -> dict[str, Expected]:
     put("bomb_member.tar", _tar_bytes({"000000.png": png, "000001.png": _png_header_only(50_000, 50_000)}),
         Expected(2, 1, "decompression bomb"))
     put("random.tar", rng.randbytes(4096), Expected(1, 0, "cannot open tar"))
+    put("latin1_names.tar", _tar_bytes({"caf\xe9.png": png}, encoding="latin-1"), Expected(1, 1))
     put("random.parquet", rng.randbytes(4096), Expected(1, 0, "cannot open parquet"))
 
     # -- not documents at all ------------------------------------------------------------------------
@@ -101,11 +102,11 @@ def write_hostile_corpus(folder: Path) -> dict[str, Expected]:
     return expected
 
 
-def _tar_bytes(members: dict[str, bytes]) -> bytes:
+def _tar_bytes(members: dict[str, bytes], encoding: str = "utf-8") -> bytes:
     import tarfile
 
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT, encoding=encoding) as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -20,6 +20,7 @@ from connectors.storage import StorageOptions
 from jobs.runner import run_job
 from jobs.spec import spec_from_dict
 from pipeline.pages import RenderSettings, page_image, pages_of
+from pipeline.schema import PAGE_SCHEMA, table_from_rows
 from tests.conftest import make_image
 
 SETTINGS = RenderSettings(longest_edge=980, isolate=False)
@@ -87,6 +88,16 @@ def test_a_bad_member_is_an_error_row_for_its_page_only(samples, tmp_path):
         ("000000.jpg", "ok"), ("000001.png", "ok"), ("000002.webp", "ok"), ("000003.jpg", "error"), ("000004.png", "error")]
     assert "cannot decode image" in rows[3]["error"] and rows[3]["stage"] == "decode"
     assert rows[4]["error"] == "file is empty (0 bytes)"
+
+
+def test_a_member_name_that_is_not_utf8_is_written_with_escapes(tmp_path):
+    from tests.hostile_corpus import _tar_bytes
+
+    image = make_image(tmp_path / "x.png")
+    (tmp_path / "old.tar").write_bytes(_tar_bytes({"caf\xe9.png": image.read_bytes()}, encoding="latin-1"))
+    rows = list(pages_of(plan(tmp_path / "old.tar"), SETTINGS, StorageOptions()))
+    assert [(r["member"], r["status"]) for r in rows] == [("caf\\xe9.png", "ok")]
+    table_from_rows(rows, PAGE_SCHEMA)  # Arrow takes it: a surrogate would stop the whole block
 
 
 @pytest.mark.parametrize(
