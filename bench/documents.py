@@ -174,3 +174,17 @@ def _drawn_page(number: int, longest_edge: int, rng: random.Random) -> np.ndarra
         draw.text((margin, y), paragraph(rng, 1)[:chars], fill="black")
         y += line
     return np.asarray(image)
+
+
+def write_reports(folder, n_pages: int, pages_per_document: int) -> list:
+    """`n_pages` pages as report PDFs of `pages_per_document` pages each in `folder`; their paths."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(0, n_pages, pages_per_document):
+        path = folder / f"report-{i // pages_per_document:04d}.pdf"
+        path.write_bytes(document_pdf(min(pages_per_document, n_pages - i), seed=i))
+        paths.append(path)
+    return paths

@@ -29,16 +29,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# The repository first: bench/pipeline.py must not shadow the `pipeline` package.
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
+import _setup  # noqa: F401  (the repository's packages first; see bench/_setup.py)
 import torch  # noqa: E402
 
 from documents import page_images  # noqa: E402
-from jobs.spec import CPU_BATCH_SIZE, GPU_BATCH_SIZE  # noqa: E402
+from jobs.spec import GPU_BATCH_SIZE, ResourceSpec  # noqa: E402
 from pipeline.batch_budget import automatic_token_budget  # noqa: E402
 from pipeline.collate import batch_by_shape  # noqa: E402
 from pipeline.image_features import encode_crops, generate_kwargs  # noqa: E402
@@ -218,8 +214,8 @@ def main() -> None:
     run_snippet(model, processor, prompt, pil_pages[:1], device, warm)
 
     # Batches as the pipeline sizes them by default: measured now, with the model loaded and warmed up.
-    budget = (args.batch_size or (GPU_BATCH_SIZE if device == "cuda" else CPU_BATCH_SIZE), args.max_batch_pixels,
-              args.max_batch_tokens or automatic_token_budget(model, device, dtype))
+    budget = (ResourceSpec(batch_size=args.batch_size).pages_per_batch(on_gpu=device == "cuda"),
+              args.max_batch_pixels, args.max_batch_tokens or automatic_token_budget(model, device, dtype))
     ours_s, ours_peak, (_, ours_tokens, batch_sizes) = timed(device, run_model_stage, model, processor, prompt, crops,
                                                              settings, device, dtype, budget, gen)
     snip_s, snip_peak, (_, snip_tokens) = timed(device, run_snippet, model, processor, prompt, pil_pages, device, gen)

@@ -28,12 +28,9 @@ import threading
 import time
 from pathlib import Path
 
-# The repository first: bench/pipeline.py must not shadow the `pipeline` package.
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import _setup  # noqa: E402  (the repository's packages first; see bench/_setup.py)
+
+_setup.quiet_env()
 
 import psutil  # noqa: E402
 

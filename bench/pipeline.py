@@ -22,28 +22,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# The repository first: bench/pipeline.py must not shadow the `pipeline` package.
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import _setup  # noqa: E402  (the repository's packages first; see bench/_setup.py)
 
-from documents import document_pdf  # noqa: E402
+_setup.quiet_env()
+
+from documents import write_reports  # noqa: E402
 
 PAGES_PER_DOCUMENT = 8
-
-
-def write_documents(folder: Path, n_pages: int) -> None:
-    folder.mkdir(parents=True)
-    for i in range(0, n_pages, PAGES_PER_DOCUMENT):
-        (folder / f"report-{i // PAGES_PER_DOCUMENT:04d}.pdf").write_bytes(
-            document_pdf(min(PAGES_PER_DOCUMENT, n_pages - i), seed=i))
 
 
 def run_pipeline(model: Path, folder: Path, out: Path, args) -> tuple[float, float, list[dict]]:
@@ -116,7 +105,7 @@ def main() -> None:
         tmp = Path(tmp)
         model = build_tiny_idefics2(tmp / "model", do_image_splitting=True)
         folder = tmp / "pdfs"
-        write_documents(folder, args.pages)
+        write_reports(folder, args.pages, PAGES_PER_DOCUMENT)
 
         # Alternate the two, --repeats times each, and keep each one's best time: on a shared machine the
         # best run is the one least disturbed by others.

@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# The repository first: bench/pipeline.py must not shadow the `pipeline` package.
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from documents import document_pdf  # noqa: E402
+import _setup  # noqa: F401  (the repository's packages first; see bench/_setup.py)
+from documents import write_reports  # noqa: E402
 
 PAGES_PER_DOCUMENT = 10
 
@@ -37,15 +36,6 @@ def pin_to_one_core() -> int:
 
     torch.set_num_threads(1)
     return core
-
-
-def write_documents(folder: Path, n_pages: int) -> list[Path]:
-    paths = []
-    for i in range(0, n_pages, PAGES_PER_DOCUMENT):
-        path = folder / f"report-{i // PAGES_PER_DOCUMENT:04d}.pdf"
-        path.write_bytes(document_pdf(min(PAGES_PER_DOCUMENT, n_pages - i), seed=i))
-        paths.append(path)
-    return paths
 
 
 def run_ours(paths, render, settings):
@@ -119,9 +109,7 @@ def main() -> None:
         processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
         settings = ImageSettings.from_processor(processor)
         render = RenderSettings(longest_edge=settings.longest_edge)
-        folder = tmp / "pdfs"
-        folder.mkdir()
-        paths = write_documents(folder, args.pages)
+        paths = write_reports(tmp / "pdfs", args.pages, PAGES_PER_DOCUMENT)
 
         run_ours(paths[:1], render, settings)  # warm-up: imports, first-call costs
         ours_s, tables = run_ours(paths, render, settings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
+from pipeline.pages import units_by_page
 from pipeline.prompts import DOCUMENT_PAGE
 from pipeline.schema import SOURCE_COLUMNS
 
@@ -56,7 +57,7 @@ def _window_complete(shown: list[dict], window: int) -> bool:
 
 def document_row(plan_row: dict, pages: list[dict]) -> dict:
     base = {k: plan_row.get(k) for k in SOURCE_COLUMNS}
-    published = [u for u in plan_row.get("done_units") or [] if u["page"] == DOCUMENT_PAGE] or None
+    published = units_by_page(plan_row).get(DOCUMENT_PAGE)
     row = {**base, "page": DOCUMENT_PAGE, "n_pages": pages[-1].get("n_pages"), "done_units": published}
     failed = next((p for p in pages if p.get("status") != "ok"), None)
     if failed is not None:

@@ -405,10 +405,8 @@ def page_images(row: dict) -> list[np.ndarray]:
     """The HWC uint8 arrays of a row: one for a page, several (in page order) for a document row."""
     if not row.get("image_shapes"):
         return [page_image(row)]
-    buffer, images, offset = np.frombuffer(row["image"], dtype=np.uint8), [], 0
-    for height, width in row["image_shapes"]:
-        images.append(buffer[offset : offset + height * width * 3].reshape(height, width, 3))
-        offset += height * width * 3
-    return images
+    from pipeline.preprocess import unpack_crops  # the same layout: HWC images one after the other
+
+    return unpack_crops(row["image"], row["image_shapes"])
 
 
