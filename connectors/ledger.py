@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 
 from connectors.parquet_sink import ParquetStore
 from pipeline.schema import DOCUMENT_PAGE
@@ -38,8 +37,6 @@ class Ledger:
     done_keys: set[tuple] = field(default_factory=set)  # (source, page, task, question) published
     units: Units = field(default_factory=Units)  # the job-wide units, when a caller gives none
     n_rows: int = 0
-    n_errors: int = 0
-    duplicates: int = 0
     error_sources: set[str] = field(default_factory=set)  # sources with error rows (--retry-failed)
     models: set[str] = field(default_factory=set)  # the `model` values of the published rows
 
@@ -83,33 +80,29 @@ def read_ledger(store: ParquetStore, units: Units | set | None = None, errors_do
     """Build the ledger from every published file. `units`: the job-wide units (a set of (task, question)
     means page units only), used where `is_complete`/`done_pages_of` are not given a source's own.
     `errors_done=False` (--retry-failed): error rows do not count as done, so their units are redone."""
-    tables = [store.read(path, LEDGER_COLUMNS) for path in store.data_files()]
     if isinstance(units, (set, frozenset)):
         units = Units(page=frozenset(units))
     ledger = Ledger(units=units or Units())
-    if not tables:
-        return ledger
-    keys = pa.concat_tables(tables, promote_options="permissive").to_pylist()
-    ledger.n_rows = len(keys)
     by_source: dict[str, dict[int, set]] = defaultdict(lambda: defaultdict(set))
     n_pages: dict[str, int] = {}
     seen = set()
-    for row in keys:
-        key = (row["source_uri"], row["page"], row["task"], row["question"])
-        if key in seen:
-            ledger.duplicates += 1
-        seen.add(key)
-        ledger.etags[row["source_uri"]] = row["source_etag"] or ""
-        if row["model"]:
-            ledger.models.add(row["model"])
-        n_pages[row["source_uri"]] = max(n_pages.get(row["source_uri"], 1), row["n_pages"] or 1)
-        if row["status"] == "error":
-            ledger.n_errors += 1
-            ledger.error_sources.add(row["source_uri"])
-            if not errors_done:
-                seen.discard(key)
-                continue
-        by_source[row["source_uri"]][row["page"]].add((row["task"], row["question"]))
+    for path in store.data_files():  # one file at a time: a big output never sits in memory as rows
+        table = store.read(path, LEDGER_COLUMNS)
+        ledger.n_rows += table.num_rows
+        for source, page, n, task, question, status, etag, model in zip(
+                *(table[c].to_pylist() for c in LEDGER_COLUMNS)):
+            key = (source, page, task, question)
+            seen.add(key)
+            ledger.etags[source] = etag or ""
+            if model:
+                ledger.models.add(model)
+            n_pages[source] = max(n_pages.get(source, 1), n or 1)
+            if status == "error":
+                ledger.error_sources.add(source)
+                if not errors_done:
+                    seen.discard(key)
+                    continue
+            by_source[source][page].add((task, question))
     ledger.got = {source: dict(pages) for source, pages in by_source.items()}
     ledger.n_pages = n_pages
     ledger.done_keys = seen

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 from connectors.listing import list_inputs
 from connectors.storage import StorageOptions, filesystem_for, redact
 from jobs.spec import InputSpec, JobSpec, RenderSpec
-from pipeline.pages import KINDS, kind_of
+from pipeline.pages import KINDS, PageError, RenderSettings, kind_of, open_document
 
 # Planning default, per GPU and per task unit (one page through one prompt). An assumption, not a
 # measurement: Idefics2-8B in bf16 on one modern GPU, HF `generate` with batches of 8, about 300-500 new
@@ -35,24 +35,16 @@ OPEN_WORKERS = 8  # files opened in parallel (object stores are latency-bound)
 
 def count_pages(data_or_handle, kind: str, render: RenderSpec) -> int:
     """Pages a run would make of one file; raises ValueError with the reason a run would record."""
-    if kind == "pdf":
-        import pymupdf
-
+    if kind == "pdf":  # the run's own checks (empty, unreadable, encrypted, no pages, too many pages)
         data = data_or_handle.read() if hasattr(data_or_handle, "read") else data_or_handle
-        if not data:
-            raise ValueError("file is empty (0 bytes)")
         try:
-            doc = pymupdf.open(stream=data, filetype="pdf")
-        except Exception as exc:
-            raise ValueError(f"cannot open PDF: {exc}") from None
-        with doc:
-            if doc.needs_pass and not doc.authenticate(""):
-                raise ValueError("PDF is encrypted with a user password")
-            if doc.page_count == 0:
-                raise ValueError("PDF has no pages")
-            if doc.page_count > render.max_pages:
-                raise ValueError(f"PDF has {doc.page_count} pages, more than render.max_pages={render.max_pages}")
-            return doc.page_count
+            document = open_document("pdf", data, RenderSettings(max_pages=render.max_pages, timeout_s=0))
+        except PageError as exc:
+            raise ValueError(str(exc)) from None
+        try:
+            return document.n_pages
+        finally:
+            document.close()
     if kind == "image":
         from PIL import Image
 
@@ -80,7 +72,6 @@ def count_pages(data_or_handle, kind: str, render: RenderSpec) -> int:
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        from pipeline.pages import PageError
         from pipeline.shards import image_column
 
         try:  # the footer only: row count and schema

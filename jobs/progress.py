@@ -25,6 +25,8 @@ from typing import Callable, TextIO
 
 import pyarrow as pa
 
+from jobs.summary import format_duration
+
 log = logging.getLogger("scriptorium.progress")
 
 PROGRESS_COLUMNS = ["source_uri", "page", "n_pages", "status", "n_input_tokens", "n_output_tokens"]
@@ -136,7 +138,7 @@ class Progress:
         eta = self.eta_s
         return " | ".join([
             docs, pages, f"{self.pages_per_s:.2f} pages/s", f"{self.tokens_per_s:.1f} tok/s",
-            "ETA " + (_clock(eta) if eta is not None else "?"), _clock(self.elapsed_s),
+            "ETA " + (format_duration(eta) if eta is not None else "?"), format_duration(self.elapsed_s),
         ])
 
     # -- display -------------------------------------------------------------------------------------
@@ -174,9 +176,3 @@ def _is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

@@ -317,11 +317,12 @@ def _drop_done(batch: pa.Table, done: set[tuple], written: set[int]) -> pa.Table
     sink writes each key once, so this is a safety net: the warnings say it caught something."""
     keep, again, redone = [], 0, 0
     for key in zip(*(batch[c].to_pylist() for c in KEY_COLUMNS)):
-        first_time = hash(key) not in written
-        written.add(hash(key))
-        keep.append(first_time and key not in done)
+        digest, published = hash(key), key in done
+        first_time = digest not in written
+        written.add(digest)
+        keep.append(first_time and not published)
         again += not first_time
-        redone += first_time and key in done
+        redone += first_time and published
     if again:
         log.warning("dropped %d rows for units this run had already written", again)
     if redone:

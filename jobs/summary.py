@@ -244,7 +244,7 @@ def format_summary(summary: dict) -> str:
     lines = []
     run, output = summary.get("run"), summary.get("output")
     if run:
-        lines.append(f"run {run['run_id']}  finished {run['finished_at']}  wall {_duration(run['wall_s'])}")
+        lines.append(f"run {run['run_id']}  finished {run['finished_at']}  wall {format_duration(run['wall_s'])}")
         lines.append(f"  model       {run['model']}  tasks: {', '.join(run['tasks'])}")
         inputs = run["inputs"]
         lines.append(f"  inputs      {inputs['planned']} processed, {inputs['skipped_complete']} already complete")
@@ -257,7 +257,7 @@ def format_summary(summary: dict) -> str:
     if output:
         runs = output["runs"]
         lines.append(f"output {output['output']}  {output['n_files']} files from {len(runs)} run(s)"
-                     + (f", {_duration(output['wall_s_total'])} in all" if runs else ""))
+                     + (f", {format_duration(output['wall_s_total'])} in all" if runs else ""))
         lines += _count_lines(output)
         if output["gpu_hours_total"]:
             cost = output["cost_total"]
@@ -298,7 +298,8 @@ def _gpu_line(gpu: dict) -> str:
     return line
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float | None) -> str:
+    """H:MM:SS, or M:SS under an hour."""
     seconds = int(round(seconds or 0))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
