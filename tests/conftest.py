@@ -60,17 +60,43 @@ def make_pdf(path: Path, pages: list[str], size=(595, 842)) -> Path:
     return path
 
 
-def make_image(path: Path, size=(320, 240), color=(30, 120, 200), mode="RGB", text="hello") -> Path:
+def draw_image(size, color, text):
+    """A white RGB picture with a `color` rectangle in its top-left quarter and `text` below it."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     draw.rectangle([10, 10, size[0] // 2, size[1] // 2], fill=color)
     draw.text((12, size[1] // 2 + 10), text, fill="black")
-    if mode != "RGB":
-        image = image.convert(mode)
-    image.save(path)
+    return image
+
+
+def make_image(path: Path, size=(320, 240), color=(30, 120, 200), text="hello") -> Path:
+    draw_image(size, color, text).save(path)
     return path
+
+
+def read_rows(folder, filesystem=None, empty_ok: bool = False) -> list[dict]:
+    """Every row of the Parquet dataset in `folder`, as any reader sees it. `empty_ok`: [] for a local
+    folder with no Parquet file yet (a run still starting), where pyarrow would raise."""
+    import pyarrow.dataset as pads
+
+    if empty_ok and not any(Path(folder).glob("*.parquet")):
+        return []
+    return pads.dataset(str(folder) if filesystem is None else folder, filesystem=filesystem,
+                        format="parquet").to_table().to_pylist()
+
+
+def small_ocr_job(input_uri, output_uri, model, max_new_tokens: int = 4) -> dict:
+    """A job spec dict for a quick OCR run on CPU: small renders, small model inputs, batches of 4."""
+    return {
+        "input": {"uri": str(input_uri)},
+        "output": {"uri": str(output_uri)},
+        "model": {"id": str(model), "device": "cpu", "longest_edge": 56, "shortest_edge": 28},
+        "render": {"longest_edge": 64},
+        "tasks": [{"kind": "ocr", "max_new_tokens": max_new_tokens}],
+        "resources": {"batch_size": 4},
+    }
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -83,6 +109,26 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The single `scriptorium: error:` line of a failed command, after checking there is nothing else."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("scriptorium: error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (free when this returns)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class S3Server:
@@ -194,6 +240,12 @@ class StoreProxy:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def __enter__(self) -> StoreProxy:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.conftest import draw_image
+
 
 @dataclass(frozen=True)
 class Expected:
@@ -180,13 +182,7 @@ def _garble_xref(pdf: bytes) -> bytes:
 
 # -- image makers ---------------------------------------------------------------------------------------
 def _photo(Image, width: int, height: int):
-    from PIL import ImageDraw
-
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([10, 10, width // 2, height // 2], fill=(30, 120, 200))
-    draw.text((12, height // 2 + 10), "hostile", fill="black")
-    return image
+    return draw_image((width, height), (30, 120, 200), "hostile")
 
 
 def _with_alpha(Image, photo):

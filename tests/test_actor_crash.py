@@ -17,13 +17,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import pytest
 
 from jobs.runner import run_job
 from jobs.spec import spec_from_dict
 from pipeline.crash_journal import CrashJournal, journal_folder, unit_key
-from tests.conftest import make_pdf
+from tests.conftest import make_pdf, read_rows, small_ocr_job
 
 
 class ReplicaKiller(threading.Thread):
@@ -66,15 +65,8 @@ def documents(tmp_path_factory) -> Path:
 
 
 def crash_job(documents: Path, output: Path, model: Path, run_id: str):
-    return spec_from_dict({
-        "run_id": run_id,
-        "input": {"uri": str(documents)},
-        "output": {"uri": str(output)},
-        "model": {"id": str(model), "device": "cpu", "longest_edge": 56, "shortest_edge": 28},
-        "render": {"longest_edge": 64},
-        "tasks": [{"kind": "ocr", "max_new_tokens": 48}],  # long enough to be killed in the middle
-        "resources": {"batch_size": 4},
-    })
+    # 48 new tokens: long enough to be killed in the middle
+    return spec_from_dict({"run_id": run_id, **small_ocr_job(documents, output, model, max_new_tokens=48)})
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +77,7 @@ def clean_journals():
 
 
 def rows_by_page(output: Path) -> dict[tuple[str, int], list[dict]]:
-    rows = pads.dataset(str(output), format="parquet").to_table().to_pylist()
+    rows = read_rows(output)
     assert max(Counter((r["source_uri"], r["page"], r["task"]) for r in rows).values()) == 1  # never twice
     return {(Path(r["source_uri"]).name, r["page"]): r for r in rows}
 

@@ -16,8 +16,8 @@ from jobs.cli import build_parser
 from jobs.runner import output_uri_for_run
 from jobs.spec import load_spec
 from jobs.submit import prepare_submission
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 IMAGE_ROOT = "/home/ray/scriptorium"  # where cluster/Dockerfile puts the repository in the image
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from tests.conftest import make_image, make_pdf, run_cli
+from tests.conftest import make_image, make_pdf, read_rows, run_cli
 
 REQUIRED_COLUMNS = {
     "source_uri", "page", "task", "question", "prompt", "text", "status", "error", "model",
@@ -72,7 +72,7 @@ def test_exactly_one_ok_row_per_page_and_image(finished_run, mixed_folder):
 
 def test_corrupt_file_is_an_error_row_with_a_reason(finished_run):
     _, output = finished_run
-    rows = pads.dataset(str(output), format="parquet").to_table().to_pylist()
+    rows = read_rows(output)
     broken = [r for r in rows if r["source_uri"].endswith("broken.pdf")]
     assert len(broken) == 1
     assert broken[0]["status"] == "error"
@@ -104,7 +104,7 @@ def test_job_file_gives_the_same_settings_as_flags(mixed_folder, tiny_model, tmp
     )
     proc = run_cli("run", "--job", str(job), "--max-new-tokens", "3")  # the flag overrides the file
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = pads.dataset(str(output), format="parquet").to_table().to_pylist()
+    rows = read_rows(output)
     assert [(r["task"], r["question"], r["max_new_tokens"], r["run_id"]) for r in rows] == [
         ("qa", "What is the total?", 3, "from-toml")
     ]

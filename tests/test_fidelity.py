@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import functools
 
-import pyarrow.dataset as pads
 import pytest
 import torch
 from PIL import Image
 
 from jobs.runner import run_job
 from jobs.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, TaskSpec
-from tests.conftest import make_image
+from tests.conftest import make_image, read_rows
 
 MAX_NEW_TOKENS = 12
 
@@ -57,7 +56,7 @@ def test_pipeline_text_equals_the_model_card_snippet(checkpoint, request, ray_lo
         resources=ResourceSpec(batch_size=4),  # several differently sized images share a batch
     )
     run_job(spec)
-    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    rows = read_rows(tmp_path / "out")
     assert len(rows) == len(sizes) * 2 and all(r["status"] == "ok" for r in rows)
     for row in rows:
         image = Image.open(row["source_uri"])

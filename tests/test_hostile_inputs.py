@@ -14,14 +14,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 
 from connectors.storage import StorageOptions
 from pipeline import sandbox
 from pipeline.pages import PageError, RenderSettings, kind_of, local_frames, page_image, pages_of, time_limit
-from tests.conftest import make_pdf, run_cli
-from tests.hostile_corpus import Expected, _photo, _xobject_bomb_pdf, write_hostile_corpus
+from tests.conftest import make_pdf, read_rows, run_cli
+from tests.hostile_corpus import BOMB_DEPTH, Expected, _photo, _xobject_bomb_pdf, write_hostile_corpus
 
 STAGES = {"list", "read", "render", "decode", "preprocess", "generate", "write"}
 # Small pages keep the test fast; a short limit keeps the rendering bomb's cost to seconds.
@@ -155,7 +154,7 @@ def test_a_page_that_never_returns_from_mupdf_is_killed_at_the_hard_limit(tmp_pa
     """MuPDF draws the bomb page in one C call (4**12 nested draws, minutes): the soft SIGALRM limit
     cannot interrupt it, so the sandbox kills the renderer; the next page renders in a fresh one."""
     path = tmp_path / "bomb.pdf"
-    path.write_bytes(_xobject_bomb_pdf(12))
+    path.write_bytes(_xobject_bomb_pdf(BOMB_DEPTH))
     settings = RenderSettings(longest_edge=64, timeout_s=0.5)
     started = time.monotonic()
     rows = rows_of(path, settings)
@@ -169,7 +168,7 @@ def test_a_renderer_that_crashes_costs_one_page(tmp_path):
     """A renderer process that dies on a page (here: killed while on the bomb page, as a segfault would
     end it) makes that page an error row; the document goes on in a fresh renderer."""
     path = tmp_path / "bomb.pdf"
-    path.write_bytes(_xobject_bomb_pdf(12))
+    path.write_bytes(_xobject_bomb_pdf(BOMB_DEPTH))
     box = sandbox.sandbox_for_this_thread()
     pages = pages_of(plan_row(path), RenderSettings(longest_edge=64, timeout_s=60), StorageOptions())
     rows = [next(pages)]  # page 0; the renderer is asked for the bomb page only when we ask for the next
@@ -188,7 +187,7 @@ def test_a_renderer_that_crashes_costs_one_page(tmp_path):
 def test_a_file_that_keeps_stalling_the_renderer_is_given_up_with_a_row_per_page(tmp_path, monkeypatch):
     monkeypatch.setattr(sandbox, "MAX_LOST_PAGES", 1)
     path = tmp_path / "bomb.pdf"
-    path.write_bytes(_xobject_bomb_pdf(12))
+    path.write_bytes(_xobject_bomb_pdf(BOMB_DEPTH))
     rows = rows_of(path, RenderSettings(longest_edge=64, timeout_s=0.2))
     assert [(r["page"], r["status"]) for r in rows] == [(0, "ok"), (1, "error"), (2, "error")]
     assert rows[2]["error"] == "not rendered: 1 pages of this file hung or crashed the renderer"
@@ -210,7 +209,7 @@ def test_a_run_over_the_hostile_corpus_exits_zero_and_accounts_for_every_page(co
                    "--model", str(tiny_model), "--max-new-tokens", "2", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    rows = pads.dataset(str(output), format="parquet").to_table().to_pylist()
+    rows = read_rows(output)
     keys = Counter((r["source_uri"], r["page"], r["task"]) for r in rows)
     assert max(keys.values()) == 1  # no page twice
     by_file = defaultdict(list)

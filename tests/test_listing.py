@@ -85,8 +85,7 @@ def test_listing_streams_a_large_prefix_one_page_at_a_time(s3_server):
     keys = [f"many/doc-{i:05d}.pdf" for i in range(LIST_PAGE + 1)]  # two ListObjectsV2 pages
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda key: s3_server.put(bucket, key, b"%PDF"), keys))
-    proxy = StoreProxy(s3_server.endpoint)  # records every request the lister makes
-    try:
+    with StoreProxy(s3_server.endpoint) as proxy:  # records every request the lister makes
         rows = list_inputs(InputSpec(uri=f"s3://{bucket}/many/"), StorageOptions(endpoint_url=proxy.endpoint))
 
         def page_requests() -> int:  # full listing pages, not the 1-key probe that tells a folder from a file
@@ -98,8 +97,6 @@ def test_listing_streams_a_large_prefix_one_page_at_a_time(s3_server):
         rest = list(rows)
         assert page_requests() == 2
         assert [r["source_uri"] for r in [first, *rest]] == [f"s3://{bucket}/{k}" for k in keys]
-    finally:
-        proxy.close()
 
 
 def test_local_folder_and_glob_use_mtime_as_version(tmp_path):

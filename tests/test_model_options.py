@@ -12,7 +12,6 @@ import importlib.util
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pytest
 import torch
 from PIL import Image
@@ -23,7 +22,7 @@ from pipeline.collate import batch_by_shape
 from pipeline.generate import load_model, load_processor
 from pipeline.preprocess import PreprocessPages
 from pipeline.schema import PAGE_SCHEMA, table_from_rows
-from tests.conftest import make_image
+from tests.conftest import make_image, read_rows
 
 PAGE = (700, 495)  # height, width of a small page image
 
@@ -58,7 +57,7 @@ def results(tiny_model, pages_folder, ray_local, tmp_path_factory):
         if name not in cache:
             out = tmp_path_factory.mktemp(f"out-{name}")
             run_job(job(tiny_model, pages_folder, out, **model_settings))
-            rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
+            rows = read_rows(out)
             cache[name] = sorted(rows, key=lambda r: r["source_uri"])
         return cache[name]
 

@@ -9,10 +9,9 @@ places them on a cluster of GPU machines. The job joins the cluster through `[re
 
 from __future__ import annotations
 
-import pyarrow.dataset as pads
 import pytest
 
-from tests.conftest import make_image, make_pdf, run_cli
+from tests.conftest import make_image, make_pdf, read_rows, run_cli
 from tests.local_cluster import LocalCluster
 
 N_PDFS, PAGES_PER_PDF, N_IMAGES = 6, 3, 6
@@ -63,7 +62,7 @@ batch_size = 2
         done = run_cli("run", "--job", str(spec), env=env, timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    rows = pads.dataset(tmp_path / "out" / "run_id=multinode", format="parquet").to_table().to_pylist()
+    rows = read_rows(tmp_path / "out" / "run_id=multinode")
     expected = {(str(archive / f"report-{i}.pdf"), p) for i in range(N_PDFS) for p in range(PAGES_PER_PDF)}
     expected |= {(str(archive / f"scan-{i}.png"), 0) for i in range(N_IMAGES)}
     keys = [(r["source_uri"], r["page"]) for r in rows]

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from tests.conftest import make_image, make_pdf, run_cli
+from tests.conftest import make_image, make_pdf, read_rows, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -148,7 +148,7 @@ def reviewed_output(tmp_path_factory, tiny_model, ray_local):
     ok_row = next(r for r in table.to_pylist() if r["status"] == "ok" and r["source_uri"].endswith("photo.png"))
     injected = {**ok_row, "task": "qa", "question": "<b>q?</b>", "text": XSS_TEXT}
     store.publish(pa.Table.from_pylist([injected], schema=table.schema), "part-injected.parquet")
-    return output, pads.dataset(str(output), format="parquet").to_table().to_pylist()
+    return output, read_rows(output)
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 
 from jobs.runner import run_job
 from jobs.spec import JobSpec, spec_from_dict
-from tests.conftest import REPO, make_pdf
+from tests.conftest import REPO, make_pdf, read_rows, small_ocr_job
 
 N_DOCS, PAGES_PER_DOC = 5, 12
 # Small pages, small files, long enough generations: the run publishes a file every few pages for a
@@ -45,12 +44,6 @@ def documents(tmp_path_factory) -> Path:
         make_pdf(folder / f"doc{number}.pdf", [f"document {number}, page {p}" for p in range(PAGES_PER_DOC)],
                  size=(200, 260))
     return folder
-
-
-def read_output(folder: Path) -> list[dict]:
-    if not any(folder.glob("*.parquet")):
-        return []
-    return pads.dataset(str(folder), format="parquet").to_table().to_pylist()
 
 
 def descendants(pid: int) -> set[int]:
@@ -101,7 +94,7 @@ def test_a_run_killed_with_sigkill_resumes_to_every_page_exactly_once(documents,
     family = descendants(driver.pid)  # Ray's processes and workers, the renderers
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
-    published = len(read_output(output))
+    published = len(read_rows(output, empty_ok=True))
     assert 0 < published < total, "the kill should land in the middle of the run"
 
     # The same command, at once; meanwhile, nothing of the killed run may outlive it: Ray's processes are
@@ -118,7 +111,7 @@ def test_a_run_killed_with_sigkill_resumes_to_every_page_exactly_once(documents,
     assert not survivors, names
     assert rerun.wait(timeout=400) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
 
-    rows = read_output(output)
+    rows = read_rows(output)
     keys = Counter((Path(r["source_uri"]).name, r["page"], r["task"]) for r in rows)
     assert sorted(keys) == sorted((f"doc{d}.pdf", p, "ocr") for d in range(N_DOCS) for p in range(PAGES_PER_DOC))
     assert set(keys.values()) == {1}
@@ -132,14 +125,9 @@ def test_a_run_killed_with_sigkill_resumes_to_every_page_exactly_once(documents,
 
 # -- --retry-failed and --overwrite, in this process (one Ray for all runs) --------------------------------
 def job_spec(documents: Path, output: Path, model: Path, **output_options) -> JobSpec:
-    return spec_from_dict({
-        "input": {"uri": str(documents)},
-        "output": {"uri": str(output), "rows_per_file": 4, **output_options},
-        "model": {"id": str(model), "device": "cpu", "longest_edge": 56, "shortest_edge": 28},
-        "render": {"longest_edge": 64},
-        "tasks": [{"kind": "ocr", "max_new_tokens": 4}],
-        "resources": {"batch_size": 4},
-    })
+    job = small_ocr_job(documents, output, model)
+    job["output"].update(rows_per_file=4, **output_options)
+    return spec_from_dict(job)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +158,7 @@ def copy_of(output: Path, tmp_path: Path) -> Path:
 
 
 def pages_and_status(output: Path) -> list[tuple[str, int, str]]:
-    return sorted((Path(r["source_uri"]).name, r["page"], r["status"]) for r in read_output(output))
+    return sorted((Path(r["source_uri"]).name, r["page"], r["status"]) for r in read_rows(output))
 
 
 @pytest.mark.timeout(300)
@@ -179,7 +167,7 @@ def test_retry_failed_redoes_only_the_error_rows_and_replaces_them(first_run, sm
     output = copy_of(first_output, tmp_path)
     assert pages_and_status(output) == [
         ("a.pdf", 0, "ok"), ("a.pdf", 1, "ok"), ("b.pdf", 0, "ok"), ("b.pdf", 1, "ok"), ("big.png", 0, "error")]
-    assert next(r for r in read_output(output) if r["status"] == "error")["stage"] == "list"
+    assert next(r for r in read_rows(output) if r["status"] == "error")["stage"] == "list"
 
     # A plain rerun takes the error row as the answer: nothing to do, even with the limit lifted.
     rerun = run_job(job_spec(small_folder, output, tiny_model))
@@ -189,7 +177,7 @@ def test_retry_failed_redoes_only_the_error_rows_and_replaces_them(first_run, sm
     assert (retry.planned_inputs, retry.rows_written) == (1, 1)
     assert pages_and_status(output) == [
         ("a.pdf", 0, "ok"), ("a.pdf", 1, "ok"), ("b.pdf", 0, "ok"), ("b.pdf", 1, "ok"), ("big.png", 0, "ok")]
-    rows = read_output(output)  # the ok rows were left as they were: written by the first run
+    rows = read_rows(output)  # the ok rows were left as they were: written by the first run
     assert {r["run_id"] for r in rows if r["source_uri"].endswith(".pdf")} == {first_id}
     assert {r["run_id"] for r in rows if r["source_uri"].endswith(".png")} == {retry.run_id}
 
@@ -234,7 +222,7 @@ def test_overwrite_starts_fresh(first_run, small_folder, tiny_model, tmp_path):
     old_files = {p.name for p in output.glob("*.parquet")}
     again = run_job(job_spec(small_folder, output, tiny_model, overwrite=True))
     assert (again.planned_inputs, again.skipped_inputs) == (3, 0)
-    rows = read_output(output)
+    rows = read_rows(output)
     assert len(rows) == 5 and {r["run_id"] for r in rows} == {again.run_id}
     assert {r["status"] for r in rows} == {"ok"}  # the limit is gone: big.png is read this time
     assert not old_files & {p.name for p in output.glob("*.parquet")}
@@ -256,7 +244,7 @@ def test_a_task_added_to_a_finished_output_runs_only_the_new_task(first_run, sma
     # nothing reaches the sink's safety net, and the OCR rows are the first run's.
     assert "published before this run" not in caplog.text and "already written" not in caplog.text
     assert (added.planned_inputs, added.rows_written) == (3, 5)
-    rows = read_output(output)
+    rows = read_rows(output)
     assert Counter((Path(r["source_uri"]).name, r["page"], r["task"]) for r in rows) == Counter(
         {(name, page, task): 1 for name, pages in (("a.pdf", 2), ("b.pdf", 2), ("big.png", 1))
          for page in range(pages) for task in ("ocr", "caption")})

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import shutil
 
-import pyarrow.dataset as pads
 import pymupdf
 import pytest
 
-from tests.conftest import make_image, make_pdf
+from tests.conftest import make_image, make_pdf, read_rows
 from connectors.storage import StorageOptions
 from jobs.runner import run_job
 from jobs.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, RoutingSpec, TaskSpec
@@ -32,7 +31,8 @@ def _tesseract_missing() -> str:
 
 
 # `make test` installs Debian's tesseract-ocr where it can (root with apt-get); elsewhere these skip.
-needs_tesseract = pytest.mark.skipif(bool(_tesseract_missing()), reason=_tesseract_missing() or "tesseract present")
+TESSERACT_MISSING = _tesseract_missing()
+needs_tesseract = pytest.mark.skipif(bool(TESSERACT_MISSING), reason=TESSERACT_MISSING or "tesseract present")
 
 
 def make_scan(born_digital, path):
@@ -181,7 +181,7 @@ def test_routes_through_ray(tiny_model, ray_local, documents, tmp_path):
     )
     result = run_job(spec)
     assert (result.rows_written, result.error_rows) == (8, 0)
-    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    rows = read_rows(tmp_path / "out")
     routes = {(r["source_uri"].rsplit("/", 1)[-1], r["task"]): r["route"] for r in rows}
     assert routes["letter.pdf", "ocr"] == "text_layer" and routes["letter.pdf", "caption"] == "model"
     assert routes["letter-scan.pdf", "ocr"] == routes["letter-scan.pdf", "caption"] == "model"
@@ -199,7 +199,7 @@ def test_routes_through_ray(tiny_model, ray_local, documents, tmp_path):
                        output=OutputSpec(uri=str(tmp_path / "tesseract")), tasks=[TaskSpec(kind="ocr")],
                        routing=RoutingSpec(ocr_engine="tesseract"))
     assert run_job(cpu_only).rows_written == 2
-    rows = pads.dataset(str(tmp_path / "tesseract"), format="parquet").to_table().to_pylist()
+    rows = read_rows(tmp_path / "tesseract")
     assert all(r["route"] == "tesseract" and cer(r["text"], LETTER) < 0.02 for r in rows)
 
 
@@ -219,7 +219,7 @@ def test_a_later_run_reuses_earlier_results_for_identical_images_with_the_same_s
             routing=RoutingSpec(dedup=True, **routing), resources=ResourceSpec(batch_size=4)))
 
     def rows() -> dict[str, dict]:
-        table = pads.dataset(str(output), format="parquet").to_table().to_pylist()
+        table = read_rows(output)
         return {(r["source_uri"].rsplit("/", 1)[-1], r["max_new_tokens"]): r for r in table}
 
     caption_run("first")

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import math
 
-import pyarrow.dataset as pads
 import pytest
 
 from connectors.listing import LIST_PAGE, list_inputs
 from connectors.storage import StorageOptions, filesystem_for, fsspec_options, read_bytes
 from jobs.runner import run_job
 from jobs.spec import InputSpec, spec_from_dict
-from tests.conftest import make_image, make_pdf
+from tests.conftest import make_image, make_pdf, read_rows, small_ocr_job
 from tests.gcs_server import GcsServer
 from tests.test_listing import GLOB_CASES
 
@@ -125,15 +124,7 @@ def test_the_endpoint_comes_from_the_job_or_from_storage_emulator_host(gcs, monk
 
 
 def ocr_job(source: str, output: str, gcs, model) -> dict:
-    return {
-        "input": {"uri": source},
-        "output": {"uri": output},
-        "storage": {"gcs_endpoint_url": gcs.endpoint, "anon": True},
-        "model": {"id": str(model), "device": "cpu", "longest_edge": 56, "shortest_edge": 28},
-        "render": {"longest_edge": 64},
-        "tasks": [{"kind": "ocr", "max_new_tokens": 4}],
-        "resources": {"batch_size": 4},
-    }
+    return {**small_ocr_job(source, output, model), "storage": {"gcs_endpoint_url": gcs.endpoint, "anon": True}}
 
 
 @pytest.mark.timeout(300)
@@ -152,7 +143,7 @@ def test_run_from_gcs_writes_every_page_once_and_a_rerun_does_nothing(target, gc
 
     first = run_job(spec_from_dict(ocr_job(f"gs://{source}/scans/", output, gcs, tiny_model)))
 
-    rows = pads.dataset(folder, filesystem=fs, format="parquet").to_table().to_pylist()
+    rows = read_rows(folder, filesystem=fs)
     expected = [(f"gs://{source}/scans/{name}", page)
                 for name, page in [("2025/photo.jpg", 0), ("letter.pdf", 0), ("letter.pdf", 1), ("map.png", 0)]]
     assert sorted((r["source_uri"], r["page"]) for r in rows) == expected  # every page, each once

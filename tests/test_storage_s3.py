@@ -13,7 +13,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from tests.conftest import StoreProxy, make_image, make_pdf, run_cli
+from tests.conftest import StoreProxy, make_image, make_pdf, one_line_error, run_cli
 
 from connectors.parquet_sink import OutputError, ParquetStore
 from connectors.storage import StorageOptions, filesystem_for, fsspec_options, read_bytes, uri_for
@@ -61,8 +61,7 @@ def test_endpoint_and_region_come_from_the_environment_unless_the_job_sets_them(
 def test_throttled_reads_are_retried_and_missing_objects_are_not(s3_server):
     bucket = s3_server.new_bucket("retry")
     s3_server.put(bucket, "scan.pdf", b"%PDF-1.7 bytes")
-    proxy = StoreProxy(s3_server.endpoint)  # a busy endpoint: the next two requests get 503 SlowDown
-    try:
+    with StoreProxy(s3_server.endpoint) as proxy:  # a busy endpoint: the next two requests get 503 SlowDown
         options = StorageOptions(endpoint_url=proxy.endpoint)
         assert read_bytes(f"s3://{bucket}/scan.pdf", options) == b"%PDF-1.7 bytes"
         clean_read = len(proxy.requests)
@@ -76,16 +75,13 @@ def test_throttled_reads_are_retried_and_missing_objects_are_not(s3_server):
         with pytest.raises(FileNotFoundError, match=f"no such object: s3://{bucket}/gone.pdf"):
             read_bytes(f"s3://{bucket}/gone.pdf", options)
         assert len(set(proxy.requests)) == len(proxy.requests)  # a permanent error is never asked again
-    finally:
-        proxy.close()
 
 
 def test_stores_without_their_own_retries_get_the_generic_one(s3_server):
     """Plain HTTPS inputs (e.g. in a manifest) have no client-side retries; read_bytes adds them."""
     bucket = s3_server.new_bucket("http")
     s3_server.client.put_object(Bucket=bucket, Key="page.png", Body=b"png bytes", ACL="public-read")
-    proxy = StoreProxy(s3_server.endpoint)
-    try:
+    with StoreProxy(s3_server.endpoint) as proxy:
         proxy.failures = [(503, b"busy"), (429, b"slow down")]
         assert read_bytes(f"{proxy.endpoint}/{bucket}/page.png") == b"png bytes"
         assert len(proxy.requests) == 3
@@ -93,8 +89,6 @@ def test_stores_without_their_own_retries_get_the_generic_one(s3_server):
         with pytest.raises(FileNotFoundError):
             read_bytes(f"{proxy.endpoint}/{bucket}/nothing.png")
         assert len(proxy.requests) == 1
-    finally:
-        proxy.close()
 
 
 @contextmanager
@@ -234,9 +228,6 @@ def test_missing_output_bucket_stops_the_job_with_one_clear_line(s3_server, tiny
     done = run_cli("run", "--input", f"s3://{source}/", "--output", f"s3://{missing}/results",
                    "--endpoint-url", s3_server.endpoint, "--model", str(tiny_model), "--task", "ocr")
 
-    assert done.returncode == 2
-    errors = [line for line in done.stderr.splitlines() if line.startswith("scriptorium: error:")]
-    assert errors == [f"scriptorium: error: cannot write to output s3://{missing}/results: "
-                      "FileNotFoundError: The specified bucket does not exist"]
-    assert "Traceback" not in done.stderr
+    assert one_line_error(done) == (f"scriptorium: error: cannot write to output s3://{missing}/results: "
+                                    "FileNotFoundError: The specified bucket does not exist")
     assert missing not in [b["Name"] for b in s3_server.client.list_buckets()["Buckets"]]  # not created behind our back

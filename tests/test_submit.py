@@ -7,14 +7,13 @@ job spec to it with the CLI, lets the CLI exit, and watches the cluster finish t
 from __future__ import annotations
 
 import shlex
-import socket
 import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import free_port, make_image, read_rows, run_cli
 from jobs.cli import build_parser
 from jobs.spec import SpecError
 from jobs.submit import prepare_submission
@@ -40,12 +39,6 @@ max_new_tokens = 4
 
 def submit_args(*argv: str):
     return build_parser().parse_args(["submit", *argv])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fresh_dir(parent: Path) -> str:
@@ -155,7 +148,7 @@ def test_submitted_job_finishes_on_the_cluster_after_the_laptop_left(tmp_path, t
         assert client.get_job_status(submission_id) == JobStatus.SUCCEEDED, client.get_job_logs(submission_id)[-3000:]
         assert client.get_job_info(submission_id).metadata["scriptorium_run_id"] == "corpus-1"
 
-        rows = pads.dataset(output / "run_id=corpus-1", format="parquet").to_table().to_pylist()
+        rows = read_rows(output / "run_id=corpus-1")
         assert sorted(r["source_uri"] for r in rows) == sorted(str(p) for p in inputs.iterdir())
         assert {(r["status"], r["task"], r["run_id"]) for r in rows} == {("ok", "caption", "corpus-1")}
 

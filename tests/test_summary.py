@@ -9,10 +9,9 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import pytest
 
-from tests.conftest import make_image, make_pdf
+from tests.conftest import make_image, make_pdf, read_rows
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def known_run(tmp_path_factory, tiny_model, ray_local):
         progress_log.removeHandler(handler)
         progress_log.setLevel(level)
     second = run_job(spec("second"))  # everything is done: a resume that writes nothing
-    rows = pads.dataset(str(output), format="parquet").to_table().to_pylist()
+    rows = read_rows(output)
     return {"output": output, "first": first, "second": second, "rows": rows, "spec": spec("first"),
             "progress_lines": progress_lines}
 

@@ -6,28 +6,15 @@ Run through the real command line, as a user meets them."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import time
 
 import pytest
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import free_port, make_image, one_line_error, run_cli
 
 FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "AKIAUSERERRORTEST000", "AWS_SECRET_ACCESS_KEY": "user-error-test-fake-secret",
              "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
              "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-    """The single `scriptorium: error:` line of a failed command, after checking there is nothing else."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("scriptorium: error:")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +27,7 @@ def one_image(tmp_path_factory):
 @pytest.fixture(scope="module")
 def closed_port() -> int:
     """A loopback port nothing listens on: connecting is refused at once, as with a wrong endpoint."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def test_missing_model_path(one_image, tmp_path):
