@@ -5,7 +5,13 @@ model), a real byte-level BPE tokenizer with Idefics2's special tokens, the Idef
 the idefics2-8b chat template, all saved with `save_pretrained`. It loads through exactly the same
 `AutoProcessor` / `AutoModelForImageTextToText.from_pretrained` path as `HuggingFaceM4/idefics2-8b`.
 
-Its weights are random, so its text is noise; everything around the weights is real.
+Its weights are random, so its text is noise; everything around the weights is real. They are drawn at
+gain / sqrt(fan_in) with gain 2 (embeddings at std 1) rather than transformers' default std 0.02: at 0.02
+the image features are so small beside the text that a white, a black and a red page give the same greedy
+tokens, and a test that compares outputs could not tell which image a row saw. At gain 1 plain colours
+differ but drawn pictures often do not; at gain 2 they do, while pixel noise of 1e-4 (a thousand times
+float32 rounding) still leaves the greedy tokens unchanged, so batched and single generation agree.
+`tests/test_tiny_model.py` checks that different images give different tokens.
 """
 
 from __future__ import annotations
@@ -65,6 +71,25 @@ def build_tokenizer(vocab_size: int = 400):
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
     )
     return tokenizer
+
+
+def init_image_sensitive(model, gain: float = 2.0) -> None:
+    """Redraw the weights at a scale where every layer passes its input on undiminished: linear and
+    convolution weights N(0, gain / sqrt(fan_in)) with zero biases, embeddings N(0, 1); norms keep their
+    ones. The image features then reach the text model at the scale of the token embeddings."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                fan_in = module.weight[0].numel()
+                torch.nn.init.normal_(module.weight, 0.0, gain / math.sqrt(fan_in))
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, torch.nn.Embedding):
+                torch.nn.init.normal_(module.weight, 0.0, 1.0)
 
 
 def build_tiny_idefics2(
@@ -133,6 +158,7 @@ def build_tiny_idefics2(
     )
     torch.manual_seed(seed)
     model = Idefics2ForConditionalGeneration(config)
+    init_image_sensitive(model)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
     # The instruct model stops at <end_of_utterance> as well as at </s>.
