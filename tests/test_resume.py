@@ -251,9 +251,8 @@ def test_a_task_added_to_a_finished_output_runs_only_the_new_task(first_run, sma
 
 
 def test_a_page_that_owes_some_units_generates_only_those(small_folder, tiny_model):
-    from tests.conftest import job, plan_row, run_stages
-
     from core.spec import TaskSpec
+    from tests.conftest import job, plan_row, run_stages
 
     spec = job(tiny_model, [TaskSpec(kind="ocr", max_new_tokens=4), TaskSpec(kind="caption", max_new_tokens=4),
                             TaskSpec(kind="qa", questions=["Who?", "When?"], max_new_tokens=4)])
@@ -268,10 +267,9 @@ def test_a_page_that_owes_some_units_generates_only_those(small_folder, tiny_mod
 
 def test_each_page_row_carries_only_its_own_pages_published_units(small_folder):
     """A 5,000-page document with a task added must not copy all its published units onto every page."""
-    from tests.conftest import plan_row
-
     from core.spec import RenderSpec, StorageSpec
     from pipeline.render.stage import pages_of
+    from tests.conftest import plan_row
 
     on_page = [{"page": p, "task": "ocr", "question": None} for p in (0, 1)]
     rows = list(pages_of({**plan_row(small_folder / "a.pdf"), "done_units": on_page},
