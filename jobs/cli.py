@@ -6,6 +6,7 @@
     scriptorium tiny-model DIR
     scriptorium summary OUTPUT [--run-id ID] [--json]
     scriptorium report OUTPUT --html FILE [--sample N] [--run-id ID]
+    scriptorium export OUTPUT --to URI --format {markdown,text,jsonl,dolma} [--text-task NAME] [--run-id ID]
     scriptorium inspect INPUT [--job FILE.toml] [--pages-per-second X] [--files] [--json]
 
 Exit status: 0 when the run finished (inputs that failed are error rows in the output), 2 when the job
@@ -163,6 +164,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from connectors.storage import unreachable_reason
+    from jobs.export import export
+
+    _, storage = _open_output(args)
+    unreachable = unreachable_reason(args.to, storage)
+    if unreachable:
+        raise SpecError(f"cannot reach {args.to}: {unreachable}")
+    counts = export(args.output, args.to, args.format, storage, text_task=args.text_task, run_id=args.run_id)
+    print(f"exported {counts['documents']} documents ({counts['pages']} pages) to {args.to} as {args.format} "
+          f"in {counts['files']} files; {counts['error_units']} error and {counts['missing_units']} missing "
+          "results are marked as such")
+    return 0
+
+
 def _inspect_spec(args: argparse.Namespace) -> JobSpec:
     """The spec `inspect` plans with: the --job file's, with INPUT and the flags given on top of it."""
     spec = load_spec(args.job) if args.job else JobSpec()
@@ -236,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run-id", help="only this run's rows")
     _add_storage_arguments(report)
     report.set_defaults(func=cmd_report)
+
+    from jobs.export import FORMATS
+
+    export = sub.add_parser("export", help="write an output's results as documents: Markdown, text, JSONL or Dolma")
+    export.add_argument("output", help="the --output of a run")
+    export.add_argument("--to", required=True, help="folder or prefix to write to (local, s3://, gs://); must be empty")
+    export.add_argument("--format", required=True, choices=FORMATS)
+    export.add_argument("--text-task", default="ocr",
+                        help="the task whose text is each page's text (default ocr); other tasks become sections")
+    export.add_argument("--run-id", help="only this run's rows")
+    _add_storage_arguments(export)
+    export.set_defaults(func=cmd_export)
 
     from jobs.inspect_input import DEFAULT_PAGES_PER_SECOND
 
