@@ -122,6 +122,9 @@ def init_ray(spec: JobSpec) -> None:
     # it), so a killed run leaves nothing behind that could disturb its rerun.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=True, logging_level=logging.WARNING)
+    from jobs.quiet_ray import spend_actor_restart_warning
+
+    spend_actor_restart_warning()  # a false alarm Ray would print in the middle of the progress lines
 
 
 @dataclass
