@@ -1,10 +1,13 @@
 """`scriptorium export OUTPUT --to URI --format {markdown,text,jsonl,dolma}`: an output's rows as documents.
 
-An output holds one row per page, task and question; what people hand on is documents. The export
-reads the published rows with DuckDB, which sorts them by source, page, task and question out of core
-(spilling to a temporary folder past `memory_mb`), and streams them out one document at a time: rows of
-one document may lie in many files written by several runs, and memory holds one document, however
-large the output.
+An output holds one row per page, task and question; what people hand on is documents. The rows of one
+document may lie in many files written by several runs, so the export groups them in two passes, in
+bounded memory however large the output: it first copies the rows, one published file at a time, into
+buckets on local disk by a hash of their source (all of a document's rows land in one bucket), then
+reads one bucket at a time (about `bucket_mb`, 64 MiB by default), sorts it by source, page, task and
+question, and writes its documents out one by one. (DuckDB's out-of-core ORDER BY was tried first: on
+rows with 2 KB of text, DuckDB 2.0 ran out of memory at a 128 MB limit from 100,000 rows on, and the
+limit it needed grew with the rows.)
 
 What a document is: a source file (a PDF, an image, a TIFF). An image of a shard that has a name (a tar
 member, a Parquet row's path) is a document of its own, named by its member; the rows a shard has without
@@ -39,9 +42,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import posixpath
 import re
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import chain, groupby, islice
@@ -49,7 +54,8 @@ from operator import itemgetter
 from typing import Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.dataset as pads
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from connectors.parquet_sink import ParquetStore
 from connectors.storage import StorageOptions, filesystem_for, protocol_of
@@ -69,55 +75,88 @@ DOLMA_SOURCE = "scriptorium"
 # -- reading: the rows of every document, grouped, in bounded memory -------------------------------------
 @dataclass
 class Layout:
-    """What the whole output holds, from one cheap pass: the tasks every page and every document should
-    have a row for, and the folder all sources share (file names start below it)."""
+    """What the whole output holds, gathered while its rows are spilled: the tasks every page and every
+    document should have a row for, and the folder all sources share (file names start below it)."""
 
     page_tasks: list[str]
     document_tasks: list[str]
     common_folder: str
 
 
-def _results(store: ParquetStore) -> pads.Dataset:
-    """The published files as one dataset of ROW_COLUMNS; a column a file predates reads as nulls."""
+def _bucket_count(store: ParquetStore, files: list[str], bucket_mb: int) -> int:
+    """Buckets of about `bucket_mb` MiB each, from the files' own (uncompressed) column sizes."""
+    total = 0
+    for path in files:
+        with store.fs.open(path, "rb") as handle:
+            metadata = pq.ParquetFile(handle).metadata
+        for group in range(metadata.num_row_groups):
+            columns = metadata.row_group(group)
+            total += sum(columns.column(i).total_uncompressed_size for i in range(columns.num_columns)
+                         if columns.column(i).path_in_schema in ROW_COLUMNS)
+    return max(1, math.ceil(total / (bucket_mb << 20)))
+
+
+def _spill(store: ParquetStore, files: list[str], run_id: str | None, buckets: int, folder: str) -> tuple[list[str], Layout]:
+    """Copy every row to one of `buckets` files on local disk, by a hash of its source_uri, so that all the
+    rows of a document land in one bucket whatever file and run they came from. Reads one published file
+    at a time (a sink file: a few thousand rows). Returns the bucket files and the output's Layout."""
     schema = pa.schema([RESULT_SCHEMA.field(name) for name in ROW_COLUMNS])
-    return pads.dataset(store.data_files(), schema=schema, filesystem=store.fs, format="parquet")
-
-
-def _connect(dataset: pads.Dataset, spill_dir: str, memory_mb: int):
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit = '{int(memory_mb)}MB'")
-    con.execute("SET temp_directory = ?", [spill_dir])
-    con.execute("SET preserve_insertion_order = false")  # what makes large sorts spill instead of fail
-    con.register("results", dataset)
-    return con
-
-
-def _layout(con, run_id: str | None) -> Layout:
-    where = "WHERE run_id = $run_id" if run_id else ""
-    params = {"run_id": run_id} if run_id else {}
-    tasks = con.sql(f"SELECT DISTINCT task, page = {DOCUMENT_PAGE} AS whole FROM results {where}", params=params).fetchall()
-    first, last = con.sql(f"SELECT min(source_uri), max(source_uri) FROM results {where}", params=params).fetchall()[0]
+    paths = [f"{folder}/bucket-{number:05d}.arrow" for number in range(buckets)]
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+    tasks: set[tuple[str, bool]] = set()
+    first = last = None
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    try:
+        for path in files:
+            table = store.read(path, ROW_COLUMNS).cast(schema)
+            if run_id:
+                table = table.filter(pc.equal(table["run_id"], run_id).fill_null(False))
+            if not table.num_rows:
+                continue
+            tasks |= set(zip(table["task"].to_pylist(), pc.equal(table["page"], DOCUMENT_PAGE).to_pylist()))
+            low, high = pc.min_max(table["source_uri"]).values()
+            first = min(first, low.as_py()) if first is not None else low.as_py()
+            last = max(last, high.as_py()) if last is not None else high.as_py()
+            sources = table["source_uri"].combine_chunks().dictionary_encode()
+            bucket_of_source = pa.array([zlib.crc32(uri.encode()) % buckets for uri in sources.dictionary.to_pylist()])
+            bucket = pc.take(bucket_of_source, sources.indices)
+            for number in pc.unique(bucket).to_pylist():
+                if number not in writers:
+                    writers[number] = pa.ipc.new_stream(paths[number], schema, options=options)
+                writers[number].write_table(table.filter(pc.equal(bucket, number)))
+    finally:
+        for writer in writers.values():
+            writer.close()
     # The longest prefix all names share is the one the first and the last name share, in sorted order.
     shared = posixpath.commonprefix([first or "", last or ""])
-    return Layout(page_tasks=sorted(t for t, whole in tasks if not whole and t),
-                  document_tasks=sorted(t for t, whole in tasks if whole and t),
-                  common_folder=shared[: shared.rfind("/") + 1])
+    layout = Layout(page_tasks=sorted(t for t, whole in tasks if t and not whole),
+                    document_tasks=sorted(t for t, whole in tasks if t and whole),
+                    common_folder=shared[: shared.rfind("/") + 1])
+    return [paths[number] for number in sorted(writers)], layout
 
 
-def _sorted_rows(con, run_id: str | None, batch_rows: int = 4096) -> Iterator[dict]:
-    """Every row to export, ordered by source_uri, page, task, question: one row per unit (see the
-    module docstring for which one when an output holds several)."""
-    where = "WHERE run_id = $run_id" if run_id else ""
-    query = f"""
-        SELECT * FROM results {where}
-        QUALIFY row_number() OVER (PARTITION BY source_uri, page, task, question
-                                   ORDER BY status = 'ok' DESC, run_id DESC NULLS LAST) = 1
-        ORDER BY source_uri, page, task, question NULLS FIRST"""
-    reader = con.sql(query, params={"run_id": run_id} if run_id else {}).to_arrow_reader(batch_rows)
-    for batch in reader:
-        yield from batch.to_pylist()
+UNIT_ORDER = [("source_uri", "ascending"), ("page", "ascending"), ("task", "ascending"), ("_question", "ascending"),
+              ("_ok", "descending"), ("_run", "descending")]
+
+
+def _sorted_rows(bucket_files: list[str], slice_rows: int = 2048) -> Iterator[dict]:
+    """Every row to export, bucket by bucket, each bucket sorted by source_uri, page, task, question
+    (null first): one row per unit, an ok one before an error one, then the greatest run id's."""
+    for path in bucket_files:
+        with pa.memory_map(path) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        table = table.append_column("_question", pc.fill_null(table["question"], ""))
+        table = table.append_column("_ok", pc.equal(table["status"], "ok").fill_null(False).cast(pa.int8()))
+        table = table.append_column("_run", pc.fill_null(table["run_id"], ""))
+        table = table.sort_by(UNIT_ORDER).select(ROW_COLUMNS)
+        previous = None
+        for offset in range(0, table.num_rows, slice_rows):
+            for row in table.slice(offset, slice_rows).to_pylist():
+                key = (row["source_uri"], row["page"], row["task"], row["question"])
+                if key != previous:  # later rows of the same unit lost to the preferred one
+                    yield row
+                previous = key
+        del table  # before the next bucket is read
 
 
 # -- documents --------------------------------------------------------------------------------------------
@@ -473,26 +512,26 @@ def _counted(documents_: Iterator[Document], counts: dict) -> Iterator[Document]
 
 
 def export(output: str, to: str, fmt: str, storage: StorageOptions | None = None, text_task: str = "ocr",
-           run_id: str | None = None, memory_mb: int = 256) -> dict:
+           run_id: str | None = None, bucket_mb: int = 64) -> dict:
     """Write the documents of `output` to `to` as `fmt`; returns counts (documents, pages, files, error
     units, missing units). Raises SpecError when there is nothing to export or `to` cannot take it."""
     if fmt not in FORMATS:
         raise SpecError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     storage = storage or StorageOptions()
     store = ParquetStore(output, storage)
-    if not store.data_files():
+    files = store.data_files()
+    if not files:
         raise SpecError(f"no results in {output}: nothing to export")
     target = _check_target(output, to, storage)
     counts = {"documents": 0, "pages": 0, "files": 0, "error_units": 0, "missing_units": 0}
-    with tempfile.TemporaryDirectory(prefix="scriptorium-export-") as spill_dir, \
-            _connect(_results(store), spill_dir, memory_mb) as con:
-        layout = _layout(con, run_id)
+    with tempfile.TemporaryDirectory(prefix="scriptorium-export-") as spill_dir:
+        buckets, layout = _spill(store, files, run_id, _bucket_count(store, files, bucket_mb), spill_dir)
         if not (layout.page_tasks or layout.document_tasks):
             raise SpecError(f"no rows of run {run_id!r} in {output}")
         if text_task not in layout.page_tasks:
             raise SpecError(f"no rows of task {text_task!r} in {output}: choose the text with --text-task "
                             f"(this output has {', '.join(layout.page_tasks + layout.document_tasks)})")
-        found = _counted(documents(_sorted_rows(con, run_id), layout), counts)
+        found = _counted(documents(_sorted_rows(buckets), layout), counts)
         if fmt == "jsonl":
             counts["files"] = _write_parts((to_record(d, text_task) for d in found), target,
                                            "part-{:05d}.jsonl", compress=False)
