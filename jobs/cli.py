@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_arguments(report)
     report.set_defaults(func=cmd_report)
 
-    from jobs.export import FORMATS
+    from jobs.export_formats import FORMATS
 
     export = sub.add_parser("export", help="write an output's results as documents: Markdown, text, JSONL or Dolma")
     export.add_argument("output", help="the --output of a run")

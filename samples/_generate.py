@@ -54,11 +54,17 @@ def scanned(image: Image.Image, seed: int, grain: float = 6) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
 
 
+def save(document: pymupdf.Document, path: Path) -> None:
+    """Without dates or a random file /ID, so the same content gives the same bytes."""
+    document.set_metadata({})
+    document.save(path, garbage=4, deflate=True, no_new_id=True)
+
+
 def write_memo(path: Path) -> None:
     document = pymupdf.open()
     page = document.new_page(width=842, height=595)
     page.insert_textbox(pymupdf.Rect(40, 40, 802, 555), MEMO, fontsize=16)
-    document.save(path, garbage=4, deflate=True)
+    save(document, path)
 
 
 def write_scan(path: Path) -> None:
@@ -69,11 +75,12 @@ def write_scan(path: Path) -> None:
     document = pymupdf.open()
     page = document.new_page(width=595, height=842)
     page.insert_image(page.rect, stream=jpeg.getvalue())
-    document.save(path, garbage=4, deflate=True)
+    save(document, path)
 
 
 def write_receipt(path: Path) -> None:
-    scanned(typeset(RECEIPT, 300, 330, 16, dpi=130), seed=2, grain=0).quantize(8, dither=Image.Dither.NONE).save(path, optimize=True)
+    receipt = scanned(typeset(RECEIPT, 300, 330, 16, dpi=130), seed=2, grain=0)
+    receipt.quantize(8, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 def draw_lake(rng: random.Random) -> Image.Image:

@@ -183,14 +183,16 @@ def test_jsonl_holds_every_result_once_with_provenance(mixed_output, tmp_path):
 
     units = [(r["source_uri"], page["page"], u["task"], u["question"], u["status"], u["text"])
              for r in records for page in r["pages"] for u in page["units"]]
-    units += [(r["source_uri"], -1, u["task"], u["question"], u["status"], u["text"]) for r in records for u in r["document"]]
+    units += [(r["source_uri"], -1, u["task"], u["question"], u["status"], u["text"])
+              for r in records for u in r["document"]]
     published = sorted((r["source_uri"], r["page"], r["task"], r["question"], r["status"], r["text"]) for r in rows)
     assert sorted(u for u in units if u[4] != "missing") == published  # every row, once
     letter = next(r for r in records if r["source_uri"].endswith("letter.pdf"))
     assert [u[:4] for u in units if u[4] == "missing"] == [(letter["source_uri"], 1, "caption", None)]
 
     source_rows = [r for r in rows if r["source_uri"] == letter["source_uri"]]
-    assert (letter["source_etag"], letter["source_size"]) == (source_rows[0]["source_etag"], source_rows[0]["source_size"])
+    assert (letter["source_etag"], letter["source_size"]) == (source_rows[0]["source_etag"],
+                                                              source_rows[0]["source_size"])
     assert letter["run_ids"] == ["export-test"] and letter["n_pages"] == 3
     assert [p["page"] for p in letter["pages"]] == [0, 1, 2]
     assert [" ".join(t.split()) for t in letter["text"].split("\n", 2)][0].startswith("Chapter one.")
@@ -249,7 +251,8 @@ def test_export_to_gcs(mixed_output, tmp_path):
 def test_export_refuses_what_it_cannot_do(mixed_output, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("someone's file")
-    one_line_error(run_cli("export", str(mixed_output), "--to", str(tmp_path / "taken"), "--format", "text"), "not empty")
+    one_line_error(run_cli("export", str(mixed_output), "--to", str(tmp_path / "taken"), "--format", "text"),
+                   "not empty")
     assert (tmp_path / "taken" / "notes.txt").read_text() == "someone's file"
     one_line_error(run_cli("export", str(mixed_output), "--to", str(mixed_output / "md"), "--format", "markdown"),
                    "inside the output")
@@ -279,7 +282,8 @@ def test_rows_from_many_files_and_runs_make_one_document(tmp_path):
     ]
     for number, rows in enumerate(files):
         store.publish(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), f"run/part-{number}.parquet")
-    old = pa.Table.from_pylist([row(doc, 2, "ocr", "run-0")], schema=RESULT_SCHEMA).drop_columns(["member", "degenerate"])
+    old = pa.Table.from_pylist([row(doc, 2, "ocr", "run-0")], schema=RESULT_SCHEMA)
+    old = old.drop_columns(["member", "degenerate"])
     pq.write_table(old, output / "part-old.parquet")
 
     counts = export(str(output), str(tmp_path / "jsonl"), "jsonl")

@@ -99,6 +99,6 @@ def test_duckdb(outputs):
         rows = [dict(zip(relation.columns, values)) for values in relation.fetchall()]
         assert sorted(tuple(r[c] for c in COMPARED) for r in rows) == reference(outputs, runs)
         assert_nulls_where_rows_have_no_value(rows)
-    per_run = duckdb.sql(f"SELECT run_id, count(*) FROM read_parquet('{outputs}/*/*.parquet', hive_partitioning = true) "
-                         "GROUP BY run_id ORDER BY run_id").fetchall()
+    per_run = duckdb.sql(f"SELECT run_id, count(*) FROM read_parquet('{outputs}/*/*.parquet', "
+                         "hive_partitioning = true) GROUP BY run_id ORDER BY run_id").fetchall()
     assert [run for run, _ in per_run] == list(RUNS)
