@@ -37,7 +37,7 @@ def synthetic_output(folder: Path, rows: int, text_bytes: int, seed: int = 0) ->
     """Write `rows` result rows (OCR and caption of 10-page documents) as shuffled files of two runs.
     Returns the bytes of text written."""
     from connectors.parquet_sink import ParquetStore
-    from pipeline.schema import RESULT_SCHEMA
+    from core.schema import RESULT_SCHEMA
 
     rng = random.Random(seed)
     words_per_text = max(1, text_bytes // 7)

@@ -39,10 +39,11 @@ from itertools import chain, islice
 from typing import Iterator
 
 from connectors.parquet_sink import ParquetStore
-from connectors.storage import StorageOptions, filesystem_for, protocol_of
+from connectors.storage import filesystem_for, protocol_of
+from core.errors import SpecError
+from core.spec import StorageSpec
 from jobs.export_formats import FORMATS, to_dolma, to_markdown, to_record, to_text
 from jobs.export_rows import Document, bucket_count, documents, sorted_rows, spill
-from jobs.spec import SpecError
 
 DOCUMENTS_PER_FILE = 10_000  # jsonl and dolma: documents per part file
 
@@ -74,7 +75,7 @@ def _write_files(documents_: Iterator[Document], target: ParquetStore, fmt: str,
     return written
 
 
-def _check_target(output: str, to: str, storage: StorageOptions) -> ParquetStore:
+def _check_target(output: str, to: str, storage: StorageSpec) -> ParquetStore:
     target = ParquetStore(to, storage)  # a folder of files published whole (here not Parquet files)
     _, output_root = filesystem_for(output, storage)
     if protocol_of(output) == protocol_of(to) and (target.root + "/").startswith(output_root.rstrip("/") + "/"):
@@ -99,13 +100,13 @@ def _counted(documents_: Iterator[Document], counts: dict) -> Iterator[Document]
         yield document
 
 
-def export(output: str, to: str, fmt: str, storage: StorageOptions | None = None, text_task: str = "ocr",
+def export(output: str, to: str, fmt: str, storage: StorageSpec | None = None, text_task: str = "ocr",
            run_id: str | None = None, bucket_mb: int = 64) -> dict:
     """Write the documents of `output` to `to` as `fmt`; returns counts (documents, pages, files, error
     units, missing units). Raises SpecError when there is nothing to export or `to` cannot take it."""
     if fmt not in FORMATS:
         raise SpecError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    storage = storage or StorageOptions()
+    storage = storage or StorageSpec()
     store = ParquetStore(output, storage)
     files = store.data_files()
     if not files:

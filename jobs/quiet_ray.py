@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import sys
 
+import ray
+
 UNSCHEDULABLE = "scriptorium-never-scheduled"  # a resource no node has: the actor is never started
 
 
@@ -26,8 +28,6 @@ class _Placeholder:
 
 def spend_actor_restart_warning() -> None:
     """Create (and kill) one actor that meets the warning's conditions, its log line sent to /dev/null."""
-    import ray
-
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)

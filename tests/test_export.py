@@ -22,9 +22,8 @@ import pytest
 from markdown_it import MarkdownIt
 
 from connectors.parquet_sink import ParquetStore
-from connectors.storage import StorageOptions
+from core.schema import RESULT_SCHEMA
 from jobs.export import DOCUMENTS_PER_FILE, export
-from pipeline.schema import RESULT_SCHEMA
 from tests.conftest import make_image, make_pdf, one_line_error, read_rows, run_cli
 
 PAGES = [
@@ -40,7 +39,7 @@ MARKUP = ("# Not a heading\n- not a list\n1. not a list either\n> not a quote\n"
 @pytest.fixture(scope="module")
 def mixed_output(tmp_path_factory, tiny_model, ray_local) -> Path:
     from jobs.runner import run_job
-    from jobs.spec import spec_from_dict
+    from core.spec import spec_from_dict
 
     inputs = tmp_path_factory.mktemp("export-in")
     make_pdf(inputs / "letter.pdf", PAGES)
@@ -303,7 +302,7 @@ def test_names_are_safe_and_unique(tmp_path):
                "gs://b/in/sub/deep.pdf"]
     rows = [row(source, 0, "ocr", "r", n_pages=1) for source in sources]
     ParquetStore(str(output)).publish(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), "part-0.parquet")
-    export(str(output), str(tmp_path / "md"), "markdown", StorageOptions())
+    export(str(output), str(tmp_path / "md"), "markdown")
     names = sorted(str(p.relative_to(tmp_path / "md")) for p in (tmp_path / "md").rglob("*.md"))
     assert len(names) == len(sources) and "sub/deep.pdf.md" in names and "a_b.pdf.md" in names
     assert all(".." not in name.split("/") and not name.split("/")[-1].startswith(".") for name in names)
