@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
     from jobs.export_rows import Document, Page, Unit
@@ -70,20 +70,33 @@ def _facts(document: Document) -> list[tuple[str, object]]:
         ("Runs", ", ".join(document.run_ids))] if value not in (None, "")]
 
 
+def _outline(document: Document, text_task: str) -> Iterator[tuple[str, str, Unit | None]]:
+    """The parts of a document in reading order, for the formats that print it: ("heading", label, None)
+    for the whole document's units and for each page, ("text", "", unit) for a page's text, and
+    ("section", label, unit) for every other unit."""
+    if document.document_units:
+        yield "heading", "Document", None
+        for unit in document.document_units:
+            yield "section", unit.label(), unit
+    for page in document.pages:
+        yield "heading", _page_heading(document, page), None
+        for unit in body_units(page, text_task):
+            yield "text", "", unit
+        for unit in page.units:
+            if unit.task != text_task:
+                yield "section", unit.label(), unit
+
+
 def to_markdown(document: Document, text_task: str) -> str:
     out = [f"# {markdown_escape(document.title)}", ""]
     out += [f"- {label}: {markdown_escape(str(value))}" for label, value in _facts(document)]
-    if document.document_units:
-        out += ["", "## Document"]
-        for unit in document.document_units:
-            out += ["", f"### {markdown_escape(unit.label())}", "", _markdown_unit(unit)]
-    for page in document.pages:
-        out += ["", f"## {_page_heading(document, page)}"]
-        for unit in body_units(page, text_task):
+    for kind, label, unit in _outline(document, text_task):
+        if kind == "heading":
+            out += ["", f"## {label}"]
+        elif kind == "section":
+            out += ["", f"### {markdown_escape(label)}", "", _markdown_unit(unit)]
+        else:
             out += ["", _markdown_unit(unit)]
-        for unit in page.units:
-            if unit.task != text_task:
-                out += ["", f"### {markdown_escape(unit.label())}", "", _markdown_unit(unit)]
     return "\n".join(out) + "\n"
 
 
@@ -93,17 +106,13 @@ def _text_unit(unit: Unit) -> str:
 
 def to_text(document: Document, text_task: str) -> str:
     out = [document.title] + [f"{label.lower()}: {value}" for label, value in _facts(document)]
-    if document.document_units:
-        out += ["", "=== document ==="]
-        for unit in document.document_units:
-            out += ["", f"[{unit.label()}]", _text_unit(unit)]
-    for page in document.pages:
-        out += ["", f"=== {_page_heading(document, page).lower()} ==="]
-        for unit in body_units(page, text_task):
+    for kind, label, unit in _outline(document, text_task):
+        if kind == "heading":
+            out += ["", f"=== {label.lower()} ==="]
+        elif kind == "section":
+            out += ["", f"[{label}]", _text_unit(unit)]
+        else:
             out += ["", _text_unit(unit)]
-        for unit in page.units:
-            if unit.task != text_task:
-                out += ["", f"[{unit.label()}]", _text_unit(unit)]
     return "\n".join(out) + "\n"
 
 
