@@ -26,9 +26,11 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import tempfile
 import time
 import uuid
-from typing import Callable
+from contextlib import contextmanager
+from typing import BinaryIO, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -88,6 +90,31 @@ class ParquetStore:
         else:
             self.fs.pipe_file(final, buffer.getvalue())  # visible only once the upload completes
         return final
+
+    @contextmanager
+    def publishing(self, name: str) -> Iterator[BinaryIO]:
+        """A file to stream `name` into (any kind of file, too large to hold in memory), published whole
+        when the block ends, as `publish` does: local disks rename a hidden temporary into place, object
+        stores get one upload of the finished file. Nothing is published if the block raises."""
+        final = f"{self.root}/{name}"
+        local = _is_local(self.fs)
+        if local:
+            os.makedirs(posixpath.dirname(final), exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{posixpath.basename(final)}.", suffix=TEMPORARY_SUFFIX,
+                                             dir=posixpath.dirname(final) if local else None)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                yield file
+                if local:
+                    file.flush()
+                    os.fsync(file.fileno())
+            if local:
+                self._move_into_place(temporary, final)
+            else:
+                self.fs.put_file(temporary, final)  # visible only once the upload completes
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
     def _write_temporary(self, name: str, data: bytes) -> str:
         """A hidden file next to the final one (same filesystem, so the rename is atomic), on disk."""

@@ -6,6 +6,7 @@
     scriptorium tiny-model DIR
     scriptorium summary OUTPUT [--run-id ID] [--json]
     scriptorium report OUTPUT --html FILE [--sample N] [--run-id ID]
+    scriptorium export OUTPUT --to URI --format {markdown,text,jsonl,dolma} [--text-task NAME] [--run-id ID]
     scriptorium inspect INPUT [--job FILE.toml] [--pages-per-second X] [--files] [--json]
     scriptorium schema [--output FILE]
 
@@ -42,6 +43,8 @@ from jobs.inspect_input import (
     inspect_inputs,
     summarize_inspection,
 )
+from jobs.export import export
+from jobs.export_formats import FORMATS
 from jobs.report import build_report
 from jobs.submit import add_submit_arguments, cmd_submit
 from jobs.summary import format_summary, load_summary
@@ -82,6 +85,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     page, counts = build_report(args.output, store.options, sample=args.sample, run_id=args.run_id)
     Path(args.html).write_text(page, encoding="utf-8")
     print(f"report of {counts['pages']} pages ({counts['rows']} rows) written to {args.html}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    storage = _open_output(args).options
+    unreachable = unreachable_reason(args.to, storage)
+    if unreachable:
+        raise SpecError(f"cannot reach {args.to}: {unreachable}")
+    counts = export(args.output, args.to, args.format, storage, text_task=args.text_task, run_id=args.run_id)
+    print(f"exported {counts['documents']} documents ({counts['pages']} pages) to {args.to} as {args.format} "
+          f"in {counts['files']} files; {counts['error_units']} error and {counts['missing_units']} missing "
+          "results are marked as such")
     return 0
 
 
@@ -158,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run-id", help="only this run's rows")
     add_storage_arguments(report)
     report.set_defaults(func=cmd_report)
+
+    export_parser = sub.add_parser("export", help="write an output's results as documents: Markdown, text, "
+                                   "JSONL or Dolma")
+    export_parser.add_argument("output", help="the --output of a run")
+    export_parser.add_argument("--to", required=True,
+                               help="folder or prefix to write to (local, s3://, gs://); must be empty")
+    export_parser.add_argument("--format", required=True, choices=FORMATS)
+    export_parser.add_argument("--text-task", default="ocr",
+                               help="the task whose text is each page's text (default ocr); other tasks become "
+                                    "sections")
+    export_parser.add_argument("--run-id", help="only this run's rows")
+    add_storage_arguments(export_parser)
+    export_parser.set_defaults(func=cmd_export)
 
     inspect = sub.add_parser("inspect", help="list what a job would process and estimate its GPU-hours (no model)")
     inspect.add_argument("input", nargs="?", help="folder, glob, file or manifest (default: the --job's input)")

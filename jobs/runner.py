@@ -29,6 +29,7 @@ from core.schema import KEY_COLUMNS, PLAN_SCHEMA, table_from_rows
 from core.spec import JobSpec, check_run_id, new_run_id, output_uri_for_run
 from core.units import work_units
 from jobs.progress import Progress
+from jobs.quiet_ray import spend_actor_restart_warning
 from jobs.summary import write_run_summary
 from pipeline.model.journal import journal_folder
 from pipeline.processor import build_processor
@@ -88,6 +89,7 @@ def init_ray(spec: JobSpec) -> None:
     # it), so a killed run leaves nothing behind that could disturb its rerun.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=True, logging_level=logging.WARNING)
+    spend_actor_restart_warning()  # a false alarm Ray would print in the middle of the progress lines
 
 
 @dataclass

@@ -49,3 +49,9 @@ def test_preprocess_bench_reports_exact_crops_and_both_targets():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "equal the reference tensors exactly: yes" in done.stdout
     assert results_of(done.stdout) == {"preprocess_pages_per_core": "pages/s", "bytes_per_page": "MB"}
+
+
+def test_export_bench_reports_its_peak_memory():
+    done = run_bench("bench/export.py", "--rows", "2000", "--text-bytes", "200")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert results_of(done.stdout) == {"export_peak_mb": "MB", "export_rows_per_s": "rows/s"}
