@@ -9,7 +9,8 @@
     scriptorium inspect INPUT [--job FILE.toml] [--pages-per-second X] [--files] [--json]
 
 Exit status: 0 when the run finished (inputs that failed are error rows in the output), 2 when the job
-itself cannot run (bad spec, missing model, unusable output), with one line saying what to fix.
+itself cannot run (bad spec, missing model, unusable output, an output another run is writing to), with
+one line saying what to fix.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from jobs.spec import JobSpec, SpecError, TaskSpec, load_spec
@@ -60,13 +62,16 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", action="store_true", default=None, help="--input is a manifest listing URIs")
     p.add_argument("--overwrite", action="store_true", default=None, help="delete previous results and start fresh")
     p.add_argument("--retry-failed", action="store_true", default=None, help="redo only the error rows")
+    p.add_argument("--wait", action="store_true", default=None,
+                   help="if another run is writing to the output, wait for it to finish instead of exiting")
 
 
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
     spec = load_spec(args.job) if args.job else JobSpec()
     sections = {
         "input": {"uri": args.input, "include": args.include, "exclude": args.exclude, "manifest": args.manifest},
-        "output": {"uri": args.output, "overwrite": args.overwrite, "retry_failed": args.retry_failed},
+        "output": {"uri": args.output, "overwrite": args.overwrite, "retry_failed": args.retry_failed,
+                   "wait": args.wait},
         "storage": {"endpoint_url": args.endpoint_url, "region": args.region, "profile": args.profile, "anon": args.anon},
         "model": {
             "id": args.model, "device": args.device, "dtype": args.dtype,
@@ -101,6 +106,9 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 def cmd_run(args: argparse.Namespace) -> int:
     from jobs.runner import run_job
 
+    # `ray job stop`, a deadline's `timeout` and Kubernetes stop a run with SIGTERM: exit through the
+    # run's cleanup, which releases the output's lease, instead of dying on the spot.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     spec = spec_from_args(args)
     result = run_job(spec)
     print(

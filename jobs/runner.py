@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from connectors.lease import hold_output
 from connectors.ledger import Ledger, read_ledger
 from connectors.listing import list_inputs
 from connectors.parquet_sink import OutputError, ParquetSink, ParquetStore
@@ -136,8 +137,10 @@ class Plan:
 
 
 def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledger: Ledger) -> Plan:
-    """Stream the listing into plan files under `_work/<run_id>/`, skipping complete sources."""
-    work = f"{store.root}/_work/{spec.run_id}"
+    """Stream the listing into plan files under `_work/<run_id>.<lease token>/`, skipping complete sources
+    and the output's own files (an output inside its input)."""
+    work = store.work_folder(spec.run_id)
+    own = store.own_files()
     plan, buffer = Plan(), []
 
     def flush():
@@ -153,7 +156,7 @@ def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledg
 
     from pipeline.prompts import work_units
 
-    for row in list_inputs(spec.input, storage):
+    for row in list_inputs(spec.input, storage, skip=own.owns_uri):
         uri, etag = row["source_uri"], row["etag"]
         units = work_units(spec.tasks, row.get("questions"))  # per source: QA questions may come per document
         if ledger.is_complete(uri, etag, units):
@@ -203,6 +206,15 @@ def run_job(spec: JobSpec) -> RunResult:
 
     store = ParquetStore(spec.output.uri, storage)
     store.ensure_writable()
+    # One writer per output: from here to the end this run holds the output's lease (connectors/lease.py).
+    lease = hold_output(store, spec.run_id, spec.output.lease_timeout_s, spec.output.wait)
+    try:
+        return _run_holding_the_lease(spec, store, storage, processor, image_settings, prompts, units, started)
+    finally:
+        lease.release()
+
+
+def _run_holding_the_lease(spec, store, storage, processor, image_settings, prompts, units, started) -> RunResult:
     if spec.output.overwrite:
         store.delete_all()
     store.recover()
@@ -233,8 +245,9 @@ def run_job(spec: JobSpec) -> RunResult:
     if plan.files:
         _run_pipeline(spec, plan.files, store, storage, processor, image_settings, prompts, ledger, sink, result)
     sink.close()
-    if store.fs.exists(f"{store.root}/_work/{spec.run_id}"):
-        store.fs.rm(f"{store.root}/_work/{spec.run_id}", recursive=True)
+    store.record_own_files()
+    if store.fs.exists(store.work_folder(spec.run_id)):
+        store.fs.rm(store.work_folder(spec.run_id), recursive=True)
     from pipeline.crash_journal import journal_folder
 
     shutil.rmtree(journal_folder(spec.run_id), ignore_errors=True)  # this node's replica notes (a local run's all)

@@ -43,6 +43,9 @@ GPU_BATCH_SIZE = 256
 CPU_BATCH_SIZE = 8
 
 
+MIN_LEASE_TIMEOUT_S = 5  # the holder renews every timeout / 6 seconds: shorter would be mostly renewing
+
+
 class SpecError(ValueError):
     """A job spec that cannot run; the message names the setting and how to fix it."""
 
@@ -63,6 +66,8 @@ class OutputSpec:
     seconds_per_file: float = 120.0  # ...or when this much time has passed, so a kill loses little
     overwrite: bool = False
     retry_failed: bool = False
+    wait: bool = False  # another run holds the output's lease: wait for it instead of exiting (connectors/lease.py)
+    lease_timeout_s: float = 120.0  # a lease whose heartbeat is older than this is taken over
 
 
 @dataclass
@@ -219,6 +224,9 @@ class JobSpec:
                 raise SpecError(f"resources.{budget} must be >= 0 (0: automatic)")
         if self.output.overwrite and self.output.retry_failed:
             raise SpecError("--overwrite and --retry-failed contradict each other: pick one")
+        if not self.output.lease_timeout_s >= MIN_LEASE_TIMEOUT_S:
+            raise SpecError(f"output.lease_timeout_s must be >= {MIN_LEASE_TIMEOUT_S} (seconds without a heartbeat "
+                            "before another run may take the output over)")
         return self
 
     @property

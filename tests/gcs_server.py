@@ -2,7 +2,9 @@
 
 It speaks the part of the API that gcsfs uses (https://cloud.google.com/storage/docs/json_api/v1):
 bucket get, objects.list with prefix / delimiter / maxResults / pageToken, object metadata, media
-download with Range, simple / multipart / resumable uploads, rewrite (copy) and delete. Point gcsfs at
+download with Range (and the `x-goog-generation` header), simple / multipart / resumable uploads,
+rewrite (copy) and delete, with `ifGenerationMatch` preconditions on uploads and deletes (412 when the
+live object's generation differs; 0 means "no live object"), as the output lease uses them. Point gcsfs at
 it with `GCSFileSystem(endpoint_url=server.endpoint, token="anon")`, or a job with
 `[storage] gcs_endpoint_url = server.endpoint` and `anon = true`. Every request is recorded, so a test can
 count how many listing pages a client asked for.
@@ -68,8 +70,12 @@ class GcsServer:
             self.buckets[name] = {}
         return name
 
-    def put(self, bucket: str, name: str, data: bytes, content_type: str = "application/octet-stream") -> dict:
+    def put(self, bucket: str, name: str, data: bytes, content_type: str = "application/octet-stream",
+            if_generation_match: str | None = None) -> dict | None:
+        """Store an object; None (and nothing stored) when `if_generation_match` does not hold."""
         with self._lock:
+            if not self._generation_matches(bucket, name, if_generation_match):
+                return None
             generation = str(next(self._generation))
             resource = {
                 "kind": "storage#object",
@@ -89,6 +95,17 @@ class GcsServer:
             }
             self.buckets[bucket][name] = (bytes(data), resource)
             return resource
+
+    def _generation_matches(self, bucket: str, name: str, expected: str | None) -> bool:
+        live = self.buckets[bucket].get(name)
+        return expected is None or expected == (live[1]["generation"] if live else "0")
+
+    def delete(self, bucket: str, name: str, if_generation_match: str | None = None) -> bool:
+        with self._lock:
+            if not self._generation_matches(bucket, name, if_generation_match):
+                return False
+            self.buckets[bucket].pop(name, None)
+            return True
 
     def resource(self, bucket: str, name: str) -> dict:
         return self.buckets[bucket][name][1]
@@ -141,15 +158,19 @@ class GcsServer:
     def upload(self, bucket: str, query: dict[str, str], headers, body: bytes) -> tuple[int, dict, dict]:
         """objects.insert: (status, response headers, JSON body)."""
         kind = query.get("uploadType", "media")
+        condition = query.get("ifGenerationMatch")
         if kind == "media":
-            return 200, {}, self.put(bucket, query["name"], body, headers.get("Content-Type") or "application/octet-stream")
+            return _stored(self.put(bucket, query["name"], body, headers.get("Content-Type") or "application/octet-stream",
+                                    condition))
         if kind == "multipart":
             meta, data, content_type = _multipart(headers.get("Content-Type", ""), body)
-            return 200, {}, self.put(bucket, meta.get("name") or query["name"], data, meta.get("contentType") or content_type)
+            return _stored(self.put(bucket, meta.get("name") or query["name"], data,
+                                    meta.get("contentType") or content_type, condition))
         if kind == "resumable" and "upload_id" not in query:
             meta = json.loads(body or b"{}")
             meta.setdefault("name", query.get("name"))
             meta.setdefault("contentType", headers.get("X-Upload-Content-Type") or "application/octet-stream")
+            meta["ifGenerationMatch"] = condition  # checked when the last part arrives
             upload_id = uuid.uuid4().hex
             with self._lock:
                 self.uploads[upload_id] = Upload(bucket, meta)
@@ -174,9 +195,16 @@ class GcsServer:
             with self._lock:
                 self.uploads.pop(upload_id, None)
             meta = session.meta
-            return 200, {}, self.put(session.bucket, meta["name"], bytes(session.data[: int(total)]), meta["contentType"])
+            return _stored(self.put(session.bucket, meta["name"], bytes(session.data[: int(total)]), meta["contentType"],
+                                    meta.get("ifGenerationMatch")))
         received = {"Range": f"bytes=0-{len(session.data) - 1}"} if session.data else {}
         return 308, received, {}
+
+
+def _stored(resource: dict | None) -> tuple[int, dict, dict]:
+    if resource is None:
+        return 412, {}, {"error": {"code": 412, "message": "At least one of the pre-conditions you specified did not hold."}}
+    return 200, {}, resource
 
 
 def _now() -> str:
@@ -260,19 +288,19 @@ def _handler(server: GcsServer):
                     return self._missing(f"{bucket}/{name}")
                 data, resource = stored
                 if method == "DELETE":
-                    with server._lock:
-                        server.buckets[bucket].pop(name, None)
+                    if not server.delete(bucket, name, query.get("ifGenerationMatch")):
+                        return self._send(412, {"error": {"code": 412, "message": "precondition failed"}})
                     return self._send(204)
                 if method == "PATCH":
                     return self._send(200, resource)
                 if query.get("alt") != "media" and not match.group(1):  # metadata, not the bytes
                     return self._send(200, resource)
                 span = _byte_range(self.headers.get("Range"), len(data))
+                media = {"Content-Type": resource["contentType"], "x-goog-generation": resource["generation"]}
                 if span is None:
-                    return self._send(200, data, {"Content-Type": resource["contentType"]})
+                    return self._send(200, data, media)
                 start, end = span
-                return self._send(206, data[start:end], {"Content-Type": resource["contentType"],
-                                                         "Content-Range": f"bytes {start}-{end - 1}/{len(data)}"})
+                return self._send(206, data[start:end], {**media, "Content-Range": f"bytes {start}-{end - 1}/{len(data)}"})
             if (match := LIST.match(path)) and method == "GET":
                 bucket = unquote(match.group(1))
                 if bucket not in server.buckets:
