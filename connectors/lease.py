@@ -45,16 +45,16 @@ from typing import Protocol
 
 import fsspec.asyn
 
-from connectors.namespace import FOLDER, temporary_name
+from connectors.namespace import FOLDER, LEASE_FILE, temporary_name
 from connectors.parquet_sink import OutputError
 from connectors.storage import protocol_of, redact, uri_for
 
 log = logging.getLogger("scriptorium.lease")
 
-LEASE_FILE = f"{FOLDER}/lease.json"
 LOCK_FILE = f"{FOLDER}/lease.lock"  # local folders: serializes the compare-and-replace of the lease
 RENEWALS_PER_TIMEOUT = 6  # a holder is judged gone after missing about this many heartbeats
 MAX_POLL_S = 2.0  # how often a waiting run looks at the lease
+RACE_PAUSE_S = 0.1  # after losing a race for the lease, before looking at it again
 
 
 class LeaseHeld(OutputError):
@@ -369,10 +369,12 @@ class OutputLease:
                                  _start_time(os.getpid()) or "", now, now, self.token)
             version = self._write(record.to_bytes(), None)
             if version is not None:
+                self._refuse_a_store_without_conditions(record.to_bytes())
                 return self._hold(record, version)
             current = self.object.read()
             if current is None:
-                continue  # released in between: take it now
+                time.sleep(RACE_PAUSE_S)  # released in between: take it now
+                continue
             holder = LeaseRecord.from_bytes(current.data)
             reason = gone_reason(holder, self.timeout_s, time.time())
             if reason:
@@ -381,7 +383,8 @@ class OutputLease:
                     log.warning("output %s: took over the lease of %s: %s", self.uri,
                                 holder.describe(time.time()) if holder else "an unknown run", reason)
                     return self._hold(record, version)
-                continue  # another run took it over first: look at its lease
+                time.sleep(RACE_PAUSE_S)  # another run took it over first: look at its lease
+                continue
             if not self.wait:
                 raise LeaseHeld(
                     f"output {self.uri} is being written by {holder.describe(time.time())}: pass --wait to run "
@@ -394,15 +397,24 @@ class OutputLease:
             time.sleep(min(MAX_POLL_S, self.heartbeat_s))
 
     def _write(self, data: bytes, version: str | None) -> str | None:
-        """Create the lease (`version` None) or replace that version of it with `data`. None when another
-        run's write came first. A request retried after its answer was lost fails its own condition:
-        the lease then holds our bytes, and is ours."""
+        """Create the lease (`version` None) or replace that version of it with `data`: the new version,
+        or None when another run's write came first. A request retried after its answer was lost fails
+        its own condition: the lease then holds our bytes, and is ours."""
         written = self.object.create(data) if version is None else self.object.replace(data, version)
         if written is None:
             current = self.object.read()
             if current is not None and current.data == data:
                 return current.version
         return written
+
+    def _refuse_a_store_without_conditions(self, data: bytes) -> None:
+        """A second create of the lease just made must fail. Where it does not, the store ignores
+        `If-None-Match` (some S3-compatible stores do), and no lease can keep two runs apart there."""
+        if self.object.create(data) is not None:
+            self.object.delete(self.object.read().version)
+            raise OutputError(f"output {self.uri}: the store ignores conditional writes (If-None-Match), so it cannot "
+                              "keep two runs from writing at once: use a store that enforces them (AWS S3, GCS, "
+                              "recent MinIO or Ceph, SeaweedFS) or a local folder")
 
     def _hold(self, record: LeaseRecord, version: str) -> OutputLease:
         self._record, self._version, self._renewed_at = record, version, time.monotonic()
@@ -465,6 +477,13 @@ class OutputLease:
 def hold_output(store, run_id: str, timeout_s: float, wait: bool) -> OutputLease:
     """Take the lease of `store`'s output for `run_id` (waiting behind its holder if `wait`), and make it
     the lease the store writes under: publishing checks it, temporaries and plan folders carry its token."""
-    lease = OutputLease(store.fs, store.root, store.uri, run_id, timeout_s, wait).acquire()
+    lease = OutputLease(store.fs, store.root, store.uri, run_id, timeout_s, wait)
+    try:
+        lease.acquire()
+    except OutputError:
+        raise
+    except Exception as exc:  # the store refused the lease's requests: one line, not a traceback
+        raise OutputError(redact(f"output {store.uri}: cannot take its lease {lease.lease_uri}: "
+                                 f"{type(exc).__name__}: {exc}")) from None
     store.lease = lease
     return lease

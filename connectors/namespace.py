@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 FOLDER = "_scriptorium"  # the output's own bookkeeping: the lease and the file list
 FILE_LIST = f"{FOLDER}/files.json"
+LEASE_FILE = f"{FOLDER}/lease.json"  # connectors/lease.py
 FILE_LIST_FORMAT = 1
 WORK_FOLDER = "_work"  # plan files of running runs, one folder per run and lease
 BOOKKEEPING = (WORK_FOLDER, "_runs", "_summary.json")  # what --overwrite clears besides the data files
@@ -51,9 +52,15 @@ def temporary_name(name: str, writer: str) -> str:
 
 
 def temporary_writer(name: str) -> str | None:
-    """The lease token in a temporary's name ("" for one written before leases); None if `name` is not one."""
+    """The lease token in the name of one of our temporaries ("" for one written before leases); None if
+    `name` is not the temporary of a data file, the file list or the lease."""
     match = TEMPORARY.fullmatch(name)
-    return None if match is None else match["writer"] or ""
+    if match is None:
+        return None
+    final = match["name"]
+    if not (DATA_FILE.fullmatch(final) or final in (posixpath.basename(FILE_LIST), posixpath.basename(LEASE_FILE))):
+        return None
+    return match["writer"] or ""
 
 
 def work_folder_name(run_id: str, writer: str) -> str:
@@ -112,9 +119,3 @@ def file_list_bytes(own: OwnFiles, names: list[str]) -> bytes:
     """The file list of `own`'s runs, listing `names` (the own files that exist now)."""
     listing = {"format": FILE_LIST_FORMAT, "runs": sorted(own.runs), "files": sorted(names)}
     return json.dumps(listing, indent=1).encode()
-
-
-def top_level_name(path: str, root: str) -> str | None:
-    """The name of `path` if it lies directly in folder `root`, else None."""
-    folder, name = posixpath.split(path)
-    return name if folder.rstrip("/") == root.rstrip("/") else None

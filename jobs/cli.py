@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from jobs.spec import JobSpec, SpecError, TaskSpec, load_spec
 from jobs.submit import add_submit_arguments, cmd_submit
@@ -108,7 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # `ray job stop`, a deadline's `timeout` and Kubernetes stop a run with SIGTERM: exit through the
     # run's cleanup, which releases the output's lease, instead of dying on the spot.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     spec = spec_from_args(args)
     result = run_job(spec)
     print(

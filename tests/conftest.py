@@ -208,9 +208,10 @@ def moto_server(fake_aws_credentials):
 
 class StoreProxy:
     """A loopback HTTP proxy in front of a store that records each request and can answer the next
-    ones with an injected failure (throttling, 5xx), the way a busy S3 endpoint would."""
+    ones with an injected failure (throttling, 5xx), the way a busy S3 endpoint would. `drop_headers`
+    are removed from every request (a store that ignores them, such as conditions)."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, drop_headers: tuple[str, ...] = ()):
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -219,6 +220,7 @@ class StoreProxy:
         self.requests: list[tuple[str, str]] = []  # (method, path with query)
         self.failures: list[tuple[int, bytes]] = []  # answered in order, one per request, before forwarding
         target_url = urlparse(target)
+        dropped = {name.lower() for name in drop_headers}
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -235,7 +237,8 @@ class StoreProxy:
                     status, payload = proxy.failures.pop(0)
                 else:
                     upstream = http.client.HTTPConnection(target_url.hostname, target_url.port, timeout=30)
-                    upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+                    forwarded = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
+                    upstream.request(self.command, self.path, body=body, headers=forwarded)
                     response = upstream.getresponse()
                     status, payload, headers = response.status, response.read(), response.getheaders()
                     upstream.close()

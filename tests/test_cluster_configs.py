@@ -177,8 +177,8 @@ def test_cronjob_submits_an_existing_job_spec_to_the_rayclusters_head(tmp_path):
 
 def test_cronjob_stops_the_ray_job_it_submitted_when_its_deadline_passes(tmp_path):
     cron, script = cronjob_script()
-    status, calls = run_with_stubs(with_short_deadline(script, cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]),
-                                   tmp_path)
+    backstop = cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+    status, calls = run_with_stubs(with_short_deadline(script, backstop), tmp_path)
 
     assert status == 124
     (submit,), (stop,) = [c for c in calls if c[0] == "scriptorium"], [c for c in calls if c[0] == "ray"]
