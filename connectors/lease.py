@@ -96,7 +96,7 @@ class LeaseRecord:
                 f"heartbeat {max(0.0, now - self.heartbeat):.0f} s ago)")
 
 
-def _this_machine() -> str:
+def this_machine() -> str:
     """Boot id and PID namespace of this process: two processes with the same value share pids."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -105,7 +105,7 @@ def _this_machine() -> str:
         return ""
 
 
-def _start_time(pid: int) -> str | None:
+def start_time_of(pid: int) -> str | None:
     """A running process's start time (clock ticks since boot), or None when no such process runs.
     A zombie (killed, not yet reaped by its parent) does not run."""
     try:
@@ -130,9 +130,9 @@ def gone_reason(holder: LeaseRecord | None, timeout_s: float, now: float) -> str
     """Why the holder is provably gone ("" when it may still be running)."""
     if holder is None:
         return "the lease is unreadable (a run killed while taking it)"
-    machine = _this_machine()
+    machine = this_machine()
     if machine and holder.machine == machine and holder.pid_start:
-        if _start_time(holder.pid) != holder.pid_start:
+        if start_time_of(holder.pid) != holder.pid_start:
             return f"its process (pid {holder.pid}) no longer runs on this machine"
     elif not machine and holder.host == socket.gethostname() and not _pid_runs(holder.pid):
         return f"its process (pid {holder.pid}) no longer runs on this host"
@@ -365,8 +365,8 @@ class OutputLease:
         waiting_for = ""
         while True:
             now = time.time()
-            record = LeaseRecord(self.run_id, socket.gethostname(), os.getpid(), _this_machine(),
-                                 _start_time(os.getpid()) or "", now, now, self.token)
+            record = LeaseRecord(self.run_id, socket.gethostname(), os.getpid(), this_machine(),
+                                 start_time_of(os.getpid()) or "", now, now, self.token)
             version = self._write(record.to_bytes(), None)
             if version is not None:
                 self._refuse_a_store_without_conditions(record.to_bytes())

@@ -5,8 +5,8 @@ single object, or, with `--manifest`, a file that lists the inputs (see `connect
 Objects are yielded as they are found, so a prefix with millions of keys never becomes one giant list.
 Below a folder or a glob's fixed part, names starting with `_` or `.` are skipped (temporary and hidden
 files, and Scriptorium's own `_scriptorium`/`_work`/`_runs` bookkeeping when the output sits inside the
-input). The runner also passes `skip`, which says which objects are the output's own results, so an
-output inside its input is never read back as input.
+input). The runner also passes `skip` (`results_filter`), which says which objects are the job's
+results, so an output inside its input is never read back as input.
 """
 
 from __future__ import annotations
@@ -222,6 +222,21 @@ def _info_or_none(entry: ManifestEntry, options: StorageOptions) -> dict | None:
         return fs.info(path)
     except Exception:  # missing, forbidden, unreachable: the read will record why
         return None
+
+
+def results_filter(spec: InputSpec, options: StorageOptions, output_template: str,
+                   owns: Callable[[str], bool]) -> Callable[[str], bool]:
+    """What a listing of `spec` must skip so that a job never reads results back as input: the output's
+    own files (`owns(uri)`: an output that is the input folder itself), and, when the output lies inside
+    the folder the listing walks, everything below it. For an output partitioned by run
+    (`.../run_id={run_id}`) that is everything below the part before `{run_id}`: every run's partition."""
+    fs, path = filesystem_for(spec.uri, options)
+    walked = uri_for(fs, _split_glob(path)[0] if any(ch in path for ch in GLOB_CHARS) else path.rstrip("/")) + "/"
+    static, partitioned, _ = output_template.partition("{run_id}")
+    output_fs, output_path = filesystem_for(static if partitioned else output_template, options)
+    prefix = uri_for(output_fs, output_path.rstrip("/")) + ("" if partitioned and not static.endswith("/") else "/")
+    inside = prefix.startswith(walked) and prefix != walked
+    return lambda uri: owns(uri) or (inside and uri.startswith(prefix))
 
 
 def list_inputs(spec: InputSpec, options: StorageOptions, skip: Callable[[str], bool] | None = None) -> Iterator[dict]:

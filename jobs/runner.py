@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from connectors.lease import hold_output
 from connectors.ledger import Ledger, read_ledger
-from connectors.listing import list_inputs
+from connectors.listing import list_inputs, results_filter
 from connectors.parquet_sink import OutputError, ParquetSink, ParquetStore
 from connectors.storage import StorageOptions, redact, unreachable_reason
 from jobs.progress import Progress
@@ -136,11 +136,12 @@ class Plan:
     retried: list[str] = field(default_factory=list)  # with error rows this run redoes (--retry-failed)
 
 
-def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledger: Ledger) -> Plan:
+def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledger: Ledger,
+               output_template: str = "") -> Plan:
     """Stream the listing into plan files under `_work/<run_id>.<lease token>/`, skipping complete sources
-    and the output's own files (an output inside its input)."""
+    and results (an output inside its input; `output_template`: the output URI before `{run_id}` is set)."""
     work = store.work_folder(spec.run_id)
-    own = store.own_files()
+    results = results_filter(spec.input, storage, output_template or spec.output.uri, store.own_files().owns_uri)
     plan, buffer = Plan(), []
 
     def flush():
@@ -156,7 +157,7 @@ def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledg
 
     from pipeline.prompts import work_units
 
-    for row in list_inputs(spec.input, storage, skip=own.owns_uri):
+    for row in list_inputs(spec.input, storage, skip=results):
         uri, etag = row["source_uri"], row["etag"]
         units = work_units(spec.tasks, row.get("questions"))  # per source: QA questions may come per document
         if ledger.is_complete(uri, etag, units):
@@ -182,6 +183,7 @@ def run_job(spec: JobSpec) -> RunResult:
     started = time.monotonic()
     spec.validate()
     spec.run_id = check_run_id(spec.run_id or new_run_id())
+    output_template = spec.output.uri
     spec.output.uri = output_uri_for_run(spec.output.uri, spec.run_id)
     ray_address(spec)  # a cluster address that cannot work fails now, not after planning
     storage = StorageOptions.from_spec(spec.storage)
@@ -209,12 +211,14 @@ def run_job(spec: JobSpec) -> RunResult:
     # One writer per output: from here to the end this run holds the output's lease (connectors/lease.py).
     lease = hold_output(store, spec.run_id, spec.output.lease_timeout_s, spec.output.wait)
     try:
-        return _run_holding_the_lease(spec, store, storage, processor, image_settings, prompts, units, started)
+        return _run_holding_the_lease(spec, store, storage, processor, image_settings, prompts, units, started,
+                                      output_template)
     finally:
         lease.release()
 
 
-def _run_holding_the_lease(spec, store, storage, processor, image_settings, prompts, units, started) -> RunResult:
+def _run_holding_the_lease(spec, store, storage, processor, image_settings, prompts, units, started,
+                           output_template) -> RunResult:
     if spec.output.overwrite:
         store.delete_all()
     store.recover()
@@ -225,7 +229,7 @@ def _run_holding_the_lease(spec, store, storage, processor, image_settings, prom
     warn_if_resuming_another_model(ledger, spec)
 
     try:
-        plan = write_plan(spec, store, storage, ledger)
+        plan = write_plan(spec, store, storage, ledger, output_template)
     except FileNotFoundError:
         raise SpecError(f"input {spec.input.uri} does not exist") from None
     except PermissionError as exc:

@@ -48,6 +48,14 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: Linux kills it when the test process ends, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class SeaweedFS:
     """One `weed server -s3` (master, volume server, filer and S3 gateway in one process)."""
 
@@ -78,7 +86,8 @@ class SeaweedFS:
         env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
         self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env={**env, "TMPDIR": str(self.folder / "tmp")},
-                                        start_new_session=True)  # its own process group, killed as one
+                                        start_new_session=True,  # its own process group, killed as one
+                                        preexec_fn=_die_with_parent)
         log.close()
         try:
             self._wait_until_it_stores_objects()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from connectors.lease import LeaseHeld, LeaseLost, LeaseRecord, OutputLease, _this_machine
+from connectors.lease import LeaseHeld, LeaseLost, LeaseRecord, OutputLease, this_machine
 from connectors.namespace import LEASE_FILE, data_file_name
 from connectors.parquet_sink import OutputError, ParquetStore
 from connectors.storage import StorageOptions
@@ -119,7 +119,7 @@ def test_a_live_lease_of_another_host_is_respected_and_one_of_a_dead_process_her
     dead_pid = int(gone.stdout)  # a process of this machine that has ended, with a fresh heartbeat
     holder = lease_for(store, "reader").object
     current = holder.read()
-    dead = LeaseRecord("killed-run", socket.gethostname(), dead_pid, _this_machine(), "12345", time.time(),
+    dead = LeaseRecord("killed-run", socket.gethostname(), dead_pid, this_machine(), "12345", time.time(),
                        time.time(), "ba5eba11dead")
     assert holder.replace(dead.to_bytes(), current.version) is not None
     with lease_for(store, "rerun"):  # taken over at once: no heartbeat timeout to wait for

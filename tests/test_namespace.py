@@ -63,19 +63,23 @@ def test_overwrite_removes_only_our_files_and_names_the_others_once(documents, t
     assert all(name in warnings[0] for name in foreign)
 
 
-def test_an_output_inside_its_input_is_never_read_back_as_input(documents, tiny_model, tmp_path, ray_local):
+@pytest.mark.parametrize("output_name, planned", [
+    ("results", (2, 1, 2)),  # one output: the second run does only the new input
+    ("results/run_id={run_id}", (2, 3, 0)),  # a partition per run: the second run's is new, and empty
+])
+def test_an_output_inside_its_input_is_never_read_back_as_input(output_name, planned, documents, tiny_model, tmp_path,
+                                                                 ray_local):
     inputs = tmp_path / "archive"
     inputs.mkdir()
     for path in documents.iterdir():
         (inputs / path.name).write_bytes(path.read_bytes())
-    output = inputs / "results"
 
-    first = run(inputs, output, tiny_model, "first")
+    first = run(inputs, inputs / output_name, tiny_model, "first")
     (inputs / "later.png").write_bytes((documents / "map.png").read_bytes())  # new input arrives
-    again = run(inputs, output, tiny_model, "again")
+    again = run(inputs, inputs / output_name, tiny_model, "again")
 
-    assert (first.planned_inputs, again.planned_inputs, again.skipped_inputs) == (2, 1, 2)
-    rows = read_rows(output)
+    assert (first.planned_inputs, again.planned_inputs, again.skipped_inputs) == planned
+    rows = read_rows(Path(again.output))
     assert sorted({Path(r["source_uri"]).name for r in rows}) == ["later.png", "letter.pdf", "map.png"]
-    assert not [r for r in rows if r["source_uri"].startswith(str(output))]
+    assert not [r for r in rows if r["source_uri"].startswith(str(inputs / "results"))]
     assert {r["status"] for r in rows} == {"ok"}
