@@ -41,8 +41,6 @@ PROMPT_FORMATS = ("auto", "instruct", "base")
 # KV-cache token budget sizes batches to the GPU's memory. On CPU, compute grows with the batch.
 GPU_BATCH_SIZE = 256
 CPU_BATCH_SIZE = 8
-
-
 MIN_LEASE_TIMEOUT_S = 5  # the holder renews every timeout / 6 seconds: shorter would be mostly renewing
 
 
