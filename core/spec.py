@@ -61,6 +61,7 @@ EXAMPLE_KEYS = ("image", "prompt", "text")
 # KV-cache token budget sizes batches to the GPU's memory. On CPU, compute grows with the batch.
 GPU_BATCH_SIZE = 256
 CPU_BATCH_SIZE = 8
+MIN_LEASE_TIMEOUT_S = 5  # the holder renews every timeout / 6 seconds: shorter would be mostly renewing
 
 
 def choices(kind) -> tuple[str, ...]:
@@ -114,6 +115,18 @@ class OutputSpec(Section):
     """Delete this output's earlier results and start again."""
     retry_failed: bool = False
     """Redo only the units whose rows are errors."""
+    wait: bool = False
+    """Another run holds the output's lease: wait for it instead of exiting (connectors/lease.py)."""
+    lease_timeout_s: float = 120.0
+    """A lease whose heartbeat is older than this many seconds is taken over (at least 5)."""
+
+    @field_validator("lease_timeout_s")
+    @classmethod
+    def _lease_timeout(cls, value):
+        if not value >= MIN_LEASE_TIMEOUT_S:
+            raise ValueError(f"output.lease_timeout_s must be >= {MIN_LEASE_TIMEOUT_S} (seconds without a heartbeat "
+                             "before another run may take the output over)")
+        return value
 
 
 class StorageSpec(Section):

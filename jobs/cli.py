@@ -11,7 +11,8 @@
     scriptorium schema [--output FILE]
 
 Exit status: 0 when the run finished (inputs that failed are error rows in the output), 2 when the job
-itself cannot run (bad spec, missing model, unusable output), with one line saying what to fix.
+itself cannot run (bad spec, missing model, unusable output, an output another run is writing to), with
+one line saying what to fix.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from connectors.parquet_sink import ParquetStore
@@ -37,14 +40,14 @@ from jobs.arguments import (
     spec_from_args,
     storage_from_args,
 )
+from jobs.export import export
+from jobs.export_formats import FORMATS
 from jobs.inspect_input import (
     DEFAULT_PAGES_PER_SECOND,
     format_inspection,
     inspect_inputs,
     summarize_inspection,
 )
-from jobs.export import export
-from jobs.export_formats import FORMATS
 from jobs.report import build_report
 from jobs.submit import add_submit_arguments, cmd_submit
 from jobs.summary import format_summary, load_summary
@@ -54,6 +57,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Imported here: torch, transformers and Ray load only for the commands that use them.
     from jobs.runner import run_job
 
+    # `ray job stop`, a deadline's `timeout` and Kubernetes stop a run with SIGTERM: exit through the
+    # run's cleanup, which releases the output's lease, instead of dying on the spot.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result = run_job(spec_from_args(args))
     print(
         f"run {result.run_id}: {result.planned_inputs} inputs processed, {result.skipped_inputs} already done; "

@@ -38,8 +38,8 @@ MARKUP = ("# Not a heading\n- not a list\n1. not a list either\n> not a quote\n"
 
 @pytest.fixture(scope="module")
 def mixed_output(tmp_path_factory, tiny_model, ray_local) -> Path:
-    from jobs.runner import run_job
     from core.spec import spec_from_dict
+    from jobs.runner import run_job
 
     inputs = tmp_path_factory.mktemp("export-in")
     make_pdf(inputs / "letter.pdf", PAGES)
