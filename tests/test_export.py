@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from markdown_it import MarkdownIt
 
+from connectors.namespace import data_file_name
 from connectors.parquet_sink import ParquetStore
 from core.schema import RESULT_SCHEMA
 from jobs.export import DOCUMENTS_PER_FILE, export
@@ -86,7 +87,7 @@ def mixed_output(tmp_path_factory, tiny_model, ray_local) -> Path:
     answer = next(r for r in read_rows(output) if r["source_uri"] == letter and r["page"] == 0
                   and r["question"] == "Who signed?")
     store.drop_rows(unit(0, "qa", "Who signed?"), ["source_uri", "page", "task", "question"])
-    store.publish(pa.Table.from_pylist([{**answer, "text": MARKUP}], schema=RESULT_SCHEMA), "part-markup.parquet")
+    store.publish(pa.Table.from_pylist([{**answer, "text": MARKUP}], schema=RESULT_SCHEMA), data_file_name("export-test", 999))
     return output
 
 
@@ -280,10 +281,10 @@ def test_rows_from_many_files_and_runs_make_one_document(tmp_path):
         [row(doc, 1, "ocr", "run-1"), row(doc, 1, "ocr", "run-3", status="error")],
     ]
     for number, rows in enumerate(files):
-        store.publish(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), f"run/part-{number}.parquet")
+        store.publish(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), data_file_name(f"run-{number}", number))
     old = pa.Table.from_pylist([row(doc, 2, "ocr", "run-0")], schema=RESULT_SCHEMA)
     old = old.drop_columns(["member", "degenerate"])
-    pq.write_table(old, output / "part-old.parquet")
+    pq.write_table(old, output / data_file_name("run-0", 0))
 
     counts = export(str(output), str(tmp_path / "jsonl"), "jsonl")
     assert counts == {"documents": 2, "pages": 4, "files": 1, "error_units": 0, "missing_units": 0}
@@ -301,7 +302,7 @@ def test_names_are_safe_and_unique(tmp_path):
     sources = ["gs://b/in/a b.pdf", "gs://b/in/a_b.pdf", "gs://b/in/../x.pdf", "gs://b/in/.hidden.pdf",
                "gs://b/in/sub/deep.pdf"]
     rows = [row(source, 0, "ocr", "r", n_pages=1) for source in sources]
-    ParquetStore(str(output)).publish(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), "part-0.parquet")
+    ParquetStore(str(output)).publish(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), data_file_name("r", 0))
     export(str(output), str(tmp_path / "md"), "markdown")
     names = sorted(str(p.relative_to(tmp_path / "md")) for p in (tmp_path / "md").rglob("*.md"))
     assert len(names) == len(sources) and "sub/deep.pdf.md" in names and "a_b.pdf.md" in names
@@ -312,7 +313,7 @@ def test_names_are_safe_and_unique(tmp_path):
 def test_part_files_hold_a_bounded_number_of_documents(tmp_path):
     output = tmp_path / "out"
     rows = [row(f"/scans/{i:06d}.png", 0, "ocr", "r", n_pages=1) for i in range(DOCUMENTS_PER_FILE + 5)]
-    ParquetStore(str(output)).publish(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), "part-0.parquet")
+    ParquetStore(str(output)).publish(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), data_file_name("r", 0))
     counts = export(str(output), str(tmp_path / "dolma"), "dolma")
     parts = sorted((tmp_path / "dolma" / "documents").iterdir())
     assert counts["files"] == 2 and [p.name for p in parts] == ["part-00000.jsonl.gz", "part-00001.jsonl.gz"]
