@@ -36,6 +36,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
 QUANTIZATION = ("none", "bnb-4bit", "awq")
 PROMPT_FORMATS = ("auto", "instruct", "base")
+ENGINES = ("static", "continuous")
 # Automatic `[resources] batch_size`. Each decoding step reads all the weights whatever the batch, so on a
 # GPU a step for a hundred sequences costs little more than one for a few: the cap is high and the
 # KV-cache token budget sizes batches to the GPU's memory. On CPU, compute grows with the batch.
@@ -88,6 +89,10 @@ class ModelSpec:
     # Static KV cache for generation; on CUDA, transformers then torch.compiles the decoding step.
     # Opt-in until bench/gpu.py shows it faster on a GPU (see BENCHMARKS.md).
     compile: bool = False
+    # "static": batches through `generate`, each decoded until its longest page ends. "continuous":
+    # transformers' continuous batching (pipeline/continuous.py), a finished page's slot goes to the next one.
+    # Static until bench/gpu.py measures the continuous engine on a GPU.
+    engine: str = "static"
 
 
 @dataclass
@@ -193,6 +198,7 @@ class JobSpec:
         _check_choice("model.attn_implementation", self.model.attn_implementation, ATTENTION)
         _check_choice("model.quantization", self.model.quantization, QUANTIZATION)
         _check_choice("model.prompt_format", self.model.prompt_format, PROMPT_FORMATS)
+        _check_choice("model.engine", self.model.engine, ENGINES)
         _check_model_options(self.model)
         if not self.tasks:
             raise SpecError("no task: pass --task ocr|caption|qa or add a [[tasks]] table")
@@ -260,6 +266,11 @@ def _check_model_options(model: ModelSpec) -> None:
                             "set device = \"cuda\" and dtype = \"bf16\", or use attn_implementation = \"sdpa\"")
         _require_package("flash_attn", "attn_implementation = \"flash_attention_2\"",
                          "pip install flash-attn --no-build-isolation", "attn_implementation = \"sdpa\"")
+    if model.engine == "continuous" and model.attn_implementation == "eager":
+        # Its paged form (paged|eager) would be set on the shared text model, where the static engine's
+        # fallback calls (a repetition penalty, a retry) need plain attention.
+        raise SpecError("engine = \"continuous\" needs attn_implementation = \"sdpa\" or \"flash_attention_2\", "
+                        "not \"eager\"")
     if model.quantization in ("bnb-4bit", "awq") and model.device == "cpu":
         raise SpecError(f"quantization = \"{model.quantization}\" needs a CUDA GPU: set device = \"cuda\" or quantization = \"none\"")
     if model.quantization == "bnb-4bit":

@@ -26,6 +26,7 @@ from pipeline.collate import batch_by_shape
 from pipeline.crash_journal import journal_for_this_replica, unit_key
 from pipeline.degenerate import is_degenerate
 from pipeline.image_features import encode_crops, generate_kwargs
+from pipeline.logprobs import TokenLogprobs, confidence, recording_processors
 from pipeline.preprocess import ImageSettings, unpack_crops
 from pipeline.prompts import PromptBook, PromptPlan
 from pipeline.routes import page_result, routed_rows
@@ -160,6 +161,13 @@ class Idefics2Generator:
 
     # -- per batch --------------------------------------------------------------------------------
     def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
+        rows, sequences = self._sequences(pages)
+        for group in self._batches(sequences):
+            rows.extend(self._generate_or_split(group))
+        yield table_from_rows(rows, RESULT_SCHEMA)
+
+    def _sequences(self, pages: pa.Table) -> tuple[list[dict], list[Sequence]]:
+        """The block's rows that need no generation, and its (page, prompt) sequences to generate."""
         rows, sequences = [], []
         for page in pages.to_pylist():
             crops = None
@@ -176,12 +184,10 @@ class Idefics2Generator:
                 return None
 
             # Units answered before the model (routes.py), page errors and QA units without a question
-            # become rows right away; the rest are generated below.
+            # become rows right away; the rest are generated.
             rows.extend(routed_rows(page, self.book.tasks, to_generate, run_id=self.run_id, model=self.spec.id,
                                     replica=self.replica, node=self.node))
-        for group in self._batches(sequences):
-            rows.extend(self._generate_or_split(group))
-        yield table_from_rows(rows, RESULT_SCHEMA)
+        return rows, sequences
 
     def _batches(self, sequences: list[Sequence]) -> Iterator[list[Sequence]]:
         """Group by prompt and generation settings, then by crop shape, then cut by count, pixel and
@@ -264,6 +270,10 @@ class Idefics2Generator:
             generation["repetition_penalty"] = plan.repetition_penalty
         if plan.stop_strings:
             generation.update(stop_strings=list(plan.stop_strings), tokenizer=self.tokenizer)
+        recorder = TokenLogprobs()  # each token's log-probability, for the confidence columns
+        processors, overrides = recording_processors(self.model.generation_config, generation["do_sample"],
+                                                     generation.get("temperature", 1.0), generation.get("top_p", 1.0),
+                                                     recorder)
         started = time.perf_counter()
         # Each crop through the vision tower at its own size, not padded to its neighbours (image_features.py).
         features = encode_crops(self.model, [s.crops for s in batch], self.settings, self.device, self.dtype)
@@ -272,24 +282,28 @@ class Idefics2Generator:
             attention_mask=attention_mask,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=sorted(self.eos_ids),
+            logits_processor=processors,
             **generate_kwargs(self.model, features),
-            **generation,
+            **{**generation, **overrides},
         )
         elapsed = time.perf_counter() - started
         new_tokens = output[:, input_ids.shape[1]:].cpu()
-        rows = []
-        for seq, tokens in zip(batch, new_tokens.tolist()):
-            n_out, finished, text = generated_output(tokens, self.eos_ids, plan.stop_strings, self._decode)
-            truncated = not finished and n_out >= plan.max_new_tokens
-            rows.append(
-                self._row(seq.page, plan, status="ok", text=text, n_input_tokens=len(ids), n_output_tokens=n_out,
-                          truncated=truncated, degenerate=is_degenerate(tokens[:n_out], finished),
-                          route="model", generate_s=elapsed / len(batch))
-            )
-            if temperature is not None:  # the row says how it was made
-                rows[-1]["generation"] = json.dumps({**json.loads(plan.generation), "do_sample": True,
-                                                     "temperature": temperature})
-        return rows
+        return [self._result_row(seq, tokens, logprobs, len(ids), elapsed / len(batch), temperature)
+                for seq, tokens, logprobs in zip(batch, new_tokens.tolist(), recorder.per_sequence(new_tokens))]
+
+    def _result_row(self, seq: Sequence, tokens: list[int], logprobs: list[float], n_input_tokens: int,
+                    generate_s: float, temperature: float | None = None) -> dict:
+        """The result row of a generated sequence: `tokens` as the engine returned them (they may run on
+        past its end), `logprobs` one per token."""
+        plan = seq.plan
+        n_out, finished, text = generated_output(tokens, self.eos_ids, plan.stop_strings, self._decode)
+        truncated = not finished and n_out >= plan.max_new_tokens
+        row = self._row(seq.page, plan, status="ok", text=text, n_input_tokens=n_input_tokens, n_output_tokens=n_out,
+                        truncated=truncated, degenerate=is_degenerate(tokens[:n_out], finished), route="model",
+                        generate_s=generate_s, **confidence(logprobs[:n_out]))
+        if temperature is not None:  # the row says how it was made
+            row["generation"] = json.dumps({**json.loads(plan.generation), "do_sample": True, "temperature": temperature})
+        return row
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

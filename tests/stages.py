@@ -8,6 +8,7 @@ cached per checkpoint (loading one costs a second or two), and given each job's 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,14 +40,27 @@ def job(model: Path | str, tasks: list[TaskSpec], **sections) -> JobSpec:
 
 
 def replica(spec: JobSpec, settings: ImageSettings, book: PromptBook):
+    from pipeline.continuous_generator import ContinuousIdefics2Generator
     from pipeline.generate import Idefics2Generator
 
-    key = (spec.model.id, settings)
+    key = (spec.model.id, settings, spec.model.engine)
     if key not in _replicas:
-        _replicas[key] = Idefics2Generator(spec.model, settings, book, run_id=spec.run_id, batch_size=8)
+        actor = ContinuousIdefics2Generator if spec.model.engine == "continuous" else Idefics2Generator
+        _replicas[key] = actor(spec.model, settings, book, run_id=spec.run_id, batch_size=8)
     generator = _replicas[key]
     generator.book = book
     return generator
+
+
+def tables(output) -> list[pa.Table]:
+    """What a stage's call yields, sync or async (the continuous engine's actor is an async generator,
+    which Ray Data runs on an event loop)."""
+    if hasattr(output, "__anext__"):
+        async def collect():
+            return [table async for table in output]
+
+        return asyncio.run(collect())
+    return list(output)
 
 
 def concat(tables) -> pa.Table:
@@ -75,7 +89,7 @@ def run_stages(spec: JobSpec, plan_rows: list[dict], registry=None) -> list[dict
     if spec.routing.text_layer or spec.routing.ocr_engine == "tesseract" or registry is not None:
         pages = concat(RoutePages(spec.tasks, spec.routing, registry)(pages))
     if spec.needs_model:
-        results = concat(replica(spec, settings, book)(concat(PreprocessPages(settings)(pages))))
+        results = concat(tables(replica(spec, settings, book)(concat(PreprocessPages(settings)(pages)))))
     else:
         results = concat(RoutedResults(spec.tasks, spec.run_id)(pages))
     if registry is not None:
