@@ -18,6 +18,7 @@ import ray
 
 from connectors.storage import StorageOptions
 from jobs.spec import JobSpec
+from pipeline.continuous_generator import ContinuousIdefics2Generator
 from pipeline.generate import Idefics2Generator
 from pipeline.pages import RenderPages, RenderSettings
 from pipeline.preprocess import ImageSettings, PreprocessPages
@@ -93,8 +94,9 @@ def build_dataset(
     # every node; the repartition streams (no shuffle, nothing materialized).
     pages_per_batch = spec.resources.pages_per_batch(on_gpu=res.gpus_per_replica > 0)
     preprocessed = preprocessed.repartition(target_num_rows_per_block=pages_per_batch)
+    continuous = spec.model.engine == "continuous"
     return preprocessed.map_batches(
-        Idefics2Generator,
+        ContinuousIdefics2Generator if continuous else Idefics2Generator,
         fn_constructor_kwargs=dict(
             model_spec=spec.model,
             image_settings=image_settings,
@@ -108,7 +110,10 @@ def build_dataset(
         batch_format="pyarrow",
         # Two blocks in flight per replica: while one batch generates, the next one's blocks are already
         # fetched to the replica's node, so the GPU does not wait for the object store between batches.
-        compute=ray.data.ActorPoolStrategy(size=res.replicas, max_tasks_in_flight_per_actor=2),
+        # The continuous engine's actor is async: both blocks run at once on its event loop and feed one
+        # engine, so the next block's pages fill the slots the last one's finished pages free.
+        compute=ray.data.ActorPoolStrategy(size=res.replicas, max_tasks_in_flight_per_actor=2,
+                                           max_concurrent_calls_per_actor=2 if continuous else None),
         num_gpus=res.gpus_per_replica,
         num_cpus=res.cpus_per_replica,
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a replica that dies
