@@ -255,16 +255,19 @@ class ContinuousEngine:
         """Take the KV cache now (and capture CUDA graphs where the engine uses them), not at the first
         request, so that what memory is left afterwards can be measured."""
         if self._manager is None:
-            self._manager = self.lm.init_continuous_batching(generation_config=self.generation_config,
-                                                             continuous_batching_config=self.config)
-            self._manager.warmup()
+            # The engine's thread updates its tensors in place outside inference mode: they must not be
+            # inference tensors, whatever mode the caller is in.
+            with torch.inference_mode(False):
+                self._manager = self.lm.init_continuous_batching(generation_config=self.generation_config,
+                                                                 continuous_batching_config=self.config)
+                self._manager.warmup()
 
     def _running_manager(self):
         self.prepare()
         if not self._manager.is_running():
             if self._manager.background_thread_status.fatal_error is not None:
                 log.warning("continuous engine restarts after: %s", self._manager.background_thread_status.fatal_error)
-                self._manager.batch_processor = None  # a fresh KV cache and scheduler
+                self._manager.batch_processor = None  # a fresh KV cache and scheduler, made by its thread
             self._manager.start()
         return self._manager
 
