@@ -42,6 +42,7 @@ from transformers import GenerationConfig, MistralForCausalLM
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from pipeline.batch_budget import KV_CACHE_MEMORY_FRACTION
+from pipeline.generate import generated_output
 from pipeline.logprobs import sampling_top_k
 
 log = logging.getLogger("scriptorium")
@@ -148,8 +149,6 @@ def until_stop(tokens: list[int], eos_ids: set[int], stop_strings, decode) -> li
     """The tokens `generate` would have produced with these stop strings: up to the end of sequence, or
     to the first token whose text completes a stop string if that comes first (the engine has no stop
     strings; `generated_output` then reads the result as it reads `generate`'s)."""
-    from pipeline.generate import generated_output
-
     end = next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
     if stop_strings:
         n_stop, stopped, _ = generated_output(tokens[:end], set(), stop_strings, decode)
@@ -220,6 +219,8 @@ class ContinuousEngine:
         self._in_flight += 1
         try:
             return await self._run(request, virtual_ids)
+        except Exception as exc:  # the engine could not take it (a full queue, a broken engine): said, not raised
+            return EngineResult([], [], f"{type(exc).__name__}: {exc}")
         finally:
             self._in_flight -= 1
             await self.slots.release(virtual_ids)

@@ -113,8 +113,13 @@ class ContinuousIdefics2Generator(Idefics2Generator):
         if not batch:
             return []
         started = time.perf_counter()
-        features = await asyncio.to_thread(encode_crops, self.model, [s.crops for s in batch], self.settings,
-                                           self.device, self.dtype)
+        try:
+            features = await asyncio.to_thread(encode_crops, self.model, [s.crops for s in batch], self.settings,
+                                               self.device, self.dtype)
+        except Exception as exc:  # out of memory in the vision tower: the static path halves the batch
+            log.warning("encoding %d pages for the continuous engine failed (%s: %s): generating them on the "
+                        "static engine", len(batch), type(exc).__name__, exc)
+            return await asyncio.to_thread(self._generate_static, batch)
         per_sequence = features.split([self._image_tokens(s) for s in batch])
         results = await asyncio.gather(*(self._generate_one(engine, seq, f) for seq, f in zip(batch, per_sequence)))
         generate_s = (time.perf_counter() - started) / len(batch)

@@ -198,3 +198,29 @@ def test_the_engine_is_a_validated_choice():
         spec_from_dict({**base, "model": {"id": "m", "engine": "paged"}}).validate()
     with pytest.raises(SpecError, match="needs attn_implementation"):
         spec_from_dict({**base, "model": {"id": "m", "engine": "continuous", "attn_implementation": "eager"}}).validate()
+
+
+def test_a_sequence_the_engine_cannot_hold_is_generated_on_the_static_engine(split_model, three_pages, caplog):
+    """A KV cache too small for any of these prompts (five crops, 320 image tokens, in one 256-token
+    block): the engine fails the requests, the static engine generates them, and the engine starts afresh
+    for the next block."""
+    from pipeline.continuous_generator import ContinuousIdefics2Generator
+    from tests.stages import preprocessed, tables
+
+    spec = continuous(job(split_model, [TaskSpec(kind="ocr", max_new_tokens=4)]))
+    static = run_stages(job(split_model, [TaskSpec(kind="ocr", max_new_tokens=4)]), [plan_row(three_pages)])
+    from jobs.runner import open_model_config
+    from pipeline.prompts import PromptBook
+
+    processor, settings = open_model_config(spec)
+    replica = ContinuousIdefics2Generator(spec.model, settings, PromptBook(spec.tasks), run_id="small-cache",
+                                          batch_size=4, max_batch_tokens=100)
+    pages = preprocessed(settings, [plan_row(three_pages)])
+    try:
+        with caplog.at_level(logging.WARNING, logger="scriptorium"):
+            first = tables(replica(pages.slice(0, 2)))[0].to_pylist()
+            second = tables(replica(pages.slice(2)))[0].to_pylist()
+    finally:
+        replica.close()
+    assert_same_generation(static, sorted(first + second, key=lambda r: r["page"]))
+    assert any("generating it on the static engine" in r.getMessage() for r in caplog.records)
