@@ -33,6 +33,7 @@ with per-request temperature and top-p. What it lacks: stop strings (the caller 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
@@ -50,6 +51,17 @@ log = logging.getLogger("scriptorium")
 # Query tokens per engine step off GPU (prefill is chunked to this). The SDPA path builds a
 # (step tokens x cached tokens) mask per step, so on CPU it is kept small; on a GPU the engine's default.
 CPU_STEP_TOKENS = 1024
+
+
+# Tokens per page of the paged KV cache (`page_size`; `block_size` before transformers 5.18 or so).
+PAGE_TOKENS = getattr(ContinuousBatchingConfig, "page_size", None) or ContinuousBatchingConfig.block_size
+
+
+def engine_config(**options) -> ContinuousBatchingConfig:
+    """transformers' engine settings, leaving out those this transformers does not have (5.17, on the
+    lent GPU machines, has no `auto_switch_to_flash`: it may switch SDPA to a flash kernel by itself)."""
+    known = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    return ContinuousBatchingConfig(**{name: value for name, value in options.items() if name in known})
 
 
 @dataclass
@@ -191,14 +203,14 @@ class ContinuousEngine:
                if do_sample else {}),
         )
         on_gpu = self.device.type == "cuda"
-        self.config = ContinuousBatchingConfig(
+        self.config = engine_config(
             return_logprobs=True,
             allow_block_sharing=False,  # prefixes are matched by token id: virtual ids must never match
             auto_switch_to_flash=False,  # the text model is shared with the static engine: keep its attention
             per_request_processors=do_sample,
             max_requests_per_batch=max_requests or None,
             max_batch_tokens=None if on_gpu else CPU_STEP_TOKENS,
-            **({"num_blocks": -(-cache_tokens // ContinuousBatchingConfig.page_size)} if cache_tokens
+            **({"num_blocks": -(-cache_tokens // PAGE_TOKENS)} if cache_tokens
                else {"max_memory_percent": KV_CACHE_MEMORY_FRACTION}),
         )
         self._manager = None
@@ -266,6 +278,11 @@ class ContinuousEngine:
     def _running_manager(self):
         self.prepare()
         if not self._manager.is_running():
+            if getattr(self.lm, "_cached_continuous_batching_manager", None) is self._manager:
+                # Paused (`stop` puts the text model's attention back): taken again the way transformers
+                # takes a kept manager, which switches the attention to its paged form if it needs one.
+                self.lm.init_continuous_batching(generation_config=self.generation_config,
+                                                 continuous_batching_config=self.config)
             if self._manager.background_thread_status.fatal_error is not None:
                 log.warning("continuous engine restarts after: %s", self._manager.background_thread_status.fatal_error)
                 self._manager.batch_processor = None  # a fresh KV cache and scheduler, made by its thread
