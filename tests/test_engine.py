@@ -204,15 +204,14 @@ def test_a_sequence_the_engine_cannot_hold_is_generated_on_the_static_engine(spl
     """A KV cache too small for any of these prompts (five crops, 320 image tokens, in one 256-token
     block): the engine fails the requests, the static engine generates them, and the engine starts afresh
     for the next block."""
+    from jobs.runner import open_model_config
     from pipeline.continuous_generator import ContinuousIdefics2Generator
+    from pipeline.prompts import PromptBook
     from tests.stages import preprocessed, tables
 
     spec = continuous(job(split_model, [TaskSpec(kind="ocr", max_new_tokens=4)]))
     static = run_stages(job(split_model, [TaskSpec(kind="ocr", max_new_tokens=4)]), [plan_row(three_pages)])
-    from jobs.runner import open_model_config
-    from pipeline.prompts import PromptBook
-
-    processor, settings = open_model_config(spec)
+    _, settings = open_model_config(spec)
     replica = ContinuousIdefics2Generator(spec.model, settings, PromptBook(spec.tasks), run_id="small-cache",
                                           batch_size=4, max_batch_tokens=100)
     pages = preprocessed(settings, [plan_row(three_pages)])
