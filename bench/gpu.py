@@ -17,7 +17,11 @@ encoded at their own size by `pipeline.image_features.encode_crops`, one shared 
 `model.generate`, decode. The snippet is the
 model card's loop: `processor(text=prompt, images=[image])`, `generate`, `batch_decode`, page by page.
 Both use the same model object, dtype and attention, and generate exactly `--new-tokens` tokens
-(min = max, EOS ignored), so only the data path and batching differ.
+(min = max, EOS ignored), so only the data path and batching differ. The continuous engine
+(`[model] engine = "continuous"`, pipeline/continuous.py) runs the same pages with the same limits (as
+many pages at once as a static batch, a KV cache of the static batch's token budget), then both engines
+run the pages with the length mix of real documents from bench/engine.py (each page its own number of
+new tokens, forced in both): pages/s for each decides which engine is the default.
 
 Runs where torch and transformers are installed; Ray, pyarrow and PyMuPDF are optional (without
 PyMuPDF the pages are drawn with Pillow). Nothing is downloaded: the model is built from its config
@@ -33,10 +37,11 @@ import time
 import _setup  # noqa: F401  (the repository's packages first; see bench/_setup.py)
 import torch  # noqa: E402
 from documents import page_images  # noqa: E402
+from engine import continuous_engine, length_mix, real_pdfs, run_continuous, run_static  # noqa: E402
 
-from core.image_settings import ImageSettings
+from core.image_settings import ImageSettings  # noqa: E402
 from core.spec import GPU_BATCH_SIZE, ResourceSpec  # noqa: E402
-from pipeline.crops import model_crops
+from pipeline.crops import model_crops  # noqa: E402
 from pipeline.model.budget import automatic_token_budget  # noqa: E402
 from pipeline.model.collate import batch_by_shape  # noqa: E402
 from pipeline.model.features import encode_crops, generate_kwargs  # noqa: E402
@@ -223,7 +228,25 @@ def main() -> None:
                                                              settings, device, dtype, budget, gen)
     snip_s, snip_peak, (_, snip_tokens) = timed(device, run_snippet, model, processor, prompt, pil_pages, device, gen)
 
-    exact = set(ours_tokens) == set(snip_tokens) == {args.new_tokens}
+    # The continuous engine (pipeline/continuous.py) on the same pages, then both engines on the length
+    # mix of real documents (bench/engine.py): each page its own target, forced in both engines.
+    prompt_ids = processor(text=prompt, return_tensors="pt")["input_ids"][0]
+    engine = continuous_engine(model, budget[0], budget[2] or budget[0] * (len(prompt_ids) + args.new_tokens),
+                               settings.images_per_page)
+    run_continuous(engine, model, prompt_ids, crops[:2], [min(8, args.new_tokens)] * 2, settings, device, dtype)
+    cont_s, cont_peak, cont_tokens = timed(device, run_continuous, engine, model, prompt_ids, crops,
+                                           [args.new_tokens] * len(crops), settings, device, dtype)
+    targets, _ = length_mix(real_pdfs(), args.new_tokens, 64, n_pages=len(crops))
+    eos_id = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    mix_static_s, mix_static_peak, mix_static_tokens = timed(
+        device, run_static, model, prompt_ids, crops, targets, settings, device, dtype, budget[0], args.new_tokens,
+        eos_id, budget[2])
+    mix_cont_s, mix_cont_peak, mix_cont_tokens = timed(device, run_continuous, engine, model, prompt_ids, crops,
+                                                       targets, settings, device, dtype)
+    engine.close()
+
+    exact = set(ours_tokens) == set(snip_tokens) == set(cont_tokens) == {args.new_tokens}
+    exact_mix = mix_static_tokens == mix_cont_tokens == targets
     ours_rate, snip_rate = len(pages) / ours_s, snippet_pages / snip_s
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}; model: {'tiny' if args.tiny else 'idefics2-8b'} architecture, {n_params / 1e9:.2f} B "
@@ -236,14 +259,27 @@ def main() -> None:
     print(f"CPU stage (crops for all pages, one core, not in the GPU time): {cpu_s:.1f} s = "
           f"{len(pages) / cpu_s:.1f} pages/s per core")
     print(f"{'':28}{'pages':>7}{'seconds':>10}{'pages/s':>10}{'tokens/s':>11}{'peak GiB':>10}")
-    for label, n, seconds, peak in (("scriptorium model stage", len(pages), ours_s, ours_peak),
-                                    ("model card snippet loop", snippet_pages, snip_s, snip_peak)):
-        print(f"{label:28}{n:7d}{seconds:10.1f}{n / seconds:10.2f}{n * args.new_tokens / seconds:11.0f}"
-              f"{peak / 2**30:10.1f}")
+    n_mix = sum(targets)
+    for label, n, tokens, seconds, peak in (
+            ("static engine", len(pages), len(pages) * args.new_tokens, ours_s, ours_peak),
+            ("continuous engine", len(pages), len(pages) * args.new_tokens, cont_s, cont_peak),
+            ("model card snippet loop", snippet_pages, snippet_pages * args.new_tokens, snip_s, snip_peak),
+            ("mix: static engine", len(pages), n_mix, mix_static_s, mix_static_peak),
+            ("mix: continuous engine", len(pages), n_mix, mix_cont_s, mix_cont_peak)):
+        print(f"{label:28}{n:7d}{seconds:10.1f}{n / seconds:10.2f}{tokens / seconds:11.0f}{peak / 2**30:10.1f}")
+    print(f"length mix: {n_mix / len(pages):.0f} new tokens per page on average (max {max(targets)}), all exact: "
+          f"{'yes' if exact_mix else 'NO'}")
     if args.tiny or device != "cuda":
         print("NOTE: a toy model or no GPU: the lines below check the script runs, they measure nothing")
     print(f"RESULT gpu_pages_per_s {ours_rate:.2f} pages/s target >= 10")
     print(f"RESULT gpu_vs_snippet {ours_rate / snip_rate:.1f} x target >= 20")
+    print(f"RESULT gpu_continuous_pages_per_s {len(pages) / cont_s:.2f} pages/s")
+    print(f"RESULT gpu_mix_static_pages_per_s {len(pages) / mix_static_s:.2f} pages/s")
+    print(f"RESULT gpu_mix_continuous_pages_per_s {len(pages) / mix_cont_s:.2f} pages/s")
+    print(f"RESULT gpu_mix_continuous_vs_static {mix_static_s / mix_cont_s:.2f} x target >= 1")
+    if not exact_mix:
+        sys.exit(f"the length mix was not generated exactly: {sum(mix_static_tokens)} and {sum(mix_cont_tokens)} "
+                 f"tokens for {n_mix}")
     if not exact:
         sys.exit(f"expected exactly {args.new_tokens} new tokens per page, got {sorted(set(ours_tokens + snip_tokens))}")
 

@@ -54,6 +54,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Attention = Literal["sdpa", "flash_attention_2", "eager"]
 Quantization = Literal["none", "bnb-4bit", "awq"]
 PromptFormat = Literal["auto", "instruct", "base"]
+Engine = Literal["static", "continuous"]
 EXAMPLE_KEYS = ("image", "prompt", "text")
 
 # Automatic `[resources] batch_size`. Each decoding step reads all the weights whatever the batch, so on a
@@ -158,6 +159,10 @@ class ModelSpec(Section):
     compile: bool = False
     """Static KV cache for generation; on CUDA, transformers then torch.compiles the decoding step. Opt-in
     until bench/gpu.py shows it faster on a GPU (see BENCHMARKS.md)."""
+    engine: Engine = "static"
+    """static: batches through `generate`, each decoded until its longest page ends. continuous:
+    transformers' continuous batching (pipeline/model/continuous.py): a finished page's slot goes to the
+    next one at once. Static until bench/gpu.py measures the continuous engine on a GPU."""
 
     @field_validator("longest_edge", "shortest_edge")
     @classmethod
@@ -389,6 +394,11 @@ def _check_model_options(model: ModelSpec) -> None:
                             "set device = \"cuda\" and dtype = \"bf16\", or use attn_implementation = \"sdpa\"")
         _require_package("flash_attn", "attn_implementation = \"flash_attention_2\"",
                          "pip install flash-attn --no-build-isolation", "attn_implementation = \"sdpa\"")
+    if model.engine == "continuous" and model.attn_implementation == "eager":
+        # Its paged form (paged|eager) would be set on the shared text model, where the static engine's
+        # fallback calls (a repetition penalty, a retry) need plain attention.
+        raise SpecError("engine = \"continuous\" needs attn_implementation = \"sdpa\" or \"flash_attention_2\", "
+                        "not \"eager\"")
     if model.quantization in ("bnb-4bit", "awq") and model.device == "cpu":
         raise SpecError(f"quantization = \"{model.quantization}\" needs a CUDA GPU: set device = \"cuda\" or quantization = \"none\"")
     if model.quantization == "bnb-4bit":

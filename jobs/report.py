@@ -2,8 +2,9 @@
 
 It shows a sample of pages plus every page with an error row; each page is a card with a thumbnail of
 the page image (re-read from the source and rendered small, embedded as a JPEG data URI) next to its
-result rows (task, question, transcription/answer/caption, status, error). Two selects filter the rows
-by status and by task, in plain JavaScript: no CDN, no network, one file to mail or attach to a ticket.
+result rows (task, question, transcription/answer/caption, status, error, confidence). Two selects filter
+the rows by status and by task, a third orders the pages by confidence (the lowest token log-probability
+of their rows, worst first), in plain JavaScript: no CDN, no network, one file to mail or attach to a ticket.
 
 Everything shown is model output or file names, so all of it is HTML-escaped, and a Content Security
 Policy allows only this page's own script and style (by hash) and data: images: even a missed escape
@@ -35,7 +36,7 @@ from pipeline.render.stage import pages_of
 
 KEY_COLUMNS = ["source_uri", "page", "status", "run_id"]
 ROW_COLUMNS = ["source_uri", "page", "n_pages", "member", "task", "question", "text", "status", "error", "stage",
-               "n_output_tokens", "truncated", "route", "run_id"]
+               "n_output_tokens", "truncated", "route", "logprob_mean", "logprob_min", "run_id"]
 THUMB_EDGE = 256
 MAX_ERROR_PAGES = 500  # pages with errors shown (all of them up to this many; the summary counts the rest)
 
@@ -161,8 +162,20 @@ SCRIPT = """
     });
     counter.textContent = shown + ' of ' + total + ' rows shown';
   }
+  var order = document.getElementById('order');
+  var main = document.querySelector('main');
+  var cards = Array.from(document.querySelectorAll('section.page'));
+  function sort() {
+    // Pages without a confidence (errors, routed rows) keep their place after the scored ones.
+    var key = function (card) { var v = card.dataset.confidence; return v === '' ? Infinity : Number(v); };
+    var sorted = order.value === 'confidence'
+      ? cards.slice().sort(function (a, b) { return key(a) - key(b) || cards.indexOf(a) - cards.indexOf(b); })
+      : cards;
+    sorted.forEach(function (card) { main.appendChild(card); });
+  }
   statusFilter.addEventListener('change', apply);
   taskFilter.addEventListener('change', apply);
+  order.addEventListener('change', sort);
   apply();
 })();
 """
@@ -174,6 +187,13 @@ def _page_label(page: int, n_pages: int | None, member: str | None = None) -> st
     if member:  # a tar shard's image
         return f"{member} (image {page} of {n_pages})"
     return f"page {page}" + (f" of {n_pages}" if n_pages else "")
+
+
+def _confidence(row: dict) -> str:
+    """A model row's mean and lowest token log-probability; nothing for rows the model did not make."""
+    if row["logprob_min"] is None:
+        return ""
+    return f"{row['logprob_mean']:.2f} / {row['logprob_min']:.2f}"
 
 
 def _csp_hash(text: str) -> str:
@@ -196,6 +216,8 @@ def render_html(title: str, summary_text: str, rows: list[dict], thumbs: dict, n
         else:
             picture = f'<div class="no-thumb">no preview: {esc(thumb[1:])}</div>'
         n_pages, member = page_rows[0]["n_pages"], page_rows[0]["member"]
+        scores = [r["logprob_min"] for r in page_rows if r["logprob_min"] is not None]
+        worst = f"{min(scores):.4f}" if scores else ""
         body = []
         for r in page_rows:
             detail = r["text"] if r["status"] == "ok" else f"[{r['stage']}] {r['error']}"
@@ -205,12 +227,13 @@ def render_html(title: str, summary_text: str, rows: list[dict], thumbs: dict, n
                 f'<td>{esc(r["task"])}</td><td>{esc(r["question"])}</td>'
                 f'<td class="status-{esc(r["status"])}">{esc(r["status"])}</td>'
                 f'<td class="route">{esc(r["route"])}</td>'
-                f'<td class="text">{esc(detail)}</td><td>{esc(tokens)}</td></tr>'
+                f'<td class="text">{esc(detail)}</td><td>{esc(tokens)}</td><td>{esc(_confidence(r))}</td></tr>'
             )
         cards.append(
-            f'<section class="page">{picture}<div class="rows"><h2>{esc(source)} &middot; {esc(_page_label(page, n_pages, member))}'
+            f'<section class="page" data-confidence="{worst}">{picture}<div class="rows"><h2>{esc(source)} &middot; {esc(_page_label(page, n_pages, member))}'
             f'</h2><table><thead><tr><th>task</th><th>question</th>'
-            f'<th>status</th><th>route</th><th>text / error</th><th>tokens</th></tr></thead><tbody>{"".join(body)}</tbody>'
+            f'<th>status</th><th>route</th><th>text / error</th><th>tokens</th><th>log-prob mean / min</th></tr></thead>'
+            f'<tbody>{"".join(body)}</tbody>'
             f'</table></div></section>'
         )
 
@@ -224,6 +247,8 @@ def render_html(title: str, summary_text: str, rows: list[dict], thumbs: dict, n
 <body><header><h1>{esc(title)}</h1>
 <label>status <select id="status-filter"><option value="">all</option>{options(statuses)}</select></label>
 <label>task <select id="task-filter"><option value="">all</option>{options(tasks)}</select></label>
+<label>order <select id="order"><option value="">as listed</option>
+<option value="confidence">lowest confidence first</option></select></label>
 <span id="visible-count"></span>{f" &middot; {esc(note)}" if note else ""}</header>
 <pre class="summary">{esc(summary_text)}</pre>
 <main>{"".join(cards) or "<p>No rows to show.</p>"}</main>

@@ -7,6 +7,7 @@ every table against the schema its stage declares, so a stage that drifts from i
 
 from __future__ import annotations
 
+import asyncio
 from typing import Iterable, Iterator
 
 import pyarrow as pa
@@ -29,9 +30,21 @@ def _through(stage: Stage, tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
     for table in tables:
         _check(table, stage.input_schema, f"input of stage {stage.name}")
         for start in range(0, table.num_rows, stage.rows_per_call):
-            for out in step(table.slice(start, stage.rows_per_call)):
+            for out in step_results(step(table.slice(start, stage.rows_per_call))):
                 _check(out, stage.output_schema, f"output of stage {stage.name}")
                 yield out
+
+
+def step_results(output) -> list[pa.Table] | Iterator[pa.Table]:
+    """What a step's call gives: a step may be an async generator (the continuous engine's, which Ray
+    Data runs on an event loop), collected here on a loop of its own."""
+    if not hasattr(output, "__anext__"):
+        return output
+
+    async def collect():
+        return [table async for table in output]
+
+    return asyncio.run(collect())
 
 
 def _check(table: pa.Table, schema: pa.Schema, what: str) -> None:

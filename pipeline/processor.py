@@ -76,7 +76,8 @@ def map_stage(dataset: ray.data.Dataset, stage: Stage) -> ray.data.Dataset:
         fn_constructor_kwargs=stage.kwargs,
         # Two blocks in flight per replica: while one batch generates, the next one's blocks are already
         # fetched to the replica's node, so the GPU does not wait for the object store between batches.
-        compute=ray.data.ActorPoolStrategy(size=stage.replicas, max_tasks_in_flight_per_actor=2),
+        compute=ray.data.ActorPoolStrategy(size=stage.replicas, max_tasks_in_flight_per_actor=2,
+                                           max_concurrent_calls_per_actor=stage.concurrent_calls),
         num_gpus=stage.num_gpus,
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a replica that dies
         # (OOM, CUDA error, killed) is restarted and its batch retried, so no page is lost with it.

@@ -20,6 +20,7 @@ from core.spec import JobSpec, RenderSpec
 from core.units import document_window
 from pipeline.examples import load_examples
 from pipeline.model.loading import open_model_config
+from pipeline.model.continuous_stage import GenerateAnswersContinuously
 from pipeline.model.stage import GenerateAnswers
 from pipeline.preprocess import PreprocessPages
 from pipeline.prompts import PromptBook, resolve_prompt_format
@@ -43,6 +44,7 @@ class Stage:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     replicas: int = 0  # > 0: a pool of this many long-lived actors (the model); 0: stateless tasks
+    concurrent_calls: int = 1  # blocks one actor works on at once (an async step feeds them to one engine)
     rows_per_block: int = 0  # > 0: cut the stream into blocks of this many rows before the stage
 
     @property
@@ -119,14 +121,18 @@ def job_stages(spec: JobSpec, derived: Derived, dedup_registry=None) -> list[Sta
     if not spec.needs_model:
         return stages + [Stage("answer", AnswerWithoutModel, dict(tasks=spec.tasks, run_id=spec.run_id), num_cpus=cpus)]
     batch = derived.pages_per_batch
+    continuous = spec.model.engine == "continuous"
     return stages + [
         Stage("preprocess", PreprocessPages, dict(settings=derived.image_settings), num_cpus=cpus),
         Stage(
-            "generate", GenerateAnswers,
+            "generate", GenerateAnswersContinuously if continuous else GenerateAnswers,
             dict(model=spec.model, image_settings=derived.image_settings, prompts=derived.prompts,
                  resources=spec.resources, run_id=spec.run_id, batch_size=batch),
             rows_per_call=batch, num_cpus=spec.resources.cpus_per_replica, num_gpus=derived.gpus_per_replica,
             replicas=spec.resources.num_replicas,
+            # The continuous engine's step is async: two blocks run at once on its event loop and feed one
+            # engine, so the next block's pages fill the slots the last one's finished pages free.
+            concurrent_calls=2 if continuous else 1,
             # Ray Data hands an actor whole blocks, and a CPU task emits its pages as one block until that
             # block reaches target_max_block_size (128 MiB): a small job, or a run of small pages, would all
             # go to one replica while the others idle. Blocks of one model batch spread the pages over

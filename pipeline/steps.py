@@ -46,14 +46,18 @@ class AnswerStep:
     tasks: list[TaskSpec]
 
     def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
+        rows, wanted = self.split_units(pages)
+        yield table_from_rows(rows + self.answer(wanted), self.output_schema)
+
+    def split_units(self, pages: pa.Table) -> tuple[list[dict], list[tuple[dict, TaskSpec, str | None]]]:
+        """The rows of the units the one rule answers, and the (page, task, question) units left."""
         rows, wanted = [], []
         for page in pages.to_pylist():
             def later(task, question, page=page):
                 wanted.append((page, task, question))
 
             rows.extend(unit_rows(page, self.tasks, later, **self.row_values(page)))
-        rows.extend(self.answer(wanted))
-        yield table_from_rows(rows, self.output_schema)
+        return rows, wanted
 
     def row_values(self, page: dict) -> dict:
         """Columns every result row of this step carries (run_id, model, replica...)."""

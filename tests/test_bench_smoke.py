@@ -32,8 +32,17 @@ def test_gpu_bench_starts_on_cpu_with_the_tiny_architecture():
     done = run_bench("bench/gpu.py", "--tiny", "--pages", "2", "--new-tokens", "4", "--device", "cpu",
                      "--longest-edge", "490")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "all exact: yes" in done.stdout
-    assert results_of(done.stdout) == {"gpu_pages_per_s": "pages/s", "gpu_vs_snippet": "x"}
+    assert done.stdout.count("all exact: yes") == 2  # fixed new tokens, then the length mix
+    assert results_of(done.stdout) == {"gpu_pages_per_s": "pages/s", "gpu_vs_snippet": "x",
+                                       "gpu_mix_continuous_vs_static": "x"}
+
+
+def test_engine_bench_counts_decoder_rows_for_both_engines():
+    done = run_bench("bench/engine.py", "--pages", "6", "--max-new-tokens", "12", "--longest-edge", "112")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("(all exact)") == 2  # each page generated exactly its target, in both engines
+    assert results_of(done.stdout) == {"decode_slot_efficiency": "ratio"}
+    assert re.search(r"^RESULT static_decode_slot_efficiency \d\.\d+ ratio$", done.stdout, re.MULTILINE)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -225,3 +225,27 @@ def test_report_samples_pages_but_keeps_every_error(reviewed_output, browser, tm
     assert len(error_pages) <= shown_pages <= len(error_pages) + 1
     choose(browser, "status-filter", "error")
     assert visible_rows(browser) == sum(r["status"] == "error" for r in rows)
+
+
+def test_report_orders_pages_by_confidence_worst_first(reviewed_output, browser, tmp_path):
+    output, rows = reviewed_output
+    html_file = tmp_path / "report.html"
+    proc = run_cli("report", str(output), "--html", str(html_file), "--sample", "50")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    browser.open(html_file)
+    cards = "Array.from(document.querySelectorAll('section.page'))"
+    listed = browser.evaluate(f"{cards}.map(c => c.querySelector('h2').textContent)")
+
+    choose(browser, "order", "confidence")
+    scores = browser.evaluate(f"{cards}.map(c => c.dataset.confidence)")
+    scored = [float(v) for v in scores if v]
+    assert scored == sorted(scored) and len(scored) == len({(r["source_uri"], r["page"]) for r in rows
+                                                            if r["logprob_min"] is not None})
+    assert scores[len(scored):] == [""] * (len(scores) - len(scored))  # unscored pages (errors) come last
+    worst = min((r for r in rows if r["logprob_min"] is not None), key=lambda r: r["logprob_min"])
+    assert browser.evaluate(f"{cards}[0].querySelector('h2').textContent").startswith(worst["source_uri"])
+    assert scored[0] == pytest.approx(worst["logprob_min"], abs=1e-4)
+
+    choose(browser, "order", "")
+    assert browser.evaluate(f"{cards}.map(c => c.querySelector('h2').textContent)") == listed
+    assert browser.console_errors() == []

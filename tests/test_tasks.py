@@ -18,7 +18,7 @@ from core.schema import RESULT_SCHEMA, table_from_rows
 from core.spec import InputSpec, JobSpec, OutputSpec, StorageSpec, TaskSpec
 from core.units import work_units
 from pipeline.model.loading import load_processor
-from pipeline.model.stage import generated_output
+from pipeline.model.outputs import generated_output
 from tests.conftest import job, make_pdf, plan_row, run_stages
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,8 @@ class CrashJournal:
         if len(died_during) == 1:
             self.alone[died_during[0]] += 1
         self.restarted_after_crash = bool(died_during)
+        self._running: Counter = Counter()  # unit -> calls in flight that hold it
+        self._lock = threading.Lock()
         self._save([])
 
     def is_suspect(self, key: str) -> bool:
@@ -62,12 +65,18 @@ class CrashJournal:
     @contextmanager
     def in_flight(self, keys: list[str]):
         """Note `keys` for the duration of a generate call. A Python exception clears the note like a
-        return does; only a process that dies leaves it behind."""
-        self._save(keys)
+        return does; only a process that dies leaves it behind. Calls may overlap (the continuous engine
+        notes each request while it runs, beside a static fallback batch): the note is their union."""
+        with self._lock:
+            self._running.update(keys)
+            self._save(sorted(self._running))
         try:
             yield
         finally:
-            self._save([])
+            with self._lock:
+                self._running.subtract(keys)
+                self._running = +self._running  # drop the keys no call holds any more
+                self._save(sorted(self._running))
 
     def _save(self, in_flight: list[str]) -> None:
         state = {"pid": os.getpid(), "in_flight": in_flight, "crashes": self.crashes, "alone": self.alone}

@@ -33,12 +33,9 @@ from pipeline.model.collate import batch_by_shape
 from pipeline.model.degenerate import is_degenerate
 from pipeline.model.features import encode_crops, generate_kwargs
 from pipeline.model.journal import journal_for_this_replica
-from pipeline.model.loading import (
-    load_model,
-    load_processor,
-    resolve_device,
-    resolve_dtype,
-)
+from pipeline.model.loading import load_model, load_processor, resolve_device, resolve_dtype
+from pipeline.model.logprobs import TokenLogprobs, confidence, recording_processors
+from pipeline.model.outputs import generated_output
 from pipeline.prompts import PromptBook, PromptPlan
 from pipeline.results import page_result
 from pipeline.steps import AnswerStep
@@ -91,6 +88,7 @@ class GenerateAnswers(AnswerStep):
         self.tasks = prompts.tasks
         self.run_id = run_id
         self.batch_size = batch_size  # pages per batch, resolved for this replica's device (stages.py)
+        self.resources = resources
         self.max_batch_pixels = resources.max_batch_pixels
         self.device = resolve_device(model.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
@@ -120,6 +118,11 @@ class GenerateAnswers(AnswerStep):
         return {"run_id": self.run_id, "model": self.spec.id, "replica": self.replica, "node": self.node}
 
     def answer(self, units: list[tuple[dict, TaskSpec, str | None]]) -> list[dict]:
+        rows, sequences = self.sequences(units)
+        return rows + self.generate_static(sequences)
+
+    def sequences(self, units: list[tuple[dict, TaskSpec, str | None]]) -> tuple[list[dict], list[Sequence]]:
+        """The (page, prompt) sequences to generate for `units`, and error rows for units that cannot be."""
         rows, sequences, crops_of = [], [], {}
         for page, task, question in units:
             if id(page) not in crops_of:  # a page's crops, unpacked once for all its units
@@ -133,6 +136,11 @@ class GenerateAnswers(AnswerStep):
                 continue
             # Few-shot example images come first, as in the prompt; then the page(s), in page order.
             sequences.append(Sequence(page, plan, self.book.example_crops(task) + crops))
+        return rows, sequences
+
+    def generate_static(self, sequences: list[Sequence]) -> list[dict]:
+        """Rows of `sequences`, generated in batches with `generate`."""
+        rows = []
         for group in self._batches(sequences):
             rows.extend(self._generate_or_split(group))
         return rows
@@ -218,6 +226,10 @@ class GenerateAnswers(AnswerStep):
             generation["repetition_penalty"] = task.repetition_penalty
         if task.stop_strings:
             generation.update(stop_strings=list(task.stop_strings), tokenizer=self.tokenizer)
+        recorder = TokenLogprobs()  # each token's log-probability, for the confidence columns
+        processors, overrides = recording_processors(self.model.generation_config, generation["do_sample"],
+                                                     generation.get("temperature", 1.0), generation.get("top_p", 1.0),
+                                                     recorder)
         started = time.perf_counter()
         # Each crop through the vision tower at its own size, not padded to its neighbours (features.py).
         features = encode_crops(self.model, [s.crops for s in batch], self.settings, self.device, self.dtype)
@@ -226,23 +238,28 @@ class GenerateAnswers(AnswerStep):
             attention_mask=attention_mask,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=sorted(self.eos_ids),
+            logits_processor=processors,
             **generate_kwargs(self.model, features),
-            **generation,
+            **{**generation, **overrides},
         )
         elapsed = time.perf_counter() - started
         new_tokens = output[:, input_ids.shape[1]:].cpu()
-        rows = []
-        for seq, tokens in zip(batch, new_tokens.tolist()):
-            n_out, finished, text = generated_output(tokens, self.eos_ids, plan.stop_strings, self._decode)
-            truncated = not finished and n_out >= plan.max_new_tokens
-            rows.append(
-                self._row(seq.page, plan, status="ok", text=text, n_input_tokens=len(ids), n_output_tokens=n_out,
-                          truncated=truncated, degenerate=is_degenerate(tokens[:n_out], finished),
-                          route="model", generate_s=elapsed / len(batch))
-            )
-            if temperature is not None:  # the row says how it was made
-                rows[-1]["generation"] = json.dumps({**plan.settings, "do_sample": True, "temperature": temperature})
-        return rows
+        return [self._result_row(seq, tokens, logprobs, len(ids), elapsed / len(batch), temperature)
+                for seq, tokens, logprobs in zip(batch, new_tokens.tolist(), recorder.per_sequence(new_tokens))]
+
+    def _result_row(self, seq: Sequence, tokens: list[int], logprobs: list[float], n_input_tokens: int,
+                    generate_s: float, temperature: float | None = None) -> dict:
+        """The result row of a generated sequence: `tokens` as the engine returned them (they may run on
+        past its end), `logprobs` one per token."""
+        plan = seq.plan
+        n_out, finished, text = generated_output(tokens, self.eos_ids, plan.stop_strings, self._decode)
+        truncated = not finished and n_out >= plan.max_new_tokens
+        row = self._row(seq.page, plan, status="ok", text=text, n_input_tokens=n_input_tokens, n_output_tokens=n_out,
+                        truncated=truncated, degenerate=is_degenerate(tokens[:n_out], finished), route="model",
+                        generate_s=generate_s, **confidence(logprobs[:n_out]))
+        if temperature is not None:  # the row says how it was made
+            row["generation"] = json.dumps({**plan.settings, "do_sample": True, "temperature": temperature})
+        return row
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -265,32 +282,6 @@ class GenerateAnswers(AnswerStep):
 
     def _error_row(self, page: dict, plan: PromptPlan, error: str, stage: str) -> dict:
         return self._row(page, plan, status="error", error=error, stage=stage, text=None, route=None)
-
-
-def generated_output(tokens: list[int], eos_ids: set[int], stop_strings, decode) -> tuple[int, bool, str]:
-    """(tokens the sequence produced, whether it ended by itself, its text) for one generated sequence.
-
-    After a sequence ends (at an end-of-sequence token or a stop string) `generate` pads it while the
-    rest of the batch goes on, so only what it produced is counted and decoded. The text ends before a
-    stop string (which is not part of the answer).
-    """
-    for position, token in enumerate(tokens):
-        if token in eos_ids:
-            return position + 1, True, decode(tokens[: position + 1]).strip()
-    text = decode(tokens)
-    hits = [(text.find(stop), stop) for stop in stop_strings if stop in text]
-    if not hits:
-        return len(tokens), False, text.strip()
-    # Generation stopped at the first token whose text completes a stop string: the shortest prefix
-    # that contains one (found by bisection: containing a stop string only becomes true, never false).
-    low, high = 1, len(tokens)
-    while low < high:
-        middle = (low + high) // 2
-        if any(stop in decode(tokens[:middle]) for stop in stop_strings):
-            high = middle
-        else:
-            low = middle + 1
-    return low, True, text[: min(hits)[0]].strip()
 
 
 def _as_list(value) -> list:
