@@ -141,7 +141,7 @@ def run_static(model, prompt_ids, crops, targets, settings, device, dtype, batch
 def continuous_engine(model, batch_size: int, cache_tokens: int, images_per_page: int):
     """The continuous engine as the model stage builds it for `batch_size` pages per batch, with no
     end-of-sequence token (requests end at their max_new_tokens)."""
-    from pipeline.continuous import ContinuousEngine
+    from pipeline.model.continuous import ContinuousEngine
 
     return ContinuousEngine(model, eos_ids=set(), image_token_id=model.config.image_token_id,
                             max_requests=batch_size, cache_tokens=cache_tokens,
@@ -151,7 +151,7 @@ def continuous_engine(model, batch_size: int, cache_tokens: int, images_per_page
 @torch.inference_mode()
 def run_continuous(engine, model, prompt_ids, crops, targets, settings, device, dtype) -> list[int]:
     """Every page a request of `engine`, each with its target as max_new_tokens. Returns new tokens per page."""
-    from pipeline.continuous import EngineRequest
+    from pipeline.model.continuous import EngineRequest
 
     features = encode_crops(model, crops, settings, device, dtype)
     per_page = features.split([len(c) * settings.image_seq_len for c in crops])
@@ -181,7 +181,7 @@ def main() -> None:
                                                                        "change the count, only the time)")
     args = parser.parse_args()
 
-    from pipeline.continuous_generator import CPU_CACHE_TOKENS_PER_PAGE
+    from pipeline.model.continuous_stage import CPU_CACHE_TOKENS_PER_PAGE
 
     from core.image_settings import ImageSettings
     from core.spec import ModelSpec

@@ -18,7 +18,7 @@ encoded at their own size by `pipeline.image_features.encode_crops`, one shared 
 model card's loop: `processor(text=prompt, images=[image])`, `generate`, `batch_decode`, page by page.
 Both use the same model object, dtype and attention, and generate exactly `--new-tokens` tokens
 (min = max, EOS ignored), so only the data path and batching differ. The continuous engine
-(`[model] engine = "continuous"`, pipeline/continuous.py) runs the same pages with the same limits (as
+(`[model] engine = "continuous"`, pipeline/model/continuous.py) runs the same pages with the same limits (as
 many pages at once as a static batch, a KV cache of the static batch's token budget), then both engines
 run the pages with the length mix of real documents from bench/engine.py (each page its own number of
 new tokens, forced in both): pages/s for each decides which engine is the default.
@@ -228,7 +228,7 @@ def main() -> None:
                                                              settings, device, dtype, budget, gen)
     snip_s, snip_peak, (_, snip_tokens) = timed(device, run_snippet, model, processor, prompt, pil_pages, device, gen)
 
-    # The continuous engine (pipeline/continuous.py) on the same pages, then both engines on the length
+    # The continuous engine (pipeline/model/continuous.py) on the same pages, then both engines on the length
     # mix of real documents (bench/engine.py): each page its own target, forced in both engines.
     prompt_ids = processor(text=prompt, return_tensors="pt")["input_ids"][0]
     engine = continuous_engine(model, budget[0], budget[2] or budget[0] * (len(prompt_ids) + args.new_tokens),

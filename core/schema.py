@@ -128,7 +128,7 @@ RESULT_SCHEMA = pa.schema(
         ("replica", pa.string()),
         ("node", pa.string()),
         ("generate_s", pa.float32()),  # seconds the page's batch spent in generate, shared by its rows
-        # Confidence: the mean and the lowest log-probability of the generated tokens (pipeline/logprobs.py);
+        # Confidence: the mean and the lowest log-probability of the generated tokens (pipeline/model/logprobs.py);
         # null for rows the model did not make. Sort by logprob_min to review the worst pages first.
         ("logprob_mean", pa.float32()),
         ("logprob_min", pa.float32()),

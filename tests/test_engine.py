@@ -154,7 +154,7 @@ def test_rows_the_model_did_not_make_have_no_confidence(tiny_model, tmp_path):
 
 def test_the_engine_decodes_requests_of_different_lengths_together(tiny_model):
     """The engine itself: per-request max_new_tokens, with no end-of-sequence token to stop earlier."""
-    from pipeline.continuous import ContinuousEngine, EngineRequest
+    from pipeline.model.continuous import ContinuousEngine, EngineRequest
 
     from core.image_settings import ImageSettings
     from pipeline.crops import model_crops
