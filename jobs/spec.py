@@ -11,7 +11,7 @@ TOML layout (every key optional except where a run needs it):
     [output]     uri = "s3://bucket/results/"           rows_per_file = 2000
     [storage]    endpoint_url = "http://minio:9000"     region = "us-east-1"  profile = "..."  anon = false
     [model]      id = "HuggingFaceM4/idefics2-8b"       dtype = "bf16"  attn_implementation = "sdpa"
-    [render]     longest_edge = 980                     timeout_s = 60
+    [render]     longest_edge = 980                     timeout_s = 60  max_pages = 5000  max_memory_mb = 4096
     [resources]  num_replicas = 1                       gpus_per_replica = 1  batch_size = 0 (auto)
     [[tasks]]    kind = "ocr"                           max_new_tokens = 512
     [[tasks]]    kind = "qa"  questions = ["What is the title?"]
@@ -96,7 +96,15 @@ class RenderSpec:
     # which is all the model will see, instead of rendering big and shrinking.
     longest_edge: int = 0
     max_pixels: int = 40_000_000  # decoded images larger than this are refused (decompression bombs)
-    max_pages: int = 5000  # a document with more pages than this is refused: one error row
+    # A source with more pages than this is refused (one error row): PDF pages, TIFF frames, the images of
+    # a tar shard or the rows of a Parquet one.
+    max_pages: int = 5000
+    # One image of a shard (a tar member, a Parquet cell) larger than this is refused (an error row for
+    # it), from the tar header or the cell's length, before its bytes are read.
+    max_image_mb: float = 100.0
+    # What a renderer process may allocate beyond its libraries (RLIMIT_AS, pipeline/sandbox.py); a file
+    # that needs more is an error row. 0 = no limit.
+    max_memory_mb: int = 4096
     timeout_s: float = 60.0  # per page; past 1.5x + 2 s the rendering process is killed (pipeline/sandbox.py)
 
 

@@ -57,6 +57,8 @@ def build_dataset(
         longest_edge=spec.render.longest_edge or image_settings.longest_edge,
         max_pixels=spec.render.max_pixels,
         max_pages=spec.render.max_pages,
+        max_image_mb=spec.render.max_image_mb,
+        max_memory_mb=spec.render.max_memory_mb,
         timeout_s=spec.render.timeout_s,
     )
     # A plan file holds up to 200 documents and Ray Data runs one task per block, so without this a job

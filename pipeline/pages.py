@@ -7,9 +7,11 @@ with the transformers reference semantics (transparency composited onto white; 1
 Parquet shard (pipeline/shards.py).
 
 Whatever goes wrong with one input becomes an error row for it, and every page ends as exactly one row.
-Sizes are checked before anything is allocated (decompression bombs, giant page boxes); each page has a
-time limit, soft (SIGALRM) and hard: pages are rendered in a child process (pipeline/sandbox.py) that is
-killed if a page overruns, so a pathological file cannot stall or crash a worker.
+Sizes are checked before anything is allocated (decompression bombs, giant page boxes, pages or frames
+or shard images past `max_pages`, shard images past `max_image_mb`); each page has a time limit, soft
+(SIGALRM) and hard: files are opened and their pages rendered in a child process (pipeline/sandbox.py)
+that is killed if a page overruns and has a memory limit, so a pathological file cannot stall, crash or
+exhaust a worker.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ class PageError(Exception):
 class RenderSettings:
     longest_edge: int = 980
     max_pixels: int = 40_000_000
-    max_pages: int = 5000
+    max_pages: int = 5000  # pages of a PDF, frames of a TIFF, images of a tar or Parquet shard
+    max_image_mb: float = 100.0  # one image of a shard (tar member, Parquet cell), checked before it is read
+    max_memory_mb: int = 4096  # the renderer process's allocations, beyond its libraries (pipeline/sandbox.py)
     timeout_s: float = 60.0  # per page, and for opening a file; 0 = no limit
     # Render in a child process that is killed when a page overruns its time limit or crashes it
     # (pipeline/sandbox.py); False renders in this process, where only the soft limit applies.
@@ -144,11 +148,12 @@ def _render_page(doc, number: int, settings: RenderSettings) -> dict:
 
 
 class ImageDocument:
-    """A decoded image header; its frames (one, or every frame of a multi-frame TIFF) decode one at a time."""
+    """A decoded image header; its frames (one, or every frame of a multi-frame TIFF) decode one at a time.
+    `all_frames=False` takes the first frame only (a shard's image is one sample), without counting them."""
 
     what = "decoding frame"
 
-    def __init__(self, data: bytes, settings: RenderSettings):
+    def __init__(self, data: bytes, settings: RenderSettings, all_frames: bool = True):
         from PIL import Image, UnidentifiedImageError
 
         with warnings.catch_warnings():
@@ -165,8 +170,14 @@ class ImageDocument:
         except PageError:
             self.close()
             raise
-        # Animated GIF/WebP: the first frame is the image. TIFF: every frame is a page.
-        self.n_pages = getattr(self.image, "n_frames", 1) if self.image.format == "TIFF" else 1
+        # Animated GIF/WebP: the first frame is the image. TIFF: every frame is a page. Counting frames
+        # reads every frame's header (not its pixels): a file of a few hundred KB can hold thousands.
+        self.n_pages = 1
+        if all_frames and self.image.format == "TIFF":
+            self.n_pages = getattr(self.image, "n_frames", 1)
+            if self.n_pages > settings.max_pages:
+                self.close()
+                raise PageError(f"TIFF has {self.n_pages} frames, more than render.max_pages={settings.max_pages}")
 
     def _check_size(self) -> None:
         width, height = self.image.size
@@ -215,16 +226,21 @@ def _eight_bit(image):
     return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8))  # mode L
 
 
-def open_document(kind: str, data: bytes, settings: RenderSettings) -> PdfDocument | ImageDocument:
-    """Open a file's bytes as pages; raises PageError (the reason) for a file that has none to give."""
+def open_document(kind: str, data: bytes, settings: RenderSettings):
+    """Open a file's bytes as pages (a PdfDocument, an ImageDocument, or a shard's ShardImages); raises
+    PageError (the reason) for a file that has none to give."""
     if not data:
         raise PageError("file is empty (0 bytes)")
     _import_renderers()  # before the clock starts: a first import can take seconds on a busy node
+    if kind in SHARD_EXTENSIONS.values():
+        from pipeline.shards import ShardImages  # it decodes each image as an ImageDocument
     with time_limit(settings.timeout_s, "opening the file"):
         if kind == "pdf":
             return PdfDocument(data, settings)
         if kind == "image":
             return ImageDocument(data, settings)
+        if kind in SHARD_EXTENSIONS.values():
+            return ShardImages(kind, data, settings)
     raise PageError(f"unsupported file kind {kind!r}")
 
 
@@ -299,8 +315,8 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
                   f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
         yield from whole_file_failed(reason, "list")
         return
-    try:
-        data = read_bytes(plan_row["source_uri"], storage)
+    try:  # a signed URL's query string is in `fetch_uri` only, never in `source_uri` (connectors/listing.py)
+        data = read_bytes(plan_row.get("fetch_uri") or plan_row["source_uri"], storage)
     except Exception as exc:
         yield from whole_file_failed(redact(f"cannot read: {_describe(exc)}"), "read")
         return
@@ -308,13 +324,7 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
     frames = isolated_frames if settings.isolate else local_frames
     n_pages, emitted = None, set()
     try:
-        if kind in SHARD_EXTENSIONS.values():  # each image in it is a page, decoded as an image file is
-            from pipeline.shards import shard_frames
-
-            source_frames = shard_frames(kind, data, settings, skip, image_frames=frames)
-        else:
-            source_frames = frames(kind, data, settings, skip)
-        for frame in source_frames:
+        for frame in frames(kind, data, settings, skip):
             n_pages = frame["n_pages"]
             if frame["page"] in emitted:
                 continue  # never two rows for one page
@@ -359,6 +369,8 @@ def isolated_frames(kind: str, data: bytes, settings: RenderSettings, skip: set[
 
 
 def _describe(exc: Exception) -> str:
+    if isinstance(exc, MemoryError):  # in the renderer: over render.max_memory_mb (pipeline/sandbox.py)
+        return f"out of memory ({exc})" if str(exc) else "out of memory"
     text = str(exc) or type(exc).__name__
     return text if len(text) < 500 else text[:500] + "..."
 
