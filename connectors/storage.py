@@ -18,7 +18,7 @@ from typing import Callable, TypeVar
 
 import fsspec
 
-from jobs.spec import StorageSpec
+from jobs.spec import InputSpec, StorageSpec
 
 log = logging.getLogger("scriptorium.storage")
 T = TypeVar("T")
@@ -33,10 +33,18 @@ class StorageOptions:
     profile: str = ""
     anon: bool = False
     gcs_endpoint_url: str = ""  # gs:// only: a job may read from MinIO and GCS at once
+    # http(s) reads: None fetches any URL it is given (a caller's own); a job's reads carry its manifest
+    # policy, the prefixes that may be private hosts (connectors/manifest_policy.py).
+    http_allow: tuple[str, ...] | None = None
 
     @classmethod
-    def from_spec(cls, spec: StorageSpec) -> "StorageOptions":
-        return cls(spec.endpoint_url, spec.region, spec.profile, spec.anon, spec.gcs_endpoint_url)
+    def from_spec(cls, spec: StorageSpec, input_spec: InputSpec | None = None) -> "StorageOptions":
+        """A job's options. Its http(s) reads follow the manifest policy: `[input] manifest_allow`, and the
+        origin of an http(s) manifest (its entries may sit beside it)."""
+        allow = list(input_spec.manifest_allow) if input_spec else []
+        if input_spec and protocol_of(input_spec.uri) in ("http", "https"):
+            allow.append("/".join(redact_uri(input_spec.uri).split("/", 3)[:3]) + "/")
+        return cls(spec.endpoint_url, spec.region, spec.profile, spec.anon, spec.gcs_endpoint_url, tuple(allow))
 
 
 def protocol_of(uri: str) -> str:
@@ -74,6 +82,12 @@ def fsspec_options(protocol: str, options: StorageOptions) -> dict:
         return kwargs
     if protocol == "file":
         return {"auto_mkdir": True}
+    if protocol in ("http", "https") and options.http_allow is not None:
+        from functools import partial
+
+        from connectors.manifest_policy import guarded_http_session
+
+        return {"get_client": partial(guarded_http_session, options.http_allow)}
     return {}
 
 
@@ -195,16 +209,42 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
         raise PermissionError(describe_error(exc, uri)) from None
 
 
+# A URI in a message: up to whitespace, a quote, or a bracket closing around it.
+URI_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"`<>)\]]+")
+# Query parameters that carry a signature, a credential or a token in the signed-URL schemes met in
+# manifests: AWS SigV4 (X-Amz-*) and SigV2 (AWSAccessKeyId, Signature, Expires), GCS V4 (X-Goog-*) and V2
+# (GoogleAccessId), Azure SAS (sv, ss, srt, sp, se, st, spr, sig, sk*, ...), and plain tokens and keys.
+# A fallback only: URLs lose their whole query string (redact_uri); this masks such parameters where a
+# query appears outside a URL.
+SECRET_PARAMETER = re.compile(
+    r"(?i)((?:^|[\s?&;\"'(])(?:X-Amz-[\w-]+|X-Goog-[\w-]+|AWSAccessKeyId|GoogleAccessId|Signature|Expires|"
+    r"sig|sv|ss|srt|sp|se|st|spr|sip|sr|sdd|sk\w*|token|access_token|api_key|apikey|key|password)=)[^&\s'\"<>]+")
+
+
+def redact_uri(uri: str) -> str:
+    """A URI without what may be a secret: the userinfo (`user:pass@`, `TOKEN@`) of any scheme and, for
+    http(s), the query string and fragment, where signed URLs keep their signatures, credentials and
+    tokens. Scheme, host and path stay, so rows still join back to a list of URLs."""
+    match = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://([^/?#]*)(.*)", uri, re.DOTALL)
+    if not match:
+        return uri
+    scheme, authority, rest = match.groups()
+    authority = authority.rpartition("@")[2]
+    if scheme.lower() in ("http", "https"):
+        rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+    return f"{scheme}://{authority}{rest}"
+
+
 def redact(text: str) -> str:
-    """Remove anything that looks like a credential from a message before it is logged or stored."""
+    """Remove anything that looks like a credential from a message before it is logged, printed or
+    stored: the values of the AWS credential variables, every URI's userinfo and http(s) query
+    (redact_uri), and signed-URL parameters wherever else they appear."""
     secrets = [os.environ.get(name, "") for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")]
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
-    # Presigned-URL style query strings and inline user:password@ credentials.
-    text = re.sub(r"(X-Amz-(Credential|Signature|Security-Token)=)[^&\s]+", r"\1***", text)
-    text = re.sub(r"(://)[^/\s:@]+:[^/\s@]+@", r"\1***:***@", text)
-    return text
+    text = URI_IN_TEXT.sub(lambda match: redact_uri(match.group(0)), text)
+    return SECRET_PARAMETER.sub(r"\1***", text)
 
 
 # -- fail-fast checks before a job starts ------------------------------------------------------------

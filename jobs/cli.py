@@ -58,6 +58,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include", action="append", help="only inputs matching this glob (repeatable)")
     p.add_argument("--exclude", action="append", help="skip inputs matching this glob (repeatable)")
     p.add_argument("--manifest", action="store_true", default=None, help="--input is a manifest listing URIs")
+    p.add_argument("--manifest-allow", action="append",
+                   help="a URI prefix manifest entries may point at besides the manifest's own bucket or folder "
+                        "and public web hosts (repeatable; '*' for anything)")
     p.add_argument("--overwrite", action="store_true", default=None, help="delete previous results and start fresh")
     p.add_argument("--retry-failed", action="store_true", default=None, help="redo only the error rows")
 
@@ -65,7 +68,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
     spec = load_spec(args.job) if args.job else JobSpec()
     sections = {
-        "input": {"uri": args.input, "include": args.include, "exclude": args.exclude, "manifest": args.manifest},
+        "input": {"uri": args.input, "include": args.include, "exclude": args.exclude, "manifest": args.manifest,
+                  "manifest_allow": args.manifest_allow},
         "output": {"uri": args.output, "overwrite": args.overwrite, "retry_failed": args.retry_failed},
         "storage": {"endpoint_url": args.endpoint_url, "region": args.region, "profile": args.profile, "anon": args.anon},
         "model": {
@@ -101,17 +105,19 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 def cmd_run(args: argparse.Namespace) -> int:
     from jobs.runner import run_job
 
+    from connectors.storage import redact
+
     spec = spec_from_args(args)
     result = run_job(spec)
-    print(
+    print(redact(
         f"run {result.run_id}: {result.planned_inputs} inputs processed, {result.skipped_inputs} already done; "
         f"{result.rows_written} rows written ({result.ok_rows} ok, {result.error_rows} error) "
         f"to {result.output} in {result.wall_s:.1f} s"
-    )
+    ))
     if result.summary:
         from jobs.summary import format_summary
 
-        print(format_summary(result.summary))
+        print(redact(format_summary(result.summary)))
     return 0
 
 
@@ -188,7 +194,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     spec = _inspect_spec(args)
     if args.pages_per_second <= 0:
         raise SpecError("--pages-per-second must be > 0")
-    storage = StorageOptions.from_spec(spec.storage)
+    storage = StorageOptions.from_spec(spec.storage, spec.input)
     unreachable = unreachable_reason(spec.input.uri, storage)
     if unreachable:
         raise SpecError(f"cannot reach input {spec.input.uri}: {unreachable}")
@@ -255,18 +261,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class RedactingFormatter(logging.Formatter):
+    """Log lines without credentials or signed-URL secrets, whatever logged them (connectors/storage.py)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from connectors.storage import redact
+
+        return redact(super().format(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     parser = build_parser()
     args = parser.parse_args(argv)
     from connectors.parquet_sink import OutputError
+    from connectors.storage import redact
 
     try:
         return args.func(args)
     except (SpecError, OutputError) as exc:
-        print(f"scriptorium: error: {exc}", file=sys.stderr)
+        print(f"scriptorium: error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -181,7 +181,7 @@ def run_job(spec: JobSpec) -> RunResult:
     spec.run_id = check_run_id(spec.run_id or new_run_id())
     spec.output.uri = output_uri_for_run(spec.output.uri, spec.run_id)
     ray_address(spec)  # a cluster address that cannot work fails now, not after planning
-    storage = StorageOptions.from_spec(spec.storage)
+    storage = StorageOptions.from_spec(spec.storage, spec.input)  # http(s) reads under the manifest policy
     for role, uri in (("input", spec.input.uri), ("output", spec.output.uri)):
         unreachable = unreachable_reason(uri, storage)  # in seconds, before loading anything
         if unreachable:

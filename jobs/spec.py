@@ -54,6 +54,10 @@ class InputSpec:
     exclude: list[str] = field(default_factory=list)
     max_size_mb: float = 0  # 0 = no limit; larger files become error rows
     manifest: bool = False  # `uri` is a manifest file (txt/csv/jsonl/parquet) listing inputs
+    # What manifest entries may point at besides the manifest's own bucket (or folder) and public http(s)
+    # hosts: URI prefixes ("s3://other-bucket/", "/data/scans/", "http://10.0.0.5:8080/"), or "*" for
+    # anything (connectors/manifest_policy.py). Other entries are error rows, never read.
+    manifest_allow: list[str] = field(default_factory=list)
 
 
 @dataclass
