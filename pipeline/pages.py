@@ -315,6 +315,11 @@ def pages_of(plan_row: dict, settings: RenderSettings, storage: StorageOptions) 
                   f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
         yield from whole_file_failed(reason, "list")
         return
+    size, memory_limit = plan_row.get("size"), settings.max_memory_mb * 2**20
+    if size and 0 < memory_limit < size:  # the renderer holds a file whole: not worth reading
+        yield from whole_file_failed(f"file is {size} bytes, more than render.max_memory_mb={settings.max_memory_mb}: "
+                                     "too large to render", "read")
+        return
     try:  # a signed URL's query string is in `fetch_uri` only, never in `source_uri` (connectors/listing.py)
         data = read_bytes(plan_row.get("fetch_uri") or plan_row["source_uri"], storage)
     except Exception as exc:

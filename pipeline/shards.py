@@ -18,9 +18,11 @@ Bombs are refused from what the shard says about itself, before bytes are alloca
 `render.max_pages` (tar members are counted only that far; a Parquet table's rows come from its
 footer); an image over `render.max_image_mb` (a tar member's header size, a Parquet cell's length);
 sparse tar members, which expand to the size their header claims (a 10 KB tar can claim gigabytes of
-holes); Parquet row groups too large to read within `render.max_memory_mb`. A Parquet image column is
-read dictionary-encoded, so a value shared by many rows (a 256 MiB value in 8 rows of a few-KB file)
-stays one value, and a cell's length is checked before its bytes are copied out.
+holes); Parquet row groups too large to read within `render.max_memory_mb` (from the footer), or whose
+image dictionary holds a value over `render.max_image_mb` (from the dictionary page's header: the few-KB
+table whose 8 rows share one 256 MiB value is refused without reading that value). A Parquet image
+column is read dictionary-encoded, so a value shared by many rows stays one value, and a cell's length
+is checked before its bytes are copied out.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class TarShard:
     """An open tar shard: its image members, read one at a time, each checked from its header first."""
 
     def __init__(self, data: bytes, settings: RenderSettings):
-        self.max_image_bytes = megabytes(settings.max_image_mb)
+        self.max_image_mb = settings.max_image_mb
         try:
             self.tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
         except tarfile.TarError as exc:
@@ -94,8 +96,8 @@ class TarShard:
         member = self.members[number]
         if member.issparse():  # GNU or PAX sparse: reading it writes out every hole its header claims
             raise PageError(f"tar member is a sparse file claiming {member.size} bytes: sparse members are refused")
-        if member.size > self.max_image_bytes:
-            raise PageError(f"tar member is {member.size} bytes, more than render.max_image_mb={self.max_image_bytes / 2**20:g}")
+        if member.size > megabytes(self.max_image_mb):
+            raise PageError(f"tar member is {member.size} bytes, more than render.max_image_mb={self.max_image_mb:g}")
         try:
             return self.tar.extractfile(member).read()
         except tarfile.TarError as exc:
@@ -109,8 +111,7 @@ class ParquetImages:
     """An open Parquet table of images, read one row group at a time, its image column dictionary-encoded."""
 
     def __init__(self, data: bytes, settings: RenderSettings):
-        self.max_image_bytes = megabytes(settings.max_image_mb)
-        self.max_memory_bytes = megabytes(settings.max_memory_mb)
+        self.max_image_mb, self.max_memory_mb = settings.max_image_mb, settings.max_memory_mb
         try:
             schema = pq.read_schema(pa.BufferReader(data))
         except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a file that is not Parquet
@@ -123,12 +124,14 @@ class ParquetImages:
             self.named = index >= 0 and pa.types.is_string(struct.field(index).type)
         leaves = [f"{self.column}.bytes", *([f"{self.column}.path"] if self.named else [])] if self.is_struct \
             else [self.column]
+        self.data = data  # for the page headers
         try:  # dictionary-encoded, a value stored once for many rows is read once, not copied into each row
             self.file = pq.ParquetFile(pa.BufferReader(data), read_dictionary=leaves)
         except Exception as exc:
             raise PageError(f"cannot open Parquet: {exc}") from None
         metadata = self.file.metadata
         self.leaf_columns = [i for i in range(metadata.num_columns) if metadata.schema.column(i).path in leaves]
+        self.image_leaf = next(i for i in self.leaf_columns if metadata.schema.column(i).path == leaves[0])
         self.n_pages = metadata.num_rows
         if not self.n_pages:
             raise PageError("Parquet table has no rows")
@@ -139,24 +142,39 @@ class ParquetImages:
         for group in range(self.file.num_row_groups):
             self.starts.append(self.starts[-1] + metadata.row_group(group).num_rows)
         self._group, self._images, self._names = -1, None, None
+        self._unreadable: dict[int, str] = {}  # row group -> why: each of its rows says so, without trying again
 
     def _load(self, number: int) -> int:
         group = bisect.bisect_right(self.starts, number) - 1
+        if group in self._unreadable:
+            raise PageError(self._unreadable[group])
         if group != self._group:
             self._images = self._names = None  # the previous group's, before the next is read
-            metadata = self.file.metadata.row_group(group)
-            size = sum(metadata.column(i).total_uncompressed_size for i in self.leaf_columns)
-            if size * PARQUET_READ_EXPANSION > self.max_memory_bytes:
-                raise PageError(f"row group {group} holds {size} bytes of images (uncompressed): reading it would take "
-                                f"more than render.max_memory_mb={self.max_memory_bytes // 2**20}; write the table "
-                                "with smaller row groups")
-            column = self.file.read_row_group(group, columns=[self.column], use_threads=False).column(0)
+            try:
+                self._check_group(group)
+                column = self.file.read_row_group(group, columns=[self.column], use_threads=False).column(0)
+            except PageError as exc:  # a cap, or the time limit while reading
+                self._unreadable[group] = str(exc)
+                raise
             column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
             if self.is_struct:
                 self._names = column.field("path") if self.named else None
                 column = column.field("bytes")
             self._group, self._images = group, column
         return number - self.starts[group]
+
+    def _check_group(self, group: int) -> None:
+        """Refuse a row group from its metadata: too large to read within the memory limit, or an image
+        dictionary holding a value over the image cap (which the rows sharing it would each be)."""
+        metadata = self.file.metadata.row_group(group)
+        size = sum(metadata.column(i).total_uncompressed_size for i in self.leaf_columns)
+        if 0 < megabytes(self.max_memory_mb) < size * PARQUET_READ_EXPANSION:
+            raise PageError(f"row group {group} holds {size} bytes of images (uncompressed): reading it would take "
+                            f"more than render.max_memory_mb={self.max_memory_mb}; write the table with smaller row groups")
+        dictionary = dictionary_page(self.data, metadata.column(self.image_leaf))
+        if dictionary is not None and dictionary[1] and dictionary[0] / dictionary[1] > megabytes(self.max_image_mb):
+            raise PageError(f"row group {group} shares an image of more than render.max_image_mb={self.max_image_mb:g} "
+                            f"between its rows (its dictionary holds {dictionary[1]} value(s) in {dictionary[0]} bytes)")
 
     def name(self, number: int) -> str | None:
         row = self._load(number)
@@ -166,8 +184,8 @@ class ParquetImages:
 
     def image_bytes(self, number: int) -> bytes | None:
         row = self._load(number)
-        return _cell(self._images, row, self.max_image_bytes, "this row's image",
-                     f"render.max_image_mb={self.max_image_bytes / 2**20:g}")
+        return _cell(self._images, row, megabytes(self.max_image_mb), "this row's image",
+                     f"render.max_image_mb={self.max_image_mb:g}")
 
     def close(self) -> None:
         self.file.close()
@@ -188,6 +206,52 @@ def _cell(array: pa.Array, row: int, limit: int, what: str, setting: str):
     if length > limit:
         raise PageError(f"{what} is {length} bytes, more than {setting}")
     return value[0].as_py()
+
+
+def dictionary_page(data: bytes, chunk) -> tuple[int, int] | None:
+    """(uncompressed bytes, number of values) of a column chunk's dictionary page, from the page's header,
+    which pyarrow does not show: a Thrift compact-protocol PageHeader whose field 2 is the uncompressed
+    size and field 7 the DictionaryPageHeader (its field 1: the number of values). None where the chunk
+    has no dictionary or its header holds anything else than the integers and structs read here."""
+    if not chunk.has_dictionary_page or chunk.dictionary_page_offset is None:
+        return None
+    try:
+        header, _ = _compact_struct(data, chunk.dictionary_page_offset)
+        return header[2], header[7][1]
+    except (IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _compact_struct(data: bytes, at: int, depth: int = 0) -> tuple[dict, int]:
+    """A Thrift compact-protocol struct's integer, boolean and struct fields: ({field id: value}, end)."""
+    fields, field_id = {}, 0
+    while True:
+        byte, at = data[at], at + 1
+        if byte == 0:  # the end of the struct
+            return fields, at
+        kind, delta = byte & 0x0F, byte >> 4
+        if delta:
+            field_id += delta
+        else:
+            field_id, at = _zigzag_varint(data, at)
+        if kind in (1, 2):  # booleans carry their value in the kind
+            fields[field_id] = kind == 1
+        elif kind in (3, 4, 5, 6):  # i8 as a byte, i16, i32 and i64 as zigzag varints
+            fields[field_id], at = (data[at], at + 1) if kind == 3 else _zigzag_varint(data, at)
+        elif kind == 12 and depth < 2:
+            fields[field_id], at = _compact_struct(data, at, depth + 1)
+        else:
+            raise ValueError(f"field type {kind} is not read here")
+
+
+def _zigzag_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte, at = data[at], at + 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return (value >> 1) ^ -(value & 1), at
 
 
 def image_column(schema) -> tuple[str, bool]:
