@@ -21,6 +21,7 @@ userinfo, no query string: connectors/storage.py `redact_uri`).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import posixpath
@@ -153,9 +154,9 @@ class PublicAddressResolver:
         found = await self._resolver.resolve(host, port, family)
         if self._allowed is not None and host.lower() not in self._allowed:
             for address in found:
-                if not ipaddress.ip_address(address["host"]).is_global:
-                    raise PermissionError(f"{host} resolves to {address['host']}, not a public address: not read; "
-                                          "allow it with [input] manifest_allow")
+                if not ipaddress.ip_address(address["host"]).is_global:  # aiohttp's message shows strerror
+                    raise PermissionError(errno.EACCES, f"{host} resolves to {address['host']}, not a public address: "
+                                                        "not read; allow it with [input] manifest_allow")
         return found
 
     async def close(self) -> None:
