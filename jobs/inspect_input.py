@@ -56,14 +56,21 @@ def count_pages(data_or_handle, kind: str, render: RenderSpec) -> int:
         if width * height > render.max_pixels:
             raise ValueError(f"image is {width}x{height}, more than render.max_pixels={render.max_pixels}")
         # Every TIFF frame is a page; animated GIF/WebP are one page (their first frame).
-        return getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
+        frames = getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
+        if frames > render.max_pages:
+            raise ValueError(f"TIFF has {frames} frames, more than render.max_pages={render.max_pages}")
+        return frames
     if kind == "tar":
         import tarfile
 
         handle = data_or_handle if hasattr(data_or_handle, "read") else io.BytesIO(data_or_handle)
         try:  # a stream read: the index of a tar is spread over the whole file, with no seeking back
             with tarfile.open(fileobj=handle, mode="r|") as tar:
-                images = sum(1 for m in tar if m.isfile() and kind_of(m.name) == "image")
+                images = 0
+                for member in tar:
+                    images += member.isfile() and kind_of(member.name) == "image"
+                    if images > render.max_pages:  # counted only that far, as a run does
+                        raise ValueError(f"tar holds more than render.max_pages={render.max_pages} images")
         except tarfile.TarError as exc:
             raise ValueError(f"cannot open tar: {exc}") from None
         if not images:
@@ -82,9 +89,12 @@ def count_pages(data_or_handle, kind: str, render: RenderSpec) -> int:
             image_column(parquet.schema_arrow)
         except PageError as exc:
             raise ValueError(str(exc)) from None
-        if not parquet.metadata.num_rows:
+        rows = parquet.metadata.num_rows
+        if not rows:
             raise ValueError("Parquet table has no rows")
-        return parquet.metadata.num_rows
+        if rows > render.max_pages:
+            raise ValueError(f"Parquet table has {rows} rows, more than render.max_pages={render.max_pages}")
+        return rows
     raise ValueError("unsupported file type")
 
 

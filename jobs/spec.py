@@ -224,6 +224,8 @@ class JobSpec:
                 raise SpecError(f"two tasks are named {task.task_name!r}: give one a distinct name = \"...\"")
             names.add(task.task_name)
         _check_choice("routing.ocr_engine", self.routing.ocr_engine, OCR_ENGINES)
+        if self.render.max_pages < 1 or self.render.max_image_mb <= 0 or self.render.max_memory_mb < 0:
+            raise SpecError("render.max_pages and render.max_image_mb must be > 0, render.max_memory_mb >= 0 (0: no limit)")
         if self.resources.num_replicas < 1:
             raise SpecError("resources.num_replicas must be >= 1")
         for budget in ("batch_size", "max_batch_pixels", "max_batch_tokens"):

@@ -9,6 +9,7 @@ The last test runs `scriptorium run` over them beside good files and measures th
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -190,7 +191,8 @@ class TreeMemory:
 
 @pytest.mark.timeout(600)
 def test_a_run_over_bombs_beside_good_files_finishes_with_bounded_memory(bombs, tiny_model, tmp_path):
-    folder, expected = bombs
+    folder, expected = tmp_path / "in", bombs[1]
+    shutil.copytree(bombs[0], folder)
     pages = good_files(folder)
     output = tmp_path / "out"
     job = tmp_path / "job.toml"
@@ -220,3 +222,15 @@ def test_a_run_over_bombs_beside_good_files_finishes_with_bounded_memory(bombs, 
         rows = by_file[name]
         assert len(rows) == want.pages and sum(r["status"] == "ok" for r in rows) == want.ok, name
         assert all(want.reason in r["error"] for r in rows if r["status"] == "error"), (name, {r["error"] for r in rows})
+
+
+def test_inspect_names_the_bombs_a_run_would_refuse_for_their_page_count(bombs, capsys):
+    import json
+
+    from jobs.cli import main
+
+    folder, _ = bombs
+    assert main(["inspect", str(folder), "--json"]) == 0
+    reasons = {Path(f["source_uri"]).name: f["reason"] for f in json.loads(capsys.readouterr().out)["unreadable_files"]}
+    assert reasons["frames_bomb.tiff"] == f"TIFF has {TIFF_FRAMES} frames, more than render.max_pages=5000"
+    assert reasons["null_rows_bomb.parquet"] == "Parquet table has 1000000 rows, more than render.max_pages=5000"
