@@ -112,7 +112,7 @@ def inspect_file(planned: dict, storage: StorageOptions, render: RenderSpec) -> 
         entry["error"] = "file is empty (0 bytes)"
         return entry
     try:
-        fs, path = filesystem_for(uri, storage)
+        fs, path = filesystem_for(planned.get("fetch_uri") or uri, storage)  # a signed URL as listed
         with fs.open(path, "rb") as handle:  # images: Pillow reads the header only
             entry["pages"] = count_pages(handle, planned["kind"], render)
     except ValueError as exc:

@@ -273,6 +273,6 @@ def build_report(output: str, storage: StorageOptions, sample: int = 50, run_id:
     storage = dataclasses.replace(storage, http_allow=tuple(manifest_allow))  # the run's policy for http(s)
     thumbs = thumbnails(sources_to_preview(keys, rows), storage, thumbnail_settings(limits, thumb_edge))
     note = f"{errors_left_out} more pages with errors not shown" if errors_left_out else ""
-    title = f"Scriptorium report: {output}" + (f" (run {run_id})" if run_id else "")
+    title = f"Scriptorium report: {redact(output)}" + (f" (run {run_id})" if run_id else "")
     page = render_html(title, format_summary(summary), rows, thumbs, note)
     return page, {"pages": len(keys), "rows": len(rows), "errors_left_out": errors_left_out}

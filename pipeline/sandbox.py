@@ -225,22 +225,22 @@ def _address_space() -> int | None:
 
 
 def _limit_memory(baseline: int | None, megabytes: int) -> None:
-    """Cap the address space at `baseline` (the libraries, mapped once started) + `megabytes`. Only the
-    soft limit: the next document may have another setting."""
+    """Cap the address space at `baseline` (the libraries, mapped once started) + `megabytes` (0: no
+    cap). Only the soft limit: the next document may have another setting."""
     import resource
 
-    if baseline is None or megabytes <= 0:
+    if baseline is None:
         return
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    soft = baseline + megabytes * 2**20
+    soft = baseline + megabytes * 2**20 if megabytes > 0 else hard
     resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
 def serve(fd: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
-    from pipeline import pages
+    from pipeline.pages import _import_renderers
 
-    pages._import_renderers()  # once, before saying ready: time limits then measure rendering only
+    _import_renderers()  # once, before saying ready: time limits then measure rendering only
     baseline = _address_space()
 
     connection = Connection(fd)
