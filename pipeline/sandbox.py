@@ -41,8 +41,9 @@ MAX_LOST_PAGES = 3  # pages of one document that may hang or crash the child bef
 STARTUP_LIMIT_S = 300.0  # importing PyMuPDF and Pillow on a busy node
 OUT_OF_MEMORY_EXIT = 3  # the child's exit status when an allocation failed where it could not answer
 # The child's allocators, set so that its address space is close to what it uses: pyarrow's default
-# allocator reserves a gigabyte up front, and each glibc malloc arena 64 MiB.
-CHILD_ENVIRONMENT = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2"}
+# allocator reserves a gigabyte up front, each glibc malloc arena 64 MiB, and glibc keeps freed blocks
+# of up to 32 MiB in its heap unless large blocks are always mapped (and so unmapped when freed).
+CHILD_ENVIRONMENT = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def hard_limit_s(settings: RenderSettings) -> float:
