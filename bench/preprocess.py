@@ -40,12 +40,12 @@ def pin_to_one_core() -> int:
 
 def run_ours(paths, render, settings):
     """The pipeline's CPU steps on every document; returns (seconds, preprocessed tables)."""
-    from connectors.storage import StorageOptions
-    from pipeline.pages import RenderPages
+    from core.schema import PLAN_SCHEMA, table_from_rows
+    from core.spec import StorageSpec
     from pipeline.preprocess import PreprocessPages
-    from pipeline.schema import PLAN_SCHEMA, table_from_rows
+    from pipeline.render.stage import RenderPages
 
-    render_step, preprocess_step = RenderPages(render, StorageOptions()), PreprocessPages(settings)
+    render_step, preprocess_step = RenderPages(render, StorageSpec()), PreprocessPages(settings)
     tables = []
     started = time.perf_counter()
     for path in paths:
@@ -60,12 +60,13 @@ def run_reference(paths, render, image_processor):
     import numpy as np
     from PIL import Image
 
-    from pipeline.pages import render_pdf_pages
+    from pipeline.render.decoders import local_frames
+
 
     outputs, total_bytes, n = [], 0, 0
     started = time.perf_counter()
     for path in paths:
-        for page in render_pdf_pages(path.read_bytes(), render, skip=set()):
+        for page in local_frames("pdf", path.read_bytes(), render, skip=set()):
             image = Image.fromarray(np.frombuffer(page["image"], np.uint8).reshape(page["height"], page["width"], 3))
             out = image_processor([image], return_tensors="pt")
             total_bytes += out["pixel_values"].nbytes + out["pixel_attention_mask"].nbytes
@@ -78,8 +79,8 @@ def run_reference(paths, render, image_processor):
 def check_fidelity(tables, reference_outputs, settings) -> bool:
     import torch
 
-    from pipeline.collate import collate_pixels
-    from pipeline.preprocess import unpack_crops
+    from core.pixels import unpack_crops
+    from pipeline.model.collate import collate_pixels
 
     rows = [row for table in tables for row in table.to_pylist()][: len(reference_outputs)]
     for row, ref in zip(rows, reference_outputs):
@@ -97,9 +98,9 @@ def main() -> None:
 
     from transformers import AutoProcessor
 
-    from pipeline.pages import RenderSettings
-    from pipeline.preprocess import ImageSettings
-    from pipeline.tiny_model import build_tiny_idefics2
+    from core.image_settings import ImageSettings
+    from core.spec import RenderSpec
+    from pipeline.model.tiny import build_tiny_idefics2
 
     core = pin_to_one_core()
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +109,7 @@ def main() -> None:
         checkpoint = build_tiny_idefics2(tmp / "model", do_image_splitting=True, longest_edge=args.longest_edge)
         processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
         settings = ImageSettings.from_processor(processor)
-        render = RenderSettings(longest_edge=settings.longest_edge)
+        render = RenderSpec(longest_edge=settings.longest_edge)
         paths = write_reports(tmp / "pdfs", args.pages, PAGES_PER_DOCUMENT)
 
         run_ours(paths[:1], render, settings)  # warm-up: imports, first-call costs

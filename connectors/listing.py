@@ -21,8 +21,10 @@ from fsspec.utils import glob_translate
 
 from connectors.manifest import ManifestEntry, read_manifest
 from connectors.manifest_policy import entry_refusal
-from connectors.storage import StorageOptions, filesystem_for, redact, redact_uri, uri_for
-from jobs.spec import InputSpec
+from connectors.storage import filesystem_for, redact, uri_for
+from core.kinds import kind_of
+from core.redaction import redact_uri
+from core.spec import InputSpec, StorageSpec
 
 GLOB_CHARS = "*?["
 LIST_PAGE = 1000  # objects per S3 ListObjectsV2 / GCS objects.list page (both APIs' maximum)
@@ -135,7 +137,7 @@ def _split_glob(path: str) -> tuple[str, str]:
     return root, name_prefix
 
 
-def iter_objects(spec: InputSpec, options: StorageOptions) -> Iterator[tuple[str, dict, str]]:
+def iter_objects(spec: InputSpec, options: StorageSpec) -> Iterator[tuple[str, dict, str]]:
     """(uri, info, name relative to the listing root) for every object the input names, unfiltered."""
     fs, path = filesystem_for(spec.uri, options)
     if any(ch in path for ch in GLOB_CHARS):
@@ -173,8 +175,6 @@ def _plan_row(uri: str, info: dict | None, relative: str, spec: InputSpec, quest
               fetch_uri: str | None = None) -> dict:
     """The plan row of one object. `source_uri` is `uri` redacted (no userinfo, no http(s) query: it is
     written to every row); the URI to read, when it differs, is `fetch_uri`, which only the reader sees."""
-    from pipeline.pages import kind_of
-
     size = info.get("size") if info else None
     source_uri = redact_uri(uri)
     row = {
@@ -200,7 +200,7 @@ def _plan_row(uri: str, info: dict | None, relative: str, spec: InputSpec, quest
     return row
 
 
-def _manifest_rows(spec: InputSpec, options: StorageOptions) -> Iterator[dict]:
+def _manifest_rows(spec: InputSpec, options: StorageSpec) -> Iterator[dict]:
     """Plan rows for the entries of a manifest, with each object's size and ETag looked up in parallel.
 
     An entry whose lookup fails (missing, forbidden) is still planned, with null size and ETag: reading
@@ -223,7 +223,7 @@ def _path_part(uri: str) -> str:
     return uri.split("://", 1)[-1]
 
 
-def _info_or_none(entry: ManifestEntry, options: StorageOptions) -> dict | None:
+def _info_or_none(entry: ManifestEntry, options: StorageSpec) -> dict | None:
     try:
         fs, path = filesystem_for(entry.fetch_uri or entry.uri, options)
         return fs.info(path)
@@ -231,7 +231,7 @@ def _info_or_none(entry: ManifestEntry, options: StorageOptions) -> dict | None:
         return None
 
 
-def list_inputs(spec: InputSpec, options: StorageOptions) -> Iterator[dict]:
+def list_inputs(spec: InputSpec, options: StorageSpec) -> Iterator[dict]:
     """Planned inputs: dicts with source_uri, size, etag, kind, questions and (for unusable ones) error."""
     if spec.manifest:
         yield from _manifest_rows(spec, options)

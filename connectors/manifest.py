@@ -29,8 +29,10 @@ import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
-from connectors.storage import StorageOptions, describe_error, protocol_of, read_bytes, redact, redact_uri
-from jobs.spec import SpecError
+from connectors.storage import describe_error, protocol_of, read_bytes, redact
+from core.errors import SpecError
+from core.redaction import redact_uri
+from core.spec import StorageSpec
 
 FORMATS = (".txt", ".csv", ".jsonl", ".ndjson", ".parquet")
 log = logging.getLogger("scriptorium")
@@ -47,7 +49,7 @@ class ManifestEntry:
     fetch_uri: str | None = None  # the URI as listed, where redacting changed it (a signed URL)
 
 
-def read_manifest(manifest_uri: str, options: StorageOptions | None = None) -> Iterator[ManifestEntry]:
+def read_manifest(manifest_uri: str, options: StorageSpec | None = None) -> Iterator[ManifestEntry]:
     """The manifest's documents in the order first listed, each once, with its questions (or None)."""
     suffix = next((s for s in FORMATS if redact_uri(manifest_uri).lower().endswith(s)), None)
     if suffix is None:

@@ -4,6 +4,7 @@
 path inside it. Credentials come from the standard places (AWS env vars and profiles,
 `AWS_ENDPOINT_URL`, GCS application credentials) unless the job's `[storage]` section overrides the
 endpoint, region, profile or asks for anonymous access (MinIO, R2, Ceph and other S3-compatible stores).
+The `StorageSpec` travels to every worker with the job; it holds no secrets.
 """
 
 from __future__ import annotations
@@ -13,38 +14,15 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import fsspec
 
-from jobs.spec import InputSpec, StorageSpec
+from core.redaction import redact
+from core.spec import StorageSpec
 
 log = logging.getLogger("scriptorium.storage")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class StorageOptions:
-    """What a worker needs to open a URI. Picklable, so it travels to Ray workers; holds no secrets."""
-
-    endpoint_url: str = ""  # s3:// only
-    region: str = ""
-    profile: str = ""
-    anon: bool = False
-    gcs_endpoint_url: str = ""  # gs:// only: a job may read from MinIO and GCS at once
-    # http(s) reads: None fetches any URL it is given (a caller's own); a job's reads carry its manifest
-    # policy, the prefixes that may be private hosts (connectors/manifest_policy.py).
-    http_allow: tuple[str, ...] | None = None
-
-    @classmethod
-    def from_spec(cls, spec: StorageSpec, input_spec: InputSpec | None = None) -> "StorageOptions":
-        """A job's options. Its http(s) reads follow the manifest policy: `[input] manifest_allow`, and the
-        origin of an http(s) manifest (its entries may sit beside it)."""
-        allow = list(input_spec.manifest_allow) if input_spec else []
-        if input_spec and protocol_of(input_spec.uri) in ("http", "https"):
-            allow.append("/".join(redact_uri(input_spec.uri).split("/", 3)[:3]) + "/")
-        return cls(spec.endpoint_url, spec.region, spec.profile, spec.anon, spec.gcs_endpoint_url, tuple(allow))
 
 
 def protocol_of(uri: str) -> str:
@@ -55,7 +33,7 @@ def protocol_of(uri: str) -> str:
     return {"s3a": "s3", "gcs": "gs"}.get(proto, proto)
 
 
-def fsspec_options(protocol: str, options: StorageOptions) -> dict:
+def fsspec_options(protocol: str, options: StorageSpec) -> dict:
     """Keyword arguments for fsspec.filesystem(protocol) from the job's storage settings."""
     if protocol == "s3":
         kwargs: dict = {}
@@ -85,7 +63,7 @@ def fsspec_options(protocol: str, options: StorageOptions) -> dict:
     if protocol in ("http", "https") and options.http_allow is not None:
         from functools import partial
 
-        from connectors.manifest_policy import guarded_http_session
+        from connectors.http_guard import guarded_http_session
 
         return {"get_client": partial(guarded_http_session, options.http_allow)}
     return {}
@@ -103,9 +81,9 @@ def _filesystem(protocol: str, **kwargs) -> fsspec.AbstractFileSystem:
     return fsspec.filesystem(protocol, **kwargs)
 
 
-def filesystem_for(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem_for(uri: str, options: StorageSpec | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return (fsspec filesystem, path within it) for a URI."""
-    options = options or StorageOptions()
+    options = options or StorageSpec()
     protocol = protocol_of(uri)
     fs = _filesystem(protocol, **fsspec_options(protocol, options))
     if protocol == "file":
@@ -193,7 +171,7 @@ def describe_error(exc: BaseException, uri: str = "") -> str:
     return redact(text)
 
 
-def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+def read_bytes(uri: str, options: StorageSpec | None = None) -> bytes:
     """The whole object, in one GET where the store allows it. Transient errors are retried; a missing
     or forbidden object raises FileNotFoundError / PermissionError whose message says which and where."""
     fs, path = filesystem_for(uri, options)
@@ -209,44 +187,6 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
         raise PermissionError(describe_error(exc, uri)) from None
 
 
-# A URI in a message: up to whitespace, a quote, or a bracket closing around it.
-URI_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"`<>)\]]+")
-# Query parameters that carry a signature, a credential or a token in the signed-URL schemes met in
-# manifests: AWS SigV4 (X-Amz-*) and SigV2 (AWSAccessKeyId, Signature, Expires), GCS V4 (X-Goog-*) and V2
-# (GoogleAccessId), Azure SAS (sv, ss, srt, sp, se, st, spr, sig, sk*, ...), and plain tokens and keys.
-# A fallback only: URLs lose their whole query string (redact_uri); this masks such parameters where a
-# query appears outside a URL.
-SECRET_PARAMETER = re.compile(
-    r"(?i)((?:^|[\s?&;\"'(])(?:X-Amz-[\w-]+|X-Goog-[\w-]+|AWSAccessKeyId|GoogleAccessId|Signature|Expires|"
-    r"sig|sv|ss|srt|sp|se|st|spr|sip|sr|sdd|sk\w*|token|access_token|api_key|apikey|key|password)=)[^&\s'\"<>]+")
-
-
-def redact_uri(uri: str) -> str:
-    """A URI without what may be a secret: the userinfo (`user:pass@`, `TOKEN@`) of any scheme and, for
-    http(s), the query string and fragment, where signed URLs keep their signatures, credentials and
-    tokens. Scheme, host and path stay, so rows still join back to a list of URLs."""
-    match = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://([^/?#]*)(.*)", uri, re.DOTALL)
-    if not match:
-        return uri
-    scheme, authority, rest = match.groups()
-    authority = authority.rpartition("@")[2]
-    if scheme.lower() in ("http", "https"):
-        rest = re.split(r"[?#]", rest, maxsplit=1)[0]
-    return f"{scheme}://{authority}{rest}"
-
-
-def redact(text: str) -> str:
-    """Remove anything that looks like a credential from a message before it is logged, printed or
-    stored: the values of the AWS credential variables, every URI's userinfo and http(s) query
-    (redact_uri), and signed-URL parameters wherever else they appear."""
-    secrets = [os.environ.get(name, "") for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")]
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    text = URI_IN_TEXT.sub(lambda match: redact_uri(match.group(0)), text)
-    return SECRET_PARAMETER.sub(r"\1***", text)
-
-
 # -- fail-fast checks before a job starts ------------------------------------------------------------
 # A job's own reads and writes retry for minutes (botocore adaptive mode x s3fs retries), which is right
 # for a busy store mid-run and wrong for "is this endpoint even there?": a probe gets one retry and
@@ -254,11 +194,11 @@ def redact(text: str) -> str:
 PROBE_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 20}
 
 
-def probe_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def probe_filesystem(uri: str, options: StorageSpec | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Like filesystem_for, but with few retries and short timeouts (and a fresh, uncached instance)."""
     _, path = filesystem_for(uri, options)
     protocol = protocol_of(uri)
-    kwargs = fsspec_options(protocol, options or StorageOptions())
+    kwargs = fsspec_options(protocol, options or StorageSpec())
     if protocol == "s3":
         kwargs["config_kwargs"] = PROBE_CONFIG
     fs = _filesystem(protocol, skip_instance_cache=True, **kwargs)
@@ -289,7 +229,7 @@ def storage_hint(exc: BaseException) -> str:
     return GENERIC_HINT
 
 
-def unreachable_reason(uri: str, options: StorageOptions | None = None) -> str | None:
+def unreachable_reason(uri: str, options: StorageSpec | None = None) -> str | None:
     """None if the store behind `uri` answers, else one line saying what failed and what to do about it.
     Takes seconds, not minutes. Only an endpoint that cannot be reached and missing credentials count:
     a missing object, or a 403 on this probe's HEAD (credentials that may list or write but not read),

@@ -18,7 +18,6 @@ could not run script or load anything.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import heapq
 import html
@@ -29,11 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
 from connectors.parquet_sink import ParquetStore
-from connectors.storage import StorageOptions, redact
-from jobs.spec import RenderSpec
-from pipeline.pages import RenderSettings, kind_of, page_image, pages_of
+from connectors.storage import redact
+from core.kinds import kind_of
+from core.pixels import page_image
+from core.spec import RenderSpec, StorageSpec
+from jobs.summary import format_summary, load_summary
+from pipeline.render.stage import pages_of
 
 KEY_COLUMNS = ["source_uri", "page", "status", "run_id"]
 ROW_COLUMNS = ["source_uri", "page", "n_pages", "member", "task", "question", "text", "status", "error", "stage",
@@ -87,15 +90,13 @@ def read_rows(store: ParquetStore, keys: set, run_id: str | None) -> list[dict]:
 
 
 # -- thumbnails ----------------------------------------------------------------------------------------
-def thumbnail_settings(limits: dict, edge: int = THUMB_EDGE) -> RenderSettings:
+def thumbnail_settings(limits: dict, edge: int = THUMB_EDGE) -> RenderSpec:
     """The run's render limits (from its summary; the defaults for a run that kept none), at `edge` px."""
-    render = {**dataclasses.asdict(RenderSpec()), **(limits.get("render") or {})}
-    return RenderSettings(longest_edge=edge, max_pixels=render["max_pixels"], max_pages=render["max_pages"],
-                          max_image_mb=render["max_image_mb"], max_memory_mb=render["max_memory_mb"],
-                          timeout_s=render["timeout_s"])
+    kept = {key: value for key, value in (limits.get("render") or {}).items() if key in RenderSpec.model_fields}
+    return RenderSpec().updated(**{**kept, "longest_edge": edge})
 
 
-def thumbnails(sources: dict[str, dict], storage: StorageOptions, settings: RenderSettings) -> dict:
+def thumbnails(sources: dict[str, dict], storage: StorageSpec, settings: RenderSpec) -> dict:
     """{(source, page): data URI or "!reason"} for the wanted pages, rendering each source once.
     `sources`: {source_uri: {"pages": pages wanted, "size": bytes or None, "error": why not to read it}}."""
     with ThreadPoolExecutor(4) as pool:
@@ -103,7 +104,7 @@ def thumbnails(sources: dict[str, dict], storage: StorageOptions, settings: Rend
         return {key: value for part in results for key, value in part.items()}
 
 
-def _source_thumbnails(source: str, wanted_source: dict, storage: StorageOptions, settings: RenderSettings) -> dict:
+def _source_thumbnails(source: str, wanted_source: dict, storage: StorageSpec, settings: RenderSpec) -> dict:
     wanted = wanted_source["pages"]
     plan = {"source_uri": source, "kind": kind_of(source), "error": wanted_source["error"], "size": wanted_source["size"],
             "done_pages": sorted(set(range(max(wanted))) - wanted)}  # pages_of skips "done" pages
@@ -142,8 +143,6 @@ def _thumb_page(page: int) -> int:
 
 
 def _data_uri(row: dict, edge: int) -> str:
-    from PIL import Image
-
     image = Image.fromarray(page_image(row))
     image.thumbnail((edge, edge))
     out = io.BytesIO()
@@ -258,19 +257,17 @@ def render_html(title: str, summary_text: str, rows: list[dict], thumbs: dict, n
 """
 
 
-def build_report(output: str, storage: StorageOptions, sample: int = 50, run_id: str | None = None,
+def build_report(output: str, storage: StorageSpec, sample: int = 50, run_id: str | None = None,
                  thumb_edge: int = THUMB_EDGE) -> tuple[str, dict]:
     """The report's HTML and a few counts (pages, rows, errors left out). Raises SpecError when the
     output has no results."""
-    from jobs.summary import format_summary, load_summary
-
     store = ParquetStore(output, storage)
     summary = load_summary(store, run_id)  # SpecError for an empty output or an unknown run
     keys, errors_left_out = choose_pages(store, sample, run_id)
     rows = read_rows(store, keys, run_id)
     limits = (summary.get("run") or {}).get("limits") or {}
     manifest_allow = (limits.get("input") or {}).get("manifest_allow") or []
-    storage = dataclasses.replace(storage, http_allow=tuple(manifest_allow))  # the run's policy for http(s)
+    storage = storage.updated(http_allow=tuple(manifest_allow))  # the run's policy for http(s) sources
     thumbs = thumbnails(sources_to_preview(keys, rows), storage, thumbnail_settings(limits, thumb_edge))
     note = f"{errors_left_out} more pages with errors not shown" if errors_left_out else ""
     title = f"Scriptorium report: {redact(output)}" + (f" (run {run_id})" if run_id else "")

@@ -23,7 +23,6 @@ import json
 import posixpath
 import re
 import time
-import dataclasses
 from collections import Counter
 from typing import Iterable
 
@@ -31,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.parquet_sink import ParquetStore
-from connectors.storage import redact_uri
-from jobs.spec import SpecError
+from core.errors import SpecError
+from core.redaction import redact_uri
 
 SUMMARY_COLUMNS = ["source_uri", "page", "task", "status", "error", "stage", "n_input_tokens", "n_output_tokens", "truncated"]
 RUNS_DIR = "_runs"
@@ -180,7 +179,7 @@ def build_run_summary(store: ParquetStore, spec, result, gpus_per_replica: float
         "files": [posixpath.basename(p) for p in result.files],
         "throughput": _throughput(pages, counts["tokens"]["output"], wall_s),
         "gpu": gpu,
-        "limits": {"render": dataclasses.asdict(spec.render),
+        "limits": {"render": spec.render.model_dump(),
                    "input": {"max_size_mb": spec.input.max_size_mb, "manifest_allow": list(spec.input.manifest_allow)}},
         "attempts": [{"started_at": started_at, "finished_at": finished_at, "wall_s": round(wall_s, 3),
                       "inputs": inputs, "rows_written": result.rows_written, "gpu_hours": gpu["gpu_hours"],

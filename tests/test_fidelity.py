@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, TaskSpec
 from jobs.runner import run_job
-from jobs.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, TaskSpec
 from tests.conftest import make_image, read_rows
 
 MAX_NEW_TOKENS = 12

@@ -12,18 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import make_image, make_pdf
-from connectors.storage import StorageOptions
-from jobs.spec import TaskSpec
-from pipeline.pages import RenderSettings, page_image, pages_of
-from pipeline.prompts import DOCUMENT_PAGE
-from tests.stages import job, plan_row, run_stages
+from core.pixels import page_image
+from core.schema import DOCUMENT_PAGE
+from core.spec import RenderSpec, StorageSpec, TaskSpec
+from pipeline.render.stage import pages_of
+from tests.conftest import job, make_image, make_pdf, plan_row, run_stages
 
 
 @pytest.fixture(scope="module")
 def split_model(tmp_path_factory):
     """The tiny checkpoint with image splitting, at a smaller image size so CPU generation is quick."""
-    from pipeline.tiny_model import build_tiny_idefics2
+    from pipeline.model.tiny import build_tiny_idefics2
 
     return build_tiny_idefics2(tmp_path_factory.mktemp("models") / "split-448", do_image_splitting=True,
                                longest_edge=448, shortest_edge=224)
@@ -61,9 +60,9 @@ def reference_features(reference, inputs) -> torch.Tensor:
 def assert_same_inputs(ours: dict, reference, prompt: str, images: list[Image.Image]) -> None:
     """Our tokens and images are the processor's, image by image in prompt order (and not reversed).
 
-    The model stage passes each crop's features, encoded at the crop's own size (pipeline/image_features.py),
+    The model stage passes each crop's features, encoded at the crop's own size (pipeline/model/features.py),
     rather than padded pixels: they equal the model's features of the processor's pixels, up to rounding."""
-    from pipeline.image_features import features_passed
+    from pipeline.model.features import features_passed
 
     expected = reference_inputs(reference, prompt, images)
     assert torch.equal(ours["input_ids"], expected["input_ids"])
@@ -81,7 +80,7 @@ def three_pages(tmp_path_factory):
 
 
 def rendered_pages(path, longest_edge: int) -> list[Image.Image]:
-    rows = pages_of(plan_row(path), RenderSettings(longest_edge=longest_edge), StorageOptions())
+    rows = pages_of(plan_row(path), RenderSpec(longest_edge=longest_edge), StorageSpec())
     return [Image.fromarray(page_image(row)) for row in rows]
 
 

@@ -14,10 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.collate import collate_pixels
-from pipeline.pages import RenderSettings, render_pdf_pages
-from pipeline.preprocess import ImageSettings, PreprocessPages, model_crops, unpack_crops
-from pipeline.schema import PAGE_SCHEMA, table_from_rows
+from core.image_settings import ImageSettings
+from core.pixels import unpack_crops
+from core.schema import PAGE_SCHEMA, table_from_rows
+from core.spec import RenderSpec
+from pipeline.crops import model_crops
+from pipeline.model.collate import collate_pixels
+from pipeline.preprocess import PreprocessPages
+from pipeline.render.decoders import local_frames
 from tests.conftest import make_pdf
 
 # (height, width): taller and wider than longest_edge, in between, smaller than shortest_edge, a
@@ -99,7 +103,7 @@ def test_the_preprocess_stage_ships_uint8_crops_that_collate_to_the_reference(pr
     """Through the real stages: PDF page rendered at 980, preprocessed to packed bytes, unpacked, collated."""
     pdf = make_pdf(tmp_path / "doc.pdf", ["A first page of text.", "A second page, with more text on it."])
     pages = [{"source_uri": str(pdf), "kind": "pdf", "status": "ok", **p}
-             for p in render_pdf_pages(pdf.read_bytes(), RenderSettings(longest_edge=980), skip=set())]
+             for p in local_frames("pdf", pdf.read_bytes(), RenderSpec(longest_edge=980), skip=set())]
     settings = ImageSettings.from_processor(processor)
     assert settings.do_image_splitting
 
@@ -124,7 +128,7 @@ def test_crops_encoded_at_their_own_size_give_the_models_features_and_tokens(pro
     the batch's largest. Same features up to rounding, same greedy tokens."""
     from transformers import AutoModelForImageTextToText
 
-    from pipeline.image_features import encode_crops, generate_kwargs
+    from pipeline.model.features import encode_crops, generate_kwargs
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_split, dtype=torch.float32).eval()
     settings = ImageSettings.from_processor(processor)

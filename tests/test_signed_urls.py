@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from connectors.listing import list_inputs
-from connectors.storage import StorageOptions, redact, redact_uri
-from jobs.spec import InputSpec, StorageSpec
-from pipeline.pages import RenderSettings, pages_of
+from core.redaction import redact, redact_uri
+from core.spec import InputSpec, RenderSpec, StorageSpec
+from pipeline.render.stage import pages_of
 from tests.conftest import make_image, make_pdf, read_rows, run_cli
 
 SECRETS = {
@@ -169,7 +169,7 @@ def test_a_manifest_of_signed_urls_leaks_no_secret_anywhere(tiny_model, tmp_path
 # -- the manifest policy -----------------------------------------------------------------------------------
 def planned(manifest: Path, allow=()) -> dict[str, str | None]:
     spec = InputSpec(uri=str(manifest), manifest=True, manifest_allow=list(allow))
-    return {row["source_uri"]: row["error"] for row in list_inputs(spec, StorageOptions.from_spec(StorageSpec(), spec))}
+    return {row["source_uri"]: row["error"] for row in list_inputs(spec, StorageSpec().with_manifest_policy(spec))}
 
 
 def test_by_default_a_manifest_reads_only_beside_itself_and_public_hosts(tmp_path):
@@ -202,8 +202,8 @@ def test_by_default_a_manifest_reads_only_beside_itself_and_public_hosts(tmp_pat
         allowed = planned(manifest, allow=[f"{server.origin}/", f"{tmp_path}/"])
         assert allowed[str(outside)] is None and allowed[f"{server.origin}/outside.pdf"] is None
         assert allowed[f"http://localhost:{port}/outside.pdf"] is not None  # another host than the allowed one
-        (page,) = pages_of({"source_uri": f"{server.origin}/outside.pdf", "kind": "pdf"}, RenderSettings(longest_edge=64),
-                           StorageOptions(http_allow=(f"{server.origin}/",)))
+        (page,) = pages_of({"source_uri": f"{server.origin}/outside.pdf", "kind": "pdf"}, RenderSpec(longest_edge=64),
+                           StorageSpec(http_allow=(f"{server.origin}/",)))
         assert page["status"] == "ok"
 
 
@@ -212,8 +212,8 @@ def test_a_fetch_is_checked_again_redirects_and_resolved_addresses_included(tmp_
     with FileServer(tmp_path) as allowed_host, FileServer(tmp_path) as other:
         other_port = other.origin.rsplit(":", 1)[1]
         allowed_host.redirects["/moved.pdf"] = f"http://localhost:{other_port}/doc.pdf"
-        options = StorageOptions(http_allow=(f"{allowed_host.origin}/",))
-        settings = RenderSettings(longest_edge=64)
+        options = StorageSpec(http_allow=(f"{allowed_host.origin}/",))
+        settings = RenderSpec(longest_edge=64)
 
         (page,) = pages_of({"source_uri": f"{allowed_host.origin}/moved.pdf", "kind": "pdf"}, settings, options)
         assert page["stage"] == "read" and f"localhost:{other_port}/doc.pdf is not read: localhost is a local" in page["error"]
@@ -230,7 +230,7 @@ def test_a_fetch_is_checked_again_redirects_and_resolved_addresses_included(tmp_
         (page,) = pages_of({"source_uri": by_name, "kind": "pdf"}, settings, options)
         assert page["stage"] == "read" and f"{name} resolves to {address}, not a public address" in page["error"]
         assert other.requests == []
-        (page,) = pages_of({"source_uri": by_name, "kind": "pdf"}, settings, StorageOptions())  # no policy: read
+        (page,) = pages_of({"source_uri": by_name, "kind": "pdf"}, settings, StorageSpec())  # no policy: read
         assert page["status"] == "ok" and other.requests
 
 

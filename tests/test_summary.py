@@ -17,8 +17,8 @@ from tests.conftest import make_image, make_pdf, read_rows
 @pytest.fixture(scope="module")
 def known_run(tmp_path_factory, tiny_model, ray_local):
     """Two PDFs (3 pages), an image, a corrupt PDF and a text file; OCR plus QA with two questions."""
+    from core.spec import JobSpec, TaskSpec
     from jobs.runner import run_job
-    from jobs.spec import JobSpec, TaskSpec
 
     inputs = tmp_path_factory.mktemp("summary-in")
     make_pdf(inputs / "report.pdf", ["First page.", "Second page."])
@@ -100,8 +100,7 @@ def test_gpu_hours_and_cost_per_million_pages(known_run):
     from jobs.summary import build_run_summary
 
     result = known_run["first"]
-    spec = known_run["spec"]
-    spec.resources.num_replicas = 2
+    spec = known_run["spec"].updated(resources={"num_replicas": 2})
     as_if = type(result)(**{**result.__dict__, "wall_s": 5400.0})
     summary = build_run_summary(ParquetStore(str(known_run["output"])), spec, as_if, gpus_per_replica=1.0)
     pages = summary["pages"]["total"]
@@ -180,8 +179,8 @@ def test_progress_redraws_one_line_on_a_terminal():
 
 
 def test_whole_document_rows_count_for_documents_but_not_as_pages():
+    from core.schema import DOCUMENT_PAGE, RESULT_SCHEMA, table_from_rows
     from jobs.summary import SUMMARY_COLUMNS, RowTally
-    from pipeline.schema import DOCUMENT_PAGE, RESULT_SCHEMA, table_from_rows
 
     rows = [
         {"source_uri": "a.pdf", "page": 0, "task": "ocr", "status": "ok", "n_output_tokens": 5, "truncated": False},
@@ -210,8 +209,7 @@ def test_attempts_of_one_run_id_add_up_in_its_summary(known_run, tmp_path):
     output = tmp_path / "copy"
     shutil.copytree(known_run["output"], output)
     shutil.rmtree(output / "_runs" / "first")  # the real run's summary: these two attempts replace it
-    result, spec = known_run["first"], known_run["spec"]
-    spec.resources.num_replicas = 2
+    result, spec = known_run["first"], known_run["spec"].updated(resources={"num_replicas": 2})
     store = ParquetStore(str(output))
     write_run_summary(store, spec, type(result)(**{**result.__dict__, "wall_s": 5400.0}), gpus_per_replica=1.0)
     resumed = type(result)(**{**result.__dict__, "wall_s": 1800.0, "rows_written": 0, "files": []})
@@ -229,18 +227,17 @@ def test_attempts_of_one_run_id_add_up_in_its_summary(known_run, tmp_path):
 def test_a_resumed_run_id_keeps_the_attempt_before_it(tiny_model, tmp_path, ray_local):
     """`run_id = "nightly"` run, then run again after a new file arrived: one run of two attempts,
     counting the rows of both, its wall time the sum of theirs."""
+    from core.spec import JobSpec, spec_from_dict
     from jobs.runner import run_job
-    from jobs.spec import JobSpec, TaskSpec
 
     inputs = tmp_path / "in"
     inputs.mkdir()
     make_image(inputs / "a.png")
 
     def spec() -> JobSpec:
-        s = JobSpec(run_id="nightly")
-        s.input.uri, s.output.uri, s.model.id, s.model.device = str(inputs), str(tmp_path / "out"), str(tiny_model), "cpu"
-        s.tasks = [TaskSpec(kind="ocr", max_new_tokens=2)]
-        return s
+        return spec_from_dict({"run_id": "nightly", "input": {"uri": str(inputs)}, "output": {"uri": str(tmp_path / "out")},
+                               "model": {"id": str(tiny_model), "device": "cpu"},
+                               "tasks": [{"kind": "ocr", "max_new_tokens": 2}]})
 
     first = run_job(spec()).summary["run"]
     make_image(inputs / "b.png", color=(200, 30, 30))

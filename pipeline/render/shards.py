@@ -8,9 +8,10 @@
   `path`; or a binary column named image, img, jpg, png, ...): row i is page i, and `member` is the
   row's `path` where the table has one.
 
-Each image is decoded exactly as an image file is (`pages.py`: the same size checks, the first frame,
-transparency onto white). A shard is opened as one document (`ShardImages`) in the render sandbox,
-like a PDF: its index is parsed there, under the sandbox's time and memory limits, never in the worker.
+Each image is decoded exactly as an image file is (`decoders.py`: the same size checks, the first frame,
+transparency onto white). A shard is opened as one document (`ShardImages`, through sources.py) in the
+render sandbox, like a PDF: its index is parsed there, under the sandbox's time and memory limits, never
+in the worker.
 An image that fails is an error row for its page; a shard that cannot be opened, or holds no images,
 is an error row, as any unreadable file.
 
@@ -35,7 +36,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.pages import ImageDocument, PageError, RenderSettings, _describe, kind_of
+from core.errors import PageError
+from core.kinds import kind_of
+from core.spec import RenderSpec
+from pipeline.render.decoders import ImageDocument, describe
 
 # Binary columns taken for images when no column is a Hugging Face `Image` struct.
 IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp")
@@ -54,7 +58,7 @@ def megabytes(value: float) -> int:
 class TarShard:
     """An open tar shard: its image members, read one at a time, each checked from its header first."""
 
-    def __init__(self, data: bytes, settings: RenderSettings):
+    def __init__(self, data: bytes, settings: RenderSpec):
         self.max_image_mb = settings.max_image_mb
         try:
             self.tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
@@ -110,7 +114,7 @@ class TarShard:
 class ParquetImages:
     """An open Parquet table of images, read one row group at a time, its image column dictionary-encoded."""
 
-    def __init__(self, data: bytes, settings: RenderSettings):
+    def __init__(self, data: bytes, settings: RenderSpec):
         self.max_image_mb, self.max_memory_mb = settings.max_image_mb, settings.max_memory_mb
         try:
             schema = pq.read_schema(pa.BufferReader(data))
@@ -268,7 +272,7 @@ def image_column(schema) -> tuple[str, bool]:
                     f"binary column named one of {', '.join(IMAGE_COLUMN_NAMES)}")
 
 
-SHARD_KINDS = {"tar": TarShard, "parquet": ParquetImages}
+SHARD_CLASSES = {"tar": TarShard, "parquet": ParquetImages}
 
 
 class ShardImages:
@@ -277,8 +281,8 @@ class ShardImages:
 
     what = "decoding image"
 
-    def __init__(self, kind: str, data: bytes, settings: RenderSettings):
-        self.shard = SHARD_KINDS[kind](data, settings)
+    def __init__(self, kind: str, data: bytes, settings: RenderSpec):
+        self.shard = SHARD_CLASSES[kind](data, settings)
         self.n_pages = self.shard.n_pages
         self.settings = settings
 
@@ -299,7 +303,7 @@ class ShardImages:
         except PageError as exc:  # the time limit's too: the row keeps its member's name
             return {"member": member, "error": str(exc)}
         except Exception as exc:
-            return {"member": member, "error": f"reading image {number} failed: {type(exc).__name__}: {_describe(exc)}"}
+            return {"member": member, "error": f"reading image {number} failed: {type(exc).__name__}: {describe(exc)}"}
 
     def close(self) -> None:
         self.shard.close()

@@ -10,11 +10,11 @@ is killed and a child that dies is noticed; either way that page becomes an erro
 reopens the document and rendering goes on with the next page. After MAX_LOST_PAGES such pages in
 one document, its remaining pages become error rows too, so a file built to stall costs bounded time.
 
-Memory: a shard's index is parsed here too (pipeline/shards.py), and the child's address space is
-capped (RLIMIT_AS) at what its libraries map once started plus `render.max_memory_mb`, so a file that
-expands past it fails an allocation in the child (an error row: "out of memory") or, where a library
-cannot recover, ends the child, which is noticed like any crash. A file larger than the limit is not
-sent at all. The worker never holds more than the file's own bytes.
+Memory: a shard's index is parsed here too (shards.py, through sources.py), and the child's address
+space is capped (RLIMIT_AS) at what its libraries map once started plus `render.max_memory_mb`, so a
+file that expands past it fails an allocation in the child (an error row: "out of memory") or, where a
+library cannot recover, ends the child, which is noticed like any crash. A file larger than the limit
+is not sent at all. The worker never holds more than the file's own bytes.
 
 Protocol: pickled tuples over a socket pair, one request and then its answer.
     child, once started                    -> ("ready",)
@@ -35,7 +35,9 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Iterator
 
-from pipeline.pages import PageError, RenderSettings
+from core.errors import PageError
+from core.spec import RenderSpec
+from pipeline.render import decoders, sources
 
 MAX_LOST_PAGES = 3  # pages of one document that may hang or crash the child before the rest is given up
 STARTUP_LIMIT_S = 300.0  # importing PyMuPDF and Pillow on a busy node
@@ -46,7 +48,7 @@ OUT_OF_MEMORY_EXIT = 3  # the child's exit status when an allocation failed wher
 CHILD_ENVIRONMENT = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def hard_limit_s(settings: RenderSettings) -> float:
+def hard_limit_s(settings: RenderSpec) -> float:
     """How long the parent waits for one answer: past the soft limit, so that one fires first when it can."""
     return settings.timeout_s * 1.5 + 2.0 if settings.timeout_s > 0 else 0.0
 
@@ -78,7 +80,7 @@ class RenderSandbox:
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.sandbox", str(theirs.fileno()), str(os.getpid())],
+            [sys.executable, "-m", "pipeline.render.sandbox", str(theirs.fileno()), str(os.getpid())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env={**os.environ, **CHILD_ENVIRONMENT},
@@ -129,7 +131,7 @@ class RenderSandbox:
             raise ChildLost(f"{what} crashed the renderer ({_exit_reason(code)})") from None
 
     # -- documents --------------------------------------------------------------------------------
-    def _open(self, kind: str, data: bytes, settings: RenderSettings, token: object) -> tuple[int, str]:
+    def _open(self, kind: str, data: bytes, settings: RenderSpec, token: object) -> tuple[int, str]:
         """(pages, what rendering one is called) of the file, now open in the child."""
         if 0 < settings.max_memory_mb * 2**20 < len(data):
             raise PageError(f"file is {len(data)} bytes, more than the renderer's render.max_memory_mb={settings.max_memory_mb}")
@@ -142,8 +144,8 @@ class RenderSandbox:
         self._document = token
         return answer[1], answer[2]
 
-    def frames(self, kind: str, data: bytes, settings: RenderSettings, skip: set[int]) -> Iterator[dict]:
-        """Every page not in `skip`, as `pages.local_frames` gives them, but safe from hangs, crashes and
+    def frames(self, kind: str, data: bytes, settings: RenderSpec, skip: set[int]) -> Iterator[dict]:
+        """Every page not in `skip`, as `sources.source_frames` gives them, but safe from hangs, crashes and
         memory bombs. Raises PageError if the file cannot be opened."""
         token = object()
         n_pages, what = self._open(kind, data, settings, token)
@@ -239,9 +241,7 @@ def _limit_memory(baseline: int | None, megabytes: int) -> None:
 
 def serve(fd: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
-    from pipeline.pages import _import_renderers
-
-    _import_renderers()  # once, before saying ready: time limits then measure rendering only
+    decoders._import_renderers()  # once, before saying ready: time limits then measure rendering only
     baseline = _address_space()
 
     connection = Connection(fd)
@@ -253,8 +253,6 @@ def serve(fd: int, parent_pid: int) -> None:
 
 
 def _serve_requests(connection: Connection, baseline: int | None) -> None:
-    from pipeline import pages
-
     document, settings = None, None
     while True:
         try:
@@ -269,14 +267,14 @@ def _serve_requests(connection: Connection, baseline: int | None) -> None:
             _limit_memory(baseline, settings.max_memory_mb)  # before the file's bytes arrive: they count
             data = connection.recv_bytes()
             try:
-                document = pages.open_document(kind, data, settings)
+                document = sources.open_source(kind, data, settings)
                 connection.send(("opened", document.n_pages, document.what))
             except PageError as exc:
                 connection.send(("failed", str(exc)))
             except Exception as exc:
-                connection.send(("failed", f"cannot open the file: {pages._describe(exc)}"))
+                connection.send(("failed", f"cannot open the file: {decoders.describe(exc)}"))
         elif request[0] == "page":
-            connection.send(("page", pages.render_one(document, request[1], settings)))
+            connection.send(("page", decoders.render_one(document, request[1], settings)))
 
 
 if __name__ == "__main__":
