@@ -37,6 +37,7 @@ def synthetic_output(folder: Path, rows: int, text_bytes: int, seed: int = 0) ->
     """Write `rows` result rows (OCR and caption of 10-page documents) as shuffled files of two runs.
     Returns the bytes of text written."""
     from connectors.parquet_sink import ParquetStore
+    from connectors.namespace import data_file_name
     from core.schema import RESULT_SCHEMA
 
     rng = random.Random(seed)
@@ -55,7 +56,7 @@ def synthetic_output(folder: Path, rows: int, text_bytes: int, seed: int = 0) ->
                           "n_pages": PAGES_PER_DOCUMENT, "task": task, "status": "ok", "text": text,
                           "model": "HuggingFaceM4/idefics2-8b", "route": "model", "source_etag": f"etag-{doc}",
                           "source_size": 100_000, "run_id": run_id, "n_input_tokens": 400, "n_output_tokens": 300})
-        store.publish(pa.Table.from_pylist(batch, schema=RESULT_SCHEMA), f"part-{run_id}-{number:08d}.parquet")
+        store.publish(pa.Table.from_pylist(batch, schema=RESULT_SCHEMA), data_file_name(run_id, number))
     return text_total
 
 

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -298,10 +299,17 @@ class GcsLeaseObject:
         return fsspec.asyn.sync(self.fs.loop, self.fs._call, *args, **kwargs)
 
     def _upload(self, data: bytes, generation: str) -> str | None:
+        # A multipart upload (metadata, then the record): GCS honours ifGenerationMatch on every upload
+        # type, fake-gcs-server (what the tests run) only on this one.
+        boundary = f"scriptorium-{secrets.token_hex(8)}"
+        metadata = json.dumps({"name": self.key, "contentType": "application/json"})
+        body = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{metadata}\r\n"
+                f"--{boundary}\r\nContent-Type: application/json\r\n\r\n").encode() + data + \
+            f"\r\n--{boundary}--\r\n".encode()
         try:
             resource = self._call("POST", f"{self.fs._location}/upload/storage/v1/b/{self.bucket}/o",
-                                  uploadType="media", name=self.key, ifGenerationMatch=generation, data=data,
-                                  headers={"Content-Type": "application/json"}, json_out=True)
+                                  uploadType="multipart", ifGenerationMatch=generation, data=body,
+                                  headers={"Content-Type": f"multipart/related; boundary={boundary}"}, json_out=True)
         except (FileExistsError, FileNotFoundError):
             return None
         return str(resource["generation"])

@@ -22,8 +22,10 @@ import fsspec.asyn
 from fsspec.utils import glob_translate
 
 from connectors.manifest import ManifestEntry, read_manifest
+from connectors.manifest_policy import entry_refusal
 from connectors.storage import filesystem_for, redact, uri_for
 from core.kinds import kind_of
+from core.redaction import redact_uri
 from core.spec import InputSpec, StorageSpec
 
 GLOB_CHARS = "*?["
@@ -174,10 +176,15 @@ def _selected(relative: str, spec: InputSpec) -> bool:
     return not any(matches(p) for p in spec.exclude)
 
 
-def _plan_row(uri: str, info: dict | None, relative: str, spec: InputSpec, questions=None) -> dict:
+def _plan_row(uri: str, info: dict | None, relative: str, spec: InputSpec, questions=None,
+              fetch_uri: str | None = None) -> dict:
+    """The plan row of one object. `source_uri` is `uri` redacted (no userinfo, no http(s) query: it is
+    written to every row); the URI to read, when it differs, is `fetch_uri`, which only the reader sees."""
     size = info.get("size") if info else None
+    source_uri = redact_uri(uri)
     row = {
-        "source_uri": uri,
+        "source_uri": source_uri,
+        "fetch_uri": fetch_uri or (uri if uri != source_uri else None),
         "size": int(size) if size is not None else None,
         "etag": source_version(info) if info else None,
         "kind": kind_of(posixpath.basename(relative)),
@@ -202,13 +209,19 @@ def _manifest_rows(spec: InputSpec, options: StorageSpec) -> Iterator[dict]:
     """Plan rows for the entries of a manifest, with each object's size and ETag looked up in parallel.
 
     An entry whose lookup fails (missing, forbidden) is still planned, with null size and ETag: reading
-    it fails the same way in the pages stage, which records an error row (stage "read") for it.
+    it fails the same way in the pages stage, which records an error row (stage "read") for it. An entry
+    the manifest policy refuses (connectors/manifest_policy.py) is planned as an error, never looked up.
     """
     entries = (e for e in read_manifest(spec.uri, options) if _selected(_path_part(e.uri), spec))
     with ThreadPoolExecutor(HEAD_CONCURRENCY) as pool:
         while chunk := list(islice(entries, HEAD_CHUNK)):
-            for entry, info in zip(chunk, pool.map(lambda e: _info_or_none(e, options), chunk)):
-                yield _plan_row(entry.uri, info, _path_part(entry.uri), spec, entry.questions)
+            refusals = [entry_refusal(e.uri, spec.uri, spec.manifest_allow) for e in chunk]
+            infos = pool.map(lambda e, refused: None if refused else _info_or_none(e, options), chunk, refusals)
+            for entry, refusal, info in zip(chunk, refusals, infos):
+                row = _plan_row(entry.uri, info, _path_part(entry.uri), spec, entry.questions, entry.fetch_uri)
+                if refusal:
+                    row["error"] = refusal
+                yield row
 
 
 def _path_part(uri: str) -> str:
@@ -217,7 +230,7 @@ def _path_part(uri: str) -> str:
 
 def _info_or_none(entry: ManifestEntry, options: StorageSpec) -> dict | None:
     try:
-        fs, path = filesystem_for(entry.uri, options)
+        fs, path = filesystem_for(entry.fetch_uri or entry.uri, options)
         return fs.info(path)
     except Exception:  # missing, forbidden, unreachable: the read will record why
         return None

@@ -9,7 +9,13 @@ An entry is a URI (`s3://`, `gs://`, `file://`, ...), an absolute path, or a pat
 manifest's own folder (`docs/a.pdf` in `s3://b/lists/m.csv` is `s3://b/lists/docs/a.pdf`). A document
 listed on several rows is planned once, with the questions of all its rows. The questions travel with
 the document to the QA task. The manifest is read whole before planning (about 100-200 MB of driver
-memory per million entries), so a malformed line stops the job before any work starts, naming the line.
+memory per million entries), so a malformed line (or a file that is not UTF-8 text) stops the job
+before any work starts, with one line naming the problem.
+
+Signed URLs (presigned S3, GCS V4, Azure SAS, `https://TOKEN@host/...`) are read as listed, but a
+document is known by its redacted URI (`redact_uri`: no userinfo, no query string): that is its
+`source_uri` in every row, and entries that differ only in their query string are one document, read
+from the first. What entries may point at is connectors/manifest_policy.py's to decide.
 """
 
 from __future__ import annotations
@@ -17,16 +23,19 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
-from connectors.storage import protocol_of, read_bytes, redact
+from connectors.storage import describe_error, protocol_of, read_bytes, redact
 from core.errors import SpecError
+from core.redaction import redact_uri
 from core.spec import StorageSpec
 
 FORMATS = (".txt", ".csv", ".jsonl", ".ndjson", ".parquet")
+log = logging.getLogger("scriptorium")
 
 
 class ManifestError(SpecError):
@@ -35,19 +44,27 @@ class ManifestError(SpecError):
 
 @dataclass(frozen=True)
 class ManifestEntry:
-    uri: str
+    uri: str  # redacted: the document's source_uri
     questions: tuple[str, ...] | None = None
+    fetch_uri: str | None = None  # the URI as listed, where redacting changed it (a signed URL)
 
 
 def read_manifest(manifest_uri: str, options: StorageSpec | None = None) -> Iterator[ManifestEntry]:
     """The manifest's documents in the order first listed, each once, with its questions (or None)."""
-    suffix = next((s for s in FORMATS if manifest_uri.lower().endswith(s)), None)
+    suffix = next((s for s in FORMATS if redact_uri(manifest_uri).lower().endswith(s)), None)
     if suffix is None:
         raise ManifestError(f"manifest {redact(manifest_uri)} must end in {', '.join(FORMATS)}")
-    data = read_bytes(manifest_uri, options)
+    try:
+        data = read_bytes(manifest_uri, options)
+    except (FileNotFoundError, PermissionError):
+        raise  # the caller says the input is missing or forbidden
+    except Exception as exc:
+        raise ManifestError(f"cannot read manifest: {describe_error(exc, manifest_uri)}") from None
     parse = {".txt": _parse_txt, ".csv": _parse_csv, ".jsonl": _parse_jsonl,
              ".ndjson": _parse_jsonl, ".parquet": _parse_parquet}[suffix]
     questions_of: dict[str, list[str]] = {}  # insertion-ordered: documents in manifest order
+    fetch_uri_of: dict[str, str | None] = {}
+    merged = 0  # entries that differ from an earlier one only in what redacting removes
     try:
         for where, entry, questions in parse(data):
             if not isinstance(entry, str) or not entry.strip():
@@ -55,12 +72,25 @@ def read_manifest(manifest_uri: str, options: StorageSpec | None = None) -> Iter
             bad = [q for q in questions if not isinstance(q, str)]
             if bad:
                 raise ManifestError(f"{where}: questions must be strings, got {bad[0]!r}")
-            known = questions_of.setdefault(resolve_entry(entry.strip(), manifest_uri), [])
+            listed = resolve_entry(entry.strip(), manifest_uri)
+            uri = redact_uri(listed)
+            fetch_uri = listed if listed != uri else None
+            merged += uri in fetch_uri_of and fetch_uri_of[uri] != fetch_uri
+            fetch_uri_of.setdefault(uri, fetch_uri)
+            known = questions_of.setdefault(uri, [])
             known.extend(q.strip() for q in questions if q.strip() and q.strip() not in known)
     except ManifestError as exc:
         raise ManifestError(redact(f"manifest {manifest_uri}: {exc}")) from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(redact(f"manifest {manifest_uri} is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                                   f"at offset {exc.start}): save it as UTF-8")) from None
+    except Exception as exc:  # csv.Error (a NUL byte, a field too large), a Parquet file damaged past its footer
+        raise ManifestError(redact(f"manifest {manifest_uri} cannot be read: {type(exc).__name__}: {exc}")) from None
+    if merged:
+        log.warning("%d manifest entries differ from an earlier one only in their query string or credentials: "
+                    "each such document is read once, from its first entry", merged)
     for uri, questions in questions_of.items():
-        yield ManifestEntry(uri, tuple(questions) or None)
+        yield ManifestEntry(uri, tuple(questions) or None, fetch_uri_of[uri])
 
 
 def resolve_entry(entry: str, manifest_uri: str) -> str:

@@ -18,6 +18,7 @@ from typing import Callable, TypeVar
 
 import fsspec
 
+from core.redaction import redact
 from core.spec import StorageSpec
 
 log = logging.getLogger("scriptorium.storage")
@@ -59,6 +60,12 @@ def fsspec_options(protocol: str, options: StorageSpec) -> dict:
         return kwargs
     if protocol == "file":
         return {"auto_mkdir": True}
+    if protocol in ("http", "https") and options.http_allow is not None:
+        from functools import partial
+
+        from connectors.http_guard import guarded_http_session
+
+        return {"get_client": partial(guarded_http_session, options.http_allow)}
     return {}
 
 
@@ -178,18 +185,6 @@ def read_bytes(uri: str, options: StorageSpec | None = None) -> bytes:
         raise FileNotFoundError(describe_error(exc, uri)) from None
     except PermissionError as exc:
         raise PermissionError(describe_error(exc, uri)) from None
-
-
-def redact(text: str) -> str:
-    """Remove anything that looks like a credential from a message before it is logged or stored."""
-    secrets = [os.environ.get(name, "") for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")]
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    # Presigned-URL style query strings and inline user:password@ credentials.
-    text = re.sub(r"(X-Amz-(Credential|Signature|Security-Token)=)[^&\s]+", r"\1***", text)
-    text = re.sub(r"(://)[^/\s:@]+:[^/\s@]+@", r"\1***:***@", text)
-    return text
 
 
 # -- fail-fast checks before a job starts ------------------------------------------------------------

@@ -16,7 +16,8 @@ DONE_UNIT = pa.struct([("page", pa.int32()), ("task", pa.string()), ("question",
 # What the lister plans: one row per input object.
 PLAN_SCHEMA = pa.schema(
     [
-        ("source_uri", pa.string()),
+        ("source_uri", pa.string()),  # redacted: no userinfo, no http(s) query string (connectors/storage.py)
+        ("fetch_uri", pa.string()),  # the URI to read when it is not source_uri (a signed URL); never written out
         ("size", pa.int64()),
         ("etag", pa.string()),  # ETag for object stores, mtime for local files: tells a changed source
         ("kind", pa.string()),  # pdf | image | unknown

@@ -42,8 +42,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from core.errors import SpecError
+from core.redaction import redact_uri
 
 TaskKind = Literal["ocr", "caption", "qa", "custom"]
 CaptionDetail = Literal["short", "detailed"]
@@ -103,6 +105,10 @@ class InputSpec(Section):
     """0 = no limit; larger files become error rows"""
     manifest: bool = False
     """`uri` is a manifest file (txt/csv/jsonl/parquet) listing inputs"""
+    manifest_allow: list[str] = []
+    """What manifest entries may point at besides the manifest's own bucket (or folder) and public http(s)
+    hosts: URI prefixes ("s3://other-bucket/", "/data/scans/", "http://10.0.0.5:8080/"), or "*" for
+    anything (connectors/manifest_policy.py). Other entries are error rows, never read."""
 
 
 class OutputSpec(Section):
@@ -140,6 +146,18 @@ class StorageSpec(Section):
     anon: bool = False
     gcs_endpoint_url: str = ""
     """A GCS emulator or gateway (JSON API): gs:// URIs only"""
+    # http(s) reads: None fetches any URL it is given (a caller's own); a job's reads carry its manifest
+    # policy, the prefixes that may be private hosts (connectors/manifest_policy.py). Set from [input]
+    # manifest_allow by `with_manifest_policy`, not in a job file.
+    http_allow: SkipJsonSchema[tuple[str, ...] | None] = None
+
+    def with_manifest_policy(self, input_spec: InputSpec) -> StorageSpec:
+        """These options for a job's reads: http(s) under the manifest policy, `[input] manifest_allow`
+        and the origin of an http(s) manifest (its entries may sit beside it)."""
+        allow = list(input_spec.manifest_allow)
+        if re.match(r"(?i)https?://", input_spec.uri):
+            allow.append("/".join(redact_uri(input_spec.uri).split("/", 3)[:3]) + "/")
+        return self.updated(http_allow=tuple(allow))
 
 
 class ModelSpec(Section):
@@ -186,12 +204,26 @@ class RenderSpec(Section):
     max_pixels: int = 40_000_000
     """Decoded images larger than this are refused (decompression bombs)"""
     max_pages: int = 5000
-    """A document with more pages than this is refused: one error row"""
+    """A source with more pages than this is refused (one error row): PDF pages, TIFF frames, the images of
+    a tar shard or the rows of a Parquet one."""
+    max_image_mb: float = 100.0
+    """One image of a shard (a tar member, a Parquet cell) larger than this is refused (an error row for it),
+    from the tar header, the cell's length or the row group's dictionary, before its bytes are read."""
+    max_memory_mb: int = 4096
+    """What a renderer process may allocate beyond its libraries (RLIMIT_AS, render/sandbox.py); a file that
+    needs more is an error row. 0 = no limit."""
     timeout_s: float = 60.0
     """Per page; past 1.5x + 2 s the rendering process is killed (render/sandbox.py)"""
     sandbox: bool = True
     """Render in a child process that is killed when a page overruns its time limit or crashes it
     (render/sandbox.py); false renders in the worker itself, where only the soft time limit applies."""
+
+    @model_validator(mode="after")
+    def _caps_positive(self):
+        if self.max_pages < 1 or self.max_image_mb <= 0 or self.max_memory_mb < 0:
+            raise ValueError("render.max_pages and render.max_image_mb must be > 0, render.max_memory_mb >= 0 "
+                             "(0: no limit)")
+        return self
 
 
 class TaskSpec(Section):

@@ -23,6 +23,9 @@ INPUT_FILTER_FLAGS = [
     ("--include", "input.include", dict(action="append", help="only inputs matching this glob (repeatable)")),
     ("--exclude", "input.exclude", dict(action="append", help="skip inputs matching this glob (repeatable)")),
     ("--manifest", "input.manifest", dict(action="store_true", default=None, help="the input is a manifest listing URIs")),
+    ("--manifest-allow", "input.manifest_allow",
+     dict(action="append", help="a URI prefix manifest entries may point at besides the manifest's own bucket or "
+                                "folder and public web hosts (repeatable; '*' for anything)")),
 ]
 RUN_FLAGS = INPUT_FILTER_FLAGS + [
     ("--input", "input.uri", dict(help="folder, glob, single file, or manifest (with --manifest); local, s3://, gs://")),

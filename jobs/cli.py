@@ -29,6 +29,7 @@ from pathlib import Path
 from connectors.parquet_sink import ParquetStore
 from connectors.storage import unreachable_reason
 from core.errors import OutputError, SpecError
+from core.redaction import redact
 from core.spec import JobSpec, json_schema, load_spec
 from jobs.arguments import (
     INPUT_FILTER_FLAGS,
@@ -62,13 +63,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result = run_job(spec_from_args(args))
-    print(
+    print(redact(
         f"run {result.run_id}: {result.planned_inputs} inputs processed, {result.skipped_inputs} already done; "
         f"{result.rows_written} rows written ({result.ok_rows} ok, {result.error_rows} error) "
         f"to {result.output} in {result.wall_s:.1f} s"
-    )
+    ))
     if result.summary:
-        print(format_summary(result.summary))
+        print(redact(format_summary(result.summary)))
     return 0
 
 
@@ -83,7 +84,7 @@ def _open_output(args: argparse.Namespace) -> ParquetStore:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     summary = load_summary(_open_output(args), args.run_id)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    print(redact(json.dumps(summary, indent=2) if args.json else format_summary(summary)))
     return 0
 
 
@@ -127,7 +128,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if unreachable:
         raise SpecError(f"cannot reach input {spec.input.uri}: {unreachable}")
     try:
-        report = summarize_inspection(inspect_inputs(spec.input, spec.storage, spec.render), spec, args.pages_per_second)
+        storage = spec.storage.with_manifest_policy(spec.input)  # http(s) reads as a run makes them
+        report = summarize_inspection(inspect_inputs(spec.input, storage, spec.render), spec, args.pages_per_second)
     except FileNotFoundError:
         raise SpecError(f"input {spec.input.uri} does not exist") from None
     print(json.dumps(report, indent=2) if args.json else format_inspection(report, list_files=args.files))
@@ -211,15 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class RedactingFormatter(logging.Formatter):
+    """Log lines without credentials or signed-URL secrets, whatever logged them (core/redaction.py)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (SpecError, OutputError) as exc:
-        print(f"scriptorium: error: {exc}", file=sys.stderr)
+        print(f"scriptorium: error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -24,10 +24,9 @@ from typing import Iterable, Iterator
 from connectors.listing import list_inputs
 from connectors.storage import read_bytes, redact
 from core.errors import PageError
-from core.kinds import KINDS, SHARD_KINDS
+from core.kinds import KINDS
 from core.spec import InputSpec, JobSpec, RenderSpec, StorageSpec
-from pipeline.render.decoders import open_document
-from pipeline.render.shards import open_shard
+from pipeline.render.sources import open_source
 
 # Planning default, per GPU and per task unit (one page through one prompt). An assumption, not a
 # measurement: Idefics2-8B in bf16 on one modern GPU, HF `generate` with batches of 8, about 300-500 new
@@ -40,7 +39,7 @@ def count_pages(data: bytes, kind: str, render: RenderSpec) -> int:
     """Pages a run would make of one file, by the run's own decoders (so the reasons cannot drift from a
     run's); raises PageError with the reason a run would record."""
     settings = render.updated(timeout_s=0)  # nothing is rendered: no time limit to keep
-    document = open_shard(kind, data, settings) if kind in SHARD_KINDS else open_document(kind, data, settings)
+    document = open_source(kind, data, settings)
     try:
         return document.n_pages
     finally:
@@ -61,7 +60,8 @@ def inspect_file(planned: dict, storage: StorageSpec, render: RenderSpec) -> dic
         entry["error"] = "file is empty (0 bytes)"
         return entry
     try:
-        entry["pages"] = count_pages(read_bytes(uri, storage), planned["kind"], render)
+        # A signed URL is read as listed (`fetch_uri`); the entry shows it redacted (`source_uri`).
+        entry["pages"] = count_pages(read_bytes(planned.get("fetch_uri") or uri, storage), planned["kind"], render)
     except PageError as exc:
         entry["error"] = str(exc)
     except Exception as exc:

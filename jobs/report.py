@@ -6,6 +6,11 @@ result rows (task, question, transcription/answer/caption, status, error, confid
 the rows by status and by task, a third orders the pages by confidence (the lowest token log-probability
 of their rows, worst first), in plain JavaScript: no CDN, no network, one file to mail or attach to a ticket.
 
+Thumbnails are rendered under the run's own limits (its summary keeps them): the render sandbox with
+the run's time and memory limits and caps, its manifest policy for http(s) sources, and no source read
+that the run could not read or refused (too large, unsupported, not allowed), so a report over a
+hostile corpus takes bounded time and memory.
+
 Everything shown is model output or file names, so all of it is HTML-escaped, and a Content Security
 Policy allows only this page's own script and style (by hash) and data: images: even a missed escape
 could not run script or load anything.
@@ -36,7 +41,8 @@ from pipeline.render.stage import pages_of
 
 KEY_COLUMNS = ["source_uri", "page", "status", "run_id"]
 ROW_COLUMNS = ["source_uri", "page", "n_pages", "member", "task", "question", "text", "status", "error", "stage",
-               "n_output_tokens", "truncated", "route", "logprob_mean", "logprob_min", "run_id"]
+               "n_output_tokens", "truncated", "route", "logprob_mean", "logprob_min", "run_id", "source_size"]
+NOT_READ_STAGES = ("list", "read")  # a source whose rows failed here was refused or unreadable: not read again
 THUMB_EDGE = 256
 MAX_ERROR_PAGES = 500  # pages with errors shown (all of them up to this many; the summary counts the rest)
 
@@ -85,16 +91,23 @@ def read_rows(store: ParquetStore, keys: set, run_id: str | None) -> list[dict]:
 
 
 # -- thumbnails ----------------------------------------------------------------------------------------
-def thumbnails(pages_by_source: dict[str, set[int]], storage: StorageSpec, edge: int = THUMB_EDGE) -> dict:
-    """{(source, page): data URI or "!reason"} for the wanted pages, rendering each source once."""
+def thumbnail_settings(limits: dict, edge: int = THUMB_EDGE) -> RenderSpec:
+    """The run's render limits (from its summary; the defaults for a run that kept none), at `edge` px."""
+    kept = {key: value for key, value in (limits.get("render") or {}).items() if key in RenderSpec.model_fields}
+    return RenderSpec().updated(**{**kept, "longest_edge": edge})
+
+
+def thumbnails(sources: dict[str, dict], storage: StorageSpec, settings: RenderSpec) -> dict:
+    """{(source, page): data URI or "!reason"} for the wanted pages, rendering each source once.
+    `sources`: {source_uri: {"pages": pages wanted, "size": bytes or None, "error": why not to read it}}."""
     with ThreadPoolExecutor(4) as pool:
-        results = pool.map(lambda item: _source_thumbnails(item[0], item[1], storage, edge), pages_by_source.items())
+        results = pool.map(lambda item: _source_thumbnails(item[0], item[1], storage, settings), sources.items())
         return {key: value for part in results for key, value in part.items()}
 
 
-def _source_thumbnails(source: str, wanted: set[int], storage: StorageSpec, edge: int) -> dict:
-    settings = RenderSpec(longest_edge=edge, max_pages=10**9, timeout_s=0)
-    plan = {"source_uri": source, "kind": kind_of(source), "error": None,
+def _source_thumbnails(source: str, wanted_source: dict, storage: StorageSpec, settings: RenderSpec) -> dict:
+    wanted = wanted_source["pages"]
+    plan = {"source_uri": source, "kind": kind_of(source), "error": wanted_source["error"], "size": wanted_source["size"],
             "done_pages": sorted(set(range(max(wanted))) - wanted)}  # pages_of skips "done" pages
     found: dict = {}
     problem = "!no such page in the source"  # or why the source yields no pages at all
@@ -103,12 +116,26 @@ def _source_thumbnails(source: str, wanted: set[int], storage: StorageSpec, edge
             if row["status"] != "ok":
                 problem = f"!{row['error']}"
             if row["page"] in wanted:
-                found[(source, row["page"])] = _data_uri(row, edge) if row["status"] == "ok" else problem
+                found[(source, row["page"])] = _data_uri(row, settings.longest_edge) if row["status"] == "ok" else problem
             if len(found) == len(wanted):
                 break  # the rest of the document is not needed
     except Exception as exc:  # a preview must never stop the report
         problem = "!" + redact(f"{type(exc).__name__}: {exc}")
     return {(source, page): found.get((source, page), problem) for page in wanted}
+
+
+def sources_to_preview(keys: set, rows: list[dict]) -> dict[str, dict]:
+    """The pages to preview of each source, its size, and why it is not to be read at all (its rows
+    say the run refused it or could not read it)."""
+    sources: dict[str, dict] = defaultdict(lambda: {"pages": set(), "size": None, "error": None})
+    for source, page in keys:
+        sources[source]["pages"].add(_thumb_page(page))
+    for row in rows:
+        source = sources[row["source_uri"]]
+        source["size"] = row["source_size"] if row["source_size"] is not None else source["size"]
+        if row["status"] == "error" and row["stage"] in NOT_READ_STAGES:
+            source["error"] = row["error"]
+    return dict(sources)
 
 
 def _thumb_page(page: int) -> int:
@@ -264,11 +291,11 @@ def build_report(output: str, storage: StorageSpec, sample: int = 50, run_id: st
     summary = load_summary(store, run_id)  # SpecError for an empty output or an unknown run
     keys, errors_left_out = choose_pages(store, sample, run_id)
     rows = read_rows(store, keys, run_id)
-    wanted: dict[str, set[int]] = defaultdict(set)
-    for source, page in keys:
-        wanted[source].add(_thumb_page(page))
-    thumbs = thumbnails(wanted, storage, thumb_edge)
+    limits = (summary.get("run") or {}).get("limits") or {}
+    manifest_allow = (limits.get("input") or {}).get("manifest_allow") or []
+    storage = storage.updated(http_allow=tuple(manifest_allow))  # the run's policy for http(s) sources
+    thumbs = thumbnails(sources_to_preview(keys, rows), storage, thumbnail_settings(limits, thumb_edge))
     note = f"{errors_left_out} more pages with errors not shown" if errors_left_out else ""
-    title = f"Scriptorium report: {output}" + (f" (run {run_id})" if run_id else "")
+    title = f"Scriptorium report: {redact(output)}" + (f" (run {run_id})" if run_id else "")
     page = render_html(title, format_summary(summary), rows, thumbs, note)
     return page, {"pages": len(keys), "rows": len(rows), "errors_left_out": errors_left_out}

@@ -151,6 +151,8 @@ def run_job(spec: JobSpec) -> RunResult:
     output_template = spec.output.uri
     spec = spec.updated(run_id=run_id, output={"uri": output_uri_for_run(spec.output.uri, run_id)})
     ray_address(spec)  # a cluster address that cannot work fails now, not after planning
+    # Every read of the job (the listing, the workers) fetches http(s) URLs under the manifest policy.
+    spec = spec.updated(storage=spec.storage.with_manifest_policy(spec.input).model_dump())
     for role, uri in (("input", spec.input.uri), ("output", spec.output.uri)):
         unreachable = unreachable_reason(uri, spec.storage)  # in seconds, before loading anything
         if unreachable:

@@ -2,10 +2,14 @@
 
 Two views, both computed from published Parquet rows rather than from counters kept on the side:
 
-- the *run* view, from the files this run published: rows by status, task and error reason, pages and
+- the *run* view, from the rows this run id published: rows by status, task and error reason, pages and
   documents, input/output tokens, wall time, pages/s, GPU-hours (replicas x GPUs per replica x wall
   time) and, with `resources.gpu_price_per_hour` set, cost per million pages. It is written to
   `_runs/<run_id>/summary.json` when the run ends, since wall time and resources are known only then.
+  A run id resumed again is one run of several attempts: each attempt is kept in `attempts` (its
+  start, end, wall time, rows written, GPU-hours and cost), and the run's wall time, GPU-hours and cost
+  are their sums, so a resume never hides what the attempts before it cost. The run's limits (render
+  caps, input size cap, manifest policy) are kept too: `scriptorium report` renders under them.
 - the *output* view, over every published file in the output folder (all runs, after resumes and
   retries), plus the run count, total wall time and GPU-hours summed from the run summaries.
   `_summary.json` holds both as of the last run; `scriptorium summary OUTPUT` recomputes the output view.
@@ -27,6 +31,7 @@ import pyarrow.compute as pc
 
 from connectors.parquet_sink import ParquetStore
 from core.errors import SpecError
+from core.redaction import redact_uri
 
 SUMMARY_COLUMNS = ["source_uri", "page", "task", "status", "error", "stage", "n_input_tokens", "n_output_tokens", "truncated"]
 RUNS_DIR = "_runs"
@@ -125,6 +130,16 @@ def tally_files(store: ParquetStore, paths: Iterable[str]) -> dict:
     return tally.as_dict()
 
 
+def tally_run(store: ParquetStore, run_id: str) -> dict:
+    """Counts over the rows run `run_id` published, in whichever attempt and file (a file rewritten by
+    --retry-failed, an attempt killed before it could write a summary)."""
+    tally = RowTally()
+    for path in store.data_files():
+        table = store.read(path, [*SUMMARY_COLUMNS, "run_id"])
+        tally.add(table.filter(pc.fill_null(pc.equal(table["run_id"], run_id), False)).select(SUMMARY_COLUMNS))
+    return tally.as_dict()
+
+
 # -- the run view ----------------------------------------------------------------------------------
 def gpu_figures(replicas: int, gpus_per_replica: float, wall_s: float, pages: int, price_per_hour: float) -> dict:
     """GPU-hours the run held (replicas x GPUs per replica x wall time) and what they cost."""
@@ -141,30 +156,62 @@ def gpu_figures(replicas: int, gpus_per_replica: float, wall_s: float, pages: in
 
 
 def build_run_summary(store: ParquetStore, spec, result, gpus_per_replica: float) -> dict:
-    """The run view, from the files this run published. `result` is the runner's RunResult."""
-    counts = tally_files(store, result.files)
+    """The run view of one attempt, with the rows of every attempt of its run id. `result` is the
+    runner's RunResult."""
+    counts = tally_run(store, result.run_id)
     wall_s = result.wall_s
     finished = time.time()
     pages = counts["pages"]["total"]
+    gpu = gpu_figures(spec.resources.num_replicas, gpus_per_replica, wall_s, pages, spec.resources.gpu_price_per_hour)
+    started_at, finished_at = _iso(finished - wall_s), _iso(finished)
+    inputs = {"planned": result.planned_inputs, "skipped_complete": result.skipped_inputs}
     return {
         "kind": "run",
         "run_id": result.run_id,
-        "output": result.output,
+        "output": redact_uri(result.output),
         "model": spec.model.id,
         "tasks": [t.task_name for t in spec.tasks],
-        "started_at": _iso(finished - wall_s),
-        "finished_at": _iso(finished),
+        "started_at": started_at,
+        "finished_at": finished_at,
         "wall_s": round(wall_s, 3),
-        "inputs": {"planned": result.planned_inputs, "skipped_complete": result.skipped_inputs},
+        "inputs": inputs,
         **counts,
         "files": [posixpath.basename(p) for p in result.files],
-        "throughput": {
-            "pages_per_s": round(pages / wall_s, 4) if wall_s else None,
-            "output_tokens_per_s": round(counts["tokens"]["output"] / wall_s, 2) if wall_s else None,
-        },
-        "gpu": gpu_figures(spec.resources.num_replicas, gpus_per_replica, wall_s, pages,
-                           spec.resources.gpu_price_per_hour),
+        "throughput": _throughput(pages, counts["tokens"]["output"], wall_s),
+        "gpu": gpu,
+        "limits": {"render": spec.render.model_dump(),
+                   "input": {"max_size_mb": spec.input.max_size_mb, "manifest_allow": list(spec.input.manifest_allow)}},
+        "attempts": [{"started_at": started_at, "finished_at": finished_at, "wall_s": round(wall_s, 3),
+                      "inputs": inputs, "rows_written": result.rows_written, "gpu_hours": gpu["gpu_hours"],
+                      "cost": gpu["cost"]}],
     }
+
+
+def _throughput(pages: int, output_tokens: int, wall_s: float) -> dict:
+    return {
+        "pages_per_s": round(pages / wall_s, 4) if wall_s else None,
+        "output_tokens_per_s": round(output_tokens / wall_s, 2) if wall_s else None,
+    }
+
+
+def with_earlier_attempts(earlier: dict, run: dict) -> dict:
+    """`run` (an attempt's run view) as the sum of its run id's attempts: `earlier` is the summary the
+    attempts before it left. Wall time, GPU-hours and cost add up; counts are already over all of them."""
+    attempts = earlier.get("attempts") or [{  # a summary from before attempts were kept: one attempt
+        "started_at": earlier.get("started_at"), "finished_at": earlier.get("finished_at"),
+        "wall_s": earlier.get("wall_s") or 0, "inputs": earlier.get("inputs"), "rows_written": None,
+        "gpu_hours": (earlier.get("gpu") or {}).get("gpu_hours") or 0, "cost": (earlier.get("gpu") or {}).get("cost")}]
+    attempts = [*attempts, *run["attempts"]]
+    wall_s = sum(a["wall_s"] or 0 for a in attempts)
+    costs = [a["cost"] for a in attempts if a["cost"] is not None]
+    cost = round(sum(costs), 6) if costs else None
+    pages = run["pages"]["total"]
+    gpu = {**run["gpu"], "gpu_hours": round(sum(a["gpu_hours"] or 0 for a in attempts), 6), "cost": cost,
+           "cost_per_million_pages": None if cost is None or not pages else round(cost / pages * 1e6, 2)}
+    files = list(dict.fromkeys([*earlier.get("files", []), *run["files"]]))
+    return {**run, "started_at": attempts[0]["started_at"] or run["started_at"], "wall_s": round(wall_s, 3),
+            "files": files, "throughput": _throughput(pages, run["tokens"]["output"], wall_s), "gpu": gpu,
+            "attempts": attempts}
 
 
 def _iso(epoch_s: float) -> str:
@@ -195,7 +242,7 @@ def build_output_summary(store: ParquetStore, runs: list[dict] | None = None) ->
     costs = [(r.get("gpu") or {}).get("cost") for r in runs]
     return {
         "kind": "output",
-        "output": store.uri,
+        "output": redact_uri(store.uri),
         "n_files": len(files),
         "runs": [r.get("run_id") for r in runs],
         **tally_files(store, files),
@@ -206,10 +253,16 @@ def build_output_summary(store: ParquetStore, runs: list[dict] | None = None) ->
 
 
 def write_run_summary(store: ParquetStore, spec, result, gpus_per_replica: float) -> dict:
-    """At the end of a run: `_runs/<run_id>/summary.json` and `_summary.json` (this run + the output)."""
+    """At the end of a run: `_runs/<run_id>/summary.json` (with the attempts before this one, if the
+    run id was resumed) and `_summary.json` (this run + the output)."""
     run = build_run_summary(store, spec, result, gpus_per_replica)
-    store.fs.pipe_file(f"{store.root}/{RUNS_DIR}/{result.run_id}/summary.json", _dump(run))
-    runs = [r for r in read_run_summaries(store) if r.get("run_id") != run["run_id"]] + [run]
+    path = f"{store.root}/{RUNS_DIR}/{result.run_id}/summary.json"
+    summaries = read_run_summaries(store)
+    earlier = next((r for r in summaries if r.get("run_id") == result.run_id), None)
+    if earlier is not None:
+        run = with_earlier_attempts(earlier, run)
+    store.fs.pipe_file(path, _dump(run))
+    runs = [r for r in summaries if r.get("run_id") != run["run_id"]] + [run]
     latest = {"run": run, "output": build_output_summary(store, runs)}
     store.fs.pipe_file(f"{store.root}/{LATEST_FILE}", _dump(latest))
     return latest
@@ -244,7 +297,9 @@ def format_summary(summary: dict) -> str:
     lines = []
     run, output = summary.get("run"), summary.get("output")
     if run:
-        lines.append(f"run {run['run_id']}  finished {run['finished_at']}  wall {format_duration(run['wall_s'])}")
+        attempts = run.get("attempts") or []
+        lines.append(f"run {run['run_id']}  finished {run['finished_at']}  wall {format_duration(run['wall_s'])}"
+                     + (f" over {len(attempts)} attempts" if len(attempts) > 1 else ""))
         lines.append(f"  model       {run['model']}  tasks: {', '.join(run['tasks'])}")
         inputs = run["inputs"]
         lines.append(f"  inputs      {inputs['planned']} processed, {inputs['skipped_complete']} already complete")

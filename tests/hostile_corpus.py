@@ -215,3 +215,111 @@ def _png_header_only(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
+
+
+# -- bombs: files of a few kilobytes that claim gigabytes or thousands of pages -----------------------------
+SPARSE_CLAIM = 8 * 2**30  # what the sparse tar member would expand to
+DICTIONARY_VALUE = 256 * 2**20  # the one value the dictionary bomb's rows share
+DICTIONARY_ROWS = 8
+TIFF_FRAMES = 6000
+NULL_ROWS = 1_000_000
+
+
+def write_bomb_corpus(folder: Path) -> dict[str, Expected]:
+    """The four bombs, each named after what it claims, and what a run must make of each: a few error rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    png = _png_bytes()
+    (folder / "sparse_bomb.tar").write_bytes(sparse_tar_bomb(png))
+    dictionary_bomb_parquet(folder / "dictionary_bomb.parquet")
+    (folder / "frames_bomb.tiff").write_bytes(many_frame_tiff(TIFF_FRAMES))
+    null_rows_parquet(folder / "null_rows_bomb.parquet")
+    return {
+        "sparse_bomb.tar": Expected(2, 1, "sparse"),  # a good image, then the sparse member
+        "dictionary_bomb.parquet": Expected(DICTIONARY_ROWS, 0, "max_image_mb"),
+        "frames_bomb.tiff": Expected(1, 0, "max_pages"),
+        "null_rows_bomb.parquet": Expected(1, 0, "max_pages"),
+    }
+
+
+def _png_bytes() -> bytes:
+    out = io.BytesIO()
+    draw_image((120, 90), (200, 60, 30), "beside a bomb").save(out, format="PNG")
+    return out.getvalue()
+
+
+def sparse_tar_bomb(png: bytes, claimed: int = SPARSE_CLAIM) -> bytes:
+    """A 10 KB tar: `000000.png`, then `000001.png`, an old-GNU sparse member (type 'S') that stores one
+    block of data and claims `claimed` bytes: reading it would write out every byte of its holes."""
+    import tarfile
+
+    good = tarfile.TarInfo("000000.png")
+    good.size = len(png)
+    data = b"\x89PNG" + bytes(tarfile.BLOCKSIZE - 4)
+    header = bytearray(tarfile.BLOCKSIZE)
+
+    def put(offset: int, value: bytes) -> None:
+        header[offset:offset + len(value)] = value
+
+    put(0, b"000001.png")
+    put(100, b"0000644\0")
+    put(108, b"0000000\0")
+    put(116, b"0000000\0")
+    put(124, b"%011o\0" % len(data))  # bytes stored in the archive
+    put(136, b"%011o\0" % 0)
+    put(156, b"S")  # GNUTYPE_SPARSE
+    put(257, b"ustar  \0")  # the GNU magic
+    put(386, b"%011o\0" % 0 + b"%011o\0" % len(data))  # the sparse map: data at 0, holes after it
+    put(483, b"%012o" % claimed)  # the real size
+    put(148, b" " * 8)
+    put(148, b"%06o\0 " % sum(header))
+    archive = (good.tobuf(tarfile.GNU_FORMAT) + png + bytes(-len(png) % tarfile.BLOCKSIZE)
+               + bytes(header) + data + bytes(2 * tarfile.BLOCKSIZE))
+    return archive + bytes(-len(archive) % tarfile.RECORDSIZE)
+
+
+def dictionary_bomb_parquet(path: Path, value_bytes: int = DICTIONARY_VALUE, rows: int = DICTIONARY_ROWS) -> Path:
+    """A Hugging Face-style image table of a few KB whose `rows` rows share one dictionary value of
+    `value_bytes` zeros: read as a plain column, each row's cell is `value_bytes` (2 GiB in all).
+    Written from one value, dictionary-encoded, never from the rows' copies."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    value = pa.py_buffer(np.zeros(value_bytes, np.uint8))  # untouched zero pages: no memory until read
+    offsets = pa.py_buffer(np.array([0, value_bytes], np.int32))
+    dictionary = pa.Array.from_buffers(pa.binary(), 1, [None, offsets, value])
+    images = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), dictionary)
+    paths = pa.array([f"{i:06d}.png" for i in range(rows)])
+    table = pa.table({"image": pa.StructArray.from_arrays([images, paths], names=["bytes", "path"])})
+    pq.write_table(table, path, compression="zstd", dictionary_pagesize_limit=2 * value_bytes,
+                   write_statistics=False, store_schema=False)  # the schema a reader sees: plain binary
+    return path
+
+
+def null_rows_parquet(path: Path, rows: int = NULL_ROWS) -> Path:
+    """A Hugging Face-style image table of `rows` rows, every image null: about 2 KB."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.nulls(rows, image)}), path, compression="zstd")
+    return path
+
+
+def many_frame_tiff(frames: int) -> bytes:
+    """A TIFF of `frames` frames of one 8-bit gray pixel each (116 bytes a frame), written by hand:
+    Pillow takes minutes to save thousands of frames."""
+    tags = [(256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, None), (277, 3, 1),
+            (278, 3, 1), (279, 4, 1)]  # width, height, bits, no compression, black is zero, strip, ...
+    out = bytearray(b"II*\0\0\0\0\0")
+    next_pointer = 4  # where the offset of the next frame's directory goes
+    for _ in range(frames):
+        pixel_at = len(out)
+        out += b"\x80\0"  # the frame's pixel, padded to a word
+        out[next_pointer:next_pointer + 4] = struct.pack("<I", len(out))
+        out += struct.pack("<H", len(tags))
+        for tag, kind, value in tags:
+            out += struct.pack("<HHII", tag, kind, 1, pixel_at if value is None else value)
+        next_pointer = len(out)
+        out += b"\0\0\0\0"  # no next directory, until the next frame's
+    return bytes(out)

@@ -204,8 +204,10 @@ def test_a_file_that_keeps_stalling_the_renderer_is_given_up_with_a_row_per_page
 
 
 # -- the whole corpus through `scriptorium run` ----------------------------------------------------------
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(720)
 def test_a_run_over_the_hostile_corpus_exits_zero_and_accounts_for_every_page(corpus, tiny_model, tmp_path):
+    """Then `scriptorium report` over it renders every error page's thumbnail under the run's limits: the
+    page that stalls MuPDF is killed at the run's hard limit (2 s soft, 5 s hard) instead of hanging."""
     folder, expected = corpus
     output = tmp_path / "out"
     job = tmp_path / "hostile.toml"
@@ -232,6 +234,14 @@ def test_a_run_over_the_hostile_corpus_exits_zero_and_accounts_for_every_page(co
         assert sum(r["status"] == "ok" for r in got) == want.ok, (name, {r["error"] for r in got})
         assert all(r["stage"] in STAGES and r["error"] for r in got if r["status"] == "error"), name
     assert len(rows) == sum(w.pages for w in expected.values())
+
+    report = tmp_path / "review.html"
+    review = run_cli("report", str(output), "--html", str(report), timeout=240)
+    assert review.returncode == 0, review.stderr[-3000:]
+    cards = report.read_text().split('<section class="page">')
+    (bomb_page,) = [card for card in cards if "xobject_bomb.pdf &middot; page 1 of 3" in card]
+    assert "no preview:" in bomb_page and "longer than" in bomb_page, bomb_page[:600]
+    assert any("data:image/jpeg;base64," in card for card in cards)  # the pages that render have thumbnails
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "CMYK", "RGB"])

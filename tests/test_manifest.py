@@ -137,3 +137,16 @@ def test_include_exclude_apply_to_manifest_entries(s3_server, documents):
     rows = list_inputs(InputSpec(uri=f"s3://{bucket}/lists/all.txt", manifest=True, exclude=["a.*", "*.png"]),
                        StorageSpec(endpoint_url=s3_server.endpoint))
     assert [r["source_uri"] for r in rows] == [f"s3://{bucket}/docs/b.pdf"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.txt", "caf\xe9/menu.pdf\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 3): save it as UTF-8"),
+    ("huge_field.csv", b"uri,question\na.pdf,\"" + b"?" * 200_000 + b"\"\n", "cannot be read: Error: field larger than"),
+])
+def test_a_manifest_that_cannot_be_read_is_one_line_and_exit_2(tiny_model, tmp_path, name, content, message):
+    from tests.conftest import one_line_error, run_cli
+
+    (tmp_path / name).write_bytes(content)
+    proc = run_cli("run", "--input", str(tmp_path / name), "--manifest", "--output", str(tmp_path / "out"),
+                   "--task", "ocr", "--model", str(tiny_model), timeout=300)
+    one_line_error(proc, f"manifest {tmp_path / name}", message)

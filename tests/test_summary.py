@@ -194,3 +194,56 @@ def test_whole_document_rows_count_for_documents_but_not_as_pages():
     assert counts["documents"] == {"total": 1, "with_errors": 1}
     assert counts["rows"]["truncated"] == 1 and counts["tokens"]["output"] == 12
     assert counts["errors_by_reason"] == {"generate: generate failed: OutOfMemoryError": 1}
+
+
+def test_attempts_of_one_run_id_add_up_in_its_summary(known_run, tmp_path):
+    """The known run's rows summarized as two attempts of one run id, as if the first held 2 GPUs for
+    1.5 hours and the resumed one for half an hour: wall time, GPU-hours and cost are the sums, and each
+    attempt keeps its own figures."""
+    import shutil
+
+    from connectors.parquet_sink import ParquetStore
+    from jobs.summary import format_summary, write_run_summary
+
+    output = tmp_path / "copy"
+    shutil.copytree(known_run["output"], output)
+    shutil.rmtree(output / "_runs" / "first")  # the real run's summary: these two attempts replace it
+    result, spec = known_run["first"], known_run["spec"].updated(resources={"num_replicas": 2})
+    store = ParquetStore(str(output))
+    write_run_summary(store, spec, type(result)(**{**result.__dict__, "wall_s": 5400.0}), gpus_per_replica=1.0)
+    resumed = type(result)(**{**result.__dict__, "wall_s": 1800.0, "rows_written": 0, "files": []})
+    latest = write_run_summary(store, spec, resumed, gpus_per_replica=1.0)
+
+    run = json.loads((output / "_runs" / "first" / "summary.json").read_text())
+    assert run == latest["run"]
+    assert [(a["wall_s"], a["gpu_hours"], a["cost"]) for a in run["attempts"]] == [(5400.0, 3.0, 9.0), (1800.0, 1.0, 3.0)]
+    assert (run["wall_s"], run["gpu"]["gpu_hours"], run["gpu"]["cost"]) == (7200.0, 4.0, 12.0)
+    assert run["rows"]["total"] == 18 and run["files"] == known_run["first"].summary["run"]["files"]  # every row of "first"
+    assert latest["output"]["gpu_hours_total"] == pytest.approx(4.0)  # "second" held no GPU
+    assert "over 2 attempts" in format_summary(latest)
+
+
+def test_a_resumed_run_id_keeps_the_attempt_before_it(tiny_model, tmp_path, ray_local):
+    """`run_id = "nightly"` run, then run again after a new file arrived: one run of two attempts,
+    counting the rows of both, its wall time the sum of theirs."""
+    from core.spec import JobSpec, spec_from_dict
+    from jobs.runner import run_job
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    make_image(inputs / "a.png")
+
+    def spec() -> JobSpec:
+        return spec_from_dict({"run_id": "nightly", "input": {"uri": str(inputs)}, "output": {"uri": str(tmp_path / "out")},
+                               "model": {"id": str(tiny_model), "device": "cpu"},
+                               "tasks": [{"kind": "ocr", "max_new_tokens": 2}]})
+
+    first = run_job(spec()).summary["run"]
+    make_image(inputs / "b.png", color=(200, 30, 30))
+    second = run_job(spec()).summary["run"]
+
+    assert [a["rows_written"] for a in second["attempts"]] == [1, 1]
+    assert second["attempts"][0] == first["attempts"][0]
+    assert second["wall_s"] == pytest.approx(sum(a["wall_s"] for a in second["attempts"]), abs=0.01)
+    assert second["rows"]["total"] == 2 and second["started_at"] == first["started_at"]
+    assert len(second["files"]) == 2

@@ -4,7 +4,7 @@ PDF pages are rendered with PyMuPDF straight at the size the model needs (the re
 `longest_edge`), rather than rendered big and shrunk. Images are decoded with Pillow and converted to RGB
 with the transformers reference semantics (transparency composited onto white; 16-bit scans scaled to
 8 bits rather than clipped); every frame of a multi-frame TIFF is a page. Sizes are checked before
-anything is allocated (decompression bombs, giant page boxes). Each page has a soft time limit here
+anything is allocated (decompression bombs, giant page boxes, more TIFF frames than `max_pages`). Each page has a soft time limit here
 (SIGALRM); the hard one is the sandbox's (sandbox.py), which kills the process rendering the page.
 
 This module runs in the render sandbox's child process, so it imports only numpy, PyMuPDF and Pillow.
@@ -104,11 +104,12 @@ def _render_page(doc, number: int, settings: RenderSpec) -> dict:
 
 
 class ImageDocument:
-    """A decoded image header; its frames (one, or every frame of a multi-frame TIFF) decode one at a time."""
+    """A decoded image header; its frames (one, or every frame of a multi-frame TIFF) decode one at a time.
+    `all_frames=False` takes the first frame only (a shard's image is one sample), without counting them."""
 
     what = "decoding frame"
 
-    def __init__(self, data: bytes, settings: RenderSpec):
+    def __init__(self, data: bytes, settings: RenderSpec, all_frames: bool = True):
         from PIL import Image, UnidentifiedImageError
 
         with warnings.catch_warnings():
@@ -125,8 +126,14 @@ class ImageDocument:
         except PageError:
             self.close()
             raise
-        # Animated GIF/WebP: the first frame is the image. TIFF: every frame is a page.
-        self.n_pages = getattr(self.image, "n_frames", 1) if self.image.format == "TIFF" else 1
+        # Animated GIF/WebP: the first frame is the image. TIFF: every frame is a page. Counting frames
+        # reads every frame's header (not its pixels): a file of a few hundred KB can hold thousands.
+        self.n_pages = 1
+        if all_frames and self.image.format == "TIFF":
+            self.n_pages = getattr(self.image, "n_frames", 1)
+            if self.n_pages > settings.max_pages:
+                self.close()
+                raise PageError(f"TIFF has {self.n_pages} frames, more than render.max_pages={settings.max_pages}")
 
     def _check_size(self) -> None:
         width, height = self.image.size
@@ -207,7 +214,11 @@ def render_one(document: PdfDocument | ImageDocument, number: int, settings: Ren
 
 def local_frames(kind: str, data: bytes, settings: RenderSpec, skip: set[int]) -> Iterator[dict]:
     """Every page not in `skip`, rendered in this process. Raises PageError if the file cannot be opened."""
-    document = open_document(kind, data, settings)
+    yield from frames_of(open_document(kind, data, settings), settings, skip)
+
+
+def frames_of(document, settings: RenderSpec, skip: set[int]) -> Iterator[dict]:
+    """Every page of an open document not in `skip`, rendered in this process; the document is closed after."""
     try:
         for number in range(document.n_pages):
             if number not in skip:
@@ -217,5 +228,7 @@ def local_frames(kind: str, data: bytes, settings: RenderSpec, skip: set[int]) -
 
 
 def describe(exc: Exception) -> str:
+    if isinstance(exc, MemoryError):  # in the renderer: over render.max_memory_mb (sandbox.py)
+        return f"out of memory ({exc})" if str(exc) else "out of memory"
     text = str(exc) or type(exc).__name__
     return text if len(text) < 500 else text[:500] + "..."

@@ -1,4 +1,5 @@
-"""The render sandbox: pages are rendered in a child process, under a hard time limit.
+"""The render sandbox: files are opened and pages rendered in a child process, under a hard time limit
+and a memory limit.
 
 MuPDF renders a page in one C call that holds the GIL until it returns, so neither SIGALRM nor a
 watchdog thread can stop it: a PDF of a few kilobytes whose form XObjects each draw the next one
@@ -9,10 +10,17 @@ is killed and a child that dies is noticed; either way that page becomes an erro
 reopens the document and rendering goes on with the next page. After MAX_LOST_PAGES such pages in
 one document, its remaining pages become error rows too, so a file built to stall costs bounded time.
 
+Memory: a shard's index is parsed here too (shards.py, through sources.py), and the child's address
+space is capped (RLIMIT_AS) at what its libraries map once started plus `render.max_memory_mb`, so a
+file that expands past it fails an allocation in the child (an error row: "out of memory") or, where a
+library cannot recover, ends the child, which is noticed like any crash. A file larger than the limit
+is not sent at all. The worker never holds more than the file's own bytes.
+
 Protocol: pickled tuples over a socket pair, one request and then its answer.
-    child, once started              -> ("ready",)
-    ("open", kind, data, settings)   -> ("opened", n_pages) | ("failed", reason)
-    ("page", number)                 -> ("page", frame)    frame: page, n_pages, and pixels or error
+    child, once started                    -> ("ready",)
+    ("open", kind, settings), then the file's bytes as one message
+                                           -> ("opened", n_pages, what) | ("failed", reason)
+    ("page", number)                       -> ("page", frame)    frame: page, n_pages, and pixels or error
 """
 
 from __future__ import annotations
@@ -29,10 +37,15 @@ from typing import Iterator
 
 from core.errors import PageError
 from core.spec import RenderSpec
-from pipeline.render import decoders
+from pipeline.render import decoders, sources
 
 MAX_LOST_PAGES = 3  # pages of one document that may hang or crash the child before the rest is given up
 STARTUP_LIMIT_S = 300.0  # importing PyMuPDF and Pillow on a busy node
+OUT_OF_MEMORY_EXIT = 3  # the child's exit status when an allocation failed where it could not answer
+# The child's allocators, set so that its address space is close to what it uses: pyarrow's default
+# allocator reserves a gigabyte up front, each glibc malloc arena 64 MiB, and glibc keeps freed blocks
+# of up to 32 MiB in its heap unless large blocks are always mapped (and so unmapped when freed).
+CHILD_ENVIRONMENT = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def hard_limit_s(settings: RenderSpec) -> float:
@@ -70,6 +83,7 @@ class RenderSandbox:
             [sys.executable, "-m", "pipeline.render.sandbox", str(theirs.fileno()), str(os.getpid())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **CHILD_ENVIRONMENT},
         )
         theirs.close()
         self._connection = Connection(ours.detach())
@@ -94,11 +108,13 @@ class RenderSandbox:
             self._connection.close()
         self._process, self._connection, self._document = None, None, None
 
-    def _ask(self, request: tuple, limit_s: float, what: str) -> tuple:
+    def _ask(self, request: tuple, limit_s: float, what: str, data: bytes | None = None) -> tuple:
         if self._process is None:
             self._start()
         try:
             self._connection.send(request)
+            if data is not None:  # as is, not pickled: no second copy of a large file in this process
+                self._connection.send_bytes(data)
         except OSError:
             pass  # the child is gone: _receive says how
         return self._receive(limit_s, what)
@@ -115,22 +131,24 @@ class RenderSandbox:
             raise ChildLost(f"{what} crashed the renderer ({_exit_reason(code)})") from None
 
     # -- documents --------------------------------------------------------------------------------
-    def _open(self, kind: str, data: bytes, settings: RenderSpec, token: object) -> int:
+    def _open(self, kind: str, data: bytes, settings: RenderSpec, token: object) -> tuple[int, str]:
+        """(pages, what rendering one is called) of the file, now open in the child."""
+        if 0 < settings.max_memory_mb * 2**20 < len(data):
+            raise PageError(f"file is {len(data)} bytes, more than the renderer's render.max_memory_mb={settings.max_memory_mb}")
         try:
-            answer = self._ask(("open", kind, data, settings), hard_limit_s(settings), "opening the file")
+            answer = self._ask(("open", kind, settings), hard_limit_s(settings), "opening the file", data)
         except ChildLost as exc:
             raise PageError(str(exc)) from None
         if answer[0] == "failed":
             raise PageError(answer[1])
         self._document = token
-        return answer[1]
+        return answer[1], answer[2]
 
     def frames(self, kind: str, data: bytes, settings: RenderSpec, skip: set[int]) -> Iterator[dict]:
-        """Every page not in `skip`, as `decoders.local_frames` gives them, but safe from hangs and crashes.
-        Raises PageError if the file cannot be opened."""
+        """Every page not in `skip`, as `sources.source_frames` gives them, but safe from hangs, crashes and
+        memory bombs. Raises PageError if the file cannot be opened."""
         token = object()
-        n_pages = self._open(kind, data, settings, token)
-        what = "rendering page" if kind == "pdf" else "decoding frame"
+        n_pages, what = self._open(kind, data, settings, token)
 
         def the_rest(first: int, reason: str) -> Iterator[dict]:
             return ({"page": p, "n_pages": n_pages, "error": reason} for p in range(first, n_pages) if p not in skip)
@@ -158,6 +176,8 @@ class RenderSandbox:
 
 
 def _exit_reason(code: int | None) -> str:
+    if code == OUT_OF_MEMORY_EXIT:
+        return "out of memory: over render.max_memory_mb"
     if code is not None and code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
@@ -198,12 +218,41 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
+def _address_space() -> int | None:
+    """This process's mapped address space in bytes (Linux), what RLIMIT_AS counts."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _limit_memory(baseline: int | None, megabytes: int) -> None:
+    """Cap the address space at `baseline` (the libraries, mapped once started) + `megabytes` (0: no
+    cap). Only the soft limit: the next document may have another setting."""
+    import resource
+
+    if baseline is None:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = baseline + megabytes * 2**20 if megabytes > 0 else hard
+    resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
 def serve(fd: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     decoders._import_renderers()  # once, before saying ready: time limits then measure rendering only
+    baseline = _address_space()
 
     connection = Connection(fd)
     connection.send(("ready",))
+    try:
+        _serve_requests(connection, baseline)
+    except MemoryError:  # where no answer could be made (receiving a file): the parent reports it
+        os._exit(OUT_OF_MEMORY_EXIT)
+
+
+def _serve_requests(connection: Connection, baseline: int | None) -> None:
     document, settings = None, None
     while True:
         try:
@@ -214,10 +263,12 @@ def serve(fd: int, parent_pid: int) -> None:
             if document is not None:
                 document.close()
                 document = None
-            _, kind, data, settings = request
+            _, kind, settings = request
+            _limit_memory(baseline, settings.max_memory_mb)  # before the file's bytes arrive: they count
+            data = connection.recv_bytes()
             try:
-                document = decoders.open_document(kind, data, settings)
-                connection.send(("opened", document.n_pages))
+                document = sources.open_source(kind, data, settings)
+                connection.send(("opened", document.n_pages, document.what))
             except PageError as exc:
                 connection.send(("failed", str(exc)))
             except Exception as exc:

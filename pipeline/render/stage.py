@@ -1,7 +1,7 @@
 """The render stage: planned inputs in, one row per page out (errors included), a few pages at a time.
 
 Each planned input is read (or taken from the row's `data`, when a caller hands bytes instead of a URI),
-opened by its kind's decoder (decoders.py; shards.py for tar and Parquet shards of images) in the render
+opened by its kind's decoder (sources.py: decoders.py, or shards.py for tar and Parquet shards of images) in the render
 sandbox (sandbox.py), and its pages that are not done yet come out as rows. Whatever goes wrong with one
 input becomes error rows for it, and every page owed ends as exactly one row. For tasks with scope =
 "document" the stage also builds each document's multi-image row (documents.py).
@@ -16,14 +16,14 @@ import pyarrow as pa
 
 from connectors.storage import read_bytes, redact
 from core.errors import PageError
-from core.kinds import IMAGE_EXTENSIONS, KINDS, SHARD_KINDS
+from core.kinds import IMAGE_EXTENSIONS, KINDS
 from core.schema import PAGE_SCHEMA, PLAN_SCHEMA, SOURCE_COLUMNS, table_from_rows
 from core.spec import RenderSpec, StorageSpec
 from core.units import units_by_page
-from pipeline.render.decoders import describe, local_frames
+from pipeline.render.decoders import describe
 from pipeline.render.documents import with_document_row
 from pipeline.render.sandbox import SandboxUnavailable, sandbox_for_this_thread
-from pipeline.render.shards import shard_frames
+from pipeline.render.sources import source_frames
 
 log = logging.getLogger("scriptorium")
 
@@ -61,22 +61,23 @@ def pages_of(plan_row: dict, settings: RenderSpec, storage: StorageSpec) -> Iter
                   f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
         yield from whole_file_failed(reason, "list")
         return
+    size, memory_limit = plan_row.get("size"), settings.max_memory_mb * 2**20
+    if size and 0 < memory_limit < size:  # the renderer holds a file whole: not worth reading
+        yield from whole_file_failed(f"file is {size} bytes, more than render.max_memory_mb={settings.max_memory_mb}: "
+                                     "too large to render", "read")
+        return
     try:
         data = plan_row.get("data")
-        if data is None:
-            data = read_bytes(plan_row["source_uri"], storage)
+        if data is None:  # a signed URL's query string is in `fetch_uri` only, never in `source_uri`
+            data = read_bytes(plan_row.get("fetch_uri") or plan_row["source_uri"], storage)
     except Exception as exc:
         yield from whole_file_failed(redact(f"cannot read: {describe(exc)}"), "read")
         return
     stage = "render" if kind == "pdf" else "decode"
-    frames = isolated_frames if settings.sandbox else local_frames
+    frames = isolated_frames if settings.sandbox else source_frames
     n_pages, emitted = None, set()
     try:
-        if kind in SHARD_KINDS:  # each image in it is a page, decoded as an image file is
-            source_frames = shard_frames(kind, data, settings, skip, image_frames=frames)
-        else:
-            source_frames = frames(kind, data, settings, skip)
-        for frame in source_frames:
+        for frame in frames(kind, data, settings, skip):
             n_pages = frame["n_pages"]
             if frame["page"] in emitted:
                 continue  # never two rows for one page
@@ -98,7 +99,7 @@ def pages_of(plan_row: dict, settings: RenderSpec, storage: StorageSpec) -> Iter
 
 
 def isolated_frames(kind: str, data: bytes, settings: RenderSpec, skip: set[int]) -> Iterator[dict]:
-    """`local_frames`, but rendered in this thread's sandbox process (sandbox.py)."""
+    """`source_frames`, but rendered in this thread's sandbox process (sandbox.py)."""
     sandbox = sandbox_for_this_thread()
     try:
         sandbox.ensure_started()
@@ -106,7 +107,7 @@ def isolated_frames(kind: str, data: bytes, settings: RenderSpec, skip: set[int]
         if not sandbox.warned:
             log.warning("rendering in-process, without a hard time limit: %s", exc)
             sandbox.warned = True
-        return local_frames(kind, data, settings, skip)
+        return source_frames(kind, data, settings, skip)
     return sandbox.frames(kind, data, settings, skip)
 
 
