@@ -11,7 +11,7 @@ TOML layout (every key optional except where a run needs it):
     [output]     uri = "s3://bucket/results/"           rows_per_file = 2000
     [storage]    endpoint_url = "http://minio:9000"     region = "us-east-1"  profile = "..."  anon = false
     [model]      id = "HuggingFaceM4/idefics2-8b"       dtype = "bf16"  attn_implementation = "sdpa"
-    [render]     longest_edge = 980                     timeout_s = 60
+    [render]     dpi = 300  (or longest_edge = 1960)    timeout_s = 60
     [resources]  num_replicas = 1                       gpus_per_replica = 1  batch_size = 0 (auto)
     [[tasks]]    kind = "ocr"                           max_new_tokens = 512
     [[tasks]]    kind = "qa"  questions = ["What is the title?"]
@@ -92,9 +92,12 @@ class ModelSpec:
 
 @dataclass
 class RenderSpec:
-    # PDF pages are rendered so their longest edge is this many pixels (0: the processor's longest_edge),
-    # which is all the model will see, instead of rendering big and shrinking.
+    # How large PDF pages are rendered (images are never resized here). Neither set: at what the model can
+    # use, twice the processor's longest_edge with image splitting, the longest_edge without, and a
+    # scanned page at no more than its scan's own resolution (pipeline/render_size.py). Either one set:
+    # every page so its longest edge is `longest_edge` pixels, or at `dpi` dots per inch of its page box.
     longest_edge: int = 0
+    dpi: float = 0
     max_pixels: int = 40_000_000  # decoded images larger than this are refused (decompression bombs)
     max_pages: int = 5000  # a document with more pages than this is refused: one error row
     timeout_s: float = 60.0  # per page; past 1.5x + 2 s the rendering process is killed (pipeline/sandbox.py)
@@ -212,6 +215,7 @@ class JobSpec:
                 raise SpecError(f"two tasks are named {task.task_name!r}: give one a distinct name = \"...\"")
             names.add(task.task_name)
         _check_choice("routing.ocr_engine", self.routing.ocr_engine, OCR_ENGINES)
+        _check_render_size(self.render)
         if self.resources.num_replicas < 1:
             raise SpecError("resources.num_replicas must be >= 1")
         for budget in ("batch_size", "max_batch_pixels", "max_batch_tokens"):
@@ -243,6 +247,14 @@ def _check_task_shape(task: TaskSpec) -> None:
         if unknown:
             raise SpecError(f"task {task.task_name!r}: unknown example key(s) {', '.join(sorted(unknown))}; "
                             f"known: {', '.join(EXAMPLE_KEYS)}")
+
+
+def _check_render_size(render: RenderSpec) -> None:
+    if render.longest_edge < 0 or render.dpi < 0:
+        raise SpecError("render.longest_edge and render.dpi must be >= 0 (0: the model decides)")
+    if render.longest_edge and render.dpi:
+        raise SpecError(f"render.longest_edge = {render.longest_edge} and render.dpi = {render.dpi:g} both size "
+                        "PDF pages: set one of them")
 
 
 def _check_model_options(model: ModelSpec) -> None:

@@ -19,9 +19,10 @@ import ray
 from connectors.storage import StorageOptions
 from jobs.spec import JobSpec
 from pipeline.generate import Idefics2Generator
-from pipeline.pages import RenderPages, RenderSettings
+from pipeline.pages import RenderPages
 from pipeline.preprocess import ImageSettings, PreprocessPages
 from pipeline.prompts import PromptBook, document_window
+from pipeline.render_size import render_settings
 from pipeline.routes import RoutedResults, RoutePages
 
 
@@ -53,12 +54,7 @@ def build_dataset(
     dedup_registry=None,
 ) -> ray.data.Dataset:
     res = stage_resources(spec)
-    render = RenderSettings(
-        longest_edge=spec.render.longest_edge or image_settings.longest_edge,
-        max_pixels=spec.render.max_pixels,
-        max_pages=spec.render.max_pages,
-        timeout_s=spec.render.timeout_s,
-    )
+    render = render_settings(spec.render, image_settings)  # what the model can use (render_size.py)
     # A plan file holds up to 200 documents and Ray Data runs one task per block, so without this a job
     # of fewer than 200 documents would render on a single core. Blocks of a few documents let every
     # CPU in the cluster render; the repartition streams.

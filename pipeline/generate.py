@@ -26,10 +26,11 @@ from pipeline.collate import batch_by_shape
 from pipeline.crash_journal import journal_for_this_replica, unit_key
 from pipeline.degenerate import is_degenerate
 from pipeline.image_features import encode_crops, generate_kwargs
-from pipeline.preprocess import ImageSettings, unpack_crops
+from pipeline.preprocess import ImageSettings
 from pipeline.prompts import PromptBook, PromptPlan
 from pipeline.routes import page_result, routed_rows
 from pipeline.schema import RESULT_SCHEMA, table_from_rows
+from pipeline.transit import decompress_crops
 
 log = logging.getLogger("scriptorium")
 
@@ -164,7 +165,7 @@ class Idefics2Generator:
         for page in pages.to_pylist():
             crops = None
             if page["status"] == "ok" and page.get("pixels") is not None:
-                crops = unpack_crops(page.pop("pixels"), page.pop("crop_shapes"))
+                crops = decompress_crops(page.pop("pixels"), page.pop("crop_shapes"))
             n_page_images = len(page.get("image_shapes") or [None])  # a document row shows several pages
 
             def to_generate(task, question, page=page, crops=crops, n_page_images=n_page_images):

@@ -1,7 +1,8 @@
 """Pages: read each planned input and turn it into one row per page.
 
-PDF pages are rendered with PyMuPDF straight at the size the model needs (longest edge = the processor's
-`longest_edge`), rather than rendered big and shrunk. Images are decoded with Pillow and converted to RGB
+PDF pages are rendered with PyMuPDF straight at the size the model can use (pipeline/render_size.py decides
+it: twice the processor's `longest_edge` with image splitting, never more than a scan's own pixels),
+rather than rendered big and shrunk. Images are decoded with Pillow and converted to RGB
 with the transformers reference semantics (transparency composited onto white; 16-bit scans scaled to
 8 bits rather than clipped); every frame of a multi-frame TIFF is a page, and every image of a tar or
 Parquet shard (pipeline/shards.py).
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from connectors.storage import StorageOptions, read_bytes, redact
+from pipeline.render_size import page_pixel_size
 from pipeline.schema import PAGE_SCHEMA, SOURCE_COLUMNS, table_from_rows
 
 log = logging.getLogger("scriptorium")
@@ -56,7 +58,9 @@ class PageError(Exception):
 
 @dataclass(frozen=True)
 class RenderSettings:
-    longest_edge: int = 980
+    longest_edge: int = 980  # a PDF page's longest edge in pixels...
+    dpi: float = 0  # ...or, when > 0, this many pixels per inch of its page box
+    scans_at_own_resolution: bool = False  # a scanned page at most at its scan's resolution (render_size.py)
     max_pixels: int = 40_000_000
     max_pages: int = 5000
     timeout_s: float = 60.0  # per page, and for opening a file; 0 = no limit
@@ -91,7 +95,7 @@ def time_limit(seconds: float, what: str):
 
 
 class PdfDocument:
-    """An open PDF whose pages are rendered one at a time, at most `longest_edge` pixels long."""
+    """An open PDF whose pages are rendered one at a time, at the size `page_pixel_size` gives."""
 
     what = "rendering page"
 
@@ -128,9 +132,7 @@ def _render_page(doc, number: int, settings: RenderSettings) -> dict:
     rect = page.rect
     if not (rect.width > 0 and rect.height > 0):
         raise PageError(f"page has an empty page box ({rect.width}x{rect.height})")
-    # Scale so the longest edge is exactly the target; never from the page box's own claims.
-    zoom = settings.longest_edge / max(rect.width, rect.height)
-    width, height = max(1, round(rect.width * zoom)), max(1, round(rect.height * zoom))
+    width, height = page_pixel_size(page, settings)
     matrix = pymupdf.Matrix(width / rect.width, height / rect.height)
     pix = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
     array = np.frombuffer(pix.samples, dtype=np.uint8).reshape(pix.height, pix.width, pix.n)

@@ -5,8 +5,8 @@ crops plus the original (split first, at full resolution), resize each with bili
 `longest_edge`/`shortest_edge` rule, rescale to [0, 1], normalize, then pad the batch and build an int64
 mask. This stage does the expensive, per-page part (split + resize) and stops there: its uint8 crops are
 exactly what the reference resized, so the actor's rescale/normalize/pad (see `collate.py`) reproduces
-the reference tensors bit for bit, while 4-10x fewer bytes cross the object store
-(`tests/test_preprocess_fidelity.py` holds it to that).
+the reference tensors bit for bit, while far fewer bytes cross the object store: uint8 instead of float32,
+compressed losslessly (`transit.py`; `tests/test_preprocess_fidelity.py` holds it to that).
 
 Everything above `PreprocessPages` needs only numpy and Pillow, so `bench/gpu.py` can drive the same
 code on a GPU machine that has torch and transformers but neither Ray nor pyarrow.
@@ -100,10 +100,6 @@ def crop_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
             (mid_w, mid_h, width, height), (0, 0, width, height)]
 
 
-def pack_crops(crops: list[np.ndarray]) -> tuple[bytes, list[list[int]]]:
-    return b"".join(np.ascontiguousarray(c).tobytes() for c in crops), [[c.shape[0], c.shape[1]] for c in crops]
-
-
 def unpack_crops(pixels: bytes, shapes: list[list[int]]) -> list[np.ndarray]:
     buffer = np.frombuffer(pixels, dtype=np.uint8)
     crops, offset = [], 0
@@ -115,7 +111,7 @@ def unpack_crops(pixels: bytes, shapes: list[list[int]]) -> list[np.ndarray]:
 
 
 class PreprocessPages:
-    """Ray Data step: page rows in, rows with packed uint8 crops out (errors pass through)."""
+    """Ray Data step: page rows in, rows with their uint8 crops compressed (transit.py) out; errors pass through."""
 
     def __init__(self, settings: ImageSettings):
         self.settings = settings
@@ -123,6 +119,7 @@ class PreprocessPages:
     def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
         from pipeline.pages import page_images
         from pipeline.schema import PREPROCESSED_SCHEMA, table_from_rows
+        from pipeline.transit import compress_crops
 
         rows = []
         for row in pages.to_pylist():
@@ -134,7 +131,7 @@ class PreprocessPages:
                     # A document row's images one after the other, in page order: the prompt's order.
                     images = page_images({**row, "image": image_bytes})
                     crops = [crop for image in images for crop in model_crops(image, self.settings)]
-                    row["pixels"], row["crop_shapes"] = pack_crops(crops)
+                    row["pixels"], row["crop_shapes"] = compress_crops(crops)
                 except Exception as exc:
                     row.update(status="error", error=f"preprocess failed: {exc}", stage="preprocess")
             rows.append(row)

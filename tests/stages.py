@@ -14,10 +14,11 @@ import pyarrow as pa
 
 from connectors.storage import StorageOptions
 from jobs.runner import open_model_config
-from jobs.spec import JobSpec, ModelSpec, TaskSpec
-from pipeline.pages import RenderPages, RenderSettings
+from jobs.spec import JobSpec, ModelSpec, RenderSpec, TaskSpec
+from pipeline.pages import RenderPages
 from pipeline.preprocess import ImageSettings, PreprocessPages
 from pipeline.prompts import PromptBook, document_window, load_examples, resolve_prompt_format
+from pipeline.render_size import render_settings
 from pipeline.routes import DedupJoin, RoutedResults, RoutePages
 from pipeline.schema import PLAN_SCHEMA, table_from_rows
 
@@ -56,7 +57,7 @@ def concat(tables) -> pa.Table:
 
 def preprocessed(settings: ImageSettings, plan_rows: list[dict]) -> pa.Table:
     """Page rows of `plan_rows` as the model stage receives them: rendered, then preprocessed."""
-    render = RenderPages(RenderSettings(longest_edge=settings.longest_edge), StorageOptions())
+    render = RenderPages(render_settings(RenderSpec(), settings), StorageOptions())
     return concat(PreprocessPages(settings)(concat(render(table_from_rows(plan_rows, PLAN_SCHEMA)))))
 
 
@@ -68,7 +69,7 @@ def run_stages(spec: JobSpec, plan_rows: list[dict], registry=None) -> list[dict
         processor, settings = None, ImageSettings()
     book = PromptBook(spec.tasks, resolve_prompt_format(processor, spec.model.prompt_format),
                       load_examples(spec.tasks, settings))
-    render = RenderPages(RenderSettings(longest_edge=settings.longest_edge), StorageOptions(),
+    render = RenderPages(render_settings(spec.render, settings), StorageOptions(),
                          document_window=document_window(spec.tasks),
                          page_rows=any(t.scope == "page" for t in spec.tasks))
     pages = concat(render(table_from_rows(plan_rows, PLAN_SCHEMA)))

@@ -49,3 +49,16 @@ def test_preprocess_bench_reports_exact_crops_and_both_targets():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "equal the reference tensors exactly: yes" in done.stdout
     assert results_of(done.stdout) == {"preprocess_pages_per_core": "pages/s", "bytes_per_page": "MB"}
+
+
+def test_legibility_bench_reads_the_models_crops_with_tesseract():
+    from pipeline.routes import tessdata_path
+
+    try:
+        tessdata_path()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    done = run_bench("bench/legibility.py", "--sizes", "9")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "today (render at 980, then split)" in done.stdout
+    assert results_of(done.stdout) == {"legibility_cer": "ratio"}

@@ -15,8 +15,11 @@ from PIL import Image
 from tests.conftest import make_image, make_pdf
 from connectors.storage import StorageOptions
 from jobs.spec import TaskSpec
-from pipeline.pages import RenderSettings, page_image, pages_of
+from jobs.spec import RenderSpec
+from pipeline.pages import page_image, pages_of
+from pipeline.preprocess import ImageSettings
 from pipeline.prompts import DOCUMENT_PAGE
+from pipeline.render_size import render_settings
 from tests.stages import job, plan_row, run_stages
 
 
@@ -80,8 +83,10 @@ def three_pages(tmp_path_factory):
     return make_pdf(path, ["Annual report 2024\nTitle page", "Revenue grew by 12 percent.", "Appendix: tables"])
 
 
-def rendered_pages(path, longest_edge: int) -> list[Image.Image]:
-    rows = pages_of(plan_row(path), RenderSettings(longest_edge=longest_edge), StorageOptions())
+def rendered_pages(path, processor) -> list[Image.Image]:
+    """The pages as the pipeline renders them for this processor (twice its longest edge: it splits)."""
+    settings = render_settings(RenderSpec(), ImageSettings.from_processor(processor))
+    rows = pages_of(plan_row(path), settings, StorageOptions())
     return [Image.fromarray(page_image(row)) for row in rows]
 
 
@@ -93,7 +98,8 @@ def test_document_prompt_shows_the_first_pages_in_order(split_model, reference, 
     [row] = rows  # one row per document, no page rows: no task works per page
     assert row["page"] == DOCUMENT_PAGE and row["n_pages"] == 3 and row["status"] == "ok"
     assert row["prompt"] == "User:<image><image>What is this?<end_of_utterance>\nAssistant:"
-    page_0, page_1, _ = rendered_pages(three_pages, 448)
+    page_0, page_1, _ = rendered_pages(three_pages, reference[0])
+    assert max(page_0.size) == 2 * 448
     assert_same_inputs(model_inputs[0], reference, row["prompt"], [page_0, page_1])
     assert (row["text"], row["n_output_tokens"]) == reference_generate(reference, row["prompt"], [page_0, page_1], 6)
 
