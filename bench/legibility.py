@@ -1,8 +1,8 @@
 """Legibility of small print in what the model receives: Tesseract on the crops of split Letter pages of
-7-9 pt text, at the render rule (1960 px for idefics2-8b's 980 with splitting) against rendering at 980
+7-9 pt text (Helvetica and Times), at the render rule (1960 px for idefics2-8b's 980 with splitting) against rendering at 980
 and splitting afterwards (before the rule).
 
-    .venv/bin/python bench/legibility.py [--sizes 7 8 9]
+    .venv/bin/python bench/legibility.py [--sizes 7 8 9] [--fonts helv tiro]
 
 Each page goes through the pipeline's own CPU steps (`RenderPages`, `PreprocessPages`, then the model
 actor's `decompress_crops`); its four quadrant crops, what carries the page's detail to the model, are
@@ -78,6 +78,7 @@ def character_error_rate(ocr: str, truth: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[7, 8, 9], help="text sizes in points")
+    parser.add_argument("--fonts", nargs="+", default=["helv", "tiro"], help="PDF base fonts: helv, tiro, cour")
     args = parser.parse_args()
 
     from jobs.spec import RenderSpec
@@ -95,20 +96,21 @@ def main() -> None:
                f"today ({TODAY_EDGE}, then split)": render_settings(RenderSpec(longest_edge=TODAY_EDGE), settings)}
     rates: dict[str, list[float]] = {name: [] for name in renders}
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"{'text size':>10}{'chars':>8}" + "".join(f"{name + ' CER':>28}" for name in renders))
-        for seed, size in enumerate(args.sizes):
-            data, [truth] = text_page_pdf(1, seed=seed, fontsize=size)
-            path = Path(tmp) / f"letter-{size:g}pt.pdf"
+        print("character error rate of Tesseract on the stitched quadrant crops (their size in pixels)")
+        print(f"{'page':>12}{'chars':>7}" + "".join(f"{name:>32}" for name in renders))
+        for seed, (font, size) in enumerate((font, size) for font in args.fonts for size in args.sizes):
+            data, [truth] = text_page_pdf(1, seed=seed, fontsize=size, fontname=font)
+            path = Path(tmp) / f"letter-{font}-{size:g}pt.pdf"
             path.write_bytes(data)
-            line = f"{size:>8g}pt{len(normalized(truth)):8d}"
+            line = f"{font:>6} {size:>3g} pt{len(normalized(truth)):7d}"
             for name, render in renders.items():
                 view = model_view(path, render, settings)
                 rates[name].append(character_error_rate(tesseract_ocr(view), truth))
-                line += f"{rates[name][-1]:16.3f} ({view.shape[1]}x{view.shape[0]})"
+                line += f"{rates[name][-1]:20.3f} ({view.shape[1]:>4}x{view.shape[0]:>4})"
             print(line)
     rule, today = (sum(values) / len(values) for values in rates.values())
-    print(f"mean CER over {len(args.sizes)} Letter pages: render rule ({renders['render rule'].longest_edge} px) "
-          f"{rule:.3f}, today (render at {TODAY_EDGE}, then split) {today:.3f}")
+    print(f"mean CER over {len(rates['render rule'])} Letter pages: render rule "
+          f"({renders['render rule'].longest_edge} px) {rule:.3f}, today (render at {TODAY_EDGE}, then split) {today:.3f}")
     print(f"RESULT legibility_cer {rule:.3f} ratio target <= 0.02")
 
 

@@ -21,8 +21,9 @@ LETTER = (612, 792)  # points
 PHOTO_SIZES = [(1024, 768), (800, 1200), (1600, 1200), (640, 480)]  # (width, height)
 
 
-def text_page_pdf(n_pages: int, seed: int = 0, fontsize: float = 10.0) -> tuple[bytes, list[str]]:
-    """Letter pages of running text at `fontsize` points; returns the PDF and each page's text."""
+def text_page_pdf(n_pages: int, seed: int = 0, fontsize: float = 10.0, fontname: str = "helv") -> tuple[bytes, list[str]]:
+    """Letter pages of running text at `fontsize` points in one of PDF's base fonts (helv: Helvetica,
+    tiro: Times); returns the PDF and each page's text."""
     import pymupdf
 
     rng = random.Random(seed)
@@ -32,7 +33,7 @@ def text_page_pdf(n_pages: int, seed: int = 0, fontsize: float = 10.0) -> tuple[
         page = doc.new_page(width=LETTER[0], height=LETTER[1])
         box = pymupdf.Rect(54, 54, LETTER[0] - 54, LETTER[1] - 54)
         paragraphs = [paragraph(rng, 5) for _ in range(60)]
-        while paragraphs and page.insert_textbox(box, "\n".join(paragraphs), fontsize=fontsize) < 0:
+        while paragraphs and page.insert_textbox(box, "\n".join(paragraphs), fontsize=fontsize, fontname=fontname) < 0:
             paragraphs.pop()  # PyMuPDF writes nothing when text overflows: shorten until it fits
         texts.append(page.get_text("text"))
     data = doc.tobytes()

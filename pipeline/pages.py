@@ -135,7 +135,7 @@ def _render_page(doc, number: int, settings: RenderSettings) -> dict:
     width, height = page_pixel_size(page, settings)
     matrix = pymupdf.Matrix(width / rect.width, height / rect.height)
     pix = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
-    array = np.frombuffer(pix.samples, dtype=np.uint8).reshape(pix.height, pix.width, pix.n)
+    array = np.frombuffer(pix.samples_mv, dtype=np.uint8).reshape(pix.height, pix.width, pix.n)
     text = page.get_text("text")
     return {
         "width": pix.width,
