@@ -18,6 +18,7 @@ import numpy as np
 from documents import document_pdf, paragraph
 
 LETTER = (612, 792)  # points
+SCAN_DPI = (300, 200)  # scanned documents alternate between the two
 PHOTO_SIZES = [(1024, 768), (800, 1200), (1600, 1200), (640, 480)]  # (width, height)
 
 
@@ -97,18 +98,21 @@ def photo_jpeg(seed: int = 0, size: tuple[int, int] | None = None) -> bytes:
 
 
 def write_mix(folder, n_pages: int, pages_per_document: int = 10) -> dict[str, list]:
-    """About `n_pages` pages in `folder`, a third of each kind; their paths by kind."""
+    """About `n_pages` pages in `folder`, a third of each kind (scans at 300 and 200 dpi, document by
+    document); their paths by kind."""
     from pathlib import Path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     per_kind = max(1, n_pages // 3)
     paths: dict[str, list] = {"born-digital": [], "scanned": [], "photo": []}
-    for kind, make, suffix in (("born-digital", document_pdf, "pdf"), ("scanned", scanned_pdf, "pdf")):
-        for i in range(0, per_kind, pages_per_document):
-            path = folder / f"{kind}-{i // pages_per_document:04d}.{suffix}"
-            path.write_bytes(make(min(pages_per_document, per_kind - i), seed=i))
-            paths[kind].append(path)
+    for i in range(0, per_kind, pages_per_document):
+        n, number = min(pages_per_document, per_kind - i), i // pages_per_document
+        born_digital, scanned = folder / f"born-digital-{number:04d}.pdf", folder / f"scanned-{number:04d}.pdf"
+        born_digital.write_bytes(document_pdf(n, seed=i))
+        scanned.write_bytes(scanned_pdf(n, seed=i, dpi=SCAN_DPI[number % len(SCAN_DPI)]))
+        paths["born-digital"].append(born_digital)
+        paths["scanned"].append(scanned)
     for i in range(n_pages - 2 * per_kind):
         path = folder / f"photo-{i:04d}.jpg"
         path.write_bytes(photo_jpeg(seed=i))
