@@ -1,5 +1,5 @@
 """The model stage on one GPU: the full-size idefics2-8b architecture (random weights), pages rendered
-from real-looking documents by the render rule (1960 px for 980 with image splitting, pipeline/render_size.py),
+from real-looking documents by the render rule (1960 px for 980 with image splitting, pipeline/render/size.py),
 exactly N new tokens per page, against the model card's snippet loop (batch of one, the processor on PIL
 images) on the same pages in the same run.
 
@@ -9,7 +9,7 @@ images) on the same pages in the same run.
     python bench/gpu.py --tiny --pages 2 --new-tokens 4 --device cpu   # crash-free start check on CPU
                                                          # (add --longest-edge 490 to make it quicker)
 
-Ours is the model stage's own code without Ray around it (what `Idefics2Generator` does per block):
+Ours is the model stage's own code without Ray around it (what `GenerateAnswers` does per block):
 uint8 crops from `pipeline.preprocess.model_crops` (the CPU stage, timed apart: it runs on other cores
 while the GPU works), batches from `pipeline.collate.batch_by_shape` sized as the pipeline sizes them by
 default (up to GPU_BATCH_SIZE pages, within the KV-cache token budget of `pipeline/batch_budget.py`),
@@ -33,15 +33,15 @@ import time
 
 import _setup  # noqa: F401  (the repository's packages first; see bench/_setup.py)
 import torch  # noqa: E402
-
 from documents import page_images  # noqa: E402
-from jobs.spec import GPU_BATCH_SIZE, ResourceSpec  # noqa: E402
-from pipeline.batch_budget import automatic_token_budget  # noqa: E402
-from pipeline.collate import batch_by_shape  # noqa: E402
-from pipeline.image_features import encode_crops, generate_kwargs  # noqa: E402
-from pipeline.preprocess import ImageSettings, model_crops  # noqa: E402
-from pipeline.render_size import model_render_edge  # noqa: E402
-from pipeline.tiny_model import IDEFICS2_CHAT_TEMPLATE, build_tokenizer  # noqa: E402
+
+from core.image_settings import ImageSettings
+from core.spec import GPU_BATCH_SIZE, ResourceSpec  # noqa: E402
+from pipeline.crops import model_crops
+from pipeline.model.budget import automatic_token_budget  # noqa: E402
+from pipeline.model.collate import batch_by_shape  # noqa: E402
+from pipeline.model.features import encode_crops, generate_kwargs  # noqa: E402
+from pipeline.model.tiny import IDEFICS2_CHAT_TEMPLATE, build_tokenizer  # noqa: E402
 
 # HuggingFaceM4/idefics2-8b's config.json: SigLIP-so400m vision tower at 980, Mistral-7B text model
 # (the keys its config leaves out are MistralConfig's defaults, written out here), perceiver defaults.
@@ -74,7 +74,9 @@ def build_processor(longest_edge: int = 980):
     from transformers import Idefics2Processor
 
     try:  # transformers 5: the PIL backend (torchvision may be missing)
-        from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil as Images
+        from transformers.models.idefics2.image_processing_pil_idefics2 import (
+            Idefics2ImageProcessorPil as Images,
+        )
     except ImportError:  # transformers 4: the numpy/PIL processor is the default one
         from transformers import Idefics2ImageProcessor as Images
 
@@ -201,7 +203,7 @@ def main() -> None:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    pages = page_images(args.pages, longest_edge=model_render_edge(settings))
+    pages = page_images(args.pages, longest_edge=settings.render_edge)
     started = time.perf_counter()
     crops = [model_crops(page, settings) for page in pages]
     cpu_s = time.perf_counter() - started
@@ -228,7 +230,7 @@ def main() -> None:
     print(f"device: {name}; model: {'tiny' if args.tiny else 'idefics2-8b'} architecture, {n_params / 1e9:.2f} B "
           f"parameters, random weights, {str(dtype).replace('torch.', '')}, attention {args.attn}, "
           f"compile {'on' if args.compile else 'off'}; built in {build_s:.0f} s")
-    print(f"pages: {len(pages)} rendered at {model_render_edge(settings)} with splitting ({settings.images_per_page} crops), "
+    print(f"pages: {len(pages)} rendered at {settings.render_edge} with splitting ({settings.images_per_page} crops), "
           f"{args.new_tokens} new tokens each (all exact: {'yes' if exact else 'NO'})")
     print(f"batches: up to {budget[0]} pages, token budget {budget[2] or 'none'}; "
           f"sizes {', '.join(str(n) for n in batch_sizes)}")

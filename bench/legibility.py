@@ -5,7 +5,7 @@ and splitting afterwards (before the rule).
     .venv/bin/python bench/legibility.py [--sizes 7 8 9] [--fonts helv tiro]
 
 Each page goes through the pipeline's own CPU steps (`RenderPages`, `PreprocessPages`, then the model
-actor's `decompress_crops`); its four quadrant crops, what carries the page's detail to the model, are
+stage's `decompress_crops`); its four quadrant crops, what carries the page's detail to the model, are
 stitched back together and read by Tesseract (through PyMuPDF, as the `tesseract` route does). The
 character error rate is the edit distance between Tesseract's text and the page's own text (the PDF's
 text layer), whitespace collapsed, over the length of the page's text. Tesseract stands in for what a
@@ -31,14 +31,14 @@ TODAY_EDGE = 980  # before the render rule: every PDF page at the processor's lo
 
 def model_view(path: Path, render, settings) -> np.ndarray:
     """The page's four quadrant crops as the model actor receives them, stitched back into one image."""
-    from connectors.storage import StorageOptions
-    from pipeline.pages import RenderPages
+    from core.pixels import decompress_crops
+    from core.schema import PLAN_SCHEMA, table_from_rows
+    from core.spec import StorageSpec
     from pipeline.preprocess import PreprocessPages
-    from pipeline.schema import PLAN_SCHEMA, table_from_rows
-    from pipeline.transit import decompress_crops
+    from pipeline.render.stage import RenderPages
 
     plan = table_from_rows([{"source_uri": str(path), "size": path.stat().st_size, "kind": "pdf"}], PLAN_SCHEMA)
-    [row] = [r for pages in RenderPages(render, StorageOptions())(plan)
+    [row] = [r for pages in RenderPages(render, StorageSpec())(plan)
              for table in PreprocessPages(settings)(pages) for r in table.to_pylist()]
     top_left, top_right, bottom_left, bottom_right = decompress_crops(row["pixels"], row["crop_shapes"])[:4]
     height = max(top_left.shape[0], top_right.shape[0]) + max(bottom_left.shape[0], bottom_right.shape[0])
@@ -81,10 +81,10 @@ def main() -> None:
     parser.add_argument("--fonts", nargs="+", default=["helv", "tiro"], help="PDF base fonts: helv, tiro, cour")
     args = parser.parse_args()
 
-    from jobs.spec import RenderSpec
-    from pipeline.preprocess import ImageSettings
-    from pipeline.render_size import render_settings
-    from pipeline.routes import tesseract_ocr, tessdata_path
+    from core.image_settings import ImageSettings
+    from core.spec import RenderSpec
+    from pipeline.routes.tesseract import tessdata_path, tesseract_ocr
+    from pipeline.stages import resolved_render
 
     try:
         tessdata_path()
@@ -92,8 +92,8 @@ def main() -> None:
         sys.exit(f"bench/legibility.py needs Tesseract: {exc}")
     # The idefics2-8b processor settings: 980 / 378, image splitting on.
     settings = ImageSettings(do_image_splitting=True, longest_edge=980, shortest_edge=378)
-    renders = {"render rule": render_settings(RenderSpec(), settings),
-               f"today ({TODAY_EDGE}, then split)": render_settings(RenderSpec(longest_edge=TODAY_EDGE), settings)}
+    renders = {"render rule": resolved_render(RenderSpec(), settings),
+               f"today ({TODAY_EDGE}, then split)": resolved_render(RenderSpec(longest_edge=TODAY_EDGE), settings)}
     rates: dict[str, list[float]] = {name: [] for name in renders}
     with tempfile.TemporaryDirectory() as tmp:
         print("character error rate of Tesseract on the stitched quadrant crops (their size in pixels)")

@@ -39,8 +39,15 @@ def run_pipeline(model: Path, folder: Path, out: Path, args) -> tuple[float, flo
     """(Ray start seconds, job seconds, result rows) of the Scriptorium pipeline."""
     import pyarrow.dataset as pads
 
+    from core.spec import (
+        InputSpec,
+        JobSpec,
+        ModelSpec,
+        OutputSpec,
+        ResourceSpec,
+        TaskSpec,
+    )
     from jobs.runner import init_ray, run_job
-    from jobs.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, TaskSpec
 
     spec = JobSpec(
         run_id="bench",
@@ -65,17 +72,15 @@ def run_loop(model: Path, folder: Path, out: Path, prompt: str, max_new_tokens: 
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
+    from documents import render_pdf  # PyMuPDF, at the pipeline's size rule
+    from core.image_settings import ImageSettings
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from documents import render_pdf  # PyMuPDF, at the pipeline's size rule
-    from pipeline.preprocess import ImageSettings
-    from pipeline.render_size import model_render_edge
 
     started = time.perf_counter()
     processor = AutoProcessor.from_pretrained(model, backend="pil")
     net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32).eval()
-    longest_edge = model_render_edge(ImageSettings.from_processor(processor))  # born-digital pages: no scans
+    longest_edge = ImageSettings.from_processor(processor).render_edge  # born-digital pages: no scans
     rows = []
     for path in sorted(folder.glob("*.pdf")):
         for number, pixels in enumerate(render_pdf(path.read_bytes(), longest_edge)):
@@ -101,7 +106,7 @@ def main() -> None:
 
     import ray
 
-    from pipeline.tiny_model import build_tiny_idefics2
+    from pipeline.model.tiny import build_tiny_idefics2
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -4,10 +4,10 @@ born-digital pages, scanned pages and photos, against the transformers reference
     .venv/bin/python bench/preprocess.py [--pages 120] [--render-edge 0]
 
 Ours is the pipeline's own CPU steps, as Ray runs them, at the default settings: `RenderPages` (read
-the file; a PDF page rendered at what the model can use, pipeline/render_size.py: 1960 px with
+the file; a PDF page rendered at what the model can use, pipeline/render/size.py: 1960 px with
 idefics2-8b's splitting at 980, a scan at no more than its own resolution; an image decoded as it is)
 then `PreprocessPages` (4 quadrants + the whole page, each resized to the processor's rule, compressed
-losslessly: pipeline/transit.py). The reference gets the same page images (the processor has no
+losslessly: core/pixels.py). The reference gets the same page images (the processor has no
 renderer) and runs `processor.image_processor` with do_image_splitting=True on each, as the model card
 does: float32 pixel_values and an int64 mask. Bytes per page are what each ships to the model stage:
 our whole Arrow row, the reference's two tensors. The mix is bench/mix.py: a third of each kind.
@@ -43,8 +43,8 @@ def pin_to_one_core() -> int:
 
 
 def plan_of(path: Path):
-    from pipeline.pages import kind_of
-    from pipeline.schema import PLAN_SCHEMA, table_from_rows
+    from core.kinds import kind_of
+    from core.schema import PLAN_SCHEMA, table_from_rows
 
     return table_from_rows([{"source_uri": str(path), "size": path.stat().st_size, "kind": kind_of(path.name)}],
                            PLAN_SCHEMA)
@@ -52,7 +52,7 @@ def plan_of(path: Path):
 
 def cpu_seconds() -> float:
     """CPU time of this process and of its render sandbox (pipeline/sandbox.py), which renders PDF pages."""
-    from pipeline.sandbox import sandbox_for_this_thread
+    from pipeline.render.sandbox import sandbox_for_this_thread
 
     seconds = time.process_time()
     pid = sandbox_for_this_thread().pid
@@ -65,11 +65,11 @@ def cpu_seconds() -> float:
 
 def run_ours(paths, render, settings):
     """The pipeline's CPU steps on every file; returns (seconds, CPU seconds, preprocessed tables)."""
-    from connectors.storage import StorageOptions
-    from pipeline.pages import RenderPages
+    from core.spec import StorageSpec
     from pipeline.preprocess import PreprocessPages
+    from pipeline.render.stage import RenderPages
 
-    render_step, preprocess_step = RenderPages(render, StorageOptions()), PreprocessPages(settings)
+    render_step, preprocess_step = RenderPages(render, StorageSpec()), PreprocessPages(settings)
     tables = []
     started, started_cpu = time.perf_counter(), cpu_seconds()
     for path in paths:
@@ -83,11 +83,12 @@ def run_reference(paths, render, image_processor, keep: int):
     first `keep` outputs with their images)."""
     from PIL import Image
 
-    from connectors.storage import StorageOptions
-    from pipeline.pages import page_image, pages_of
+    from core.pixels import page_image
+    from core.spec import StorageSpec
+    from pipeline.render.stage import pages_of
 
     images = [page_image(row) for path in paths
-              for row in pages_of(plan_of(path).to_pylist()[0], render, StorageOptions())]
+              for row in pages_of(plan_of(path).to_pylist()[0], render, StorageSpec())]
     outputs, total_bytes = [], 0
     started = time.perf_counter()
     for image in images:
@@ -101,8 +102,8 @@ def run_reference(paths, render, image_processor, keep: int):
 def check_fidelity(tables, reference_outputs, settings) -> bool:
     import torch
 
-    from pipeline.collate import collate_pixels
-    from pipeline.transit import decompress_crops
+    from core.pixels import decompress_crops
+    from pipeline.model.collate import collate_pixels
 
     rows = [row for table in tables for row in table.to_pylist()][: len(reference_outputs)]
     for row, ref in zip(rows, reference_outputs):
@@ -121,10 +122,10 @@ def main() -> None:
 
     from transformers import AutoProcessor
 
-    from jobs.spec import RenderSpec
-    from pipeline.preprocess import ImageSettings
-    from pipeline.render_size import render_settings
-    from pipeline.tiny_model import build_tiny_idefics2
+    from core.image_settings import ImageSettings
+    from core.spec import RenderSpec
+    from pipeline.model.tiny import build_tiny_idefics2
+    from pipeline.stages import resolved_render
 
     core = pin_to_one_core()
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +134,7 @@ def main() -> None:
         checkpoint = build_tiny_idefics2(tmp / "model", do_image_splitting=True)
         processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
         settings = ImageSettings.from_processor(processor)
-        render = render_settings(RenderSpec(longest_edge=args.render_edge), settings)
+        render = resolved_render(RenderSpec(longest_edge=args.render_edge), settings)
         by_kind = write_mix(tmp / "mix", args.pages, PAGES_PER_DOCUMENT)
 
         run_ours(by_kind["born-digital"][:1], render, settings)  # warm-up: imports, first-call costs

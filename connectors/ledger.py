@@ -14,19 +14,11 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-
 from connectors.parquet_sink import ParquetStore
-from pipeline.schema import DOCUMENT_PAGE
+from core.schema import DOCUMENT_PAGE
+from core.units import Units
 
 LEDGER_COLUMNS = ["source_uri", "page", "n_pages", "task", "question", "status", "source_etag", "model"]
-
-
-@dataclass(frozen=True)
-class Units:
-    """The (task, question) pairs a source needs: on every page, and on its document row."""
-
-    page: frozenset = frozenset()
-    document: frozenset = frozenset()
 
 
 @dataclass

@@ -20,8 +20,9 @@ import fsspec.asyn
 from fsspec.utils import glob_translate
 
 from connectors.manifest import ManifestEntry, read_manifest
-from connectors.storage import StorageOptions, filesystem_for, redact, uri_for
-from jobs.spec import InputSpec
+from connectors.storage import filesystem_for, redact, uri_for
+from core.kinds import kind_of
+from core.spec import InputSpec, StorageSpec
 
 GLOB_CHARS = "*?["
 LIST_PAGE = 1000  # objects per S3 ListObjectsV2 / GCS objects.list page (both APIs' maximum)
@@ -134,7 +135,7 @@ def _split_glob(path: str) -> tuple[str, str]:
     return root, name_prefix
 
 
-def iter_objects(spec: InputSpec, options: StorageOptions) -> Iterator[tuple[str, dict, str]]:
+def iter_objects(spec: InputSpec, options: StorageSpec) -> Iterator[tuple[str, dict, str]]:
     """(uri, info, name relative to the listing root) for every object the input names, unfiltered."""
     fs, path = filesystem_for(spec.uri, options)
     if any(ch in path for ch in GLOB_CHARS):
@@ -169,8 +170,6 @@ def _selected(relative: str, spec: InputSpec) -> bool:
 
 
 def _plan_row(uri: str, info: dict | None, relative: str, spec: InputSpec, questions=None) -> dict:
-    from pipeline.pages import kind_of
-
     size = info.get("size") if info else None
     row = {
         "source_uri": uri,
@@ -194,7 +193,7 @@ def _plan_row(uri: str, info: dict | None, relative: str, spec: InputSpec, quest
     return row
 
 
-def _manifest_rows(spec: InputSpec, options: StorageOptions) -> Iterator[dict]:
+def _manifest_rows(spec: InputSpec, options: StorageSpec) -> Iterator[dict]:
     """Plan rows for the entries of a manifest, with each object's size and ETag looked up in parallel.
 
     An entry whose lookup fails (missing, forbidden) is still planned, with null size and ETag: reading
@@ -211,7 +210,7 @@ def _path_part(uri: str) -> str:
     return uri.split("://", 1)[-1]
 
 
-def _info_or_none(entry: ManifestEntry, options: StorageOptions) -> dict | None:
+def _info_or_none(entry: ManifestEntry, options: StorageSpec) -> dict | None:
     try:
         fs, path = filesystem_for(entry.uri, options)
         return fs.info(path)
@@ -219,7 +218,7 @@ def _info_or_none(entry: ManifestEntry, options: StorageOptions) -> dict | None:
         return None
 
 
-def list_inputs(spec: InputSpec, options: StorageOptions) -> Iterator[dict]:
+def list_inputs(spec: InputSpec, options: StorageSpec) -> Iterator[dict]:
     """Planned inputs: dicts with source_uri, size, etag, kind, questions and (for unusable ones) error."""
     if spec.manifest:
         yield from _manifest_rows(spec, options)

@@ -22,8 +22,9 @@ import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
-from connectors.storage import StorageOptions, protocol_of, read_bytes, redact
-from jobs.spec import SpecError
+from connectors.storage import protocol_of, read_bytes, redact
+from core.errors import SpecError
+from core.spec import StorageSpec
 
 FORMATS = (".txt", ".csv", ".jsonl", ".ndjson", ".parquet")
 
@@ -38,7 +39,7 @@ class ManifestEntry:
     questions: tuple[str, ...] | None = None
 
 
-def read_manifest(manifest_uri: str, options: StorageOptions | None = None) -> Iterator[ManifestEntry]:
+def read_manifest(manifest_uri: str, options: StorageSpec | None = None) -> Iterator[ManifestEntry]:
     """The manifest's documents in the order first listed, each once, with its questions (or None)."""
     suffix = next((s for s in FORMATS if manifest_uri.lower().endswith(s)), None)
     if suffix is None:

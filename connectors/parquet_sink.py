@@ -34,12 +34,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from connectors.storage import StorageOptions, filesystem_for, redact, unreachable_reason
-from pipeline.schema import RESULT_SCHEMA
-
-
-class OutputError(RuntimeError):
-    """The output location itself cannot be used (job-level, not per input)."""
+from connectors.storage import filesystem_for, redact, unreachable_reason
+from core.errors import OutputError
+from core.schema import RESULT_SCHEMA
+from core.spec import StorageSpec
 
 
 def _is_data_file(path: str) -> bool:
@@ -50,7 +48,7 @@ def _is_data_file(path: str) -> bool:
 class ParquetStore:
     """A folder of published Parquet files at any fsspec URI."""
 
-    def __init__(self, uri: str, options: StorageOptions | None = None):
+    def __init__(self, uri: str, options: StorageSpec | None = None):
         self.uri = uri
         self.options = options
         self.fs, self.root = filesystem_for(uri, options)

@@ -4,6 +4,7 @@
 path inside it. Credentials come from the standard places (AWS env vars and profiles,
 `AWS_ENDPOINT_URL`, GCS application credentials) unless the job's `[storage]` section overrides the
 endpoint, region, profile or asks for anonymous access (MinIO, R2, Ceph and other S3-compatible stores).
+The `StorageSpec` travels to every worker with the job; it holds no secrets.
 """
 
 from __future__ import annotations
@@ -13,30 +14,14 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import fsspec
 
-from jobs.spec import StorageSpec
+from core.spec import StorageSpec
 
 log = logging.getLogger("scriptorium.storage")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class StorageOptions:
-    """What a worker needs to open a URI. Picklable, so it travels to Ray workers; holds no secrets."""
-
-    endpoint_url: str = ""  # s3:// only
-    region: str = ""
-    profile: str = ""
-    anon: bool = False
-    gcs_endpoint_url: str = ""  # gs:// only: a job may read from MinIO and GCS at once
-
-    @classmethod
-    def from_spec(cls, spec: StorageSpec) -> "StorageOptions":
-        return cls(spec.endpoint_url, spec.region, spec.profile, spec.anon, spec.gcs_endpoint_url)
 
 
 def protocol_of(uri: str) -> str:
@@ -47,7 +32,7 @@ def protocol_of(uri: str) -> str:
     return {"s3a": "s3", "gcs": "gs"}.get(proto, proto)
 
 
-def fsspec_options(protocol: str, options: StorageOptions) -> dict:
+def fsspec_options(protocol: str, options: StorageSpec) -> dict:
     """Keyword arguments for fsspec.filesystem(protocol) from the job's storage settings."""
     if protocol == "s3":
         kwargs: dict = {}
@@ -89,9 +74,9 @@ def _filesystem(protocol: str, **kwargs) -> fsspec.AbstractFileSystem:
     return fsspec.filesystem(protocol, **kwargs)
 
 
-def filesystem_for(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem_for(uri: str, options: StorageSpec | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return (fsspec filesystem, path within it) for a URI."""
-    options = options or StorageOptions()
+    options = options or StorageSpec()
     protocol = protocol_of(uri)
     fs = _filesystem(protocol, **fsspec_options(protocol, options))
     if protocol == "file":
@@ -179,7 +164,7 @@ def describe_error(exc: BaseException, uri: str = "") -> str:
     return redact(text)
 
 
-def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+def read_bytes(uri: str, options: StorageSpec | None = None) -> bytes:
     """The whole object, in one GET where the store allows it. Transient errors are retried; a missing
     or forbidden object raises FileNotFoundError / PermissionError whose message says which and where."""
     fs, path = filesystem_for(uri, options)
@@ -214,11 +199,11 @@ def redact(text: str) -> str:
 PROBE_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 20}
 
 
-def probe_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def probe_filesystem(uri: str, options: StorageSpec | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Like filesystem_for, but with few retries and short timeouts (and a fresh, uncached instance)."""
     _, path = filesystem_for(uri, options)
     protocol = protocol_of(uri)
-    kwargs = fsspec_options(protocol, options or StorageOptions())
+    kwargs = fsspec_options(protocol, options or StorageSpec())
     if protocol == "s3":
         kwargs["config_kwargs"] = PROBE_CONFIG
     fs = _filesystem(protocol, skip_instance_cache=True, **kwargs)
@@ -249,7 +234,7 @@ def storage_hint(exc: BaseException) -> str:
     return GENERIC_HINT
 
 
-def unreachable_reason(uri: str, options: StorageOptions | None = None) -> str | None:
+def unreachable_reason(uri: str, options: StorageSpec | None = None) -> str | None:
     """None if the store behind `uri` answers, else one line saying what failed and what to do about it.
     Takes seconds, not minutes. Only an endpoint that cannot be reached and missing credentials count:
     a missing object, or a 403 on this probe's HEAD (credentials that may list or write but not read),

@@ -1,8 +1,9 @@
 """`scriptorium inspect INPUT`: what a job would process, and roughly what it would cost, without a model.
 
 It lists the input exactly as a run would (same listing, include/exclude and size rules), opens each file
-just far enough to count its pages (PDF: PyMuPDF's page count, nothing rendered; images: the header and
-frame count; tar shards: their image members, read through once; Parquet shards: the footer), and
+with the run's own decoders just far enough to count its pages (PDF: PyMuPDF's page count, nothing
+rendered; images: the header and frame count; tar shards: their image members; Parquet shards: the
+footer), and
 reports documents, pages and bytes by file type, the files a run would turn into error rows (and why),
 and an estimate of GPU-hours:
 
@@ -14,7 +15,6 @@ documents and pass the `pages/s` that `scriptorium summary` reports (per GPU) as
 
 from __future__ import annotations
 
-import io
 import posixpath
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +22,12 @@ from itertools import islice
 from typing import Iterable, Iterator
 
 from connectors.listing import list_inputs
-from connectors.storage import StorageOptions, filesystem_for, redact
-from jobs.spec import InputSpec, JobSpec, RenderSpec
-from pipeline.pages import KINDS, PageError, RenderSettings, kind_of, open_document
+from connectors.storage import read_bytes, redact
+from core.errors import PageError
+from core.kinds import KINDS, SHARD_KINDS
+from core.spec import InputSpec, JobSpec, RenderSpec, StorageSpec
+from pipeline.render.decoders import open_document
+from pipeline.render.shards import open_shard
 
 # Planning default, per GPU and per task unit (one page through one prompt). An assumption, not a
 # measurement: Idefics2-8B in bf16 on one modern GPU, HF `generate` with batches of 8, about 300-500 new
@@ -33,62 +36,18 @@ DEFAULT_PAGES_PER_SECOND = 0.5
 OPEN_WORKERS = 8  # files opened in parallel (object stores are latency-bound)
 
 
-def count_pages(data_or_handle, kind: str, render: RenderSpec) -> int:
-    """Pages a run would make of one file; raises ValueError with the reason a run would record."""
-    if kind == "pdf":  # the run's own checks (empty, unreadable, encrypted, no pages, too many pages)
-        data = data_or_handle.read() if hasattr(data_or_handle, "read") else data_or_handle
-        try:
-            document = open_document("pdf", data, RenderSettings(max_pages=render.max_pages, timeout_s=0))
-        except PageError as exc:
-            raise ValueError(str(exc)) from None
-        try:
-            return document.n_pages
-        finally:
-            document.close()
-    if kind == "image":
-        from PIL import Image
-
-        try:
-            image = Image.open(data_or_handle if hasattr(data_or_handle, "read") else io.BytesIO(data_or_handle))
-        except Exception as exc:
-            raise ValueError(f"cannot decode image: {exc}") from None
-        width, height = image.size
-        if width * height > render.max_pixels:
-            raise ValueError(f"image is {width}x{height}, more than render.max_pixels={render.max_pixels}")
-        # Every TIFF frame is a page; animated GIF/WebP are one page (their first frame).
-        return getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
-    if kind == "tar":
-        import tarfile
-
-        handle = data_or_handle if hasattr(data_or_handle, "read") else io.BytesIO(data_or_handle)
-        try:  # a stream read: the index of a tar is spread over the whole file, with no seeking back
-            with tarfile.open(fileobj=handle, mode="r|") as tar:
-                images = sum(1 for m in tar if m.isfile() and kind_of(m.name) == "image")
-        except tarfile.TarError as exc:
-            raise ValueError(f"cannot open tar: {exc}") from None
-        if not images:
-            raise ValueError("tar holds no image members (png, jpg, tiff, webp, ...)")
-        return images
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        from pipeline.shards import image_column
-
-        try:  # the footer only: row count and schema
-            parquet = pq.ParquetFile(data_or_handle if hasattr(data_or_handle, "read") else io.BytesIO(data_or_handle))
-        except Exception as exc:
-            raise ValueError(f"cannot open Parquet: {exc}") from None
-        try:
-            image_column(parquet.schema_arrow)
-        except PageError as exc:
-            raise ValueError(str(exc)) from None
-        if not parquet.metadata.num_rows:
-            raise ValueError("Parquet table has no rows")
-        return parquet.metadata.num_rows
-    raise ValueError("unsupported file type")
+def count_pages(data: bytes, kind: str, render: RenderSpec) -> int:
+    """Pages a run would make of one file, by the run's own decoders (so the reasons cannot drift from a
+    run's); raises PageError with the reason a run would record."""
+    settings = render.updated(timeout_s=0)  # nothing is rendered: no time limit to keep
+    document = open_shard(kind, data, settings) if kind in SHARD_KINDS else open_document(kind, data, settings)
+    try:
+        return document.n_pages
+    finally:
+        document.close()
 
 
-def inspect_file(planned: dict, storage: StorageOptions, render: RenderSpec) -> dict:
+def inspect_file(planned: dict, storage: StorageSpec, render: RenderSpec) -> dict:
     """One listed input -> {source_uri, type, size, pages, error}."""
     uri = planned["source_uri"]
     entry = {"source_uri": uri, "type": _file_type(uri), "kind": planned["kind"], "size": planned["size"],
@@ -102,17 +61,15 @@ def inspect_file(planned: dict, storage: StorageOptions, render: RenderSpec) -> 
         entry["error"] = "file is empty (0 bytes)"
         return entry
     try:
-        fs, path = filesystem_for(uri, storage)
-        with fs.open(path, "rb") as handle:  # images: Pillow reads the header only
-            entry["pages"] = count_pages(handle, planned["kind"], render)
-    except ValueError as exc:
+        entry["pages"] = count_pages(read_bytes(uri, storage), planned["kind"], render)
+    except PageError as exc:
         entry["error"] = str(exc)
     except Exception as exc:
         entry["error"] = redact(f"cannot read: {type(exc).__name__}: {exc}")
     return entry
 
 
-def inspect_inputs(spec: InputSpec, storage: StorageOptions, render: RenderSpec | None = None) -> Iterator[dict]:
+def inspect_inputs(spec: InputSpec, storage: StorageSpec, render: RenderSpec | None = None) -> Iterator[dict]:
     """Every input a run would plan, opened and counted, in listing order."""
     render = render or RenderSpec()
     listed = list_inputs(spec, storage)

@@ -23,10 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
 from connectors.parquet_sink import ParquetStore
-from connectors.storage import StorageOptions, redact
-from pipeline.pages import RenderSettings, kind_of, page_image, pages_of
+from connectors.storage import redact
+from core.kinds import kind_of
+from core.pixels import page_image
+from core.spec import RenderSpec, StorageSpec
+from jobs.summary import format_summary, load_summary
+from pipeline.render.stage import pages_of
 
 KEY_COLUMNS = ["source_uri", "page", "status", "run_id"]
 ROW_COLUMNS = ["source_uri", "page", "n_pages", "member", "task", "question", "text", "status", "error", "stage",
@@ -79,15 +84,15 @@ def read_rows(store: ParquetStore, keys: set, run_id: str | None) -> list[dict]:
 
 
 # -- thumbnails ----------------------------------------------------------------------------------------
-def thumbnails(pages_by_source: dict[str, set[int]], storage: StorageOptions, edge: int = THUMB_EDGE) -> dict:
+def thumbnails(pages_by_source: dict[str, set[int]], storage: StorageSpec, edge: int = THUMB_EDGE) -> dict:
     """{(source, page): data URI or "!reason"} for the wanted pages, rendering each source once."""
     with ThreadPoolExecutor(4) as pool:
         results = pool.map(lambda item: _source_thumbnails(item[0], item[1], storage, edge), pages_by_source.items())
         return {key: value for part in results for key, value in part.items()}
 
 
-def _source_thumbnails(source: str, wanted: set[int], storage: StorageOptions, edge: int) -> dict:
-    settings = RenderSettings(longest_edge=edge, max_pages=10**9, timeout_s=0)
+def _source_thumbnails(source: str, wanted: set[int], storage: StorageSpec, edge: int) -> dict:
+    settings = RenderSpec(longest_edge=edge, max_pages=10**9, timeout_s=0)
     plan = {"source_uri": source, "kind": kind_of(source), "error": None,
             "done_pages": sorted(set(range(max(wanted))) - wanted)}  # pages_of skips "done" pages
     found: dict = {}
@@ -111,8 +116,6 @@ def _thumb_page(page: int) -> int:
 
 
 def _data_uri(row: dict, edge: int) -> str:
-    from PIL import Image
-
     image = Image.fromarray(page_image(row))
     image.thumbnail((edge, edge))
     out = io.BytesIO()
@@ -227,12 +230,10 @@ def render_html(title: str, summary_text: str, rows: list[dict], thumbs: dict, n
 """
 
 
-def build_report(output: str, storage: StorageOptions, sample: int = 50, run_id: str | None = None,
+def build_report(output: str, storage: StorageSpec, sample: int = 50, run_id: str | None = None,
                  thumb_edge: int = THUMB_EDGE) -> tuple[str, dict]:
     """The report's HTML and a few counts (pages, rows, errors left out). Raises SpecError when the
     output has no results."""
-    from jobs.summary import format_summary, load_summary
-
     store = ParquetStore(output, storage)
     summary = load_summary(store, run_id)  # SpecError for an empty output or an unknown run
     keys, errors_left_out = choose_pages(store, sample, run_id)

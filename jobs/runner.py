@@ -1,6 +1,7 @@
 """Run a job: check it, plan it against the ledger, stream it through Ray, publish results.
 
-    spec -> check model & output -> ledger (what is done) -> plan (what is left) -> Ray Data graph
+    spec -> check model & output -> ledger (what is done) -> plan (what is left)
+         -> the job's stages on Ray Data (pipeline/processor.py) -> dedup join, at-most-once check
          -> results streamed to the Parquet sink -> run summary
 """
 
@@ -9,24 +10,35 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from connectors.ledger import Ledger, read_ledger
 from connectors.listing import list_inputs
-from connectors.parquet_sink import OutputError, ParquetSink, ParquetStore
-from connectors.storage import StorageOptions, redact, unreachable_reason
+from connectors.parquet_sink import ParquetSink, ParquetStore
+from connectors.storage import redact, unreachable_reason
+from core.errors import SpecError
+from core.schema import KEY_COLUMNS, PLAN_SCHEMA, table_from_rows
+from core.spec import JobSpec, check_run_id, new_run_id, output_uri_for_run
+from core.units import work_units
 from jobs.progress import Progress
-from jobs.spec import JobSpec, SpecError
 from jobs.summary import write_run_summary
-from pipeline.schema import KEY_COLUMNS, PLAN_SCHEMA, table_from_rows
+from pipeline.model.journal import journal_folder
+from pipeline.processor import build_processor
+from pipeline.routes.dedup import (
+    DedupJoin,
+    earlier_results,
+    seed_registry,
+    start_registry,
+)
+from pipeline.stages import Derived, derive
 
 log = logging.getLogger("scriptorium")
 
@@ -47,50 +59,6 @@ class RunResult:
     summary: dict = field(default_factory=dict)  # {"run": ..., "output": ...}, see jobs/summary.py
 
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
-
-
-def check_run_id(run_id: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
-        raise SpecError(f"run_id {run_id!r} may only contain letters, digits, '-' and '_' (at most 64)")
-    return run_id
-
-
-def output_uri_for_run(uri: str, run_id: str) -> str:
-    """`{run_id}` in the output URI becomes the run's id, so runs can be partitioned by run:
-    `s3://bucket/digitize/run_id={run_id}` -> `s3://bucket/digitize/run_id=2026-11`. Resuming a run
-    means passing the same run id again; a new id starts a new partition."""
-    return uri.replace("{run_id}", run_id)
-
-
-def open_model_config(spec: JobSpec):
-    """Load the checkpoint's processor in the driver: fails fast on a missing model, gives image settings."""
-    from pipeline.generate import load_processor
-    from pipeline.preprocess import ImageSettings
-
-    model_id = spec.model.id
-    # A hub id is "org/name"; anything else that is not an existing directory is a missing local path.
-    is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) is not None and not model_id.startswith(".")
-    if not os.path.isdir(os.path.expanduser(model_id)) and not is_hub_id:
-        raise SpecError(f"model path {model_id} does not exist: build one with `scriptorium tiny-model DIR` "
-                        "or pass a hub id such as HuggingFaceM4/idefics2-8b")
-    try:
-        processor = load_processor(model_id)
-    except Exception as exc:
-        raise SpecError(
-            f"cannot load model {model_id!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
-            "Pass a local checkpoint directory, or a hub id with network access (unset HF_HUB_OFFLINE)"
-        ) from None
-    overrides = {
-        "do_image_splitting": spec.model.do_image_splitting,
-        "longest_edge": spec.model.longest_edge,
-        "shortest_edge": spec.model.shortest_edge,
-    }
-    settings = ImageSettings.from_processor(processor, overrides)
-    return processor, settings
-
-
 def ray_address(spec: JobSpec) -> str:
     """The cluster to join ("" for a local Ray). A Ray Client address (ray://) is refused up front:
     Ray Data cannot run through Ray Client (ray-project/ray#48682), so a job is driven from inside
@@ -104,8 +72,6 @@ def ray_address(spec: JobSpec) -> str:
 
 
 def init_ray(spec: JobSpec) -> None:
-    import ray
-
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -135,7 +101,7 @@ class Plan:
     retried: list[str] = field(default_factory=list)  # with error rows this run redoes (--retry-failed)
 
 
-def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledger: Ledger) -> Plan:
+def write_plan(spec: JobSpec, store: ParquetStore, ledger: Ledger) -> Plan:
     """Stream the listing into plan files under `_work/<run_id>/`, skipping complete sources."""
     work = f"{store.root}/_work/{spec.run_id}"
     plan, buffer = Plan(), []
@@ -151,9 +117,7 @@ def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledg
             plan.planned += len(buffer)
             buffer.clear()
 
-    from pipeline.prompts import work_units
-
-    for row in list_inputs(spec.input, storage):
+    for row in list_inputs(spec.input, spec.storage):
         uri, etag = row["source_uri"], row["etag"]
         units = work_units(spec.tasks, row.get("questions"))  # per source: QA questions may come per document
         if ledger.is_complete(uri, etag, units):
@@ -177,31 +141,18 @@ def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledg
 def run_job(spec: JobSpec) -> RunResult:
     """Run `spec` to completion (or resume it). Raises SpecError/OutputError for job-level problems."""
     started = time.monotonic()
-    spec.validate()
-    spec.run_id = check_run_id(spec.run_id or new_run_id())
-    spec.output.uri = output_uri_for_run(spec.output.uri, spec.run_id)
+    spec.check_runnable()
+    run_id = check_run_id(spec.run_id or new_run_id())
+    spec = spec.updated(run_id=run_id, output={"uri": output_uri_for_run(spec.output.uri, run_id)})
     ray_address(spec)  # a cluster address that cannot work fails now, not after planning
-    storage = StorageOptions.from_spec(spec.storage)
     for role, uri in (("input", spec.input.uri), ("output", spec.output.uri)):
-        unreachable = unreachable_reason(uri, storage)  # in seconds, before loading anything
+        unreachable = unreachable_reason(uri, spec.storage)  # in seconds, before loading anything
         if unreachable:
             raise SpecError(f"cannot reach {role} {uri}: {unreachable}")
-    from pipeline.preprocess import ImageSettings
-    from pipeline.prompts import PromptBook, load_examples, resolve_prompt_format, work_units
-    from pipeline.routes import tessdata_path
-
-    # A job of Tesseract OCR only needs no model: no checkpoint to load, no GPU.
-    processor, image_settings = open_model_config(spec) if spec.needs_model else (None, ImageSettings())
-    if spec.routing.ocr_engine == "tesseract":
-        try:
-            tessdata_path()
-        except RuntimeError as exc:
-            raise SpecError(f"routing.ocr_engine = \"tesseract\": {exc}") from None
-    prompts = PromptBook(spec.tasks, resolve_prompt_format(processor, spec.model.prompt_format),
-                         load_examples(spec.tasks, image_settings, storage))
+    derived = derive(spec)  # the checkpoint's processor, examples, render size: once, before any work
     units = work_units(spec.tasks)
 
-    store = ParquetStore(spec.output.uri, storage)
+    store = ParquetStore(spec.output.uri, spec.storage)
     store.ensure_writable()
     if spec.output.overwrite:
         store.delete_all()
@@ -213,7 +164,7 @@ def run_job(spec: JobSpec) -> RunResult:
     warn_if_resuming_another_model(ledger, spec)
 
     try:
-        plan = write_plan(spec, store, storage, ledger)
+        plan = write_plan(spec, store, ledger)
     except FileNotFoundError:
         raise SpecError(f"input {spec.input.uri} does not exist") from None
     except PermissionError as exc:
@@ -231,19 +182,15 @@ def run_job(spec: JobSpec) -> RunResult:
     result = RunResult(run_id=spec.run_id, output=spec.output.uri, skipped_inputs=plan.skipped, planned_inputs=plan.planned)
     sink = ParquetSink(store, spec.run_id, spec.output.rows_per_file, spec.output.seconds_per_file)
     if plan.files:
-        _run_pipeline(spec, plan.files, store, storage, processor, image_settings, prompts, ledger, sink, result)
+        _run_pipeline(spec, derived, plan.files, store, ledger, sink, result)
     sink.close()
     if store.fs.exists(f"{store.root}/_work/{spec.run_id}"):
         store.fs.rm(f"{store.root}/_work/{spec.run_id}", recursive=True)
-    from pipeline.crash_journal import journal_folder
-
     shutil.rmtree(journal_folder(spec.run_id), ignore_errors=True)  # this node's replica notes (a local run's all)
     result.rows_written = sink.rows_written
     result.files = sink.published
     result.wall_s = time.monotonic() - started
-    from pipeline.assemble import stage_resources
-
-    result.summary = write_run_summary(store, spec, result, stage_resources(spec).gpus_per_replica)
+    result.summary = write_run_summary(store, spec, result, derived.gpus_per_replica)
     return result
 
 
@@ -257,12 +204,8 @@ def warn_if_resuming_another_model(ledger: Ledger, spec: JobSpec) -> None:
                     spec.output.uri, ", ".join(sorted(made_by_models)), spec.model.id, spec.model.id)
 
 
-def _run_pipeline(spec, plan_files, store, storage, processor, image_settings, prompts, ledger, sink, result) -> None:
-    import ray
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    from pipeline.assemble import build_dataset
-
+def _run_pipeline(spec: JobSpec, derived: Derived, plan_files: list[str], store: ParquetStore, ledger: Ledger,
+                  sink: ParquetSink, result: RunResult) -> None:
     init_ray(spec)
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = 0  # never drop a block silently: failures are rows, not lost blocks
@@ -270,19 +213,17 @@ def _run_pipeline(spec, plan_files, store, storage, processor, image_settings, p
     # plan files; Ray Data starts tasks for a stage only while its output fits the stage's share of the
     # object-store budget (resource_limits: by default half the cluster's object store, re-read as nodes
     # join or leave, so it grows with the cluster, never with the input); each model replica holds at
-    # most two batches (pipeline/assemble.py). Ordered output would have to buffer every page finished
+    # most two batches (pipeline/processor.py). Ordered output would have to buffer every page finished
     # behind a slow one, so results leave in completion order (the Parquet keys say where rows belong).
     ctx.execution_options.preserve_order = False
     _quiet_ray_progress(ctx)  # before the dataset is made: it keeps a copy of the context
     plan = ray.data.read_parquet(plan_files, filesystem=PyFileSystem(FSSpecHandler(store.fs)))
-    from pipeline.routes import DedupJoin, earlier_results, seed_registry, start_registry
-
     registry = start_registry(spec.routing, spec.run_id)  # None unless routing.dedup
     if registry is not None and spec.routing.dedup_across_runs and spec.needs_model:
-        reused = seed_registry(registry, earlier_results(store, prompts, processor, spec.model.id))
+        reused = seed_registry(registry, earlier_results(store, derived.prompts, derived.processor, spec.model.id))
         if reused:
             log.info("dedup: %d results of earlier runs can be reused by identical pages", reused)
-    dataset = build_dataset(plan, spec, image_settings, prompts, storage, registry)
+    dataset = build_processor(spec, derived, registry)(plan)
     done_before = {source: len(pages) for source, pages in ledger.done_pages.items()}
     written: set[int] = set()  # hashes of this run's keys: a batch Ray delivers twice is written once
     with Progress(result.planned_inputs, result.skipped_inputs, done_before) as progress:

@@ -32,7 +32,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.spec import SpecError
+from core.errors import SpecError
+from core.spec import check_run_id, new_run_id
+from jobs.arguments import add_run_arguments, spec_from_args
 
 TERMINAL_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -75,9 +77,6 @@ class Submission:
 
 def prepare_submission(args: argparse.Namespace, upload_dir: str) -> Submission:
     """Check the spec as the cluster will run it; lay out the upload; build the entrypoint."""
-    from jobs.cli import build_parser, spec_from_args
-    from jobs.runner import check_run_id, new_run_id
-
     run_flags = list(args.run_flags or [])
     if run_flags[:1] == ["--"]:
         run_flags = run_flags[1:]
@@ -86,11 +85,11 @@ def prepare_submission(args: argparse.Namespace, upload_dir: str) -> Submission:
         raise SpecError(f"job spec {job} does not exist")
 
     # Validate exactly what the cluster will run: the spec with the forwarded flags applied.
-    run_args = build_parser().parse_args(["run", "--job", str(job), *run_flags])
-    spec = spec_from_args(run_args)
+    run_parser = argparse.ArgumentParser(prog="scriptorium run")
+    add_run_arguments(run_parser)
+    spec = spec_from_args(run_parser.parse_args(["--job", str(job), *run_flags]))
     run_id = check_run_id(args.run_id or spec.run_id or new_run_id())
-    spec.run_id = run_id
-    spec.validate()
+    spec.updated(run_id=run_id).check_runnable()
     env_vars = parse_env(args.env)
 
     # The upload: the spec alone, or the given folder with the spec inside it.

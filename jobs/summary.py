@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.parquet_sink import ParquetStore
-from jobs.spec import SpecError
+from core.errors import SpecError
 
 SUMMARY_COLUMNS = ["source_uri", "page", "task", "status", "error", "stage", "n_input_tokens", "n_output_tokens", "truncated"]
 RUNS_DIR = "_runs"

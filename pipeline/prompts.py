@@ -7,9 +7,8 @@ examples become earlier user/assistant turns, as in the card's multi-turn exampl
 (`idefics2-8b-base`) get plain text with `<image>` interleaved, as in the card's base example:
 `<image>` + each example's text, then `<image>` + the instruction.
 
-A *unit* of work is (task, question): one result row per unit per page, or per document for tasks with
-`scope = "document"` (page = -1, the prompt shows the document's first `document_pages` pages in order).
-QA tasks without questions of their own ask each document's manifest questions, one row per question.
+Which units a row asks for is `core/units.py`'s; this module turns a unit into the text the processor
+gets and the settings `generate` gets (a `PromptPlan`).
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobs.spec import TaskSpec
-from pipeline.schema import DOCUMENT_PAGE  # noqa: F401  (re-exported: the page of a document row)
+from core.spec import TaskSpec
 
 # The built-in instructions per (kind, detail), for instruct and base checkpoints.
 INSTRUCT_TEXT = {
@@ -34,37 +32,47 @@ BASE_TEXT = {
     ("caption", "detailed"): "A detailed description of this image:",
 }
 QA_BASE_TEXT = "Question: {question} Answer:"
-NO_QUESTION = "task {task!r} has no question for this document: give it questions in the job spec or the manifest"
 
 
 @dataclass(frozen=True)
 class PromptPlan:
-    """One generation request: which task and question, the prompt and how to generate."""
+    """One generation request: a unit (its task and question), the prompt text, and how to generate,
+    which is the task's own settings."""
 
-    task: str
+    spec: TaskSpec
     question: str | None
     prompt: str
-    max_new_tokens: int
-    repetition_penalty: float = 1.0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop_strings: tuple[str, ...] = ()
 
     @property
-    def generation_key(self) -> tuple:
-        """Plans with the same key can share one `generate` call."""
-        return (self.prompt, self.max_new_tokens, self.repetition_penalty, self.do_sample, self.temperature,
-                self.top_p, self.stop_strings)
+    def task(self) -> str:
+        """The task's name: the `task` column."""
+        return self.spec.task_name
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.spec.max_new_tokens
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return tuple(self.spec.stop_strings)
+
+    @property
+    def settings(self) -> dict:
+        """The generation settings, as the `generation` column records them."""
+        task = self.spec
+        return {"max_new_tokens": task.max_new_tokens, "repetition_penalty": task.repetition_penalty,
+                "do_sample": task.do_sample, "temperature": task.temperature, "top_p": task.top_p,
+                "stop_strings": list(task.stop_strings)}
 
     @property
     def generation(self) -> str:
-        """The settings as the `generation` column records them (JSON)."""
-        return json.dumps({
-            "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
-            "do_sample": self.do_sample, "temperature": self.temperature, "top_p": self.top_p,
-            "stop_strings": list(self.stop_strings),
-        })
+        """The settings as JSON (the `generation` column)."""
+        return json.dumps(self.settings)
+
+    @property
+    def generation_key(self) -> tuple:
+        """Plans with the same key can share one `generate` call: the same prompt and settings."""
+        return (self.prompt, self.generation)
 
 
 @dataclass
@@ -74,48 +82,6 @@ class Example:
     crops: list[np.ndarray]
     prompt: str
     text: str
-
-
-# -- units: what a row asks for (no processor needed: the driver, routes and the actor all use these) ------
-def questions_for(task: TaskSpec, document_questions) -> list[str | None]:
-    """The questions `task` asks of a document: its own, else the document's; [None] for non-QA tasks.
-
-    A QA task with no question at all still gets one unit (question None), which becomes an error row:
-    a document is never silently left out.
-    """
-    if task.kind != "qa":
-        return [None]
-    return list(task.questions) or list(document_questions or []) or [None]
-
-
-def row_units(tasks: list[TaskSpec], page: int, document_questions=None) -> list[tuple[TaskSpec, str | None]]:
-    """The (task, question) units of a page row (page >= 0) or of a document row (page = DOCUMENT_PAGE)."""
-    scope = "document" if page == DOCUMENT_PAGE else "page"
-    return [(task, question) for task in tasks if task.scope == scope
-            for question in questions_for(task, document_questions)]
-
-
-def open_units(tasks: list[TaskSpec], row: dict) -> list[tuple[TaskSpec, str | None]]:
-    """The units of a page or document row still to do: its `row_units` less those published before
-    this run (the row's `done_units`, set by the planner for pages that owe only some of their units)."""
-    published = {(u["task"], u["question"]) for u in row.get("done_units") or [] if u["page"] == row["page"]}
-    return [(task, question) for task, question in row_units(tasks, row["page"], row.get("questions"))
-            if (task.task_name, question) not in published]
-
-
-def work_units(tasks: list[TaskSpec], document_questions=None):
-    """What one document must have published to be complete: the ledger's `Units` of (task, question)."""
-    from connectors.ledger import Units
-
-    def names(page: int) -> frozenset:
-        return frozenset((t.task_name, q) for t, q in row_units(tasks, page, document_questions))
-
-    return Units(page=names(0), document=names(DOCUMENT_PAGE))
-
-
-def document_window(tasks: list[TaskSpec]) -> int:
-    """How many leading pages a document row shows (0: no task has scope = "document")."""
-    return max((t.document_pages for t in tasks if t.scope == "document"), default=0)
 
 
 # -- prompt text ------------------------------------------------------------------------------------------
@@ -167,9 +133,6 @@ class PromptBook:
     examples: dict[str, list[Example]] = field(default_factory=dict)  # task name -> few-shot examples
     _plans: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def units(self, row: dict) -> list[tuple[TaskSpec, str | None]]:
-        return open_units(self.tasks, row)
-
     def example_crops(self, task: TaskSpec) -> list[np.ndarray]:
         """The examples' crops, which come before the page's crops in the sequence (prompt order)."""
         return [crop for example in self.examples.get(task.task_name, []) for crop in example.crops]
@@ -185,40 +148,6 @@ class PromptBook:
                 shots = [(instruction_for(task, ex.prompt, "base") if ex.prompt and task.kind == "qa" else ex.prompt,
                           ex.text) for ex in examples]
             self._plans[key] = PromptPlan(
-                task=task.task_name,
-                question=question,
-                prompt=build_prompt(processor, instruction, self.prompt_format, n_page_images, shots),
-                max_new_tokens=task.max_new_tokens,
-                repetition_penalty=task.repetition_penalty,
-                do_sample=task.do_sample,
-                temperature=task.temperature,
-                top_p=task.top_p,
-                stop_strings=tuple(task.stop_strings),
-            )
+                spec=task, question=question,
+                prompt=build_prompt(processor, instruction, self.prompt_format, n_page_images, shots))
         return self._plans[key]
-
-
-def load_examples(tasks: list[TaskSpec], image_settings, storage=None) -> dict[str, list[Example]]:
-    """Read and preprocess every task's few-shot example images once, in the driver.
-
-    A missing or unreadable example image stops the job before any work starts (SpecError naming it).
-    """
-    from connectors.storage import read_bytes
-    from jobs.spec import SpecError
-    from pipeline.pages import PageError, RenderSettings, decode_image_frames
-    from pipeline.preprocess import model_crops
-
-    examples: dict[str, list[Example]] = {}
-    for task in tasks:
-        for spec in task.examples:
-            try:
-                frame = next(decode_image_frames(read_bytes(spec["image"], storage), RenderSettings(), set()))
-                if frame.get("error"):
-                    raise PageError(frame["error"])
-            except Exception as exc:
-                raise SpecError(f"task {task.task_name!r}: example image {spec['image']} cannot be used: {exc}") from None
-            image = np.frombuffer(frame["image"], dtype=np.uint8).reshape(frame["height"], frame["width"], 3)
-            examples.setdefault(task.task_name, []).append(
-                Example(crops=model_crops(image, image_settings), prompt=spec.get("prompt", ""), text=spec["text"])
-            )
-    return examples

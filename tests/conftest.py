@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Idefics2 checkpoint without image splitting (fast)."""
-    from pipeline.tiny_model import build_tiny_idefics2
+    from pipeline.model.tiny import build_tiny_idefics2
 
     return build_tiny_idefics2(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_split(tmp_path_factory) -> Path:
     """The same architecture with `do_image_splitting=True` in its processor config."""
-    from pipeline.tiny_model import build_tiny_idefics2
+    from pipeline.model.tiny import build_tiny_idefics2
 
     return build_tiny_idefics2(tmp_path_factory.mktemp("models") / "tiny-split", do_image_splitting=True)
 
@@ -119,6 +119,43 @@ def small_ocr_job(input_uri, output_uri, model, max_new_tokens: int = 4) -> dict
         "tasks": [{"kind": "ocr", "max_new_tokens": max_new_tokens}],
         "resources": {"batch_size": 4},
     }
+
+
+def plan_row(path: Path, questions: list[str] | None = None, done_pages: list[int] | None = None) -> dict:
+    """A planned input, as the lister (and the manifest reader, for `questions`) makes it."""
+    from core.kinds import kind_of
+
+    return {"source_uri": str(path), "size": path.stat().st_size, "etag": "test", "kind": kind_of(path.name),
+            "questions": questions, "done_pages": done_pages}
+
+
+def job(model, tasks=(), **sections):
+    """A job spec for in-process runs on CPU in fp32 (the tiny checkpoint): `sections` are spec sections."""
+    from core.spec import JobSpec, ModelSpec
+
+    return JobSpec(model=ModelSpec(id=str(model), device="cpu", dtype="fp32"), tasks=list(tasks), run_id="test",
+                   **sections)
+
+
+def run_stages(spec, plan_rows: list[dict], registry=None) -> list[dict]:
+    """The result rows of `spec` over `plan_rows`, through the job's own stages run in-process
+    (pipeline/local.py), sorted by (source, page, task, question)."""
+    from pipeline.local import run_in_process
+
+    rows = run_in_process(spec, plan_rows, dedup_registry=registry).to_pylist()
+    return sorted(rows, key=lambda r: (r["source_uri"], r["page"], r["task"], r["question"] or ""))
+
+
+def preprocessed(spec, plan_rows: list[dict]):
+    """Page rows of `plan_rows` as the model stage receives them: the job's stages before the model."""
+    import pyarrow as pa
+
+    from core.schema import PLAN_SCHEMA, table_from_rows
+    from pipeline.local import walk
+    from pipeline.stages import derive, job_stages
+
+    *before_model, _model = job_stages(spec, derive(spec))
+    return pa.concat_tables(walk(before_model, [table_from_rows(plan_rows, PLAN_SCHEMA)]))
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,8 +1,8 @@
 """Crashes: a model replica killed mid-batch is restarted and its batch retried, nothing lost; a page that
-kills its replica every time is isolated (pipeline/crash_journal.py) and becomes an error row.
+kills its replica every time is isolated (pipeline/model/journal.py) and becomes an error row.
 
 The kills are real: a watcher thread in the test reads the replicas' crash journals (which say which
-process is generating which units, pipeline/crash_journal.py) and SIGKILLs the replica's process in the
+process is generating which units, pipeline/model/journal.py) and SIGKILLs the replica's process in the
 middle of its `generate` call, the way the OOM killer or a CUDA fault ends it.
 """
 
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from core.spec import spec_from_dict
+from core.units import unit_key
 from jobs.runner import run_job
-from jobs.spec import spec_from_dict
-from pipeline.crash_journal import CrashJournal, journal_folder, unit_key
+from pipeline.model.journal import CrashJournal, journal_folder
 from tests.conftest import make_pdf, read_rows, small_ocr_job
 
 

@@ -12,9 +12,8 @@ import pytest
 import ray
 import yaml
 
+from core.spec import load_spec, output_uri_for_run
 from jobs.cli import build_parser
-from jobs.runner import output_uri_for_run
-from jobs.spec import load_spec
 from jobs.submit import prepare_submission
 from tests.conftest import REPO
 
@@ -88,7 +87,7 @@ def test_rayjob_runs_an_existing_job_spec_on_its_own_gpu_cluster():
     assert argv[:2] == ["scriptorium", "run"]
     args = build_parser().parse_args(argv[1:])
     assert args.address == "auto"
-    job_spec = load_spec(repo_path(args.job)).validate()
+    job_spec = load_spec(repo_path(args.job)).check_runnable()
     # Enough GPU workers for every model replica the spec asks for.
     gpus = sum(g["replicas"] * g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
                for g in spec["rayClusterSpec"]["workerGroupSpecs"])
@@ -126,7 +125,7 @@ def test_dockerfile_uses_the_pinned_ray_and_puts_the_repo_where_the_manifests_lo
 
 @pytest.mark.parametrize("name", ["digitize_archive", "caption_corpus", "document_qa"])
 def test_ready_made_job_specs_load_validate_and_partition_output_by_run(name):
-    spec = load_spec(REPO / "jobs" / f"{name}.toml").validate()
+    spec = load_spec(REPO / "jobs" / f"{name}.toml").check_runnable()
     assert spec.run_id
     assert output_uri_for_run(spec.output.uri, "2026-11").endswith("/run_id=2026-11")  # a partition per run
     assert spec.model.id == "HuggingFaceM4/idefics2-8b"

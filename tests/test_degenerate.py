@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from jobs.spec import JobSpec, SpecError, TaskSpec
-from pipeline.degenerate import is_degenerate, repeated_tail
-from tests.conftest import make_pdf
-from tests.stages import job, plan_row, run_stages
+from core.errors import SpecError
+from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, TaskSpec
+from pipeline.model.degenerate import is_degenerate, repeated_tail
+from tests.conftest import job, make_pdf, plan_row, run_stages
 
 PHRASE = [17, 4, 99, 4, 23]  # a "phrase" of token ids; 4 repeats inside it on purpose
 
@@ -47,42 +47,48 @@ def test_a_phrase_longer_than_max_period_is_not_looked_for():
 
 
 def test_a_temperature_ramp_must_hold_temperatures():
-    spec = JobSpec(tasks=[TaskSpec(temperature_ramp=[0.5, 0])])
-    spec.input.uri, spec.output.uri, spec.model.id = "in", "out", "m"
     with pytest.raises(SpecError, match="temperature_ramp"):
-        spec.validate()
+        JobSpec(input=InputSpec(uri="in"), output=OutputSpec(uri="out"), model=ModelSpec(id="m"),
+                tasks=[TaskSpec(temperature_ramp=[0.5, 0])]).check_runnable()
 
 
-# -- in the model stage (the tiny random checkpoint loops on its own: greedy, it repeats one token pair) --
+# -- in the model stage, with a tiny checkpoint that loops on its own (greedy, it repeats one token pair) --
+@pytest.fixture(scope="module")
+def looping_model(tmp_path_factory):
+    from pipeline.model.tiny import build_tiny_idefics2
+
+    return build_tiny_idefics2(tmp_path_factory.mktemp("models") / "looping", image_sensitive=False)
+
+
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     return make_pdf(tmp_path_factory.mktemp("degenerate") / "page.pdf", ["A page of text."])
 
 
-def test_the_model_stage_flags_a_loop_in_the_degenerate_column(tiny_model, page):
-    (row,) = run_stages(job(tiny_model, [TaskSpec(kind="ocr", max_new_tokens=32)]), [plan_row(page)])
+def test_the_model_stage_flags_a_loop_in_the_degenerate_column(looping_model, page):
+    (row,) = run_stages(job(looping_model, [TaskSpec(kind="ocr", max_new_tokens=32)]), [plan_row(page)])
     assert row["status"] == "ok" and row["truncated"]
     assert row["degenerate"] is True
     assert is_degenerate(row["text"], finished=False)  # the text shows the loop too
 
 
-def test_the_model_stage_does_not_flag_an_output_too_short_to_judge(tiny_model, page):
-    (row,) = run_stages(job(tiny_model, [TaskSpec(kind="ocr", max_new_tokens=8)]), [plan_row(page)])
+def test_the_model_stage_does_not_flag_an_output_too_short_to_judge(looping_model, page):
+    (row,) = run_stages(job(looping_model, [TaskSpec(kind="ocr", max_new_tokens=8)]), [plan_row(page)])
     assert row["degenerate"] is False
 
 
-def test_a_temperature_ramp_replaces_a_degenerate_output_with_a_sampled_one(tiny_model, page):
+def test_a_temperature_ramp_replaces_a_degenerate_output_with_a_sampled_one(looping_model, page):
     task = TaskSpec(kind="ocr", max_new_tokens=32, temperature_ramp=[1e-6, 5.0])
-    (row,) = run_stages(job(tiny_model, [task]), [plan_row(page)])
+    (row,) = run_stages(job(looping_model, [task]), [plan_row(page)])
     # At 1e-6 sampling is greedy and loops again; at 5.0 the random model stops looping.
     assert row["degenerate"] is False and row["status"] == "ok"
     assert json.loads(row["generation"]) | {"do_sample": True, "temperature": 5.0} == json.loads(row["generation"])
 
 
-def test_a_retry_that_loops_again_leaves_the_first_output(tiny_model, page):
+def test_a_retry_that_loops_again_leaves_the_first_output(looping_model, page):
     greedy = TaskSpec(kind="ocr", max_new_tokens=32)
-    (first,) = run_stages(job(tiny_model, [greedy]), [plan_row(page)])
-    (row,) = run_stages(job(tiny_model, [TaskSpec(kind="ocr", max_new_tokens=32, temperature_ramp=[1e-6])]),
+    (first,) = run_stages(job(looping_model, [greedy]), [plan_row(page)])
+    (row,) = run_stages(job(looping_model, [TaskSpec(kind="ocr", max_new_tokens=32, temperature_ramp=[1e-6])]),
                         [plan_row(page)])
     assert row["degenerate"] is True and row["text"] == first["text"]
     assert json.loads(row["generation"])["do_sample"] is False

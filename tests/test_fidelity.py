@@ -22,13 +22,12 @@ import pytest
 import torch
 from PIL import Image
 
-from connectors.storage import StorageOptions
+from core.pixels import page_image
+from core.schema import DOCUMENT_PAGE
+from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, RenderSpec, ResourceSpec, StorageSpec, TaskSpec
 from jobs.runner import run_job
-from jobs.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, TaskSpec
-from pipeline.pages import RenderSettings, page_image, pages_of
-from pipeline.prompts import DOCUMENT_PAGE
-from tests.conftest import make_image, make_pdf, make_scan_pdf, read_rows
-from tests.stages import job, plan_row, run_stages
+from pipeline.render.stage import pages_of
+from tests.conftest import job, make_image, make_pdf, make_scan_pdf, plan_row, read_rows, run_stages
 
 MAX_NEW_TOKENS = 12
 DOCUMENT_PAGES = 2
@@ -80,8 +79,8 @@ def mixed_folder(tmp_path_factory) -> Path:
 
 def rendered_page(source: str, page: int, width: int, height: int) -> Image.Image:
     """A PDF page rendered at the size its row reports (the pipeline's own renderer)."""
-    settings = RenderSettings(longest_edge=max(width, height))
-    row = next(r for r in pages_of(plan_row(Path(source)), settings, StorageOptions()) if r["page"] == page)
+    render = RenderSpec(longest_edge=max(width, height), scans_at_own_resolution=False)
+    row = next(r for r in pages_of(plan_row(Path(source)), render, StorageSpec()) if r["page"] == page)
     assert (row["width"], row["height"]) == (width, height)
     return Image.fromarray(page_image(row))
 
@@ -147,17 +146,17 @@ def test_rows_sharing_a_prompt_would_tell_their_images_apart(pipeline_run):
 def test_a_mix_up_inside_a_batch_is_caught(tiny_model, tmp_path, monkeypatch):
     """A deliberately wrong collation (each sequence gets its batch neighbour's crops) fails the
     comparison: every row then reads like the snippet of the image it was wrongly handed."""
-    import pipeline.generate
+    import pipeline.model.stage
 
     paths = [make_image(tmp_path / f"page{i}.png", size=size, color=color, text=f"page {i}")
              for i, (size, color) in enumerate([((400, 300), (200, 40, 40)), ((300, 520), (40, 200, 40)),
                                                 ((640, 480), (40, 40, 200))])]
-    encode_crops = pipeline.generate.encode_crops
+    encode_crops = pipeline.model.stage.encode_crops
 
     def shifted(model, crops_per_sequence, *args):
         return encode_crops(model, crops_per_sequence[1:] + crops_per_sequence[:1], *args)
 
-    monkeypatch.setattr(pipeline.generate, "encode_crops", shifted)
+    monkeypatch.setattr(pipeline.model.stage, "encode_crops", shifted)
     rows = run_stages(job(tiny_model, [TASKS[0]]), [plan_row(p) for p in paths])
 
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)

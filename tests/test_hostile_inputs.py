@@ -16,15 +16,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from connectors.storage import StorageOptions
-from pipeline import sandbox
-from pipeline.pages import PageError, RenderSettings, kind_of, local_frames, page_image, pages_of, time_limit
+from core.errors import PageError
+from core.kinds import kind_of
+from core.pixels import page_image
+from core.spec import RenderSpec, StorageSpec
+from pipeline.render import sandbox
+from pipeline.render.decoders import local_frames, time_limit
+from pipeline.render.stage import pages_of
 from tests.conftest import make_pdf, read_rows, run_cli
-from tests.hostile_corpus import BOMB_DEPTH, Expected, _photo, _xobject_bomb_pdf, write_hostile_corpus
+from tests.hostile_corpus import (
+    BOMB_DEPTH,
+    Expected,
+    _photo,
+    _xobject_bomb_pdf,
+    write_hostile_corpus,
+)
 
 STAGES = {"list", "read", "render", "decode", "preprocess", "generate", "write"}
 # Small pages keep the test fast; a short limit keeps the rendering bomb's cost to seconds.
-SETTINGS = RenderSettings(longest_edge=64, timeout_s=1.0)
+SETTINGS = RenderSpec(longest_edge=64, timeout_s=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +48,8 @@ def plan_row(path: Path, done_pages=None) -> dict:
             "error": None, "done_pages": done_pages}
 
 
-def rows_of(path: Path, settings: RenderSettings = SETTINGS, done_pages=None) -> list[dict]:
-    return list(pages_of(plan_row(path, done_pages), settings, StorageOptions()))
+def rows_of(path: Path, settings: RenderSpec = SETTINGS, done_pages=None) -> list[dict]:
+    return list(pages_of(plan_row(path, done_pages), settings, StorageSpec()))
 
 
 @pytest.mark.timeout(120)
@@ -85,7 +95,7 @@ def test_a_jpeg_2000_master_scan_decodes_to_its_exact_pixels(corpus):
     from PIL import Image
 
     folder, _ = corpus
-    row = rows_of(folder / "master_scan.jp2", RenderSettings(longest_edge=64, isolate=False))[0]
+    row = rows_of(folder / "master_scan.jp2", RenderSpec(longest_edge=64, sandbox=False))[0]
     assert np.array_equal(page_image(row), np.asarray(_photo(Image, 200, 150).convert("RGB")))  # lossless
 
 
@@ -100,7 +110,7 @@ def test_a_resumed_file_that_can_no_longer_be_read_gets_a_row_for_its_first_miss
     path = make_pdf(tmp_path / "moved.pdf", ["a", "b", "c", "d"])
     row = plan_row(path, done_pages=[0, 1])
     path.unlink()
-    (error,) = pages_of(row, SETTINGS, StorageOptions())
+    (error,) = pages_of(row, SETTINGS, StorageSpec())
     assert (error["page"], error["status"], error["stage"]) == (2, "error", "read")
 
 
@@ -143,7 +153,7 @@ def test_the_page_limit_does_not_run_on_while_the_consumer_holds_a_page(tmp_path
     """The limit covers rendering a page, not the time the caller spends with the page it was given."""
     path = make_pdf(tmp_path / "three.pdf", ["a", "b", "c"])
     rows = []
-    for frame in local_frames("pdf", path.read_bytes(), RenderSettings(longest_edge=64, timeout_s=0.3), set()):
+    for frame in local_frames("pdf", path.read_bytes(), RenderSpec(longest_edge=64, timeout_s=0.3), set()):
         time.sleep(0.5)
         rows.append(frame)
     assert [("error" in r, r["page"]) for r in rows] == [(False, 0), (False, 1), (False, 2)]
@@ -155,7 +165,7 @@ def test_a_page_that_never_returns_from_mupdf_is_killed_at_the_hard_limit(tmp_pa
     cannot interrupt it, so the sandbox kills the renderer; the next page renders in a fresh one."""
     path = tmp_path / "bomb.pdf"
     path.write_bytes(_xobject_bomb_pdf(BOMB_DEPTH))
-    settings = RenderSettings(longest_edge=64, timeout_s=0.5)
+    settings = RenderSpec(longest_edge=64, timeout_s=0.5)
     started = time.monotonic()
     rows = rows_of(path, settings)
     assert time.monotonic() - started < sandbox.hard_limit_s(settings) + 30
@@ -170,7 +180,7 @@ def test_a_renderer_that_crashes_costs_one_page(tmp_path):
     path = tmp_path / "bomb.pdf"
     path.write_bytes(_xobject_bomb_pdf(BOMB_DEPTH))
     box = sandbox.sandbox_for_this_thread()
-    pages = pages_of(plan_row(path), RenderSettings(longest_edge=64, timeout_s=60), StorageOptions())
+    pages = pages_of(plan_row(path), RenderSpec(longest_edge=64, timeout_s=60), StorageSpec())
     rows = [next(pages)]  # page 0; the renderer is asked for the bomb page only when we ask for the next
 
     def kill_the_renderer_soon(pid=box.pid):
@@ -188,7 +198,7 @@ def test_a_file_that_keeps_stalling_the_renderer_is_given_up_with_a_row_per_page
     monkeypatch.setattr(sandbox, "MAX_LOST_PAGES", 1)
     path = tmp_path / "bomb.pdf"
     path.write_bytes(_xobject_bomb_pdf(BOMB_DEPTH))
-    rows = rows_of(path, RenderSettings(longest_edge=64, timeout_s=0.2))
+    rows = rows_of(path, RenderSpec(longest_edge=64, timeout_s=0.2))
     assert [(r["page"], r["status"]) for r in rows] == [(0, "ok"), (1, "error"), (2, "error")]
     assert rows[2]["error"] == "not rendered: 1 pages of this file hung or crashed the renderer"
 
@@ -229,7 +239,7 @@ def test_rgb_conversion_is_the_transformers_reference(mode):
     from PIL import Image
     from transformers.image_transforms import convert_to_rgb
 
-    from pipeline.pages import to_rgb
+    from pipeline.render.decoders import to_rgb
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA").convert(mode)

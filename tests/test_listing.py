@@ -7,11 +7,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from tests.conftest import StoreProxy
 
 from connectors.listing import LIST_PAGE, list_inputs
-from connectors.storage import StorageOptions
-from jobs.spec import InputSpec
+from core.spec import InputSpec, StorageSpec
+from tests.conftest import StoreProxy
 
 ARCHIVE = {
     "archive/a.pdf": b"%PDF a",
@@ -33,7 +32,7 @@ def archive(s3_server) -> str:
 
 
 def listed(uri: str, s3_server, **input_settings) -> list[dict]:
-    return list(list_inputs(InputSpec(uri=uri, **input_settings), StorageOptions(endpoint_url=s3_server.endpoint)))
+    return list(list_inputs(InputSpec(uri=uri, **input_settings), StorageSpec(endpoint_url=s3_server.endpoint)))
 
 
 def test_prefix_lists_every_object_below_it_with_size_and_etag(archive, s3_server):
@@ -86,7 +85,7 @@ def test_listing_streams_a_large_prefix_one_page_at_a_time(s3_server):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda key: s3_server.put(bucket, key, b"%PDF"), keys))
     with StoreProxy(s3_server.endpoint) as proxy:  # records every request the lister makes
-        rows = list_inputs(InputSpec(uri=f"s3://{bucket}/many/"), StorageOptions(endpoint_url=proxy.endpoint))
+        rows = list_inputs(InputSpec(uri=f"s3://{bucket}/many/"), StorageSpec(endpoint_url=proxy.endpoint))
 
         def page_requests() -> int:  # full listing pages, not the 1-key probe that tells a folder from a file
             return sum("list-type=2" in path and "max-keys=1&" not in path + "&" for _, path in proxy.requests)
@@ -106,25 +105,25 @@ def test_local_folder_and_glob_use_mtime_as_version(tmp_path):
     (tmp_path / "scans" / "2024" / "b.png").write_bytes(b"png")
     (tmp_path / "scans" / "_tmp.pdf").write_bytes(b"partial")
 
-    rows = list(list_inputs(InputSpec(uri=str(tmp_path / "scans")), StorageOptions()))
+    rows = list(list_inputs(InputSpec(uri=str(tmp_path / "scans")), StorageSpec()))
     assert [r["source_uri"] for r in rows] == [str(tmp_path / "scans" / "a.pdf"), str(tmp_path / "scans" / "2024" / "b.png")]
     assert rows[0]["etag"] == f"mtime:{os.stat(first).st_mtime}"
     assert rows[0]["size"] == 6
 
     os.utime(first, (1_700_000_000, 1_700_000_000))  # the source changed: its version must change
-    rows = list(list_inputs(InputSpec(uri=f"file://{tmp_path}/scans/**/*.pdf"), StorageOptions()))
+    rows = list(list_inputs(InputSpec(uri=f"file://{tmp_path}/scans/**/*.pdf"), StorageSpec()))
     assert [(r["source_uri"], r["etag"]) for r in rows] == [(str(first), "mtime:1700000000.0")]
 
 
 def test_a_file_name_that_is_not_utf8_is_an_error_row_not_a_crashed_plan(tmp_path):
     import pyarrow as pa
 
-    from pipeline.schema import PLAN_SCHEMA, table_from_rows
+    from core.schema import PLAN_SCHEMA, table_from_rows
 
     folder = os.fsencode(tmp_path)
     open(os.path.join(folder, b"caf\xe9.png"), "wb").write(b"png")  # a Latin-1 name from an old archive
     open(os.path.join(folder, b"receipt.png"), "wb").write(b"png")
-    rows = list(list_inputs(InputSpec(uri=str(tmp_path)), StorageOptions()))
+    rows = list(list_inputs(InputSpec(uri=str(tmp_path)), StorageSpec()))
     table_from_rows(rows, PLAN_SCHEMA)  # the plan file can be written: every string is UTF-8
     bad = next(r for r in rows if "caf" in r["source_uri"])
     assert bad["source_uri"].endswith("caf\\xe9.png") and "not valid UTF-8" in bad["error"]

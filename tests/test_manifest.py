@@ -9,13 +9,12 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tests.conftest import make_pdf
 
 from connectors.listing import list_inputs
 from connectors.manifest import ManifestEntry, ManifestError, read_manifest
-from connectors.storage import StorageOptions
-from jobs.spec import InputSpec
-from pipeline.pages import RenderSettings, pages_of
+from core.spec import InputSpec, RenderSpec, StorageSpec
+from pipeline.render.stage import pages_of
+from tests.conftest import make_pdf
 
 FORMATS = ["txt", "csv", "jsonl", "parquet"]
 
@@ -103,7 +102,7 @@ def test_s3_manifest_plans_listed_objects_with_their_questions(s3_server, docume
     bucket = documents
     entries = [("../docs/a.pdf", QUESTIONS), (f"s3://{bucket}/docs/b.pdf", []), ("/docs/missing.pdf", [])]
     s3_server.put(bucket, f"lists/batch.{fmt}", manifest_bytes(fmt, entries))
-    options = StorageOptions(endpoint_url=s3_server.endpoint)
+    options = StorageSpec(endpoint_url=s3_server.endpoint)
 
     rows = list(list_inputs(InputSpec(uri=f"s3://{bucket}/lists/batch.{fmt}", manifest=True), options))
 
@@ -120,10 +119,10 @@ def test_s3_manifest_plans_listed_objects_with_their_questions(s3_server, docume
 def test_missing_manifest_entry_becomes_a_read_error_row(s3_server, documents):
     bucket = documents
     s3_server.put(bucket, "lists/mixed.txt", b"../docs/b.pdf\n../docs/missing.pdf\n")
-    options = StorageOptions(endpoint_url=s3_server.endpoint)
+    options = StorageSpec(endpoint_url=s3_server.endpoint)
     plan = list(list_inputs(InputSpec(uri=f"s3://{bucket}/lists/mixed.txt", manifest=True), options))
 
-    pages = [page for row in plan for page in pages_of(row, RenderSettings(longest_edge=64), options)]
+    pages = [page for row in plan for page in pages_of(row, RenderSpec(longest_edge=64), options)]
 
     assert [(p["source_uri"].rsplit("/", 1)[-1], p["page"], p["status"], p["stage"]) for p in pages] == [
         ("b.pdf", 0, "ok", None),
@@ -136,5 +135,5 @@ def test_include_exclude_apply_to_manifest_entries(s3_server, documents):
     bucket = documents
     s3_server.put(bucket, "lists/all.txt", b"../docs/a.pdf\n../docs/b.pdf\n../docs/c.png\n")
     rows = list_inputs(InputSpec(uri=f"s3://{bucket}/lists/all.txt", manifest=True, exclude=["a.*", "*.png"]),
-                       StorageOptions(endpoint_url=s3_server.endpoint))
+                       StorageSpec(endpoint_url=s3_server.endpoint))
     assert [r["source_uri"] for r in rows] == [f"s3://{bucket}/docs/b.pdf"]

@@ -16,12 +16,21 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.runner import open_model_config, run_job
-from jobs.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, SpecError, TaskSpec, spec_from_dict
-from pipeline.collate import batch_by_shape
-from pipeline.generate import load_model, load_processor
+from core.errors import SpecError
+from core.schema import PAGE_SCHEMA, table_from_rows
+from core.spec import (
+    InputSpec,
+    JobSpec,
+    ModelSpec,
+    OutputSpec,
+    ResourceSpec,
+    TaskSpec,
+    spec_from_dict,
+)
+from jobs.runner import run_job
+from pipeline.model.collate import batch_by_shape
+from pipeline.model.loading import load_model, load_processor, open_model_config
 from pipeline.preprocess import PreprocessPages
-from pipeline.schema import PAGE_SCHEMA, table_from_rows
 from tests.conftest import make_image, read_rows
 
 PAGE = (700, 495)  # height, width of a small page image
@@ -67,7 +76,7 @@ def results(tiny_model, pages_folder, ray_local, tmp_path_factory):
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_splitting_and_edges_shape_the_crops(tiny_model, name):
     overrides, n_crops, longest = SETTINGS[name]
-    _, settings = open_model_config(job(tiny_model, **overrides).validate())
+    _, settings = open_model_config(job(tiny_model, **overrides).check_runnable().model)
     rng = np.random.default_rng(0)
     page = {"source_uri": "mem://p.png", "kind": "image", "page": 0, "n_pages": 1, "status": "ok",
             "width": PAGE[1], "height": PAGE[0], "image": rng.integers(0, 256, (*PAGE, 3), np.uint8).tobytes()}
@@ -83,7 +92,7 @@ def test_input_tokens_follow_the_settings_as_the_checkpoints_processor_counts_th
     overrides = SETTINGS[name][0]
     rows = results(name, **overrides)
     assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}
-    _, settings = open_model_config(job(tiny_model, **overrides).validate())
+    _, settings = open_model_config(job(tiny_model, **overrides).check_runnable().model)
     processor = load_processor(str(tiny_model), settings)
     for row in rows:
         image = Image.open(pages_folder / row["source_uri"].rsplit("/", 1)[-1]).convert("RGB")
@@ -110,7 +119,7 @@ def test_dtype_reaches_the_model(tiny_model):
 
 def test_compile_is_a_toml_setting():
     spec = spec_from_dict({"input": {"uri": "in"}, "output": {"uri": "out"}, "tasks": [{"kind": "ocr"}],
-                           "model": {"id": "m", "compile": True, "longest_edge": 490}}).validate()
+                           "model": {"id": "m", "compile": True, "longest_edge": 490}}).check_runnable()
     assert spec.model.compile is True and spec.model.longest_edge == 490
 
 
@@ -128,7 +137,7 @@ def test_options_that_cannot_work_are_refused_with_the_fix(settings, message):
     data = {"input": {"uri": "in"}, "output": {"uri": "out"}, "tasks": [{"kind": "ocr"}],
             "model": {"id": "m", **settings}}
     with pytest.raises(SpecError, match=message):
-        spec_from_dict(data).validate()
+        spec_from_dict(data).check_runnable()
 
 
 @pytest.mark.parametrize(
@@ -142,7 +151,7 @@ def test_a_missing_optional_package_is_a_job_error_naming_the_install(settings, 
     data = {"input": {"uri": "in"}, "output": {"uri": "out"}, "tasks": [{"kind": "ocr"}],
             "model": {"id": "m", "device": "cuda", **settings}}
     with pytest.raises(SpecError, match=f"needs the {package} package.*pip install"):
-        spec_from_dict(data).validate()
+        spec_from_dict(data).check_runnable()
 
 
 # -- batching --------------------------------------------------------------------------------------------
@@ -182,7 +191,7 @@ def test_a_token_budget_cuts_batches_by_prompt_plus_new_tokens():
 def test_the_kv_cache_of_idefics2_8b_is_128_kib_per_token_and_sizes_gpu_batches():
     from transformers import MistralConfig
 
-    from pipeline.batch_budget import kv_cache_bytes_per_token, token_budget
+    from pipeline.model.budget import kv_cache_bytes_per_token, token_budget
 
     # idefics2-8b's text model, as its config.json gives it (head_dim = 4096 / 32).
     mistral_7b = MistralConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
@@ -195,39 +204,40 @@ def test_the_kv_cache_of_idefics2_8b_is_128_kib_per_token_and_sizes_gpu_batches(
 
 
 def test_batch_size_is_automatic_by_default_and_a_set_value_wins():
-    from jobs.spec import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+    from core.spec import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
     assert ResourceSpec().pages_per_batch(on_gpu=True) == GPU_BATCH_SIZE
     assert ResourceSpec().pages_per_batch(on_gpu=False) == CPU_BATCH_SIZE
     assert ResourceSpec(batch_size=12).pages_per_batch(on_gpu=True) == 12
     data = {"input": {"uri": "in"}, "output": {"uri": "out"}, "tasks": [{"kind": "ocr"}], "model": {"id": "m"}}
     with pytest.raises(SpecError, match="max_batch_tokens must be >= 0"):
-        spec_from_dict({**data, "resources": {"max_batch_tokens": -1}}).validate()
+        spec_from_dict({**data, "resources": {"max_batch_tokens": -1}}).check_runnable()
 
 
 def test_the_model_stage_keeps_each_batch_within_its_token_budget(tiny_model, tmp_path, model_inputs):
     """Five pages and a budget of two sequences' tokens: `generate` gets batches of 2, 2 and 1, with
     the texts of one batch of five."""
-    from pipeline.generate import Idefics2Generator
+    from pipeline.model.stage import GenerateAnswers
     from pipeline.prompts import PromptBook
-    from tests.stages import plan_row, preprocessed
+    from tests.conftest import plan_row, preprocessed
 
     for i in range(5):
         make_image(tmp_path / f"page{i}.png", size=(PAGE[1], PAGE[0]), color=(50 * i, 90, 200 - 40 * i), text=f"p{i}")
-    spec = job(tiny_model).validate()
-    _, settings = open_model_config(spec)
+    spec = job(tiny_model).check_runnable()
+    _, settings = open_model_config(spec.model)
     book = PromptBook(spec.tasks, "instruct", {})
-    pages = preprocessed(settings, [plan_row(path) for path in sorted(tmp_path.glob("*.png"))])
+    pages = preprocessed(spec, [plan_row(path) for path in sorted(tmp_path.glob("*.png"))])
 
     def texts(generator) -> dict[str, str]:
         return {r["source_uri"]: r["text"] for r in pa.concat_tables(generator(pages)).to_pylist() if r["status"] == "ok"}
 
-    one_batch = Idefics2Generator(spec.model, settings, book, batch_size=8)
+    one_batch = GenerateAnswers(spec.model, settings, book, batch_size=8)
     expected = texts(one_batch)
     row = pa.concat_tables(one_batch(pages.slice(0, 1))).to_pylist()[0]
     per_sequence = row["n_input_tokens"] + row["max_new_tokens"]
     model_inputs.clear()
-    budgeted = Idefics2Generator(spec.model, settings, book, batch_size=8, max_batch_tokens=2 * per_sequence + 1)
+    budgeted = GenerateAnswers(spec.model, settings, book, ResourceSpec(max_batch_tokens=2 * per_sequence + 1),
+                               batch_size=8)
 
     assert texts(budgeted) == expected and len(expected) == 5
     assert sorted(len(call["input_ids"]) for call in model_inputs) == [1, 2, 2]

@@ -12,21 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import make_image, make_pdf
-from connectors.storage import StorageOptions
-from jobs.spec import TaskSpec
-from jobs.spec import RenderSpec
-from pipeline.pages import page_image, pages_of
-from pipeline.preprocess import ImageSettings
-from pipeline.prompts import DOCUMENT_PAGE
-from pipeline.render_size import render_settings
-from tests.stages import job, plan_row, run_stages
+from core.image_settings import ImageSettings
+from core.pixels import page_image
+from core.schema import DOCUMENT_PAGE
+from core.spec import RenderSpec, StorageSpec, TaskSpec
+from pipeline.render.stage import pages_of
+from pipeline.stages import resolved_render
+from tests.conftest import job, make_image, make_pdf, plan_row, run_stages
 
 
 @pytest.fixture(scope="module")
 def split_model(tmp_path_factory):
     """The tiny checkpoint with image splitting, at a smaller image size so CPU generation is quick."""
-    from pipeline.tiny_model import build_tiny_idefics2
+    from pipeline.model.tiny import build_tiny_idefics2
 
     return build_tiny_idefics2(tmp_path_factory.mktemp("models") / "split-448", do_image_splitting=True,
                                longest_edge=448, shortest_edge=224)
@@ -64,9 +62,9 @@ def reference_features(reference, inputs) -> torch.Tensor:
 def assert_same_inputs(ours: dict, reference, prompt: str, images: list[Image.Image]) -> None:
     """Our tokens and images are the processor's, image by image in prompt order (and not reversed).
 
-    The model stage passes each crop's features, encoded at the crop's own size (pipeline/image_features.py),
+    The model stage passes each crop's features, encoded at the crop's own size (pipeline/model/features.py),
     rather than padded pixels: they equal the model's features of the processor's pixels, up to rounding."""
-    from pipeline.image_features import features_passed
+    from pipeline.model.features import features_passed
 
     expected = reference_inputs(reference, prompt, images)
     assert torch.equal(ours["input_ids"], expected["input_ids"])
@@ -85,8 +83,8 @@ def three_pages(tmp_path_factory):
 
 def rendered_pages(path, processor) -> list[Image.Image]:
     """The pages as the pipeline renders them for this processor (twice its longest edge: it splits)."""
-    settings = render_settings(RenderSpec(), ImageSettings.from_processor(processor))
-    rows = pages_of(plan_row(path), settings, StorageOptions())
+    render = resolved_render(RenderSpec(), ImageSettings.from_processor(processor))
+    rows = pages_of(plan_row(path), render, StorageSpec())
     return [Image.fromarray(page_image(row)) for row in rows]
 
 

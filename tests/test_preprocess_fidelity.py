@@ -15,16 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from connectors.storage import StorageOptions
-from jobs.spec import RenderSpec
-from pipeline.collate import collate_pixels
-from pipeline.pages import RenderPages, page_image
-from pipeline.preprocess import ImageSettings, PreprocessPages, model_crops
-from pipeline.render_size import render_settings
-from pipeline.schema import PLAN_SCHEMA, table_from_rows
-from pipeline.transit import compress_crops, decompress_crops
-from tests.conftest import make_pdf, make_scan_pdf
-from tests.stages import plan_row
+from core.image_settings import ImageSettings
+from core.pixels import compress_crops, decompress_crops, page_image
+from core.schema import PLAN_SCHEMA, table_from_rows
+from core.spec import TaskSpec
+from pipeline.crops import model_crops
+from pipeline.local import walk
+from pipeline.model.collate import collate_pixels
+from pipeline.stages import derive, job_stages
+from tests.conftest import job, make_pdf, make_scan_pdf, plan_row
 
 # (height, width): taller and wider than longest_edge, in between, smaller than shortest_edge, a
 # rendered A4 page, extreme strips, and odd sizes whose halves and aspect ratios do not divide evenly.
@@ -101,20 +100,19 @@ def test_other_edge_sizes_equal_the_reference(processor):
     assert torch.equal(mask, ref_mask.bool())
 
 
-def test_the_cpu_stage_ships_compressed_crops_that_collate_to_the_reference(processor, tmp_path):
-    """Through the real stages at the default render rule: born-digital PDF pages rendered at twice the
-    longest edge, a scan at its own resolution, an image as it is; preprocessed to compressed uint8
-    crops, decompressed as the model actor does, collated: the reference's tensors on the same pages."""
+def test_the_cpu_stages_ship_compressed_crops_that_collate_to_the_reference(processor, tiny_model_split, tmp_path):
+    """Through the job's own render and preprocess stages at the default render rule: born-digital PDF
+    pages rendered at twice the longest edge, a scan at its own resolution, an image as it is; crops
+    compressed, decompressed as the model stage does, collated: the reference's tensors on the same pages."""
     pdf = make_pdf(tmp_path / "doc.pdf", ["A first page of text.", "A second page, with more text on it."])
     scan = make_scan_pdf(tmp_path / "scan.pdf", dpi=100)
     photo = tmp_path / "noise.png"
     Image.fromarray(noise_image(480, 640, 7)).save(photo)  # incompressible: the worst case
-    settings = ImageSettings.from_processor(processor)
-    assert settings.do_image_splitting
-    render = RenderPages(render_settings(RenderSpec(), settings), StorageOptions())
+    spec = job(tiny_model_split, [TaskSpec(kind="ocr")])
+    render, preprocess, _generate = job_stages(spec, derive(spec))
 
-    pages = pa.concat_tables(render(table_from_rows([plan_row(p) for p in (pdf, scan, photo)], PLAN_SCHEMA)))
-    out = pa.concat_tables(PreprocessPages(settings)(pages))
+    pages = pa.concat_tables(walk([render], [table_from_rows([plan_row(p) for p in (pdf, scan, photo)], PLAN_SCHEMA)]))
+    out = pa.concat_tables(walk([preprocess], [pages]))
 
     images = [page_image(row) for row in pages.to_pylist()]
     assert [image.shape[:2] for image in images] == [(1960, 1385), (1960, 1385), (1100, 850), (480, 640)]
@@ -122,6 +120,7 @@ def test_the_cpu_stage_ships_compressed_crops_that_collate_to_the_reference(proc
     assert "pixel_attention_mask" not in out.schema.names
     rows = out.to_pylist()
     shipped = [decompress_crops(row["pixels"], row["crop_shapes"]) for row in rows]
+    settings = ImageSettings.from_processor(processor)
     ref_pixels, ref_mask = reference(processor, images)
     pixels, mask = collate_pixels(shipped, settings)
     assert torch.equal(pixels, ref_pixels)
@@ -148,7 +147,7 @@ def test_crops_encoded_at_their_own_size_give_the_models_features_and_tokens(pro
     the batch's largest. Same features up to rounding, same greedy tokens."""
     from transformers import AutoModelForImageTextToText
 
-    from pipeline.image_features import encode_crops, generate_kwargs
+    from pipeline.model.features import encode_crops, generate_kwargs
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_split, dtype=torch.float32).eval()
     settings = ImageSettings.from_processor(processor)

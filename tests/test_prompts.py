@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import make_image
-from jobs.spec import TaskSpec
-from pipeline.generate import load_processor
-from pipeline.preprocess import ImageSettings
-from pipeline.prompts import PromptBook, load_examples, resolve_prompt_format
-from tests.stages import job, plan_row, run_stages
+from core.image_settings import ImageSettings
+from core.spec import TaskSpec
+from core.units import open_units
+from pipeline.examples import load_examples
+from pipeline.model.loading import load_processor
+from pipeline.prompts import PromptBook, resolve_prompt_format
+from tests.conftest import job, make_image, plan_row, run_stages
 
 STATUE = "In this image, we can see the city of New York, and more specifically the Statue of Liberty."
 
@@ -41,7 +42,7 @@ def example_image(tmp_path_factory):
 
 def test_instruct_question_prompt_is_the_model_cards(processor):
     book = PromptBook([TaskSpec(kind="qa", questions=["What do we see in this image?"])], "instruct")
-    plan = book.plan(processor, *book.units({"page": 0})[0])
+    plan = book.plan(processor, *open_units(book.tasks, {"page": 0})[0])
     assert plan.prompt == CARD_INSTRUCT
 
 
@@ -79,7 +80,7 @@ def test_built_in_prompts_per_format(processor):
     tasks = [TaskSpec(kind="ocr"), TaskSpec(kind="caption"), TaskSpec(kind="caption", name="long", detail="detailed"),
              TaskSpec(kind="qa", questions=["What is the total?"])]
     base = PromptBook(tasks, "base")
-    prompts = [base.plan(processor, task, question).prompt for task, question in base.units({"page": 0})]
+    prompts = [base.plan(processor, task, question).prompt for task, question in open_units(base.tasks, {"page": 0})]
     assert prompts == ["<image>Transcription of the text on this page:", "<image>In this image, we can see",
                        "<image>A detailed description of this image:", "<image>Question: What is the total? Answer:"]
     instruct = PromptBook(tasks, "instruct")
@@ -103,7 +104,7 @@ def test_rows_store_the_exact_prompt_the_model_was_given(tiny_model, tmp_path, p
     for prompt_format, expected in (("instruct", CARD_INSTRUCT),
                                     ("base", "<image>Question: What do we see in this image? Answer:")):
         spec = job(tiny_model, tasks)
-        spec.model.prompt_format = prompt_format
+        spec = spec.updated(model={"prompt_format": prompt_format})
         [row] = run_stages(spec, [plan_row(image)])
         assert row["status"] == "ok" and row["prompt"] == expected
         # The prompt's tokens, <image> expanded, are what the model read.

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from connectors.storage import StorageOptions
-from jobs.spec import RenderSpec, SpecError, TaskSpec, load_spec
-from pipeline.pages import pages_of
-from pipeline.preprocess import ImageSettings
-from pipeline.render_size import render_settings
-from tests.conftest import make_image, make_pdf, make_scan_pdf
-from tests.stages import job, plan_row, run_stages
+from core.errors import SpecError
+from core.image_settings import ImageSettings
+from core.spec import RenderSpec, StorageSpec, TaskSpec, load_spec
+from pipeline.render.stage import pages_of
+from pipeline.stages import resolved_render
+from tests.conftest import job, make_image, make_pdf, make_scan_pdf, plan_row, run_stages
 
 LETTER = (612, 792)  # points: 8.5 x 11 inches
 # The idefics2-8b processor: 980 / 378, with image splitting (the tiny_model_split checkpoint's settings).
@@ -22,7 +21,7 @@ IDEFICS2_8B = ImageSettings(do_image_splitting=True, longest_edge=980, shortest_
 
 
 def rendered_size(path, render: RenderSpec = RenderSpec(), image: ImageSettings = IDEFICS2_8B) -> tuple[int, int]:
-    [row] = pages_of(plan_row(path), render_settings(render, image), StorageOptions())
+    [row] = pages_of(plan_row(path), resolved_render(render, image), StorageSpec())
     assert row["status"] == "ok", row["error"]
     return row["width"], row["height"]
 
@@ -44,6 +43,8 @@ def test_a_low_resolution_scan_is_not_upscaled(tmp_path):
     # ...nor one with an OCR text layer: that text is invisible, the page is still the scan.
     ocr = make_scan_pdf(tmp_path / "ocr.pdf", dpi=100, ocr_layer="The text an OCR tool found on the page " * 3)
     assert rendered_size(ocr) == (850, 1100)
+    # Unless asked to: then a scan is rendered at the model's size like any page.
+    assert rendered_size(scan, RenderSpec(scans_at_own_resolution=False)) == (1515, 1960)
 
 
 def test_a_fine_scan_is_rendered_at_the_models_size(tmp_path):
@@ -58,7 +59,7 @@ def test_a_page_with_visible_text_over_a_picture_is_not_a_scan(tmp_path):
 
 
 def test_images_are_decoded_at_their_own_size(tmp_path):
-    """Images are never resized when read: the model stage splits the native image, as the reference does."""
+    """Images are never resized when read: the preprocess stage splits the native image, as the reference does."""
     photo = make_image(tmp_path / "photo.png", size=(3000, 2000))
     assert rendered_size(photo) == (3000, 2000)
 
@@ -75,17 +76,17 @@ def test_render_overrides_apply_to_every_page(tmp_path):
 
 def test_a_dpi_too_large_for_max_pixels_is_an_error_row(tmp_path):
     big = make_pdf(tmp_path / "poster.pdf", ["A poster."], size=(2000, 3000))  # 28 x 42 inches
-    render = render_settings(RenderSpec(dpi=600, max_pixels=40_000_000), IDEFICS2_8B)
-    [row] = pages_of(plan_row(big), render, StorageOptions())
+    [row] = pages_of(plan_row(big), resolved_render(RenderSpec(dpi=600), IDEFICS2_8B), StorageSpec())
     assert row["status"] == "error" and row["stage"] == "render"
     assert "more than render.max_pixels=40000000" in row["error"]
 
 
 def test_dpi_and_longest_edge_are_alternatives(tmp_path):
     spec_file = tmp_path / "job.toml"
-    spec_file.write_text('[input]\nuri = "in"\n[output]\nuri = "out"\n[model]\nid = "m"\n'
-                         '[[tasks]]\nkind = "ocr"\n[render]\ndpi = 300\n')
-    assert load_spec(spec_file).validate().render.dpi == 300
-    spec_file.write_text(spec_file.read_text() + "longest_edge = 1960\n")
+    spec_file.write_text("[render]\ndpi = 300\n")
+    assert load_spec(spec_file).render.dpi == 300
+    spec_file.write_text("[render]\ndpi = 300\nlongest_edge = 1960\n")
     with pytest.raises(SpecError, match="set one of them"):
-        load_spec(spec_file).validate()
+        load_spec(spec_file)
+    with pytest.raises(SpecError, match="render.dpi must be >= 0"):
+        RenderSpec(dpi=-1)

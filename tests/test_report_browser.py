@@ -128,8 +128,8 @@ class Chromium:
 def reviewed_output(tmp_path_factory, tiny_model, ray_local):
     """A finished two-task run over two PDFs (4 pages), an image and a corrupt PDF, plus an XSS row."""
     from connectors.parquet_sink import ParquetStore
+    from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, TaskSpec
     from jobs.runner import run_job
-    from jobs.spec import JobSpec, TaskSpec
 
     inputs = tmp_path_factory.mktemp("report-in")
     make_pdf(inputs / "letter.pdf", ["Dear reader,", "Yours sincerely."])
@@ -137,10 +137,10 @@ def reviewed_output(tmp_path_factory, tiny_model, ray_local):
     make_image(inputs / "photo.png", size=(300, 200))
     (inputs / "broken.pdf").write_bytes(b"%PDF-1.7 not really")
     output = tmp_path_factory.mktemp("report-out") / "results"
-    spec = JobSpec()
-    spec.input.uri, spec.output.uri, spec.model.id, spec.model.device = str(inputs), str(output), str(tiny_model), "cpu"
-    spec.tasks = [TaskSpec(kind="ocr", max_new_tokens=4), TaskSpec(kind="caption", max_new_tokens=4)]
-    spec.run_id = "report-test"
+    spec = JobSpec(input=InputSpec(uri=str(inputs)), output=OutputSpec(uri=str(output)),
+                   model=ModelSpec(id=str(tiny_model), device="cpu"),
+                   tasks=[TaskSpec(kind="ocr", max_new_tokens=4), TaskSpec(kind="caption", max_new_tokens=4)],
+                   run_id="report-test")
     run_job(spec)
 
     store = ParquetStore(str(output))
@@ -210,10 +210,10 @@ def test_report_loads_cleanly_and_filters_rows(reviewed_output, browser, tmp_pat
 
 def test_report_samples_pages_but_keeps_every_error(reviewed_output, browser, tmp_path):
     output, rows = reviewed_output
-    from connectors.storage import StorageOptions
+    from core.spec import StorageSpec
     from jobs.report import build_report
 
-    page, counts = build_report(str(output), StorageOptions(), sample=1)
+    page, counts = build_report(str(output), StorageSpec(), sample=1)
     html_file = tmp_path / "sampled.html"
     html_file.write_text(page)
     browser.open(html_file)

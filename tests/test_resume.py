@@ -16,8 +16,8 @@ import duckdb
 import numpy as np
 import pytest
 
+from core.spec import JobSpec, spec_from_dict
 from jobs.runner import run_job
-from jobs.spec import JobSpec, spec_from_dict
 from tests.conftest import REPO, make_pdf, read_rows, small_ocr_job
 
 N_DOCS, PAGES_PER_DOC = 5, 12
@@ -146,8 +146,7 @@ def small_folder(tmp_path_factory) -> Path:
 def first_run(small_folder, tiny_model, tmp_path_factory, ray_local):
     """A finished run in which big.png was refused at listing (input.max_size_mb): one error row."""
     output = tmp_path_factory.mktemp("first") / "out"
-    spec = job_spec(small_folder, output, tiny_model)
-    spec.input.max_size_mb = 0.1
+    spec = job_spec(small_folder, output, tiny_model).updated(input={"max_size_mb": 0.1})
     run_job(spec)
     return spec.run_id, output
 
@@ -204,12 +203,12 @@ def test_resuming_with_another_model_says_so(first_run, small_folder, tiny_model
 
 
 def test_a_partly_done_document_that_became_unreadable_owes_an_error_row_per_missing_page(tmp_path):
-    from connectors.storage import StorageOptions
-    from pipeline.pages import RenderSettings, pages_of
+    from core.spec import RenderSpec, StorageSpec
+    from pipeline.render.stage import pages_of
 
     gone = {"source_uri": str(tmp_path / "gone.pdf"), "kind": "pdf", "etag": "e1", "size": 100,
             "done_pages": [0, 1, 2], "known_pages": 6}
-    rows = list(pages_of(gone, RenderSettings(longest_edge=64, isolate=False), StorageOptions()))
+    rows = list(pages_of(gone, RenderSpec(longest_edge=64, sandbox=False), StorageSpec()))
     assert [(r["page"], r["status"], r["stage"]) for r in rows] == [(3, "error", "read"), (4, "error", "read"),
                                                                      (5, "error", "read")]
     assert all("cannot read" in r["error"] for r in rows)
@@ -235,10 +234,10 @@ def test_a_task_added_to_a_finished_output_runs_only_the_new_task(first_run, sma
     first_id, first_output = first_run
     output = copy_of(first_output, tmp_path)
     spec = job_spec(small_folder, output, tiny_model)
-    spec.input.max_size_mb = 0.1  # as in the first run: big.png stays refused
-    spec.tasks.append(spec_from_dict({"tasks": [{"kind": "caption", "max_new_tokens": 4}]}).tasks[0])
+    spec = spec.updated(input={"max_size_mb": 0.1},  # as in the first run: big.png stays refused
+                        tasks=[*spec.tasks, spec_from_dict({"tasks": [{"kind": "caption", "max_new_tokens": 4}]}).tasks[0]])
     with caplog.at_level("WARNING", logger="scriptorium"):
-        added = run_job(spec.validate())
+        added = run_job(spec.check_runnable())
 
     # Every page is rendered again (its caption is missing) but the OCR units are not generated again:
     # nothing reaches the sink's safety net, and the OCR rows are the first run's.
@@ -253,8 +252,9 @@ def test_a_task_added_to_a_finished_output_runs_only_the_new_task(first_run, sma
 
 
 def test_a_page_that_owes_some_units_generates_only_those(small_folder, tiny_model):
-    from jobs.spec import TaskSpec
     from tests.stages import job, plan_row, run_stages
+
+    from core.spec import TaskSpec
 
     spec = job(tiny_model, [TaskSpec(kind="ocr", max_new_tokens=4), TaskSpec(kind="caption", max_new_tokens=4),
                             TaskSpec(kind="qa", questions=["Who?", "When?"], max_new_tokens=4)])
@@ -269,11 +269,12 @@ def test_a_page_that_owes_some_units_generates_only_those(small_folder, tiny_mod
 
 def test_each_page_row_carries_only_its_own_pages_published_units(small_folder):
     """A 5,000-page document with a task added must not copy all its published units onto every page."""
-    from connectors.storage import StorageOptions
-    from pipeline.pages import RenderSettings, pages_of
     from tests.stages import plan_row
+
+    from core.spec import RenderSpec, StorageSpec
+    from pipeline.render.stage import pages_of
 
     on_page = [{"page": p, "task": "ocr", "question": None} for p in (0, 1)]
     rows = list(pages_of({**plan_row(small_folder / "a.pdf"), "done_units": on_page},
-                         RenderSettings(longest_edge=64, isolate=False), StorageOptions()))
+                         RenderSpec(longest_edge=64, sandbox=False), StorageSpec()))
     assert [(r["page"], r["done_units"]) for r in rows] == [(0, [on_page[0]]), (1, [on_page[1]])]

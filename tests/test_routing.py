@@ -8,14 +8,25 @@ import shutil
 import pymupdf
 import pytest
 
-from tests.conftest import make_image, make_pdf, read_rows
-from connectors.storage import StorageOptions
+from core.schema import PLAN_SCHEMA, table_from_rows
+from core.spec import (
+    InputSpec,
+    JobSpec,
+    ModelSpec,
+    OutputSpec,
+    RenderSpec,
+    ResourceSpec,
+    RoutingSpec,
+    StorageSpec,
+    TaskSpec,
+)
 from jobs.runner import run_job
-from jobs.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, RoutingSpec, TaskSpec
-from pipeline.pages import RenderPages, RenderSettings
-from pipeline.routes import DedupRegistry, RoutePages, tessdata_path, text_layer_problem
-from pipeline.schema import PLAN_SCHEMA, table_from_rows
-from tests.stages import job, plan_row, run_stages
+from pipeline.render.stage import RenderPages
+from pipeline.routes.dedup import DedupRegistry
+from pipeline.routes.stage import RoutePages
+from pipeline.routes.tesseract import tessdata_path
+from pipeline.routes.text_layer import text_layer_problem
+from tests.conftest import job, make_image, make_pdf, plan_row, read_rows, run_stages
 
 LETTER = ("Dear Ms. Lovelace, thank you for your letter of 12 March 1843 and for the notes on the "
           "Analytical Engine. The translation of the memoir is now with the printer, and the proofs "
@@ -93,7 +104,7 @@ def test_born_digital_pages_are_read_from_their_text_layer_scans_go_to_the_model
 def test_pages_answered_before_the_model_skip_preprocessing(documents):
     born, scan = documents
     plans = table_from_rows([plan_row(born), plan_row(scan)], PLAN_SCHEMA)
-    pages = next(RenderPages(RenderSettings(), StorageOptions())(plans))
+    pages = next(RenderPages(RenderSpec(longest_edge=980), StorageSpec())(plans))
     routed = next(RoutePages([TaskSpec(kind="ocr")], RoutingSpec(text_layer=True))(pages)).to_pylist()
     assert routed[0]["image"] is None and [r["route"] for r in routed[0]["routed"]] == ["text_layer"]
     assert routed[1]["image"] is not None and routed[1]["routed"] == []
@@ -104,7 +115,7 @@ def test_tesseract_transcribes_a_clean_page_without_a_model(documents, tmp_path)
     _, scan = documents
     spec = JobSpec(input=InputSpec(uri=str(scan)), output=OutputSpec(uri=str(tmp_path / "out")),
                    tasks=[TaskSpec(kind="ocr")], routing=RoutingSpec(ocr_engine="tesseract"))
-    spec.validate()  # no model needed: every task is OCR, and Tesseract does it
+    spec.check_runnable()  # no model needed: every task is OCR, and Tesseract does it
     assert not spec.needs_model
     [row] = run_stages(spec, [plan_row(scan)])
     assert (row["route"], row["status"], row["model"]) == ("tesseract", "ok", "tesseract:eng")
@@ -134,7 +145,7 @@ def test_dedup_registry_leads_waits_and_reuses():
 
 
 def test_identical_pages_are_generated_once(tiny_model, ray_local, tmp_path):
-    from pipeline.routes import start_registry
+    from pipeline.routes.dedup import start_registry
 
     pdf = make_pdf(tmp_path / "minutes.pdf", ["Minutes of the meeting", "Attendance list", "Minutes of the meeting"])
     registry = start_registry(RoutingSpec(dedup=True), "test-dedup")
@@ -155,7 +166,7 @@ def test_identical_pages_are_generated_once(tiny_model, ray_local, tmp_path):
     later = tmp_path / "copy.pdf"
     shutil.copy(pdf, later)
     plans = table_from_rows([plan_row(later)], PLAN_SCHEMA)
-    routed = next(RoutePages(tasks, spec.routing, registry)(next(RenderPages(RenderSettings(), StorageOptions())(plans))))
+    routed = next(RoutePages(tasks, spec.routing, registry)(next(RenderPages(RenderSpec(longest_edge=980), StorageSpec())(plans))))
     first = routed.to_pylist()[0]
     assert first["image"] is None  # nothing left for the model
     assert {(r["task"], r["route"], r["text"]) for r in first["routed"]} == {
@@ -190,7 +201,7 @@ def test_routes_through_ray(tiny_model, ray_local, documents, tmp_path):
         assert sorted([routes["stamp-1.png", task], routes["stamp-2.png", task]]) == ["dedup", "model"]
     assert {r["status"] for r in rows} == {"ok"}
 
-    spec.run_id = "routes-again"
+    spec = spec.updated(run_id="routes-again")
     again = run_job(spec)
     assert (again.skipped_inputs, again.rows_written) == (4, 0)
 

@@ -15,14 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.storage import StorageOptions
+from core.pixels import page_image
+from core.schema import PAGE_SCHEMA, table_from_rows
+from core.spec import RenderSpec, StorageSpec, spec_from_dict
 from jobs.runner import run_job
-from jobs.spec import spec_from_dict
-from pipeline.pages import RenderSettings, page_image, pages_of
-from pipeline.schema import PAGE_SCHEMA, table_from_rows
+from pipeline.render.stage import pages_of
 from tests.conftest import make_image, read_rows
 
-SETTINGS = RenderSettings(longest_edge=980, isolate=False)
+SETTINGS = RenderSpec(longest_edge=980, sandbox=False)
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -69,19 +69,19 @@ def plan(path: Path) -> dict:
 
 def test_each_image_member_is_a_page_decoded_as_the_image_file_would_be(samples, tmp_path):
     shard = make_shard(tmp_path / "shard-000.tar", samples)
-    rows = list(pages_of(plan(shard), SETTINGS, StorageOptions()))
+    rows = list(pages_of(plan(shard), SETTINGS, StorageSpec()))
 
     assert [(r["page"], r["n_pages"], r["member"], r["status"]) for r in rows] == [
         (0, 3, "000000.jpg", "ok"), (1, 3, "000001.png", "ok"), (2, 3, "000002.webp", "ok")]
     for row, image in zip(rows, samples.values()):
-        alone = next(pages_of(plan(image), SETTINGS, StorageOptions()))
+        alone = next(pages_of(plan(image), SETTINGS, StorageSpec()))
         assert np.array_equal(page_image(row), page_image(alone))
 
 
 def test_a_bad_member_is_an_error_row_for_its_page_only(samples, tmp_path):
     shard = make_shard(tmp_path / "shard-001.tar", samples, {"000003.jpg": b"\xff\xd8 not really a jpeg",
                                                              "000004.png": b""})
-    rows = list(pages_of(plan(shard), RenderSettings(longest_edge=980), StorageOptions()))  # in the sandbox
+    rows = list(pages_of(plan(shard), RenderSpec(longest_edge=980), StorageSpec()))  # in the sandbox
 
     assert [(r["member"], r["status"]) for r in rows] == [
         ("000000.jpg", "ok"), ("000001.png", "ok"), ("000002.webp", "ok"), ("000003.jpg", "error"), ("000004.png", "error")]
@@ -94,7 +94,7 @@ def test_a_member_name_that_is_not_utf8_is_written_with_escapes(tmp_path):
 
     image = make_image(tmp_path / "x.png")
     (tmp_path / "old.tar").write_bytes(_tar_bytes({"caf\xe9.png": image.read_bytes()}, encoding="latin-1"))
-    rows = list(pages_of(plan(tmp_path / "old.tar"), SETTINGS, StorageOptions()))
+    rows = list(pages_of(plan(tmp_path / "old.tar"), SETTINGS, StorageSpec()))
     assert [(r["member"], r["status"]) for r in rows] == [("caf\\xe9.png", "ok")]
     table_from_rows(rows, PAGE_SCHEMA)  # Arrow takes it: a surrogate would stop the whole block
 
@@ -111,13 +111,13 @@ def test_a_shard_that_gives_no_pages_is_one_error_row(tmp_path, content, reason)
             add(tar, "000000.txt", b"a caption without its image")
     else:
         path.write_bytes(content)
-    rows = list(pages_of(plan(path), SETTINGS, StorageOptions()))
+    rows = list(pages_of(plan(path), SETTINGS, StorageSpec()))
     assert len(rows) == 1 and rows[0]["status"] == "error" and rows[0]["error"].startswith(reason)
 
 
 def test_a_resumed_shard_decodes_only_its_missing_members(samples, tmp_path):
     shard = make_shard(tmp_path / "shard-002.tar", samples)
-    rows = list(pages_of({**plan(shard), "done_pages": [0, 2], "known_pages": 3}, SETTINGS, StorageOptions()))
+    rows = list(pages_of({**plan(shard), "done_pages": [0, 2], "known_pages": 3}, SETTINGS, StorageSpec()))
     assert [(r["page"], r["member"]) for r in rows] == [(1, "000001.png")]
 
 
@@ -126,7 +126,7 @@ def test_each_row_of_an_image_table_is_a_page_named_by_its_path(samples, tmp_pat
         {"image": None, "caption": "a row whose image is missing"},
         {"image": {"bytes": b"not an image", "path": "000004.jpg"}, "caption": "garbage"},
     ])
-    rows = list(pages_of(plan(table), SETTINGS, StorageOptions()))
+    rows = list(pages_of(plan(table), SETTINGS, StorageSpec()))
 
     assert [(r["page"], r["n_pages"], r["member"], r["status"]) for r in rows] == [
         (0, 5, "000000.jpg", "ok"), (1, 5, "000001.png", "ok"), (2, 5, "000002.webp", "ok"),
@@ -134,18 +134,18 @@ def test_each_row_of_an_image_table_is_a_page_named_by_its_path(samples, tmp_pat
     assert rows[3]["error"] == "this row has no image (null)"
     assert rows[4]["error"].startswith("cannot decode image")
     for row, image in zip(rows, samples.values()):
-        assert np.array_equal(page_image(row), page_image(next(pages_of(plan(image), SETTINGS, StorageOptions()))))
+        assert np.array_equal(page_image(row), page_image(next(pages_of(plan(image), SETTINGS, StorageSpec()))))
 
 
 def test_a_binary_image_column_works_too_and_a_table_without_one_is_an_error_row(samples, tmp_path):
     jpgs = tmp_path / "jpgs.parquet"
     pq.write_table(pa.table({"key": ["a", "b"], "jpg": [samples["000000"].read_bytes()] * 2}), jpgs)
-    rows = list(pages_of(plan(jpgs), SETTINGS, StorageOptions()))
+    rows = list(pages_of(plan(jpgs), SETTINGS, StorageSpec()))
     assert [(r["page"], r["member"], r["status"]) for r in rows] == [(0, None, "ok"), (1, None, "ok")]
 
     metadata = tmp_path / "metadata.parquet"
     pq.write_table(pa.table({"url": ["https://example.com/a.jpg"], "caption": ["a cat"]}), metadata)
-    rows = list(pages_of(plan(metadata), SETTINGS, StorageOptions()))
+    rows = list(pages_of(plan(metadata), SETTINGS, StorageSpec()))
     assert len(rows) == 1 and rows[0]["status"] == "error"
     assert rows[0]["error"].startswith("Parquet table has no image column")
 

@@ -11,8 +11,8 @@ import pytest
 
 from connectors.ledger import read_ledger
 from connectors.parquet_sink import ParquetSink, ParquetStore
+from core.schema import RESULT_SCHEMA, table_from_rows
 from jobs.runner import _drop_done
-from pipeline.schema import RESULT_SCHEMA, table_from_rows
 
 
 class Killed(BaseException):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import SpecError
+from core.spec import load_spec, spec_from_dict
 from jobs.cli import build_parser, spec_from_args
-from jobs.spec import SpecError, load_spec, spec_from_dict
 
 
 def test_toml_spec_loads_into_typed_sections(tmp_path):
@@ -15,7 +16,7 @@ def test_toml_spec_loads_into_typed_sections(tmp_path):
         '[model]\nid = "m"\ndtype = "bf16"\ndo_image_splitting = true\n'
         '[[tasks]]\nkind = "ocr"\n[[tasks]]\nkind = "qa"\nquestions = ["Who?", "When?"]\nmax_new_tokens = 64\n'
     )
-    spec = load_spec(path).validate()
+    spec = load_spec(path).check_runnable()
     assert spec.input.exclude == ["*.tmp"]
     assert spec.model.dtype == "bf16" and spec.model.do_image_splitting is True
     assert [t.task_name for t in spec.tasks] == ["ocr", "qa"]
@@ -41,7 +42,7 @@ def test_validation_names_the_problem(change, message):
     data = {"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"id": "m"}, "tasks": [{"kind": "ocr"}]}
     data.update(change)
     with pytest.raises(SpecError, match=message):
-        spec_from_dict(data).validate()
+        spec_from_dict(data).check_runnable()
 
 
 def test_flags_override_the_job_file(tmp_path):
@@ -50,7 +51,7 @@ def test_flags_override_the_job_file(tmp_path):
     args = build_parser().parse_args(
         ["run", "--job", str(path), "--output", "c", "--max-new-tokens", "7", "--device", "cpu", "--no-image-splitting"]
     )
-    spec = spec_from_args(args).validate()
+    spec = spec_from_args(args).check_runnable()
     assert spec.input.uri == "a" and spec.output.uri == "c"
     assert spec.tasks[0].kind == "caption" and spec.tasks[0].max_new_tokens == 7
     assert spec.model.device == "cpu" and spec.model.do_image_splitting is False
@@ -62,7 +63,7 @@ def test_routing_and_batch_budgets_are_flags_too(tmp_path):
                     '[routing]\ndedup = true\n[resources]\nbatch_size = 32\n')
     args = build_parser().parse_args(["run", "--job", str(path), "--text-layer", "--ocr-engine", "tesseract",
                                       "--no-dedup", "--max-batch-tokens", "50000"])
-    spec = spec_from_args(args).validate()
+    spec = spec_from_args(args).check_runnable()
     assert (spec.routing.text_layer, spec.routing.ocr_engine, spec.routing.dedup) == (True, "tesseract", False)
     assert (spec.resources.batch_size, spec.resources.max_batch_tokens) == (32, 50000)  # the file's, and the flag's
     assert not spec.needs_model  # Tesseract answers every OCR page: no model, no GPU

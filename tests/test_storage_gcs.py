@@ -9,9 +9,9 @@ import math
 import pytest
 
 from connectors.listing import LIST_PAGE, list_inputs
-from connectors.storage import StorageOptions, filesystem_for, fsspec_options, read_bytes
+from connectors.storage import filesystem_for, fsspec_options, read_bytes
+from core.spec import InputSpec, StorageSpec, spec_from_dict
 from jobs.runner import run_job
-from jobs.spec import InputSpec, spec_from_dict
 from tests.conftest import make_image, make_pdf, read_rows, small_ocr_job
 from tests.gcs_server import GcsServer
 from tests.test_listing import GLOB_CASES
@@ -43,8 +43,8 @@ def archive(gcs) -> str:
     return bucket
 
 
-def options(gcs) -> StorageOptions:
-    return StorageOptions(gcs_endpoint_url=gcs.endpoint, anon=True)  # what `[storage]` in a job spec sets
+def options(gcs) -> StorageSpec:
+    return StorageSpec(gcs_endpoint_url=gcs.endpoint, anon=True)  # what `[storage]` in a job spec sets
 
 
 def listed(uri: str, gcs, **input_settings) -> list[dict]:
@@ -115,12 +115,12 @@ def test_the_endpoint_comes_from_the_job_or_from_storage_emulator_host(gcs, monk
     assert read_bytes(f"gs://{bucket}/a.txt", options(gcs)) == b"from the emulator"
 
     # An S3 endpoint is not a GCS one: a job may read from MinIO and from GCS at once.
-    both = StorageOptions(endpoint_url="http://minio:9000", gcs_endpoint_url=gcs.endpoint)
+    both = StorageSpec(endpoint_url="http://minio:9000", gcs_endpoint_url=gcs.endpoint)
     assert fsspec_options("gs", both)["endpoint_url"] == gcs.endpoint
     assert fsspec_options("s3", both)["client_kwargs"]["endpoint_url"] == "http://minio:9000"
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoint.removeprefix("http://"))  # how Google's tools set it
-    assert read_bytes(f"gs://{bucket}/a.txt", StorageOptions(anon=True)) == b"from the emulator"
+    assert read_bytes(f"gs://{bucket}/a.txt", StorageSpec(anon=True)) == b"from the emulator"
 
 
 def ocr_job(source: str, output: str, gcs, model) -> dict:

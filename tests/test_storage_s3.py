@@ -13,10 +13,12 @@ from typing import Iterator
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from tests.conftest import StoreProxy, make_image, make_pdf, one_line_error, run_cli
 
-from connectors.parquet_sink import OutputError, ParquetStore
-from connectors.storage import StorageOptions, filesystem_for, fsspec_options, read_bytes, uri_for
+from connectors.parquet_sink import ParquetStore
+from connectors.storage import filesystem_for, fsspec_options, read_bytes, uri_for
+from core.errors import OutputError
+from core.spec import StorageSpec
+from tests.conftest import StoreProxy, make_image, make_pdf, one_line_error, run_cli
 
 SLOW_DOWN = (503, b'<?xml version="1.0" encoding="UTF-8"?>\n'
                   b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>")
@@ -34,10 +36,10 @@ SLOW_DOWN = (503, b'<?xml version="1.0" encoding="UTF-8"?>\n'
     ],
 )
 def test_every_kind_of_uri_resolves_to_a_filesystem_and_back(uri, protocol, path):
-    fs, inner = filesystem_for(uri, StorageOptions(endpoint_url="http://127.0.0.1:9", anon=True))
+    fs, inner = filesystem_for(uri, StorageSpec(endpoint_url="http://127.0.0.1:9", anon=True))
     assert protocol in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
     assert inner == path
-    assert filesystem_for(uri_for(fs, inner), StorageOptions(endpoint_url="http://127.0.0.1:9", anon=True))[1] == path
+    assert filesystem_for(uri_for(fs, inner), StorageSpec(endpoint_url="http://127.0.0.1:9", anon=True))[1] == path
 
 
 def test_plain_relative_path_is_made_absolute(tmp_path, monkeypatch):
@@ -52,17 +54,17 @@ def test_endpoint_and_region_come_from_the_environment_unless_the_job_sets_them(
     monkeypatch.setenv("AWS_REGION", "eu-west-3")
 
     assert read_bytes(f"s3://{bucket}/a.txt") == b"from the environment"  # no [storage] section at all
-    options = fsspec_options("s3", StorageOptions(endpoint_url="http://minio:9000", region="us-east-1", profile="p", anon=True))
+    options = fsspec_options("s3", StorageSpec(endpoint_url="http://minio:9000", region="us-east-1", profile="p", anon=True))
     assert options["client_kwargs"] == {"endpoint_url": "http://minio:9000", "region_name": "us-east-1"}
     assert (options["profile"], options["anon"]) == ("p", True)
-    assert fsspec_options("s3", StorageOptions())["client_kwargs"]["region_name"] == "eu-west-3"
+    assert fsspec_options("s3", StorageSpec())["client_kwargs"]["region_name"] == "eu-west-3"
 
 
 def test_throttled_reads_are_retried_and_missing_objects_are_not(s3_server):
     bucket = s3_server.new_bucket("retry")
     s3_server.put(bucket, "scan.pdf", b"%PDF-1.7 bytes")
     with StoreProxy(s3_server.endpoint) as proxy:  # a busy endpoint: the next two requests get 503 SlowDown
-        options = StorageOptions(endpoint_url=proxy.endpoint)
+        options = StorageSpec(endpoint_url=proxy.endpoint)
         assert read_bytes(f"s3://{bucket}/scan.pdf", options) == b"%PDF-1.7 bytes"
         clean_read = len(proxy.requests)
 
@@ -132,7 +134,7 @@ def test_forbidden_object_and_unwritable_output_are_reported_clearly(s3_server, 
                                   deny("s3:PutObject", f"{bucket}/locked/*")]) as credentials:
         for name, value in credentials.items():
             monkeypatch.setenv(name, value)
-        options = StorageOptions(endpoint_url=s3_server.endpoint)
+        options = StorageSpec(endpoint_url=s3_server.endpoint)
 
         with pytest.raises(PermissionError, match=f"access denied: s3://{bucket}/private/secret.pdf"):
             read_bytes(f"s3://{bucket}/private/secret.pdf", options)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from tests.conftest import free_port, make_image, read_rows, run_cli
+from core.errors import SpecError
 from jobs.cli import build_parser
-from jobs.spec import SpecError
 from jobs.submit import prepare_submission
+from tests.conftest import free_port, make_image, read_rows, run_cli
 from tests.local_cluster import LocalCluster
 
 

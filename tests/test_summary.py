@@ -17,8 +17,8 @@ from tests.conftest import make_image, make_pdf, read_rows
 @pytest.fixture(scope="module")
 def known_run(tmp_path_factory, tiny_model, ray_local):
     """Two PDFs (3 pages), an image, a corrupt PDF and a text file; OCR plus QA with two questions."""
+    from core.spec import JobSpec, TaskSpec
     from jobs.runner import run_job
-    from jobs.spec import JobSpec, TaskSpec
 
     inputs = tmp_path_factory.mktemp("summary-in")
     make_pdf(inputs / "report.pdf", ["First page.", "Second page."])
@@ -100,8 +100,7 @@ def test_gpu_hours_and_cost_per_million_pages(known_run):
     from jobs.summary import build_run_summary
 
     result = known_run["first"]
-    spec = known_run["spec"]
-    spec.resources.num_replicas = 2
+    spec = known_run["spec"].updated(resources={"num_replicas": 2})
     as_if = type(result)(**{**result.__dict__, "wall_s": 5400.0})
     summary = build_run_summary(ParquetStore(str(known_run["output"])), spec, as_if, gpus_per_replica=1.0)
     pages = summary["pages"]["total"]
@@ -180,8 +179,8 @@ def test_progress_redraws_one_line_on_a_terminal():
 
 
 def test_whole_document_rows_count_for_documents_but_not_as_pages():
+    from core.schema import DOCUMENT_PAGE, RESULT_SCHEMA, table_from_rows
     from jobs.summary import SUMMARY_COLUMNS, RowTally
-    from pipeline.schema import DOCUMENT_PAGE, RESULT_SCHEMA, table_from_rows
 
     rows = [
         {"source_uri": "a.pdf", "page": 0, "task": "ocr", "status": "ok", "n_output_tokens": 5, "truncated": False},

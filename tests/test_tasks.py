@@ -8,18 +8,18 @@ import json
 
 import pytest
 
-import pipeline.pages
 import pipeline.preprocess
-from tests.conftest import make_pdf
+import pipeline.render.stage
 from connectors.ledger import read_ledger
 from connectors.listing import list_inputs
 from connectors.parquet_sink import ParquetStore
-from connectors.storage import StorageOptions
-from jobs.spec import InputSpec, JobSpec, SpecError, TaskSpec
-from pipeline.generate import generated_output, load_processor
-from pipeline.prompts import work_units
-from pipeline.schema import RESULT_SCHEMA, table_from_rows
-from tests.stages import job, plan_row, run_stages
+from core.errors import SpecError
+from core.schema import RESULT_SCHEMA, table_from_rows
+from core.spec import InputSpec, JobSpec, OutputSpec, StorageSpec, TaskSpec
+from core.units import work_units
+from pipeline.model.loading import load_processor
+from pipeline.model.stage import generated_output
+from tests.conftest import job, make_pdf, plan_row, run_stages
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_every_task_kind_in_one_pass(tiny_model, two_pages, monkeypatch):
         TaskSpec(kind="qa", questions=["What is the total?", "Who signed?"], max_new_tokens=4),
         TaskSpec(kind="custom", name="keywords", prompt="List three keywords for this page.", max_new_tokens=4),
     ]
-    reads = counting(monkeypatch, pipeline.pages, "pages_of")
+    reads = counting(monkeypatch, pipeline.render.stage, "pages_of")
     resizes = counting(monkeypatch, pipeline.preprocess, "model_crops")
     rows = run_stages(job(tiny_model, tasks), [plan_row(two_pages)])
 
@@ -79,13 +79,12 @@ def test_manifest_questions_give_one_row_per_question(tiny_model, tmp_path):
         {"uri": "b.pdf", "question": "What is the total?"},
         {"uri": "c.pdf"},
     ]))
-    plan = list(list_inputs(InputSpec(uri=str(manifest), manifest=True), StorageOptions()))
+    plan = list(list_inputs(InputSpec(uri=str(manifest), manifest=True), StorageSpec()))
     tasks = [TaskSpec(kind="qa", max_new_tokens=3),  # no questions of its own: each document's
              TaskSpec(kind="qa", name="language", questions=["Which language is this?"], max_new_tokens=3)]
-    spec = job(tiny_model, tasks)
-    spec.input = InputSpec(uri=str(manifest), manifest=True)
-    spec.output.uri = str(tmp_path / "out")
-    spec.validate()  # a QA task without questions is fine when the manifest brings them
+    spec = job(tiny_model, tasks, input=InputSpec(uri=str(manifest), manifest=True),
+               output=OutputSpec(uri=str(tmp_path / "out")))
+    spec.check_runnable()  # a QA task without questions is fine when the manifest brings them
     rows = run_stages(spec, plan)
 
     by_source = {}
@@ -100,7 +99,7 @@ def test_manifest_questions_give_one_row_per_question(tiny_model, tmp_path):
     assert "no question for this document" in missing["error"]
     with pytest.raises(SpecError, match="needs a question"):
         JobSpec(input=InputSpec(uri="x"), output=spec.output, model=spec.model,
-                tasks=[TaskSpec(kind="qa")]).validate()
+                tasks=[TaskSpec(kind="qa")]).check_runnable()
 
 
 def test_resume_knows_each_documents_own_questions(tmp_path):

@@ -6,7 +6,7 @@ forever. So before each `generate` call a replica notes the units it is about to
 and clears the note when the call returns or raises. A replica that starts and finds a note knows its
 predecessor died inside that call: every unit in the note counts one crash.
 
-The generator then isolates suspects (pipeline/generate.py): a batch holding a unit that was in flight
+The model stage then isolates suspects (stage.py): a batch holding a unit that was in flight
 at a crash is split in halves, down to single units, so the next crash names one unit; a unit that
 crashed the replica while generated alone, and at least twice in all, becomes an error row instead of
 a third attempt. A page that kills its replica costs two restarts (one with its batch, one alone); its
@@ -25,16 +25,14 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+import ray
+
 POISON_AFTER = 2  # crashes (at least one with the unit alone) after which a unit is not tried again
 
 
 def journal_folder(run_id: str) -> Path:
     """Where a run's replicas keep their journals on a node."""
     return Path(tempfile.gettempdir()) / "scriptorium-crash-journal" / (run_id or "run")
-
-
-def unit_key(source_uri: str, page: int, task: str, question: str | None) -> str:
-    return json.dumps([source_uri, page, task, question])
 
 
 class CrashJournal:
@@ -82,8 +80,6 @@ class CrashJournal:
 def journal_for_this_replica(run_id: str) -> CrashJournal | None:
     """The journal of the Ray actor this code runs in, or None outside one."""
     try:
-        import ray
-
         actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
     except Exception:
         actor_id = None

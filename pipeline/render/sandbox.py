@@ -27,13 +27,15 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Iterator
 
-from pipeline.pages import PageError, RenderSettings
+from core.errors import PageError
+from core.spec import RenderSpec
+from pipeline.render import decoders
 
 MAX_LOST_PAGES = 3  # pages of one document that may hang or crash the child before the rest is given up
 STARTUP_LIMIT_S = 300.0  # importing PyMuPDF and Pillow on a busy node
 
 
-def hard_limit_s(settings: RenderSettings) -> float:
+def hard_limit_s(settings: RenderSpec) -> float:
     """How long the parent waits for one answer: past the soft limit, so that one fires first when it can."""
     return settings.timeout_s * 1.5 + 2.0 if settings.timeout_s > 0 else 0.0
 
@@ -65,7 +67,7 @@ class RenderSandbox:
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.sandbox", str(theirs.fileno()), str(os.getpid())],
+            [sys.executable, "-m", "pipeline.render.sandbox", str(theirs.fileno()), str(os.getpid())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
         )
@@ -113,7 +115,7 @@ class RenderSandbox:
             raise ChildLost(f"{what} crashed the renderer ({_exit_reason(code)})") from None
 
     # -- documents --------------------------------------------------------------------------------
-    def _open(self, kind: str, data: bytes, settings: RenderSettings, token: object) -> int:
+    def _open(self, kind: str, data: bytes, settings: RenderSpec, token: object) -> int:
         try:
             answer = self._ask(("open", kind, data, settings), hard_limit_s(settings), "opening the file")
         except ChildLost as exc:
@@ -123,8 +125,8 @@ class RenderSandbox:
         self._document = token
         return answer[1]
 
-    def frames(self, kind: str, data: bytes, settings: RenderSettings, skip: set[int]) -> Iterator[dict]:
-        """Every page not in `skip`, as `pages.local_frames` gives them, but safe from hangs and crashes.
+    def frames(self, kind: str, data: bytes, settings: RenderSpec, skip: set[int]) -> Iterator[dict]:
+        """Every page not in `skip`, as `decoders.local_frames` gives them, but safe from hangs and crashes.
         Raises PageError if the file cannot be opened."""
         token = object()
         n_pages = self._open(kind, data, settings, token)
@@ -198,9 +200,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def serve(fd: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
-    from pipeline import pages
-
-    pages._import_renderers()  # once, before saying ready: time limits then measure rendering only
+    decoders._import_renderers()  # once, before saying ready: time limits then measure rendering only
 
     connection = Connection(fd)
     connection.send(("ready",))
@@ -216,14 +216,14 @@ def serve(fd: int, parent_pid: int) -> None:
                 document = None
             _, kind, data, settings = request
             try:
-                document = pages.open_document(kind, data, settings)
+                document = decoders.open_document(kind, data, settings)
                 connection.send(("opened", document.n_pages))
             except PageError as exc:
                 connection.send(("failed", str(exc)))
             except Exception as exc:
-                connection.send(("failed", f"cannot open the file: {pages._describe(exc)}"))
+                connection.send(("failed", f"cannot open the file: {decoders.describe(exc)}"))
         elif request[0] == "page":
-            connection.send(("page", pages.render_one(document, request[1], settings)))
+            connection.send(("page", decoders.render_one(document, request[1], settings)))
 
 
 if __name__ == "__main__":

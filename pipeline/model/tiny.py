@@ -100,11 +100,20 @@ def build_tiny_idefics2(
     longest_edge: int = 980,
     shortest_edge: int = 378,
     image_seq_len: int = 64,
+    image_sensitive: bool = True,
 ) -> Path:
-    """Write a tiny random Idefics2 checkpoint (model + processor) to `out_dir` and return the path."""
+    """Write a tiny random Idefics2 checkpoint (model + processor) to `out_dir` and return the path.
+    `image_sensitive=False` keeps transformers' default initialisation, whose greedy output ignores the
+    image and falls into a loop at once: only for tests of loop handling, never for equality tests."""
     import torch
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
-    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+    from transformers import (
+        Idefics2Config,
+        Idefics2ForConditionalGeneration,
+        Idefics2Processor,
+    )
+    from transformers.models.idefics2.image_processing_pil_idefics2 import (
+        Idefics2ImageProcessorPil,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +167,8 @@ def build_tiny_idefics2(
     )
     torch.manual_seed(seed)
     model = Idefics2ForConditionalGeneration(config)
-    init_image_sensitive(model)
+    if image_sensitive:
+        init_image_sensitive(model)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
     # The instruct model stops at <end_of_utterance> as well as at </s>.

@@ -8,7 +8,7 @@
   `path`; or a binary column named image, img, jpg, png, ...): row i is page i, and `member` is the
   row's `path` where the table has one.
 
-Each image is decoded exactly as an image file is (`pages.py`: the same size checks, the first frame,
+Each image is decoded exactly as an image file is (`decoders.py`: the same size checks, the first frame,
 transparency onto white), in the render sandbox when there is one, and only that image's bytes are
 sent there. An image that fails is an error row for its page; a shard that cannot be opened, or holds
 no images, is an error row, as any unreadable file.
@@ -24,7 +24,10 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.pages import PageError, RenderSettings, kind_of, time_limit
+from core.errors import PageError
+from core.kinds import kind_of
+from core.spec import RenderSpec
+from pipeline.render.decoders import time_limit
 
 # Binary columns taken for images when no column is a Hugging Face `Image` struct.
 IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp")
@@ -62,6 +65,9 @@ class TarShard:
         # write their odd bytes as \xNN escapes, so the name stays readable and unambiguous.
         raw = self.members[number].name.encode("utf-8", "surrogateescape")
         return raw.decode("utf-8", "backslashreplace")
+
+    def close(self) -> None:
+        self.tar.close()
 
     def image_bytes(self, number: int) -> bytes | None:
         if number == len(self.members):
@@ -104,6 +110,9 @@ class ParquetImages:
             self._group, self._images = group, column
         return number - self.starts[group]
 
+    def close(self) -> None:
+        self.file.close()
+
     def name(self, number: int) -> str | None:
         row = self._load(number)  # first: it replaces the lists below
         return self._names[row]
@@ -131,14 +140,14 @@ def image_column(schema) -> tuple[str, bool]:
 SHARD_KINDS = {"tar": TarShard, "parquet": ParquetImages}
 
 
-def open_shard(kind: str, data: bytes, settings: RenderSettings) -> TarShard | ParquetImages:
+def open_shard(kind: str, data: bytes, settings: RenderSpec) -> TarShard | ParquetImages:
     if not data:
         raise PageError("file is empty (0 bytes)")
     with time_limit(settings.timeout_s, "reading the shard's index"):
         return SHARD_KINDS[kind](data)
 
 
-def shard_frames(kind: str, data: bytes, settings: RenderSettings, skip: set[int],
+def shard_frames(kind: str, data: bytes, settings: RenderSpec, skip: set[int],
                  image_frames: Callable) -> Iterator[dict]:
     """One frame per image not in `skip`: page, n_pages, member, and pixels or an error.
     `image_frames(kind, data, settings, skip)` decodes one image file (in the sandbox or here).

@@ -1,24 +1,23 @@
-"""How many pixels a PDF page is rendered at: the one rule, from the job's `[render]` and the model's image settings.
+"""How many pixels a PDF page is rendered at, page by page, under the render spec the driver resolved
+(`pipeline.stages.resolved_render`, the one place the size is decided).
 
 The model sees each image at most `longest_edge` pixels long. Without image splitting the image is the
 page, so the page is rendered at `longest_edge`. With splitting the model sees four quadrants plus the
 whole page, each brought to at most `longest_edge`, so the page is rendered at twice that: each quadrant
-then carries up to `longest_edge` pixels of real detail instead of half as many upscaled (at idefics2-8b's
+then carries up to `longest_edge` pixels of real detail instead of half as many stretched (at idefics2-8b's
 980, small print is legible at 1960 and lost at 980: bench/legibility.py). A scanned page (essentially one
 embedded raster image) holds no more detail than its scan, so it is rendered at the scan's own resolution
 when that is lower: a scan is never upscaled. `[render] longest_edge` or `[render] dpi` override the rule
-for every page. Images (PNG, JPEG, ...) are not rendered: the model stage splits and resizes them exactly
-as the reference processor does.
+for every page. Images (PNG, JPEG, ...) are not rendered: the preprocess stage splits and resizes them
+exactly as the reference processor does.
+
+This module runs in the render sandbox's child process, with the decoders: PyMuPDF only.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from jobs.spec import RenderSpec
-    from pipeline.pages import RenderSettings
-    from pipeline.preprocess import ImageSettings
+from core.errors import PageError
+from core.spec import RenderSpec
 
 POINTS_PER_INCH = 72
 # A page is a scan when raster images cover this share of it and it shows little else: at most this many
@@ -28,34 +27,12 @@ SCAN_MAX_VISIBLE_CHARS = 40
 SCAN_MAX_DRAWINGS = 10
 
 
-def model_render_edge(image: ImageSettings) -> int:
-    """The longest edge at which a PDF page gives the model all the detail it can take in."""
-    return 2 * image.longest_edge if image.do_image_splitting else image.longest_edge
-
-
-def render_settings(render: RenderSpec, image: ImageSettings) -> RenderSettings:
-    """The job's render settings: its overrides, or the model's rule with scans at their own resolution."""
-    from pipeline.pages import RenderSettings
-
-    overridden = bool(render.longest_edge or render.dpi)
-    return RenderSettings(
-        longest_edge=render.longest_edge or model_render_edge(image),
-        dpi=render.dpi,
-        scans_at_own_resolution=not overridden,
-        max_pixels=render.max_pixels,
-        max_pages=render.max_pages,
-        timeout_s=render.timeout_s,
-    )
-
-
-def page_pixel_size(page, settings: RenderSettings) -> tuple[int, int]:
+def page_pixel_size(page, settings: RenderSpec) -> tuple[int, int]:
     """(width, height) in pixels to render a PyMuPDF page at; raises PageError past `max_pixels`.
 
     The page box sets only the aspect ratio, unless `dpi` is asked for: then the size is the page box's
     in inches times the dpi, and a page box too large for `max_pixels` at that dpi is refused.
     """
-    from pipeline.pages import PageError
-
     rect = page.rect
     if settings.dpi:
         zoom = settings.dpi / POINTS_PER_INCH

@@ -1,18 +1,20 @@
-"""Crops in transit: the uint8 crops a page ships to the model stage, compressed losslessly, and back.
+"""Pixels between stages: HWC uint8 RGB images with their shapes beside them, raw or compressed.
 
-Between the CPU stage and the model actor a page crosses the object store, and at the render size the
-model can use (pipeline/render_size.py) a split page is ~10 MB of raw crops. Each crop is filtered the
-way PNG and lossless WebP filter images, then compressed with zstd (level 1, pyarrow's codec):
+A page row carries its image raw, as bytes with `width`/`height` (a document row several, one after the
+other, with `image_shapes`). A preprocessed row carries the model's crops compressed losslessly as
+`pixels`, with `crop_shapes`: at the render size the model can use (pipeline/render/size.py) a split page
+is ~10 MB of raw crops, and it crosses the object store to the model stage. Each crop is filtered the way
+PNG and lossless WebP filter images, then compressed with zstd level 1 (pyarrow's codec):
 
 - *up*: each row minus the row above (mod 256): smooth content becomes small residuals;
 - *subtract green*: red and blue minus green (mod 256), stored as three planes: the channels of paper,
   ink and photos move together, so two planes become near-constant;
-- zstd level 1: fast, and on the benchmark mix (text pages, scans, photos) within a few percent of
-  levels 3-6, which cost two to four times as long (BENCHMARKS.md).
+- zstd level 1: on the benchmark mix (text pages, scans, photos) higher levels gain nothing on the
+  filtered crops, for up to twice the time (BENCHMARKS.md).
 
 Every step is exact modular arithmetic on uint8, so the model actor gets back the very bytes the CPU
-stage packed: the collated tensors stay bit-identical to the reference processor's
-(tests/test_preprocess_fidelity.py). Decompressing costs the actor a few ms per page.
+stage made: the collated tensors stay bit-identical to the reference processor's
+(tests/test_preprocess_fidelity.py). These functions are the only ones that pack and unpack pixels.
 """
 
 from __future__ import annotations
@@ -23,8 +25,31 @@ import pyarrow as pa
 CODEC = pa.Codec("zstd", compression_level=1)
 
 
+def unpack_crops(pixels: bytes, shapes: list[list[int]]) -> list[np.ndarray]:
+    """Raw HWC images one after the other -> views into `pixels`, no copies."""
+    buffer = np.frombuffer(pixels, dtype=np.uint8)
+    crops, offset = [], 0
+    for height, width in shapes:
+        n = height * width * 3
+        crops.append(buffer[offset : offset + n].reshape(height, width, 3))
+        offset += n
+    return crops
+
+
+def page_image(row: dict) -> np.ndarray:
+    """The HWC uint8 array of a page row."""
+    return np.frombuffer(row["image"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
+
+
+def page_images(row: dict) -> list[np.ndarray]:
+    """The HWC uint8 arrays of a row: one for a page, several (in page order) for a document row."""
+    if not row.get("image_shapes"):
+        return [page_image(row)]
+    return unpack_crops(row["image"], row["image_shapes"])
+
+
 def compress_crops(crops: list[np.ndarray]) -> tuple[bytes, list[list[int]]]:
-    """HWC uint8 crops -> (one compressed blob, [[h, w], ...]) for a row's `pixels` and `crop_shapes`."""
+    """HWC uint8 crops -> (one compressed blob, [[h, w], ...]): a preprocessed row's `pixels`, `crop_shapes`."""
     shapes = [[int(c.shape[0]), int(c.shape[1])] for c in crops]
     filtered = np.empty(sum(h * w * 3 for h, w in shapes), dtype=np.uint8)
     offset = 0

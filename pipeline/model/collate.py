@@ -1,8 +1,8 @@
 """Collation inside the model actor: uint8 crops -> batches -> the model's pixel tensors.
 
 `batch_by_shape` decides which sequences share a `generate` call: sorted by crop count and size, so
-crops of one shape meet in the same vision-tower calls (see `image_features.py`), and cut by a count
-and optional pixel and token budgets (`batch_budget.py` sizes the token budget to the GPU).
+crops of one shape meet in the same vision-tower calls (see `features.py`), and cut by a count
+and optional pixel and token budgets (`budget.py` sizes the token budget to the GPU).
 
 `collate_pixels` mirrors the reference processor's last steps exactly: rescale (computed in float64,
 stored as float32, as `transformers.image_transforms.rescale` does), normalize in float32, zero-pad every
@@ -18,7 +18,7 @@ from typing import Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from pipeline.preprocess import ImageSettings
+from core.image_settings import ImageSettings
 
 T = TypeVar("T")
 

@@ -1,9 +1,12 @@
 """The model stage: one Idefics2 replica per actor, batched greedy generation with left padding.
 
-`load_processor` / `load_model` are the model card's loading code (`AutoProcessor`,
-`AutoModelForImageTextToText.from_pretrained` on a hub id or local path) with the job's dtype,
-attention and quantization options. `Idefics2Generator` is the callable class Ray Data's actor pool
-runs: preprocessed page rows in, one result row per (page, prompt) out.
+`GenerateAnswers` is the callable class Ray Data's actor pool runs (one per replica, loaded once):
+preprocessed page rows in, one result row per (page, task, question) unit out. Units answered before the
+model and units of failed pages become rows by the answer steps' one rule (`pipeline/steps.py`); the
+rest are grouped into batches (collate.py) under the replica's count, pixel and KV-cache token budgets
+(budget.py), their crops encoded at their own sizes (features.py), and generated with `generate`. A batch
+that fails is halved until the failing unit is alone; a unit that keeps killing the replica is found
+through the crash journal (journal.py); degenerate outputs are retried by sampling (degenerate.py).
 """
 
 from __future__ import annotations
@@ -17,77 +20,30 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
-import pyarrow as pa
+import ray
 import torch
 
-from jobs.spec import ModelSpec
-from pipeline.batch_budget import automatic_token_budget
-from pipeline.collate import batch_by_shape
-from pipeline.crash_journal import journal_for_this_replica, unit_key
-from pipeline.degenerate import is_degenerate
-from pipeline.image_features import encode_crops, generate_kwargs
-from pipeline.preprocess import ImageSettings
+from core.image_settings import ImageSettings
+from core.pixels import decompress_crops
+from core.schema import PREPROCESSED_SCHEMA
+from core.spec import ModelSpec, ResourceSpec, TaskSpec
+from core.units import unit_key
+from pipeline.model.budget import automatic_token_budget
+from pipeline.model.collate import batch_by_shape
+from pipeline.model.degenerate import is_degenerate
+from pipeline.model.features import encode_crops, generate_kwargs
+from pipeline.model.journal import journal_for_this_replica
+from pipeline.model.loading import (
+    load_model,
+    load_processor,
+    resolve_device,
+    resolve_dtype,
+)
 from pipeline.prompts import PromptBook, PromptPlan
-from pipeline.routes import page_result, routed_rows
-from pipeline.schema import RESULT_SCHEMA, table_from_rows
-from pipeline.transit import decompress_crops
+from pipeline.results import page_result
+from pipeline.steps import AnswerStep
 
 log = logging.getLogger("scriptorium")
-
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but this worker has no CUDA GPU")
-    return requested
-
-
-def resolve_dtype(requested: str, device: str) -> torch.dtype:
-    if requested == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return TORCH_DTYPES[requested]
-
-
-def load_processor(model_id: str, image_settings: ImageSettings | None = None):
-    """The checkpoint's processor on the PIL backend (CPU and GPU nodes preprocess identically).
-
-    Image splitting is set on the image processor itself, not per call: the text expansion of
-    `<image>` (64 vs 5x64 tokens) reads that attribute, so a per-call flag would desynchronise them.
-    """
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_id, backend="pil")
-    if image_settings is not None:
-        ip = processor.image_processor
-        ip.do_image_splitting = image_settings.do_image_splitting
-        ip.size = {"longest_edge": image_settings.longest_edge, "shortest_edge": image_settings.shortest_edge}
-    return processor
-
-
-def load_model(spec: ModelSpec, device: str):
-    from transformers import AutoModelForImageTextToText
-
-    dtype = resolve_dtype(spec.dtype, device)
-    kwargs = {
-        "dtype": dtype,
-        "attn_implementation": spec.attn_implementation,
-        # Weights load straight onto the replica's device (its GPU is device 0 inside a Ray actor), not
-        # through a host copy: 16 GB of bf16 per replica would otherwise sit in host memory while loading.
-        "device_map": {"": 0 if device == "cuda" else device},
-    }
-    if spec.quantization == "bnb-4bit":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
-    # AWQ checkpoints carry their quantization_config; from_pretrained applies it by itself.
-    model = AutoModelForImageTextToText.from_pretrained(spec.id, **kwargs)
-    model.eval()
-    return model
 
 
 @dataclass
@@ -105,8 +61,6 @@ class Sequence:
 
 def _replica_identity() -> tuple[str, str]:
     try:
-        import ray
-
         if ray.is_initialized():
             ctx = ray.get_runtime_context()
             actor = ctx.get_actor_id() or ""
@@ -117,32 +71,34 @@ def _replica_identity() -> tuple[str, str]:
     return f"{socket.gethostname()}/{os.getpid()}", socket.gethostname()
 
 
-class Idefics2Generator:
-    """Ray Data actor: preprocessed page rows -> result rows, one per (page, prompt plan)."""
+class GenerateAnswers(AnswerStep):
+    """Preprocessed page rows in, result rows out, one per (page, task, question) unit."""
+
+    input_schema = PREPROCESSED_SCHEMA
 
     def __init__(
         self,
-        model_spec: ModelSpec,
+        model: ModelSpec,
         image_settings: ImageSettings,
         prompts: PromptBook,
+        resources: ResourceSpec = ResourceSpec(),
         run_id: str = "",
         batch_size: int = 8,
-        max_batch_pixels: int = 0,
-        max_batch_tokens: int = 0,
     ):
-        self.spec = model_spec
+        self.spec = model
         self.settings = image_settings
         self.book = prompts
+        self.tasks = prompts.tasks
         self.run_id = run_id
-        self.batch_size = batch_size
-        self.max_batch_pixels = max_batch_pixels
-        self.device = resolve_device(model_spec.device)
-        self.dtype = resolve_dtype(model_spec.dtype, self.device)
-        self.processor = load_processor(model_spec.id, image_settings)
+        self.batch_size = batch_size  # pages per batch, resolved for this replica's device (stages.py)
+        self.max_batch_pixels = resources.max_batch_pixels
+        self.device = resolve_device(model.device)
+        self.dtype = resolve_dtype(model.dtype, self.device)
+        self.processor = load_processor(model.id, image_settings)
         self.tokenizer = self.processor.tokenizer
-        self.model = load_model(model_spec, self.device)
+        self.model = load_model(model, self.device)
         # Measured after loading, so the weights are already on the GPU (0 off GPU: no token budget).
-        self.max_batch_tokens = max_batch_tokens or automatic_token_budget(self.model, self.device, self.dtype)
+        self.max_batch_tokens = resources.max_batch_tokens or automatic_token_budget(self.model, self.device, self.dtype)
         # Instruct answers end with <end_of_utterance>: stop there even if a checkpoint's generation
         # config lists only </s>, or every answer would run to max_new_tokens.
         self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id))
@@ -154,35 +110,32 @@ class Idefics2Generator:
             raise ValueError(f"processor image_seq_len={self.processor.image_seq_len} != perceiver latents {n_latents}")
         self.replica, self.node = _replica_identity()
         self._prompt_ids: dict[str, torch.Tensor] = {}
-        self.journal = journal_for_this_replica(run_id)  # finds a page that kills the replica (crash_journal.py)
+        self.journal = journal_for_this_replica(run_id)  # finds a page that kills the replica (journal.py)
         log.info("model replica %s on %s (%s): batches of up to %d pages, %s", self.replica, self.device,
                  str(self.dtype).replace("torch.", ""), batch_size,
                  f"{self.max_batch_tokens} tokens" if self.max_batch_tokens else "no token budget")
 
     # -- per batch --------------------------------------------------------------------------------
-    def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
-        rows, sequences = [], []
-        for page in pages.to_pylist():
-            crops = None
-            if page["status"] == "ok" and page.get("pixels") is not None:
-                crops = decompress_crops(page.pop("pixels"), page.pop("crop_shapes"))
+    def row_values(self, page: dict) -> dict:
+        return {"run_id": self.run_id, "model": self.spec.id, "replica": self.replica, "node": self.node}
+
+    def answer(self, units: list[tuple[dict, TaskSpec, str | None]]) -> list[dict]:
+        rows, sequences, crops_of = [], [], {}
+        for page, task, question in units:
+            if id(page) not in crops_of:  # a page's crops, decompressed once for all its units
+                pixels = page.get("pixels")
+                crops_of[id(page)] = None if pixels is None else decompress_crops(pixels, page["crop_shapes"])
+            crops = crops_of[id(page)]
             n_page_images = len(page.get("image_shapes") or [None])  # a document row shows several pages
-
-            def to_generate(task, question, page=page, crops=crops, n_page_images=n_page_images):
-                plan = self.book.plan(self.processor, task, question, n_page_images)
-                if crops is None:
-                    return self._error_row(page, plan, "page has no pixels for the model", "preprocess")
-                # Few-shot example images come first, as in the prompt; then the page(s), in page order.
-                sequences.append(Sequence(page, plan, self.book.example_crops(task) + crops))
-                return None
-
-            # Units answered before the model (routes.py), page errors and QA units without a question
-            # become rows right away; the rest are generated below.
-            rows.extend(routed_rows(page, self.book.tasks, to_generate, run_id=self.run_id, model=self.spec.id,
-                                    replica=self.replica, node=self.node))
+            plan = self.book.plan(self.processor, task, question, n_page_images)
+            if crops is None:
+                rows.append(self._error_row(page, plan, "page has no pixels for the model", "preprocess"))
+                continue
+            # Few-shot example images come first, as in the prompt; then the page(s), in page order.
+            sequences.append(Sequence(page, plan, self.book.example_crops(task) + crops))
         for group in self._batches(sequences):
             rows.extend(self._generate_or_split(group))
-        yield table_from_rows(rows, RESULT_SCHEMA)
+        return rows
 
     def _batches(self, sequences: list[Sequence]) -> Iterator[list[Sequence]]:
         """Group by prompt and generation settings, then by crop shape, then cut by count, pixel and
@@ -206,7 +159,7 @@ class Idefics2Generator:
         """Generate for a batch; if it fails, halve it until the failing page is alone and record it.
 
         Units that were in flight when a replica died are isolated the same way, across restarts, and a
-        unit that keeps killing the replica becomes an error row (crash_journal.py)."""
+        unit that keeps killing the replica becomes an error row (journal.py)."""
         journal = self.journal
         if journal is not None:
             if len(batch) == 1 and journal.is_poison(batch[0].key):
@@ -236,8 +189,7 @@ class Idefics2Generator:
     def _retry_degenerate(self, batch: list[Sequence], rows: list[dict]) -> list[dict]:
         """Generate degenerate rows again by sampling, at each temperature of the task's ramp in turn;
         a retry replaces a row only if it is not degenerate itself."""
-        task = next((t for t in self.book.tasks if t.task_name == batch[0].plan.task), None)
-        for temperature in getattr(task, "temperature_ramp", None) or []:
+        for temperature in batch[0].plan.spec.temperature_ramp:
             again = [i for i, row in enumerate(rows) if row["degenerate"]]
             if not again:
                 break
@@ -251,22 +203,23 @@ class Idefics2Generator:
     def _generate(self, batch: list[Sequence], temperature: float | None = None) -> list[dict]:
         """Greedy (or the task's sampling), or sampling at `temperature` for a degenerate retry."""
         plan = batch[0].plan
+        task = plan.spec
         ids = self.prompt_ids(plan.prompt)
         input_ids = ids.unsqueeze(0).expand(len(batch), -1).to(self.device)
         attention_mask = torch.ones_like(input_ids)
-        generation = dict(max_new_tokens=plan.max_new_tokens, do_sample=plan.do_sample)
+        generation = dict(max_new_tokens=task.max_new_tokens, do_sample=task.do_sample)
         if self.spec.compile:  # a fixed-size KV cache; on CUDA, generate() then compiles the decode step
             generation["cache_implementation"] = "static"
-        if plan.do_sample:
-            generation.update(temperature=plan.temperature, top_p=plan.top_p)
+        if task.do_sample:
+            generation.update(temperature=task.temperature, top_p=task.top_p)
         if temperature is not None:
-            generation.update(do_sample=True, temperature=temperature, top_p=plan.top_p)
-        if plan.repetition_penalty != 1.0:
-            generation["repetition_penalty"] = plan.repetition_penalty
-        if plan.stop_strings:
-            generation.update(stop_strings=list(plan.stop_strings), tokenizer=self.tokenizer)
+            generation.update(do_sample=True, temperature=temperature, top_p=task.top_p)
+        if task.repetition_penalty != 1.0:
+            generation["repetition_penalty"] = task.repetition_penalty
+        if task.stop_strings:
+            generation.update(stop_strings=list(task.stop_strings), tokenizer=self.tokenizer)
         started = time.perf_counter()
-        # Each crop through the vision tower at its own size, not padded to its neighbours (image_features.py).
+        # Each crop through the vision tower at its own size, not padded to its neighbours (features.py).
         features = encode_crops(self.model, [s.crops for s in batch], self.settings, self.device, self.dtype)
         output = self.model.generate(
             input_ids=input_ids,
@@ -288,8 +241,7 @@ class Idefics2Generator:
                           route="model", generate_s=elapsed / len(batch))
             )
             if temperature is not None:  # the row says how it was made
-                rows[-1]["generation"] = json.dumps({**json.loads(plan.generation), "do_sample": True,
-                                                     "temperature": temperature})
+                rows[-1]["generation"] = json.dumps({**plan.settings, "do_sample": True, "temperature": temperature})
         return rows
 
     def _decode(self, tokens: list[int]) -> str:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from pipeline.pages import units_by_page
-from pipeline.prompts import DOCUMENT_PAGE
-from pipeline.schema import SOURCE_COLUMNS
+from core.schema import DOCUMENT_PAGE, SOURCE_COLUMNS
+from core.units import units_by_page
 
 
 def with_document_row(

@@ -25,6 +25,9 @@ PLAN_SCHEMA = pa.schema(
         ("known_pages", pa.int32()),  # a partly done source's page count from the ledger (null: new source)
         ("done_units", pa.list_(DONE_UNIT)),  # published units on pages not in done_pages
         ("questions", pa.list_(pa.string())),  # per-document questions from a manifest (null: none)
+        # The file's bytes, when a caller hands them instead of a URI to read (pipeline/processor.py);
+        # null in plan files: workers read each source themselves.
+        ("data", pa.large_binary()),
     ]
 )
 
@@ -32,7 +35,7 @@ PLAN_SCHEMA = pa.schema(
 # `done_units`, not the whole source's).
 SOURCE_COLUMNS = ("source_uri", "size", "etag", "kind", "questions")
 
-# A result made before the model (pipeline/routes.py): the text layer, Tesseract, or a duplicate's result.
+# A result made before the model (pipeline/routes/): the text layer, Tesseract, or a duplicate's result.
 # It rides on its page row to the model stage, which emits it as a result row without generating.
 ROUTED_RESULT = pa.struct(
     [
@@ -76,16 +79,16 @@ PAGE_SCHEMA = pa.schema(
         ("questions", pa.list_(pa.string())),  # the document's manifest questions (QA tasks without their own)
         ("image_shapes", pa.list_(pa.list_(pa.int32()))),  # document rows: [[h, w], ...] of each page image
         ("content_hash", pa.string()),  # hash of the rendered pixels (routing.dedup)
-        ("routed", pa.list_(ROUTED_RESULT)),  # units already answered before the model (routes.py)
+        ("routed", pa.list_(ROUTED_RESULT)),  # units already answered before the model (pipeline/routes/)
         ("done_units", pa.list_(DONE_UNIT)),  # this row's units published before this run: not redone
     ]
 )
 
 # Preprocessed pages: the crops the model will see, each resized with the processor's semantics and
-# shipped as uint8 (C=3), compressed losslessly (pipeline/transit.py). Rescale, normalize and padding
-# happen in the model actor: a split page rendered at 1960 px is ~0.5-3 MB here instead of ~10 MB of raw
-# crops, or 39 MB of float32 plus a 27 MB int64 mask at 980 px. No mask is shipped: before collation
-# every crop is all valid, so the mask is implied by its shape.
+# shipped as uint8 (C=3), compressed losslessly (core/pixels.py). Rescale, normalize and padding happen in
+# the model stage: a split page rendered at 1960 px is ~0.5-3 MB here instead of ~10 MB of raw crops, or
+# 39 MB of float32 plus a 27 MB int64 mask at 980 px. No mask is shipped: before collation every crop is
+# all valid, so the mask is implied by its shape.
 PREPROCESSED_SCHEMA = pa.schema(
     [f for f in PAGE_SCHEMA if f.name != "image"]
     + [
@@ -113,7 +116,7 @@ RESULT_SCHEMA = pa.schema(
         ("n_input_tokens", pa.int32()),
         ("n_output_tokens", pa.int32()),
         ("truncated", pa.bool_()),
-        ("degenerate", pa.bool_()),  # the output ends in one phrase repeated until max_new_tokens (degenerate.py)
+        ("degenerate", pa.bool_()),  # the output ends in one phrase repeated until max_new_tokens (model/degenerate.py)
         ("route", pa.string()),  # model | text_layer | tesseract | dedup: what produced `text`
         ("generation", pa.string()),  # JSON of the generation settings (model rows and their duplicates)
         ("content_hash", pa.string()),  # hash of the page's rendered pixels (set when routing.dedup is on)

@@ -1,0 +1,481 @@
+"""The typed job spec: the single source of configuration for a Scriptorium run.
+
+A spec comes from a TOML file (`--job FILE.toml`), from command-line flags, or both (flags win). It is a
+tree of frozen pydantic models, one per section; each stage receives only the section it needs: the
+lister gets `InputSpec`, the renderer `RenderSpec`, the model stage `ModelSpec` and the tasks, the sink
+`OutputSpec`, every reader and writer `StorageSpec`. `scriptorium schema` prints the JSON Schema of a job
+file, which editors use to complete and check `job.toml` (see README).
+
+TOML layout (every key optional except where a run needs it):
+
+    run_id = "archive-2026-11"
+    [input]      uri = "s3://bucket/archive/**/*.pdf"   include = [...]  exclude = [...]  max_size_mb = 500
+    [output]     uri = "s3://bucket/results/"           rows_per_file = 2000
+    [storage]    endpoint_url = "http://minio:9000"     region = "us-east-1"  profile = "..."  anon = false
+    [model]      id = "HuggingFaceM4/idefics2-8b"       dtype = "bf16"  attn_implementation = "sdpa"
+    [render]     longest_edge = 0 (automatic) or dpi    timeout_s = 60
+    [resources]  num_replicas = 1                       gpus_per_replica = 1  batch_size = 0 (auto)
+    [[tasks]]    kind = "ocr"                           max_new_tokens = 512
+    [[tasks]]    kind = "qa"  questions = ["What is the title?"]
+    [routing]    text_layer = true                      ocr_engine = "idefics2"  dedup = true
+
+Types and choices are checked when a spec is built (`spec_from_dict`, `load_spec`, the models' own
+constructors); what a run needs besides (an input, an output, a model, a question for QA...) is checked
+by `JobSpec.check_runnable()`. Every problem is a `SpecError` of one line naming the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import re
+import time
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from core.errors import SpecError
+
+TaskKind = Literal["ocr", "caption", "qa", "custom"]
+CaptionDetail = Literal["short", "detailed"]
+TaskScope = Literal["page", "document"]
+OcrEngine = Literal["idefics2", "tesseract"]
+Dtype = Literal["auto", "fp32", "fp16", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+Attention = Literal["sdpa", "flash_attention_2", "eager"]
+Quantization = Literal["none", "bnb-4bit", "awq"]
+PromptFormat = Literal["auto", "instruct", "base"]
+EXAMPLE_KEYS = ("image", "prompt", "text")
+
+# Automatic `[resources] batch_size`. Each decoding step reads all the weights whatever the batch, so on a
+# GPU a step for a hundred sequences costs little more than one for a few: the cap is high and the
+# KV-cache token budget sizes batches to the GPU's memory. On CPU, compute grows with the batch.
+GPU_BATCH_SIZE = 256
+CPU_BATCH_SIZE = 8
+
+
+def choices(kind) -> tuple[str, ...]:
+    """The values a Literal setting accepts (the CLI offers the same ones)."""
+    return get_args(kind)
+
+
+class Section(BaseModel):
+    """A spec section: unknown keys are refused (a typo must not be silently ignored), values keep their
+    TOML types (`batch_size = "8"` is an error, not 8), and a section never changes once built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def __init__(self, **values):
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:  # a section built in Python fails as a job file does: in one line
+            raise SectionError(type(self), exc.errors()) from None
+
+    def updated(self, **changes):
+        """A copy with `changes` applied and checked again; a dict updates a sub-section's keys."""
+        data = self.model_dump()
+        for key, value in changes.items():
+            current = data.get(key)
+            data[key] = {**current, **value} if isinstance(value, dict) and isinstance(current, dict) else value
+        return build(type(self), data)
+
+
+class InputSpec(Section):
+    uri: str = ""
+    include: list[str] = []  # glob patterns on the object name
+    exclude: list[str] = []
+    max_size_mb: float = 0  # 0 = no limit; larger files become error rows
+    manifest: bool = False  # `uri` is a manifest file (txt/csv/jsonl/parquet) listing inputs
+
+
+class OutputSpec(Section):
+    uri: str = ""
+    rows_per_file: int = 2000  # a Parquet file is published when it holds this many rows...
+    seconds_per_file: float = 120.0  # ...or when this much time has passed, so a kill loses little
+    overwrite: bool = False
+    retry_failed: bool = False
+
+
+class StorageSpec(Section):
+    """What a worker needs to open a URI. Travels to every Ray worker with the job; holds no secrets."""
+
+    endpoint_url: str = ""  # S3-compatible stores (MinIO, R2, Ceph): s3:// URIs only
+    region: str = ""
+    profile: str = ""
+    anon: bool = False
+    gcs_endpoint_url: str = ""  # a GCS emulator or gateway (JSON API): gs:// URIs only
+
+
+class ModelSpec(Section):
+    id: str = ""
+    dtype: Dtype = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: Attention = "sdpa"
+    quantization: Quantization = "none"
+    device: Device = "auto"
+    prompt_format: PromptFormat = "auto"  # auto: instruct if the checkpoint has a chat template, else base
+    do_image_splitting: bool | None = None  # None: the checkpoint's processor config decides
+    longest_edge: int | None = None
+    shortest_edge: int | None = None
+    # Static KV cache for generation; on CUDA, transformers then torch.compiles the decoding step.
+    # Opt-in until bench/gpu.py shows it faster on a GPU (see BENCHMARKS.md).
+    compile: bool = False
+
+    @field_validator("longest_edge", "shortest_edge")
+    @classmethod
+    def _positive_edge(cls, value, info):
+        if value is not None and value < 1:
+            raise ValueError(f"model.{info.field_name} must be a positive number of pixels, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _edges_agree(self):
+        if self.longest_edge and self.shortest_edge and self.shortest_edge > self.longest_edge:
+            raise ValueError(f"model.shortest_edge ({self.shortest_edge}) is larger than model.longest_edge "
+                             f"({self.longest_edge})")
+        return self
+
+
+class RenderSpec(Section):
+    # How large PDF pages are rendered (images are never resized here). Automatic (longest_edge and dpi 0):
+    # at what the model can use, twice the processor's longest_edge with image splitting, its longest_edge
+    # without (pipeline/render/size.py); and, with scans_at_own_resolution, a scanned page at no more than
+    # its scan's own resolution, never upscaled. Either one set: every page, scans included, so its longest
+    # edge is `longest_edge` pixels, or at `dpi` pixels per inch of its page box.
+    longest_edge: int = 0
+    dpi: float = 0
+    scans_at_own_resolution: bool = True
+    max_pixels: int = 40_000_000  # decoded images larger than this are refused (decompression bombs)
+    max_pages: int = 5000  # a document with more pages than this is refused: one error row
+    timeout_s: float = 60.0  # per page; past 1.5x + 2 s the rendering process is killed (render/sandbox.py)
+    # Render in a child process that is killed when a page overruns its time limit or crashes it
+    # (render/sandbox.py); false renders in the worker itself, where only the soft time limit applies.
+    sandbox: bool = True
+
+    @field_validator("longest_edge", "dpi")
+    @classmethod
+    def _not_negative(cls, value, info):
+        if value < 0:
+            raise ValueError(f"render.{info.field_name} must be >= 0 (0: automatic)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if self.longest_edge and self.dpi:
+            raise ValueError(f"render.longest_edge = {self.longest_edge} and render.dpi = {self.dpi:g} both size "
+                             "PDF pages: set one of them")
+        return self
+
+    @property
+    def automatic_size(self) -> bool:
+        return not (self.longest_edge or self.dpi)
+
+
+class TaskSpec(Section):
+    kind: TaskKind = "ocr"
+    name: str = ""  # defaults to kind; the `task` column
+    prompt: str = ""  # custom prompt text (kind="custom"), or an override of the built-in one
+    questions: list[str] = []  # kind="qa"; none: each document's manifest questions
+    detail: CaptionDetail = "short"  # kind="caption": "short" (one sentence) or "detailed"
+    # "page": one row per page. "document": one row per document (page = -1) whose prompt shows the
+    # document's first `document_pages` pages, in order, as interleaved images.
+    scope: TaskScope = "page"
+    document_pages: int = 4
+    # Few-shot examples shown before the page: [{image = URI, text = "the answer", prompt = "the question"}]
+    # (`prompt` defaults to the task's own instruction; base checkpoints see `<image>` + text only).
+    examples: list[dict[str, str]] = []
+    max_new_tokens: int = 512
+    repetition_penalty: float = 1.0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_strings: list[str] = []
+    # A degenerate generation (one phrase repeated until max_new_tokens; flagged in the `degenerate`
+    # column) is generated again by sampling at each of these temperatures in turn, e.g. [0.4, 0.8],
+    # until one is not degenerate. Empty: flag only.
+    temperature_ramp: list[float] = []
+
+    @property
+    def task_name(self) -> str:
+        return self.name or self.kind
+
+    @model_validator(mode="after")
+    def _shape(self):
+        name = self.task_name
+        if self.kind == "custom" and not self.prompt:
+            raise ValueError("task 'custom' needs prompt = \"...\" in its [[tasks]] table")
+        if self.document_pages < 1:
+            raise ValueError(f"task {name!r}: document_pages must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"task {name!r}: max_new_tokens must be >= 1")
+        if any(t <= 0 for t in self.temperature_ramp):
+            raise ValueError(f"task {name!r}: temperature_ramp must be temperatures > 0, e.g. [0.4, 0.8]")
+        for example in self.examples:
+            if not example.get("image") or "text" not in example:
+                raise ValueError(f"task {name!r}: each example needs image = URI and text = \"...\"")
+            unknown = set(example) - set(EXAMPLE_KEYS)
+            if unknown:
+                raise ValueError(f"task {name!r}: unknown example key(s) {', '.join(sorted(unknown))}; "
+                                 f"known: {', '.join(EXAMPLE_KEYS)}")
+        return self
+
+
+class RoutingSpec(Section):
+    """Cheaper routes than the model, tried before a page reaches the GPU (see pipeline/routes/)."""
+
+    text_layer: bool = False  # OCR tasks on PDF pages with a good embedded text layer use it as is
+    text_layer_min_chars: int = 40  # fewer non-space characters than this: not a usable text layer
+    ocr_engine: OcrEngine = "idefics2"  # "tesseract": OCR tasks run Tesseract (CPU) instead of the model
+    tesseract_language: str = "eng"  # Tesseract language(s), e.g. "eng+deu"
+    dedup: bool = False  # pixel-identical pages are processed once per run and their result reused
+    dedup_cache_mb: int = 256  # results kept for later duplicates (least recently used go first)
+    dedup_across_runs: bool = True  # with dedup: also reuse results earlier runs published to this output
+
+
+class ResourceSpec(Section):
+    address: str = ""  # Ray address: "" starts a local Ray, "auto" joins the cluster this runs in
+    num_replicas: int = 1  # model replicas (actors); one per GPU on a GPU cluster
+    gpus_per_replica: float | None = None  # None: 1 when device is cuda, else 0
+    cpus_per_replica: float = 1.0
+    cpus_per_preprocess_task: float = 1.0
+    # Pages per model batch, an upper bound: 0 (auto) is GPU_BATCH_SIZE on a GPU replica, where the
+    # token budget below usually decides, and CPU_BATCH_SIZE on CPU.
+    batch_size: int = 0
+    max_batch_pixels: int = 0  # 0 = no pixel budget; else sub-batches are cut at this many crop pixels
+    # Tokens per model batch, prompt + max_new_tokens per sequence (what its KV cache holds): 0 (auto)
+    # fits the KV cache in half the GPU memory left after loading the model (pipeline/model/budget.py);
+    # no budget on CPU.
+    max_batch_tokens: int = 0
+    ray_num_cpus: int = 0  # logical CPUs for a local Ray (0: max(4, cores)); see README on small machines
+    gpu_price_per_hour: float = 0.0  # for the run summary's cost figures
+
+    @field_validator("num_replicas")
+    @classmethod
+    def _at_least_one(cls, value):
+        if value < 1:
+            raise ValueError("resources.num_replicas must be >= 1")
+        return value
+
+    @field_validator("batch_size", "max_batch_pixels", "max_batch_tokens")
+    @classmethod
+    def _not_negative(cls, value, info):
+        if value < 0:
+            raise ValueError(f"resources.{info.field_name} must be >= 0 (0: automatic)")
+        return value
+
+    def pages_per_batch(self, on_gpu: bool) -> int:
+        """`batch_size`, or its automatic value for a replica with (or without) a GPU."""
+        if self.batch_size:
+            return self.batch_size
+        return GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
+
+
+class JobSpec(Section):
+    run_id: str = ""
+    input: InputSpec = InputSpec()
+    output: OutputSpec = OutputSpec()
+    storage: StorageSpec = StorageSpec()
+    model: ModelSpec = ModelSpec()
+    render: RenderSpec = RenderSpec()
+    tasks: list[TaskSpec] = []
+    routing: RoutingSpec = RoutingSpec()
+    resources: ResourceSpec = ResourceSpec()
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_names(cls, tasks):
+        names = [t.task_name for t in tasks]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two tasks are named {name!r}: give one a distinct name = \"...\"")
+        return tasks
+
+    def check_runnable(self) -> "JobSpec":
+        """Check what a run cannot do without, beyond types and choices; raise SpecError naming the fix."""
+        if not self.input.uri:
+            raise SpecError("no input: pass --input URI (a folder, glob, file or s3:// prefix) or set [input] uri")
+        if not self.output.uri:
+            raise SpecError("no output: pass --output URI or set [output] uri")
+        self.check_processable()
+        if self.output.overwrite and self.output.retry_failed:
+            raise SpecError("--overwrite and --retry-failed contradict each other: pick one")
+        return self
+
+    def check_processable(self) -> "JobSpec":
+        """What the stages need, wherever the documents come from: a task, a model when a task needs one,
+        model options this machine can run, a question for QA (unless a manifest brings them)."""
+        if not self.model.id and self.needs_model:
+            raise SpecError("no model: pass --model (a hub id or a local checkpoint path) or set [model] id")
+        _check_model_options(self.model)
+        if not self.tasks:
+            raise SpecError("no task: pass --task ocr|caption|qa|custom or add a [[tasks]] table")
+        for task in self.tasks:
+            if task.kind == "qa" and not task.questions and not self.input.manifest:
+                raise SpecError("task 'qa' needs a question: pass --question TEXT or set questions = [...]")
+        return self
+
+    @property
+    def needs_model(self) -> bool:
+        """False when every task is page OCR done by Tesseract: such a job runs without a model or GPU."""
+        return not all(t.kind == "ocr" and t.scope == "page" and self.routing.ocr_engine == "tesseract"
+                       for t in self.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+# -- run ids -------------------------------------------------------------------------------------------
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
+
+
+def check_run_id(run_id: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+        raise SpecError(f"run_id {run_id!r} may only contain letters, digits, '-' and '_' (at most 64)")
+    return run_id
+
+
+def output_uri_for_run(uri: str, run_id: str) -> str:
+    """`{run_id}` in the output URI becomes the run's id, so runs can be partitioned by run:
+    `s3://bucket/digitize/run_id={run_id}` -> `s3://bucket/digitize/run_id=2026-11`. Resuming a run
+    means passing the same run id again; a new id starts a new partition."""
+    return uri.replace("{run_id}", run_id)
+
+
+def _check_model_options(model: ModelSpec) -> None:
+    """Settings that need a GPU or an optional package: refuse them here, in one line, rather than let
+    every model replica fail to load. The driver is expected to have the workers' packages installed."""
+    if model.attn_implementation == "flash_attention_2":
+        if model.device == "cpu" or model.dtype == "fp32":
+            raise SpecError("attn_implementation = \"flash_attention_2\" runs on CUDA GPUs in fp16/bf16 only: "
+                            "set device = \"cuda\" and dtype = \"bf16\", or use attn_implementation = \"sdpa\"")
+        _require_package("flash_attn", "attn_implementation = \"flash_attention_2\"",
+                         "pip install flash-attn --no-build-isolation", "attn_implementation = \"sdpa\"")
+    if model.quantization in ("bnb-4bit", "awq") and model.device == "cpu":
+        raise SpecError(f"quantization = \"{model.quantization}\" needs a CUDA GPU: set device = \"cuda\" or quantization = \"none\"")
+    if model.quantization == "bnb-4bit":
+        _require_package("bitsandbytes", "quantization = \"bnb-4bit\"", "pip install bitsandbytes", "quantization = \"none\"")
+    if model.quantization == "awq":
+        # transformers 5 loads AWQ checkpoints through GPT-QModel (and accelerate).
+        _require_package("gptqmodel", "quantization = \"awq\"", "pip install gptqmodel accelerate", "a non-AWQ checkpoint")
+
+
+def _require_package(module: str, setting: str, install: str, alternative: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise SpecError(f"{setting} needs the {module} package, which is not installed: {install} "
+                        f"(on the driver and every GPU worker), or use {alternative}")
+
+
+# -- building specs, with pydantic's errors as one line -----------------------------------------------
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "string": "a string in quotes",
+               "list": "a list", "dict": "a table", "model": "a table"}
+
+
+class SectionError(SpecError):
+    """A section that cannot be built; keeps pydantic's errors, so a section that holds it can name the
+    setting by its whole path (`model.dtype`), not only by its own part (`dtype`)."""
+
+    def __init__(self, model: type[Section], errors: list[dict]):
+        self.model, self.errors = model, errors
+        super().__init__(_one_line(model, errors))
+
+
+def build(model: type[Section], data: Any):
+    """`model` from `data`, or SpecError with the first problem in one line."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SectionError(model, exc.errors()) from None
+
+
+def _flattened(errors: list[dict]) -> list[dict]:
+    """Errors of sections built inside a section (pydantic calls their constructors), at their full path."""
+    flat = []
+    for error in errors:
+        inner = error.get("ctx", {}).get("error")
+        if error["type"] == "value_error" and isinstance(inner, SectionError):
+            flat += [{**e, "loc": (*error["loc"], *e["loc"])} for e in _flattened(inner.errors)]
+        else:
+            flat.append(error)
+    return flat
+
+
+def _one_line(model: type[Section], errors: list[dict]) -> str:
+    errors = _flattened(errors)
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    if unknown:  # all typos of one table together, each with its closest known key
+        where = unknown[0]["loc"][:-1]
+        owner = _section_at(model, where)
+        known = sorted(owner.model_fields)
+        names = [str(e["loc"][-1]) for e in unknown if e["loc"][:-1] == where]
+        named = [n + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(n, known, 1)) for n in names]
+        return f"unknown setting(s) in [{_table_name(where)}]: {', '.join(named)}; known: {', '.join(known)}"
+    error = errors[0]
+    loc, kind = error["loc"], error["type"]
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    value = error.get("input")
+    if kind == "literal_error":
+        owner = _section_at(model, loc[:-1])
+        allowed = choices(owner.model_fields[loc[-1]].annotation)
+        return f"{_dotted(loc)} = {value!r} is not one of {', '.join(allowed)}"
+    wanted = next((words for prefix, words in _TYPE_WORDS.items() if kind.startswith(prefix)), None)
+    if wanted:
+        return f"[{_table_name(loc[:-1])}] {loc[-1]} = {value!r} should be {wanted}"
+    return f"{_dotted(loc)}: {error['msg']}"
+
+
+def _section_at(model: type[Section], loc: tuple) -> type[Section]:
+    """The section class at `loc` (("tasks", 0) is TaskSpec)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        model = get_args(annotation)[0] if get_args(annotation) else annotation
+    return model
+
+
+def _table_name(loc: tuple) -> str:
+    names = [str(p) for p in loc if not isinstance(p, int)]
+    return ".".join(names) or "job"
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not isinstance(p, int))
+
+
+def spec_from_dict(data: dict[str, Any]) -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"a job spec must be a table, got {type(data).__name__}")
+    return build(JobSpec, data)
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a TOML job spec. Errors name the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"job spec {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"job spec {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"job spec {path} is not UTF-8 text") from None
+    return spec_from_dict(data)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a job file (`scriptorium schema`)."""
+    schema = JobSpec.model_json_schema()
+    schema["title"] = "Scriptorium job spec"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+

@@ -1,0 +1,35 @@
+"""Few-shot examples: each task's example images, read and cut into model crops once, in the driver.
+
+The crops travel with the prompt book to every model replica, which puts them before the page's crops
+(the order the examples' `<image>` tokens come in the prompt).
+"""
+
+from __future__ import annotations
+
+from connectors.storage import read_bytes
+from core.errors import PageError, SpecError
+from core.image_settings import ImageSettings
+from core.pixels import page_image
+from core.spec import RenderSpec, StorageSpec, TaskSpec
+from pipeline.crops import model_crops
+from pipeline.prompts import Example
+from pipeline.render.decoders import local_frames
+
+
+def load_examples(tasks: list[TaskSpec], image_settings: ImageSettings,
+                  storage: StorageSpec | None = None) -> dict[str, list[Example]]:
+    """Every task's few-shot examples, by task name. A missing or unreadable example image stops the
+    job before any work starts (SpecError naming it)."""
+    examples: dict[str, list[Example]] = {}
+    for task in tasks:
+        for spec in task.examples:
+            try:
+                frame = next(local_frames("image", read_bytes(spec["image"], storage), RenderSpec(), set()))
+                if frame.get("error"):
+                    raise PageError(frame["error"])
+            except Exception as exc:
+                raise SpecError(f"task {task.task_name!r}: example image {spec['image']} cannot be used: {exc}") from None
+            examples.setdefault(task.task_name, []).append(
+                Example(crops=model_crops(page_image(frame), image_settings), prompt=spec.get("prompt", ""),
+                        text=spec["text"]))
+    return examples

@@ -1,0 +1,92 @@
+"""Loading the model and its processor: the model card's code (`AutoProcessor`,
+`AutoModelForImageTextToText.from_pretrained` on a hub id or a local path) with the job's device, dtype,
+attention and quantization options, and the driver's one-time check that a checkpoint is usable."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from core.errors import SpecError
+from core.image_settings import ImageSettings
+from core.spec import ModelSpec
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but this worker has no CUDA GPU")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return TORCH_DTYPES[requested]
+
+
+def load_processor(model_id: str, image_settings: ImageSettings | None = None):
+    """The checkpoint's processor on the PIL backend (CPU and GPU nodes preprocess identically).
+
+    Image splitting is set on the image processor itself, not per call: the text expansion of
+    `<image>` (64 vs 5x64 tokens) reads that attribute, so a per-call flag would desynchronise them.
+    """
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_id, backend="pil")
+    if image_settings is not None:
+        ip = processor.image_processor
+        ip.do_image_splitting = image_settings.do_image_splitting
+        ip.size = {"longest_edge": image_settings.longest_edge, "shortest_edge": image_settings.shortest_edge}
+    return processor
+
+
+def load_model(spec: ModelSpec, device: str):
+    from transformers import AutoModelForImageTextToText
+
+    dtype = resolve_dtype(spec.dtype, device)
+    kwargs = {
+        "dtype": dtype,
+        "attn_implementation": spec.attn_implementation,
+        # Weights load straight onto the replica's device (its GPU is device 0 inside a Ray actor), not
+        # through a host copy: 16 GB of bf16 per replica would otherwise sit in host memory while loading.
+        "device_map": {"": 0 if device == "cuda" else device},
+    }
+    if spec.quantization == "bnb-4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    # AWQ checkpoints carry their quantization_config; from_pretrained applies it by itself.
+    model = AutoModelForImageTextToText.from_pretrained(spec.id, **kwargs)
+    model.eval()
+    return model
+
+
+def open_model_config(model: ModelSpec) -> tuple[object, ImageSettings]:
+    """Load the checkpoint's processor in the driver: fails fast on a missing model, gives image settings."""
+    model_id = model.id
+    # A hub id is "org/name"; anything else that is not an existing directory is a missing local path.
+    is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) is not None and not model_id.startswith(".")
+    if not os.path.isdir(os.path.expanduser(model_id)) and not is_hub_id:
+        raise SpecError(f"model path {model_id} does not exist: build one with `scriptorium tiny-model DIR` "
+                        "or pass a hub id such as HuggingFaceM4/idefics2-8b")
+    try:
+        processor = load_processor(model_id)
+    except Exception as exc:
+        raise SpecError(
+            f"cannot load model {model_id!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
+            "Pass a local checkpoint directory, or a hub id with network access (unset HF_HUB_OFFLINE)"
+        ) from None
+    overrides = {
+        "do_image_splitting": model.do_image_splitting,
+        "longest_edge": model.longest_edge,
+        "shortest_edge": model.shortest_edge,
+    }
+    return processor, ImageSettings.from_processor(processor, overrides)

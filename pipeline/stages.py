@@ -1,0 +1,140 @@
+"""A job's stages, declared once: what each one runs, on which rows, with which resources.
+
+    planned inputs -> RenderPages -> RoutePages (when a route is on) -> PreprocessPages -> GenerateAnswers
+                                                                  or AnswerWithoutModel (no model needed)
+
+`job_stages(spec, derived)` builds the list from the spec's sections and from what the driver derives
+from them once (`derive`: the checkpoint's image settings, the render size, the prompt book, resources).
+Two walkers use the same list: the Ray Data processor (processor.py), which maps each stage over a
+dataset with its resources, and the in-process runner (local.py), which the tests use, so a test runs
+exactly the chain a job runs. Each stage's step declares the schemas it takes and gives (steps.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.errors import SpecError
+from core.image_settings import ImageSettings
+from core.spec import JobSpec, RenderSpec
+from core.units import document_window
+from pipeline.examples import load_examples
+from pipeline.model.loading import open_model_config
+from pipeline.model.stage import GenerateAnswers
+from pipeline.preprocess import PreprocessPages
+from pipeline.prompts import PromptBook, resolve_prompt_format
+from pipeline.render.stage import RenderPages
+from pipeline.routes.stage import AnswerWithoutModel, RoutePages
+from pipeline.routes.tesseract import tessdata_path
+
+# A plan file holds up to 200 documents and Ray Data runs one task per block, so without a cut a job of
+# fewer than 200 documents would render on a single core. Blocks of a few documents let every CPU in the
+# cluster render.
+DOCUMENTS_PER_RENDER_TASK = 4
+PAGES_PER_CPU_CALL = 4  # page rows per call of the CPU stages after rendering
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    step: type  # the step class (steps.py): a callable over Arrow tables
+    kwargs: dict = field(default_factory=dict)  # its constructor's arguments: the sections it needs
+    rows_per_call: int = PAGES_PER_CPU_CALL  # rows per call (Ray Data's batch_size)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    replicas: int = 0  # > 0: a pool of this many long-lived actors (the model); 0: stateless tasks
+    rows_per_block: int = 0  # > 0: cut the stream into blocks of this many rows before the stage
+
+    @property
+    def input_schema(self):
+        return self.step.input_schema
+
+    @property
+    def output_schema(self):
+        return self.step.output_schema
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What the driver works out once from the spec and the checkpoint, for every stage."""
+
+    processor: object  # the checkpoint's processor (None when no task needs the model)
+    image_settings: ImageSettings
+    render: RenderSpec  # the spec's, with the render size resolved
+    prompts: PromptBook
+    gpus_per_replica: float
+    pages_per_batch: int  # pages per model batch on this job's replicas
+
+
+def derive(spec: JobSpec) -> Derived:
+    """Load the checkpoint's processor (when a task needs the model), the few-shot examples and check the
+    routes' tools: everything a job needs before its first page, with a SpecError for what is missing."""
+    processor, image_settings = open_model_config(spec.model) if spec.needs_model else (None, ImageSettings())
+    if spec.routing.ocr_engine == "tesseract":
+        try:
+            tessdata_path()
+        except RuntimeError as exc:
+            raise SpecError(f"routing.ocr_engine = \"tesseract\": {exc}") from None
+    prompts = PromptBook(spec.tasks, resolve_prompt_format(processor, spec.model.prompt_format),
+                         load_examples(spec.tasks, image_settings, spec.storage))
+    gpus = spec.resources.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if spec.model.device == "cuda" else 0.0
+    return Derived(
+        processor=processor,
+        image_settings=image_settings,
+        render=resolved_render(spec.render, image_settings),
+        prompts=prompts,
+        gpus_per_replica=gpus,
+        pages_per_batch=spec.resources.pages_per_batch(on_gpu=gpus > 0),
+    )
+
+
+def resolved_render(render: RenderSpec, image_settings: ImageSettings) -> RenderSpec:
+    """The render spec PDF pages are rendered by: the one place the render size is decided. The spec's
+    own longest_edge or dpi, for every page; else what the model can use (twice the processor's longest
+    edge with splitting, ImageSettings.render_edge), and scans at no more than their own resolution."""
+    if not render.automatic_size:
+        return render.updated(scans_at_own_resolution=False)
+    return render.updated(longest_edge=image_settings.render_edge)
+
+
+def needs_routes(spec: JobSpec) -> bool:
+    routing = spec.routing
+    return routing.text_layer or routing.ocr_engine == "tesseract" or routing.dedup
+
+
+def job_stages(spec: JobSpec, derived: Derived, dedup_registry=None) -> list[Stage]:
+    """The stages of `spec`, in order. `dedup_registry`: the run's registry actor (routing.dedup)."""
+    if spec.routing.dedup and dedup_registry is None:
+        raise SpecError("routing.dedup needs the run's dedup registry and the driver's join: run the job with "
+                        "`scriptorium run`, or start one with pipeline.routes.dedup.start_registry")
+    cpus = spec.resources.cpus_per_preprocess_task
+    stages = [Stage(
+        "render", RenderPages,
+        dict(render=derived.render, storage=spec.storage, document_window=document_window(spec.tasks),
+             page_rows=any(t.scope == "page" for t in spec.tasks)),
+        rows_per_call=1,  # one document per call; its pages stream out a few at a time
+        num_cpus=cpus, rows_per_block=DOCUMENTS_PER_RENDER_TASK,
+    )]
+    if needs_routes(spec):
+        stages.append(Stage("route", RoutePages, dict(tasks=spec.tasks, routing=spec.routing, registry=dedup_registry),
+                            num_cpus=cpus))
+    if not spec.needs_model:
+        return stages + [Stage("answer", AnswerWithoutModel, dict(tasks=spec.tasks, run_id=spec.run_id), num_cpus=cpus)]
+    batch = derived.pages_per_batch
+    return stages + [
+        Stage("preprocess", PreprocessPages, dict(settings=derived.image_settings), num_cpus=cpus),
+        Stage(
+            "generate", GenerateAnswers,
+            dict(model=spec.model, image_settings=derived.image_settings, prompts=derived.prompts,
+                 resources=spec.resources, run_id=spec.run_id, batch_size=batch),
+            rows_per_call=batch, num_cpus=spec.resources.cpus_per_replica, num_gpus=derived.gpus_per_replica,
+            replicas=spec.resources.num_replicas,
+            # Ray Data hands an actor whole blocks, and a CPU task emits its pages as one block until that
+            # block reaches target_max_block_size (128 MiB): a small job, or a run of small pages, would all
+            # go to one replica while the others idle. Blocks of one model batch spread the pages over
+            # every replica on every node.
+            rows_per_block=batch,
+        ),
+    ]

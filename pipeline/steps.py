@@ -1,0 +1,64 @@
+"""The two shapes of step every stage runs, and the one rule for rows that already failed.
+
+A step is a callable over Arrow tables, as Ray Data's `map_batches` wants (and `pipeline/local.py` calls
+in-process): a table in, tables out, with the schemas it declares (`input_schema`, `output_schema`).
+
+- A `PageStep` (routes, preprocessing) turns page rows into page rows. A row that failed in an earlier
+  stage passes through untouched, only fitted to the output schema; the ok rows go to its `process`,
+  which updates them in place and may fail them in turn (`fail`).
+- An `AnswerStep` (the model, or the answer stage of a job without one) turns page rows into result rows,
+  one per open unit of each page, by `pipeline.results.unit_rows`: answers made before the model, every
+  unit of a failed page as an error row and QA units without a question as error rows come out the same
+  way in every such step; only the units left go to its `answer`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pyarrow as pa
+
+from core.schema import PAGE_SCHEMA, RESULT_SCHEMA, table_from_rows
+from core.spec import TaskSpec
+from pipeline.results import unit_rows
+
+
+def fail(row: dict, stage: str, error: str) -> None:
+    """Mark a row as failed at `stage`: from here on every stage passes it through to the sink."""
+    row.update(status="error", stage=stage, error=error)
+
+
+class PageStep:
+    input_schema = output_schema = PAGE_SCHEMA
+
+    def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
+        rows = pages.to_pylist()
+        self.process([row for row in rows if row["status"] == "ok"])
+        yield table_from_rows(rows, self.output_schema)
+
+    def process(self, rows: list[dict]) -> None:
+        """Update ok page rows in place (failing some with `fail`)."""
+        raise NotImplementedError
+
+
+class AnswerStep:
+    input_schema, output_schema = PAGE_SCHEMA, RESULT_SCHEMA
+    tasks: list[TaskSpec]
+
+    def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
+        rows, wanted = [], []
+        for page in pages.to_pylist():
+            def later(task, question, page=page):
+                wanted.append((page, task, question))
+
+            rows.extend(unit_rows(page, self.tasks, later, **self.row_values(page)))
+        rows.extend(self.answer(wanted))
+        yield table_from_rows(rows, self.output_schema)
+
+    def row_values(self, page: dict) -> dict:
+        """Columns every result row of this step carries (run_id, model, replica...)."""
+        return {}
+
+    def answer(self, units: list[tuple[dict, TaskSpec, str | None]]) -> list[dict]:
+        """Result rows for the (page, task, question) units no earlier stage answered."""
+        raise NotImplementedError
