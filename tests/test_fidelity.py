@@ -18,6 +18,7 @@ import functools
 import hashlib
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -27,7 +28,8 @@ from core.schema import DOCUMENT_PAGE
 from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, RenderSpec, ResourceSpec, StorageSpec, TaskSpec
 from jobs.runner import run_job
 from pipeline.render.stage import pages_of
-from tests.conftest import job, make_image, make_pdf, make_scan_pdf, plan_row, read_rows, run_stages
+from pipeline.stages import derive, job_stages
+from tests.conftest import job, make_image, make_pdf, make_scan_pdf, plan_row, preprocessed, read_rows
 
 MAX_NEW_TOKENS = 12
 DOCUMENT_PAGES = 2
@@ -157,7 +159,11 @@ def test_a_mix_up_inside_a_batch_is_caught(tiny_model, tmp_path, monkeypatch):
         return encode_crops(model, crops_per_sequence[1:] + crops_per_sequence[:1], *args)
 
     monkeypatch.setattr(pipeline.model.stage, "encode_crops", shifted)
-    rows = run_stages(job(tiny_model, [TASKS[0]]), [plan_row(p) for p in paths])
+    # The three pages in one block to the model stage, as Ray Data hands a replica one batch of pages.
+    spec = job(tiny_model, [TASKS[0]])
+    *_, model_stage = job_stages(spec, derive(spec))
+    answer = model_stage.step(**model_stage.kwargs)
+    rows = pa.concat_tables(answer(preprocessed(spec, [plan_row(p) for p in paths]))).to_pylist()
 
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
     ours = {r["source_uri"]: (r["text"], r["n_output_tokens"]) for r in rows}
