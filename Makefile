@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   create .venv, install, build the tiny model, run the demo job on samples/, print a summary
+#   make demo   create .venv, install, build the tiny model, run the demo job on samples/, write its report
 #   make test   create .venv, install, run the tests
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +9,7 @@ export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install system-deps clean
+.PHONY: demo test install tesseract system-deps clean
 
 $(BIN)/scriptorium: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,17 +24,26 @@ install: $(BIN)/scriptorium
 models/tiny-idefics2/config.json: | $(BIN)/scriptorium
 	$(BIN)/scriptorium tiny-model models/tiny-idefics2
 
-demo: install models/tiny-idefics2/config.json
+demo: install tesseract models/tiny-idefics2/config.json
 	$(BIN)/scriptorium run --job jobs/demo.toml  # prints the run summary; again later: scriptorium summary out/demo
+	$(BIN)/scriptorium report out/demo --html out/demo-report.html
+	@echo "review the results: file://$(CURDIR)/out/demo-report.html"
 
-# Debian packages some tests use: Chromium (the HTML report in a real browser) and Tesseract (the CPU OCR
-# engine). Installed when missing and apt-get is usable (root); otherwise those tests skip, saying why.
-system-deps:
-	@command -v chromium >/dev/null && command -v tesseract >/dev/null || \
+# Debian packages: Tesseract (the CPU OCR engine: the demo's scans, some tests) and Chromium (tests open
+# the HTML report in a real browser). Installed when missing and apt-get is usable (root); otherwise the
+# tests that need them skip, saying why, and the demo's scanned pages are error rows naming the fix.
+define apt_install
+	@command -v $(1) >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      chromium tesseract-ocr tesseract-ocr-eng >/dev/null; } || \
-	  echo "note: chromium/tesseract not installed; their tests will be skipped"
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; } || \
+	  echo "note: $(1) not installed (it needs root and apt-get: apt-get install $(2)): $(3)"
+endef
+
+tesseract:
+	$(call apt_install,tesseract,tesseract-ocr tesseract-ocr-eng,tests of it skip and the demo's scans become error rows)
+
+system-deps: tesseract
+	$(call apt_install,chromium,chromium,the tests of the HTML report in a browser skip)
 
 test: install system-deps
 	$(BIN)/python -m pytest -q

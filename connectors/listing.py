@@ -4,7 +4,9 @@
 single object, or, with `--manifest`, a file that lists the inputs (see `connectors/manifest.py`).
 Objects are yielded as they are found, so a prefix with millions of keys never becomes one giant list.
 Below a folder or a glob's fixed part, names starting with `_` or `.` are skipped (temporary and hidden
-files, and Scriptorium's own `_work`/`_runs` bookkeeping when the output sits inside the input).
+files, and Scriptorium's own `_scriptorium`/`_work`/`_runs` bookkeeping when the output sits inside the
+input). The runner also passes `skip` (`results_filter`), which says which objects are the job's
+results, so an output inside its input is never read back as input.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec.asyn
 from fsspec.utils import glob_translate
@@ -135,24 +137,27 @@ def _split_glob(path: str) -> tuple[str, str]:
     return root, name_prefix
 
 
-def iter_objects(spec: InputSpec, options: StorageSpec) -> Iterator[tuple[str, dict, str]]:
-    """(uri, info, name relative to the listing root) for every object the input names, unfiltered."""
+def iter_objects(spec: InputSpec, options: StorageSpec,
+                 skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, dict, str]]:
+    """(uri, info, name relative to the listing root) for every object the input names, unfiltered but
+    for hidden names and the URIs `skip` is true of, below a folder or glob."""
     fs, path = filesystem_for(spec.uri, options)
+    skipped = skip or (lambda uri: False)
     if any(ch in path for ch in GLOB_CHARS):
         root, name_prefix = _split_glob(path)
         pattern = re.compile(glob_translate(path))
         for match, info in _files_below(fs, root, name_prefix):
             relative = match[len(root):].lstrip("/")
-            if pattern.fullmatch(match) and not _is_hidden(relative):
-                yield uri_for(fs, match), info, relative
+            if pattern.fullmatch(match) and not _is_hidden(relative) and not skipped(uri := uri_for(fs, match)):
+                yield uri, info, relative
         return
     info = fs.info(path)  # raises FileNotFoundError for a missing input: a job-level error
     if info.get("type") == "directory":
         root = path.rstrip("/")
         for child, child_info in _files_below(fs, root):
             relative = child[len(root):].lstrip("/")
-            if not _is_hidden(relative):
-                yield uri_for(fs, child), child_info, relative
+            if not _is_hidden(relative) and not skipped(uri := uri_for(fs, child)):
+                yield uri, child_info, relative
     else:
         yield uri_for(fs, path), info, posixpath.basename(path)
 
@@ -218,11 +223,27 @@ def _info_or_none(entry: ManifestEntry, options: StorageSpec) -> dict | None:
         return None
 
 
-def list_inputs(spec: InputSpec, options: StorageSpec) -> Iterator[dict]:
-    """Planned inputs: dicts with source_uri, size, etag, kind, questions and (for unusable ones) error."""
+def results_filter(spec: InputSpec, options: StorageSpec, output_template: str,
+                   owns: Callable[[str], bool]) -> Callable[[str], bool]:
+    """What a listing of `spec` must skip so that a job never reads results back as input: the output's
+    own files (`owns(uri)`: an output that is the input folder itself), and, when the output lies inside
+    the folder the listing walks, everything below it. For an output partitioned by run
+    (`.../run_id={run_id}`) that is everything below the part before `{run_id}`: every run's partition."""
+    fs, path = filesystem_for(spec.uri, options)
+    walked = uri_for(fs, _split_glob(path)[0] if any(ch in path for ch in GLOB_CHARS) else path.rstrip("/")) + "/"
+    static, partitioned, _ = output_template.partition("{run_id}")
+    output_fs, output_path = filesystem_for(static if partitioned else output_template, options)
+    prefix = uri_for(output_fs, output_path.rstrip("/")) + ("" if partitioned and not static.endswith("/") else "/")
+    inside = prefix.startswith(walked) and prefix != walked
+    return lambda uri: owns(uri) or (inside and uri.startswith(prefix))
+
+
+def list_inputs(spec: InputSpec, options: StorageSpec, skip: Callable[[str], bool] | None = None) -> Iterator[dict]:
+    """Planned inputs: dicts with source_uri, size, etag, kind, questions and (for unusable ones) error.
+    `skip(uri)`: objects never listed below a folder or glob (the job's own output files)."""
     if spec.manifest:
         yield from _manifest_rows(spec, options)
         return
-    for uri, info, relative in iter_objects(spec, options):
+    for uri, info, relative in iter_objects(spec, options, skip):
         if _selected(relative, spec):
             yield _plan_row(uri, info, relative, spec)

@@ -61,6 +61,7 @@ EXAMPLE_KEYS = ("image", "prompt", "text")
 # KV-cache token budget sizes batches to the GPU's memory. On CPU, compute grows with the batch.
 GPU_BATCH_SIZE = 256
 CPU_BATCH_SIZE = 8
+MIN_LEASE_TIMEOUT_S = 5  # the holder renews every timeout / 6 seconds: shorter would be mostly renewing
 
 
 def choices(kind) -> tuple[str, ...]:
@@ -72,7 +73,8 @@ class Section(BaseModel):
     """A spec section: unknown keys are refused (a typo must not be silently ignored), values keep their
     TOML types (`batch_size = "8"` is an error, not 8), and a section never changes once built."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # Field docstrings become the descriptions of the JSON Schema (`scriptorium schema`): editors show them.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
 
     def __init__(self, **values):
         try:
@@ -91,43 +93,71 @@ class Section(BaseModel):
 
 class InputSpec(Section):
     uri: str = ""
-    include: list[str] = []  # glob patterns on the object name
+    """A folder or prefix (everything below it), a glob, a single file, or a manifest (manifest = true):
+    local paths, file://, s3://, gs://."""
+    include: list[str] = []
+    """Glob patterns on the object name"""
     exclude: list[str] = []
-    max_size_mb: float = 0  # 0 = no limit; larger files become error rows
-    manifest: bool = False  # `uri` is a manifest file (txt/csv/jsonl/parquet) listing inputs
+    max_size_mb: float = 0
+    """0 = no limit; larger files become error rows"""
+    manifest: bool = False
+    """`uri` is a manifest file (txt/csv/jsonl/parquet) listing inputs"""
 
 
 class OutputSpec(Section):
     uri: str = ""
-    rows_per_file: int = 2000  # a Parquet file is published when it holds this many rows...
-    seconds_per_file: float = 120.0  # ...or when this much time has passed, so a kill loses little
+    """The folder or prefix of the Parquet results; {run_id} in it becomes the run's id."""
+    rows_per_file: int = 2000
+    """A Parquet file is published when it holds this many rows..."""
+    seconds_per_file: float = 120.0
+    """...or when this much time has passed, so a kill loses little"""
     overwrite: bool = False
+    """Delete this output's earlier results and start again."""
     retry_failed: bool = False
+    """Redo only the units whose rows are errors."""
+    wait: bool = False
+    """Another run holds the output's lease: wait for it instead of exiting (connectors/lease.py)."""
+    lease_timeout_s: float = 120.0
+    """A lease whose heartbeat is older than this many seconds is taken over (at least 5)."""
+
+    @field_validator("lease_timeout_s")
+    @classmethod
+    def _lease_timeout(cls, value):
+        if not value >= MIN_LEASE_TIMEOUT_S:
+            raise ValueError(f"output.lease_timeout_s must be >= {MIN_LEASE_TIMEOUT_S} (seconds without a heartbeat "
+                             "before another run may take the output over)")
+        return value
 
 
 class StorageSpec(Section):
     """What a worker needs to open a URI. Travels to every Ray worker with the job; holds no secrets."""
 
-    endpoint_url: str = ""  # S3-compatible stores (MinIO, R2, Ceph): s3:// URIs only
+    endpoint_url: str = ""
+    """S3-compatible stores (MinIO, R2, Ceph): s3:// URIs only"""
     region: str = ""
     profile: str = ""
     anon: bool = False
-    gcs_endpoint_url: str = ""  # a GCS emulator or gateway (JSON API): gs:// URIs only
+    gcs_endpoint_url: str = ""
+    """A GCS emulator or gateway (JSON API): gs:// URIs only"""
 
 
 class ModelSpec(Section):
     id: str = ""
-    dtype: Dtype = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    """A hub id (HuggingFaceM4/idefics2-8b, HuggingFaceM4/idefics2-8b-base) or a local checkpoint folder."""
+    dtype: Dtype = "auto"
+    """Auto: bf16 on GPU, fp32 on CPU"""
     attn_implementation: Attention = "sdpa"
     quantization: Quantization = "none"
     device: Device = "auto"
-    prompt_format: PromptFormat = "auto"  # auto: instruct if the checkpoint has a chat template, else base
-    do_image_splitting: bool | None = None  # None: the checkpoint's processor config decides
+    prompt_format: PromptFormat = "auto"
+    """Auto: instruct if the checkpoint has a chat template, else base"""
+    do_image_splitting: bool | None = None
+    """None: the checkpoint's processor config decides"""
     longest_edge: int | None = None
     shortest_edge: int | None = None
-    # Static KV cache for generation; on CUDA, transformers then torch.compiles the decoding step.
-    # Opt-in until bench/gpu.py shows it faster on a GPU (see BENCHMARKS.md).
     compile: bool = False
+    """Static KV cache for generation; on CUDA, transformers then torch.compiles the decoding step. Opt-in
+    until bench/gpu.py shows it faster on a GPU (see BENCHMARKS.md)."""
 
     @field_validator("longest_edge", "shortest_edge")
     @classmethod
@@ -145,20 +175,25 @@ class ModelSpec(Section):
 
 
 class RenderSpec(Section):
-    # How large PDF pages are rendered (images are never resized here). Automatic (longest_edge and dpi 0):
-    # at what the model can use, twice the processor's longest_edge with image splitting, its longest_edge
-    # without (pipeline/render/size.py); and, with scans_at_own_resolution, a scanned page at no more than
-    # its scan's own resolution, never upscaled. Either one set: every page, scans included, so its longest
-    # edge is `longest_edge` pixels, or at `dpi` pixels per inch of its page box.
     longest_edge: int = 0
+    """PDF pages are rendered so their longest edge is this many pixels. 0 (automatic): at what the model
+    can use, twice the processor's longest_edge with image splitting, its longest_edge without
+    (pipeline/render/size.py). Images are never resized here."""
     dpi: float = 0
+    """Instead of longest_edge: PDF pages are rendered at this many pixels per inch of their page box."""
     scans_at_own_resolution: bool = True
-    max_pixels: int = 40_000_000  # decoded images larger than this are refused (decompression bombs)
-    max_pages: int = 5000  # a document with more pages than this is refused: one error row
-    timeout_s: float = 60.0  # per page; past 1.5x + 2 s the rendering process is killed (render/sandbox.py)
-    # Render in a child process that is killed when a page overruns its time limit or crashes it
-    # (render/sandbox.py); false renders in the worker itself, where only the soft time limit applies.
+    """With the automatic size, a scanned page (raster images cover it, no visible text) is rendered at no
+    more than its scan's own resolution: never upscaled. A longest_edge or dpi of your own applies to
+    scans too."""
+    max_pixels: int = 40_000_000
+    """Decoded images larger than this are refused (decompression bombs)"""
+    max_pages: int = 5000
+    """A document with more pages than this is refused: one error row"""
+    timeout_s: float = 60.0
+    """Per page; past 1.5x + 2 s the rendering process is killed (render/sandbox.py)"""
     sandbox: bool = True
+    """Render in a child process that is killed when a page overruns its time limit or crashes it
+    (render/sandbox.py); false renders in the worker itself, where only the soft time limit applies."""
 
     @field_validator("longest_edge", "dpi")
     @classmethod
@@ -181,27 +216,34 @@ class RenderSpec(Section):
 
 class TaskSpec(Section):
     kind: TaskKind = "ocr"
-    name: str = ""  # defaults to kind; the `task` column
-    prompt: str = ""  # custom prompt text (kind="custom"), or an override of the built-in one
-    questions: list[str] = []  # kind="qa"; none: each document's manifest questions
-    detail: CaptionDetail = "short"  # kind="caption": "short" (one sentence) or "detailed"
-    # "page": one row per page. "document": one row per document (page = -1) whose prompt shows the
-    # document's first `document_pages` pages, in order, as interleaved images.
+    name: str = ""
+    """Defaults to kind; the `task` column"""
+    prompt: str = ""
+    """Custom prompt text (kind="custom"), or an override of the built-in one"""
+    questions: list[str] = []
+    """Kind="qa"; none: each document's manifest questions"""
+    detail: CaptionDetail = "short"
+    """Kind = "caption": short (one sentence) or detailed."""
     scope: TaskScope = "page"
+    """page: one row per page; document: one row per document (page = -1), whose prompt shows the
+    document's first `document_pages` pages, in order, as interleaved images."""
     document_pages: int = 4
-    # Few-shot examples shown before the page: [{image = URI, text = "the answer", prompt = "the question"}]
-    # (`prompt` defaults to the task's own instruction; base checkpoints see `<image>` + text only).
+    """Scope = "document": how many leading pages the prompt shows."""
     examples: list[dict[str, str]] = []
+    """Few-shot examples shown before the page: [{image = URI, text = "the answer", prompt = "the question"}]
+    (`prompt` defaults to the task's own instruction; base checkpoints see `<image>` + text only)."""
     max_new_tokens: int = 512
+    """At most this many generated tokens per row (the `truncated` column says when it was reached)."""
     repetition_penalty: float = 1.0
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     stop_strings: list[str] = []
-    # A degenerate generation (one phrase repeated until max_new_tokens; flagged in the `degenerate`
-    # column) is generated again by sampling at each of these temperatures in turn, e.g. [0.4, 0.8],
-    # until one is not degenerate. Empty: flag only.
+    """Generation stops at the first of these; the answer ends before it."""
     temperature_ramp: list[float] = []
+    """A degenerate generation (one phrase repeated until max_new_tokens; flagged in the `degenerate` column)
+    is generated again by sampling at each of these temperatures in turn, e.g. [0.4, 0.8], until one is not
+    degenerate. Empty: flag only."""
 
     @property
     def task_name(self) -> str:
@@ -231,31 +273,44 @@ class TaskSpec(Section):
 class RoutingSpec(Section):
     """Cheaper routes than the model, tried before a page reaches the GPU (see pipeline/routes/)."""
 
-    text_layer: bool = False  # OCR tasks on PDF pages with a good embedded text layer use it as is
-    text_layer_min_chars: int = 40  # fewer non-space characters than this: not a usable text layer
-    ocr_engine: OcrEngine = "idefics2"  # "tesseract": OCR tasks run Tesseract (CPU) instead of the model
-    tesseract_language: str = "eng"  # Tesseract language(s), e.g. "eng+deu"
-    dedup: bool = False  # pixel-identical pages are processed once per run and their result reused
-    dedup_cache_mb: int = 256  # results kept for later duplicates (least recently used go first)
-    dedup_across_runs: bool = True  # with dedup: also reuse results earlier runs published to this output
+    text_layer: bool = False
+    """OCR tasks on PDF pages with a good embedded text layer use it as is"""
+    text_layer_min_chars: int = 40
+    """Fewer non-space characters than this: not a usable text layer"""
+    ocr_engine: OcrEngine = "idefics2"
+    """tesseract: OCR tasks run Tesseract (CPU) instead of the model."""
+    tesseract_language: str = "eng"
+    """Tesseract language(s), e.g. eng+deu."""
+    dedup: bool = False
+    """Pixel-identical pages are processed once per run and their result reused"""
+    dedup_cache_mb: int = 256
+    """Results kept for later duplicates (least recently used go first)"""
+    dedup_across_runs: bool = True
+    """With dedup: also reuse results earlier runs published to this output"""
 
 
 class ResourceSpec(Section):
-    address: str = ""  # Ray address: "" starts a local Ray, "auto" joins the cluster this runs in
-    num_replicas: int = 1  # model replicas (actors); one per GPU on a GPU cluster
-    gpus_per_replica: float | None = None  # None: 1 when device is cuda, else 0
+    address: str = ""
+    """Ray address: "" starts a local Ray, "auto" joins the cluster this runs in"""
+    num_replicas: int = 1
+    """Model replicas (actors); one per GPU on a GPU cluster"""
+    gpus_per_replica: float | None = None
+    """None: 1 when device is cuda, else 0"""
     cpus_per_replica: float = 1.0
     cpus_per_preprocess_task: float = 1.0
-    # Pages per model batch, an upper bound: 0 (auto) is GPU_BATCH_SIZE on a GPU replica, where the
-    # token budget below usually decides, and CPU_BATCH_SIZE on CPU.
     batch_size: int = 0
-    max_batch_pixels: int = 0  # 0 = no pixel budget; else sub-batches are cut at this many crop pixels
-    # Tokens per model batch, prompt + max_new_tokens per sequence (what its KV cache holds): 0 (auto)
-    # fits the KV cache in half the GPU memory left after loading the model (pipeline/model/budget.py);
-    # no budget on CPU.
+    """Pages per model batch, an upper bound: 0 (auto) is GPU_BATCH_SIZE on a GPU replica, where the token
+    budget below usually decides, and CPU_BATCH_SIZE on CPU."""
+    max_batch_pixels: int = 0
+    """0 = no pixel budget; else sub-batches are cut at this many crop pixels"""
     max_batch_tokens: int = 0
-    ray_num_cpus: int = 0  # logical CPUs for a local Ray (0: max(4, cores)); see README on small machines
-    gpu_price_per_hour: float = 0.0  # for the run summary's cost figures
+    """Tokens per model batch, prompt + max_new_tokens per sequence (what its KV cache holds): 0 (auto) fits
+    the KV cache in half the GPU memory left after loading the model (pipeline/model/budget.py); no budget
+    on CPU."""
+    ray_num_cpus: int = 0
+    """Logical CPUs for a local Ray (0: max(4, cores)); see README on small machines"""
+    gpu_price_per_hour: float = 0.0
+    """For the run summary's cost figures"""
 
     @field_validator("num_replicas")
     @classmethod

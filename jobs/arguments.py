@@ -29,6 +29,8 @@ RUN_FLAGS = INPUT_FILTER_FLAGS + [
     ("--output", "output.uri", dict(help="folder or prefix for the Parquet results")),
     ("--overwrite", "output.overwrite", dict(action="store_true", default=None, help="delete previous results and start fresh")),
     ("--retry-failed", "output.retry_failed", dict(action="store_true", default=None, help="redo only the error rows")),
+    ("--wait", "output.wait", dict(action="store_true", default=None,
+                                   help="if another run is writing to the output, wait for it to finish instead of exiting")),
     ("--model", "model.id", dict(help="hub id (HuggingFaceM4/idefics2-8b) or local checkpoint path")),
     ("--device", "model.device", {}),
     ("--dtype", "model.dtype", {}),

@@ -6,11 +6,13 @@
     scriptorium tiny-model DIR
     scriptorium summary OUTPUT [--run-id ID] [--json]
     scriptorium report OUTPUT --html FILE [--sample N] [--run-id ID]
+    scriptorium export OUTPUT --to URI --format {markdown,text,jsonl,dolma} [--text-task NAME] [--run-id ID]
     scriptorium inspect INPUT [--job FILE.toml] [--pages-per-second X] [--files] [--json]
     scriptorium schema [--output FILE]
 
 Exit status: 0 when the run finished (inputs that failed are error rows in the output), 2 when the job
-itself cannot run (bad spec, missing model, unusable output), with one line saying what to fix.
+itself cannot run (bad spec, missing model, unusable output, an output another run is writing to), with
+one line saying what to fix.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from connectors.parquet_sink import ParquetStore
@@ -36,6 +40,8 @@ from jobs.arguments import (
     spec_from_args,
     storage_from_args,
 )
+from jobs.export import export
+from jobs.export_formats import FORMATS
 from jobs.inspect_input import (
     DEFAULT_PAGES_PER_SECOND,
     format_inspection,
@@ -51,6 +57,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Imported here: torch, transformers and Ray load only for the commands that use them.
     from jobs.runner import run_job
 
+    # `ray job stop`, a deadline's `timeout` and Kubernetes stop a run with SIGTERM: exit through the
+    # run's cleanup, which releases the output's lease, instead of dying on the spot.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result = run_job(spec_from_args(args))
     print(
         f"run {result.run_id}: {result.planned_inputs} inputs processed, {result.skipped_inputs} already done; "
@@ -82,6 +92,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     page, counts = build_report(args.output, store.options, sample=args.sample, run_id=args.run_id)
     Path(args.html).write_text(page, encoding="utf-8")
     print(f"report of {counts['pages']} pages ({counts['rows']} rows) written to {args.html}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    storage = _open_output(args).options
+    unreachable = unreachable_reason(args.to, storage)
+    if unreachable:
+        raise SpecError(f"cannot reach {args.to}: {unreachable}")
+    counts = export(args.output, args.to, args.format, storage, text_task=args.text_task, run_id=args.run_id)
+    print(f"exported {counts['documents']} documents ({counts['pages']} pages) to {args.to} as {args.format} "
+          f"in {counts['files']} files; {counts['error_units']} error and {counts['missing_units']} missing "
+          "results are marked as such")
     return 0
 
 
@@ -158,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run-id", help="only this run's rows")
     add_storage_arguments(report)
     report.set_defaults(func=cmd_report)
+
+    export_parser = sub.add_parser("export", help="write an output's results as documents: Markdown, text, "
+                                   "JSONL or Dolma")
+    export_parser.add_argument("output", help="the --output of a run")
+    export_parser.add_argument("--to", required=True,
+                               help="folder or prefix to write to (local, s3://, gs://); must be empty")
+    export_parser.add_argument("--format", required=True, choices=FORMATS)
+    export_parser.add_argument("--text-task", default="ocr",
+                               help="the task whose text is each page's text (default ocr); other tasks become "
+                                    "sections")
+    export_parser.add_argument("--run-id", help="only this run's rows")
+    add_storage_arguments(export_parser)
+    export_parser.set_defaults(func=cmd_export)
 
     inspect = sub.add_parser("inspect", help="list what a job would process and estimate its GPU-hours (no model)")
     inspect.add_argument("input", nargs="?", help="folder, glob, file or manifest (default: the --job's input)")

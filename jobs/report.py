@@ -35,7 +35,7 @@ from pipeline.render.stage import pages_of
 
 KEY_COLUMNS = ["source_uri", "page", "status", "run_id"]
 ROW_COLUMNS = ["source_uri", "page", "n_pages", "member", "task", "question", "text", "status", "error", "stage",
-               "n_output_tokens", "truncated", "run_id"]
+               "n_output_tokens", "truncated", "route", "run_id"]
 THUMB_EDGE = 256
 MAX_ERROR_PAGES = 500  # pages with errors shown (all of them up to this many; the summary counts the rest)
 
@@ -204,12 +204,13 @@ def render_html(title: str, summary_text: str, rows: list[dict], thumbs: dict, n
                 f'<tr class="result {esc(r["status"])}" data-status="{esc(r["status"])}" data-task="{esc(r["task"])}">'
                 f'<td>{esc(r["task"])}</td><td>{esc(r["question"])}</td>'
                 f'<td class="status-{esc(r["status"])}">{esc(r["status"])}</td>'
+                f'<td class="route">{esc(r["route"])}</td>'
                 f'<td class="text">{esc(detail)}</td><td>{esc(tokens)}</td></tr>'
             )
         cards.append(
             f'<section class="page">{picture}<div class="rows"><h2>{esc(source)} &middot; {esc(_page_label(page, n_pages, member))}'
             f'</h2><table><thead><tr><th>task</th><th>question</th>'
-            f'<th>status</th><th>text / error</th><th>tokens</th></tr></thead><tbody>{"".join(body)}</tbody>'
+            f'<th>status</th><th>route</th><th>text / error</th><th>tokens</th></tr></thead><tbody>{"".join(body)}</tbody>'
             f'</table></div></section>'
         )
 

@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from connectors.lease import hold_output
 from connectors.ledger import Ledger, read_ledger
-from connectors.listing import list_inputs
+from connectors.listing import list_inputs, results_filter
 from connectors.parquet_sink import ParquetSink, ParquetStore
 from connectors.storage import redact, unreachable_reason
 from core.errors import SpecError
@@ -29,6 +30,7 @@ from core.schema import KEY_COLUMNS, PLAN_SCHEMA, table_from_rows
 from core.spec import JobSpec, check_run_id, new_run_id, output_uri_for_run
 from core.units import work_units
 from jobs.progress import Progress
+from jobs.quiet_ray import spend_actor_restart_warning
 from jobs.summary import write_run_summary
 from pipeline.model.journal import journal_folder
 from pipeline.processor import build_processor
@@ -88,6 +90,7 @@ def init_ray(spec: JobSpec) -> None:
     # it), so a killed run leaves nothing behind that could disturb its rerun.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=True, logging_level=logging.WARNING)
+    spend_actor_restart_warning()  # a false alarm Ray would print in the middle of the progress lines
 
 
 @dataclass
@@ -101,9 +104,11 @@ class Plan:
     retried: list[str] = field(default_factory=list)  # with error rows this run redoes (--retry-failed)
 
 
-def write_plan(spec: JobSpec, store: ParquetStore, ledger: Ledger) -> Plan:
-    """Stream the listing into plan files under `_work/<run_id>/`, skipping complete sources."""
-    work = f"{store.root}/_work/{spec.run_id}"
+def write_plan(spec: JobSpec, store: ParquetStore, ledger: Ledger, output_template: str = "") -> Plan:
+    """Stream the listing into plan files under `_work/<run_id>.<lease token>/`, skipping complete sources
+    and results (an output inside its input; `output_template`: the output URI before `{run_id}` is set)."""
+    work = store.work_folder(spec.run_id)
+    results = results_filter(spec.input, spec.storage, output_template or spec.output.uri, store.own_files().owns_uri)
     plan, buffer = Plan(), []
 
     def flush():
@@ -117,7 +122,7 @@ def write_plan(spec: JobSpec, store: ParquetStore, ledger: Ledger) -> Plan:
             plan.planned += len(buffer)
             buffer.clear()
 
-    for row in list_inputs(spec.input, spec.storage):
+    for row in list_inputs(spec.input, spec.storage, skip=results):
         uri, etag = row["source_uri"], row["etag"]
         units = work_units(spec.tasks, row.get("questions"))  # per source: QA questions may come per document
         if ledger.is_complete(uri, etag, units):
@@ -143,6 +148,7 @@ def run_job(spec: JobSpec) -> RunResult:
     started = time.monotonic()
     spec.check_runnable()
     run_id = check_run_id(spec.run_id or new_run_id())
+    output_template = spec.output.uri
     spec = spec.updated(run_id=run_id, output={"uri": output_uri_for_run(spec.output.uri, run_id)})
     ray_address(spec)  # a cluster address that cannot work fails now, not after planning
     for role, uri in (("input", spec.input.uri), ("output", spec.output.uri)):
@@ -150,10 +156,20 @@ def run_job(spec: JobSpec) -> RunResult:
         if unreachable:
             raise SpecError(f"cannot reach {role} {uri}: {unreachable}")
     derived = derive(spec)  # the checkpoint's processor, examples, render size: once, before any work
-    units = work_units(spec.tasks)
 
     store = ParquetStore(spec.output.uri, spec.storage)
     store.ensure_writable()
+    # One writer per output: from here to the end this run holds the output's lease (connectors/lease.py).
+    lease = hold_output(store, spec.run_id, spec.output.lease_timeout_s, spec.output.wait)
+    try:
+        return _run_holding_the_lease(spec, derived, store, started, output_template)
+    finally:
+        lease.release()
+
+
+def _run_holding_the_lease(spec: JobSpec, derived: Derived, store: ParquetStore, started: float,
+                           output_template: str) -> RunResult:
+    units = work_units(spec.tasks)
     if spec.output.overwrite:
         store.delete_all()
     store.recover()
@@ -164,7 +180,7 @@ def run_job(spec: JobSpec) -> RunResult:
     warn_if_resuming_another_model(ledger, spec)
 
     try:
-        plan = write_plan(spec, store, ledger)
+        plan = write_plan(spec, store, ledger, output_template)
     except FileNotFoundError:
         raise SpecError(f"input {spec.input.uri} does not exist") from None
     except PermissionError as exc:
@@ -184,8 +200,9 @@ def run_job(spec: JobSpec) -> RunResult:
     if plan.files:
         _run_pipeline(spec, derived, plan.files, store, ledger, sink, result)
     sink.close()
-    if store.fs.exists(f"{store.root}/_work/{spec.run_id}"):
-        store.fs.rm(f"{store.root}/_work/{spec.run_id}", recursive=True)
+    store.record_own_files()
+    if store.fs.exists(store.work_folder(spec.run_id)):
+        store.fs.rm(store.work_folder(spec.run_id), recursive=True)
     shutil.rmtree(journal_folder(spec.run_id), ignore_errors=True)  # this node's replica notes (a local run's all)
     result.rows_written = sink.rows_written
     result.files = sink.published

@@ -1,4 +1,4 @@
-"""Prompts: which (task, question) units a page row asks for, and the exact text handed to the processor.
+"""Prompts: the exact text handed to the processor for a (task, question) unit, and how to generate it.
 
 Instruct checkpoints (`idefics2-8b`) get the checkpoint's own chat template, applied the way the model
 card applies it: one user turn with the image(s) first, then the instruction, and

@@ -191,7 +191,7 @@ def free_port() -> int:
 
 
 class S3Server:
-    """A real S3 API (moto) on loopback. Tests always pass `endpoint` explicitly: nothing reaches a cloud."""
+    """A real S3 API on loopback. Tests always pass `endpoint` explicitly: nothing reaches a cloud."""
 
     def __init__(self, endpoint: str):
         import boto3
@@ -217,21 +217,45 @@ class S3Server:
         return s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
 
 
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIASCRIPTORIUMTEST0",
+    "AWS_SECRET_ACCESS_KEY": "scriptorium-session-fake-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
 @pytest.fixture(scope="session")
-def s3_server():
-    """moto's ThreadedMotoServer on 127.0.0.1, with fake credentials and no AWS config files."""
+def fake_aws_credentials():
+    """Fake credentials and no AWS config files, for the whole session (and the CLIs it starts)."""
+    saved = {name: os.environ.get(name) for name in FAKE_AWS_ENV}
+    os.environ.update(FAKE_AWS_ENV)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server(fake_aws_credentials, tmp_path_factory):
+    """A real S3 server, SeaweedFS, on 127.0.0.1 (tests/seaweedfs.py): S3's semantics, conditional
+    writes included. Killed at the end of the session, with nothing left behind."""
+    from tests.seaweedfs import SeaweedFS
+
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+        yield S3Server(endpoint)
+
+
+@pytest.fixture(scope="session")
+def moto_server(fake_aws_credentials):
+    """moto's S3 and IAM on 127.0.0.1, for the tests that inject faults SeaweedFS cannot: access denied
+    by an IAM policy (moto checks policies once asked to, see tests/test_storage_s3.py)."""
     from moto.server import ThreadedMotoServer
 
-    fake_env = {
-        "AWS_ACCESS_KEY_ID": "AKIASCRIPTORIUMTEST0",
-        "AWS_SECRET_ACCESS_KEY": "scriptorium-session-fake-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {name: os.environ.get(name) for name in fake_env}
-    os.environ.update(fake_env)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -239,18 +263,14 @@ def s3_server():
         yield S3Server(f"http://{host}:{port}")
     finally:
         server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 class StoreProxy:
     """A loopback HTTP proxy in front of a store that records each request and can answer the next
-    ones with an injected failure (throttling, 5xx), the way a busy S3 endpoint would."""
+    ones with an injected failure (throttling, 5xx), the way a busy S3 endpoint would. `drop_headers`
+    are removed from every request (a store that ignores them, such as conditions)."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, drop_headers: tuple[str, ...] = ()):
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -259,6 +279,7 @@ class StoreProxy:
         self.requests: list[tuple[str, str]] = []  # (method, path with query)
         self.failures: list[tuple[int, bytes]] = []  # answered in order, one per request, before forwarding
         target_url = urlparse(target)
+        dropped = {name.lower() for name in drop_headers}
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -275,7 +296,8 @@ class StoreProxy:
                     status, payload = proxy.failures.pop(0)
                 else:
                     upstream = http.client.HTTPConnection(target_url.hostname, target_url.port, timeout=30)
-                    upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+                    forwarded = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
+                    upstream.request(self.command, self.path, body=body, headers=forwarded)
                     response = upstream.getresponse()
                     status, payload, headers = response.status, response.read(), response.getheaders()
                     upstream.close()

@@ -62,3 +62,9 @@ def test_legibility_bench_reads_the_models_crops_with_tesseract():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "today (render at 980, then split)" in done.stdout
     assert results_of(done.stdout) == {"legibility_cer": "ratio"}
+
+
+def test_export_bench_reports_its_peak_memory():
+    done = run_bench("bench/export.py", "--rows", "2000", "--text-bytes", "200")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert results_of(done.stdout) == {"export_peak_mb": "MB", "export_rows_per_s": "rows/s"}

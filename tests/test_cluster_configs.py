@@ -1,11 +1,15 @@
 """The cluster configs in cluster/ are valid and agree with the code: each parses, has the fields its
 tool requires, gives GPUs to the workers, and names a job spec that exists in jobs/ and validates, with
-the flags the config adds. The Ray launcher config is checked against Ray's own cluster-config schema."""
+the flags the config adds. The Ray launcher config is checked against Ray's own cluster-config schema.
+The CronJob's and RayJob's submitter scripts are run by a real shell, with `scriptorium` and `ray`
+standing in as recording stubs, to show that they stop the Ray job when their deadline passes."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,6 +80,32 @@ def test_raycluster_autoscales_gpu_workers_from_zero():
         assert pod["serviceAccountName"] == account
 
 
+def run_with_stubs(script: str, tmp_path: Path, env: dict | None = None) -> tuple[int, list[list[str]]]:
+    """Run a submitter script with `scriptorium` and `ray` replaced by stubs that record their arguments:
+    `ray job status` finds no job, `ray job logs --follow` and `scriptorium submit --wait` follow a job that
+    never ends. Returns the exit status and the recorded commands."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    record = f'printf "%s\\037" "$(basename "$0")" "$@" >> {calls}; echo >> {calls}\n'
+    (bin_dir / "scriptorium").write_text(f"#!/bin/sh\n{record}exec sleep 60\n")
+    (bin_dir / "ray").write_text(f"#!/bin/sh\n{record}"
+                                 'case "$2" in status) exit 1;; logs) exec sleep 60;; esac\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    done = subprocess.run(["/bin/sh", "-c", script], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                                          **(env or {})},
+                          capture_output=True, text=True, timeout=60)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return done.returncode, [line.rstrip("\037").split("\037") for line in lines]
+
+
+def with_short_deadline(script: str, deadline_s: int) -> str:
+    """The script with its `timeout N` of a day or two cut down to a second, and N checked first."""
+    match = re.search(r"\btimeout (\d+) ", script)
+    assert match and int(match.group(1)) < deadline_s, "the script's deadline must come before the backstop's"
+    return script.replace(match.group(0), "timeout 1 ")
+
+
 def test_rayjob_runs_an_existing_job_spec_on_its_own_gpu_cluster():
     job = documents("kuberay-rayjob.yaml")["RayJob"]
     assert job["apiVersion"] == "ray.io/v1" and job["metadata"]["name"]
@@ -87,6 +117,7 @@ def test_rayjob_runs_an_existing_job_spec_on_its_own_gpu_cluster():
     assert argv[:2] == ["scriptorium", "run"]
     args = build_parser().parse_args(argv[1:])
     assert args.address == "auto"
+    assert args.wait  # a retry on a fresh cluster waits out the dead attempt's lease
     job_spec = load_spec(repo_path(args.job)).check_runnable()
     # Enough GPU workers for every model replica the spec asks for.
     gpus = sum(g["replicas"] * g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
@@ -94,27 +125,67 @@ def test_rayjob_runs_an_existing_job_spec_on_its_own_gpu_cluster():
     assert gpus >= job_spec.resources.num_replicas * job_spec.resources.gpus_per_replica
 
 
-def test_cronjob_submits_an_existing_job_spec_to_the_rayclusters_head(tmp_path):
+def test_rayjob_submitter_submits_the_entrypoint_and_stops_the_job_when_its_deadline_passes(tmp_path):
+    spec = documents("kuberay-rayjob.yaml")["RayJob"]["spec"]
+    container = spec["submitterPodTemplate"]["spec"]["containers"][0]
+    assert container["command"] == ["/bin/sh", "-c"]
+    script = with_short_deadline(container["args"][0], spec["activeDeadlineSeconds"])
+
+    # KubeRay gives the submitter these two (see its getSubmitterTemplate).
+    status, calls = run_with_stubs(script, tmp_path, {"RAY_DASHBOARD_ADDRESS": "head-svc:8265",
+                                                      "RAY_JOB_SUBMISSION_ID": "rayjob-abc"})
+
+    assert status == 124  # the deadline passed
+    head = ["--address", "http://head-svc:8265"]
+    submit = ["ray", "job", "submit", *head, "--submission-id", "rayjob-abc", "--no-wait", "--"]
+    assert calls[0] == ["ray", "job", "status", *head, "rayjob-abc"]
+    assert calls[1] == submit + shlex.split(spec["entrypoint"])  # exactly the RayJob's entrypoint
+    assert calls[2] == ["ray", "job", "logs", *head, "--follow", "rayjob-abc"]
+    assert calls[3] == ["ray", "job", "stop", *head, "rayjob-abc"] and len(calls) == 4
+
+
+def cronjob_script() -> tuple[dict, str]:
     cron = documents("kuberay-cronjob.yaml")["CronJob"]
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["/bin/sh", "-c"]
+    return cron, container["args"][0]
+
+
+def test_cronjob_submits_an_existing_job_spec_to_the_rayclusters_head(tmp_path):
+    cron, script = cronjob_script()
     assert cron["apiVersion"] == "batch/v1"
     spec = cron["spec"]
     assert len(spec["schedule"].split()) == 5
     assert spec["concurrencyPolicy"] == "Forbid"  # one writer per output
 
-    container = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    script = " ".join(container["command"][2:] + container["args"])
-    script = re.sub(r"\$\([^)]*\)", "20260101", script)  # what the shell's $(date ...) gives
-    argv = shlex.split(script)
-    assert argv[:2] == ["scriptorium", "submit"]
-    args = build_parser().parse_args(argv[1:])
+    (submit_line,) = [line for line in script.splitlines() if "scriptorium submit" in line]
+    argv = shlex.split(submit_line)
+    assert argv[:2] == ["timeout", argv[1]] and argv[2:4] == ["scriptorium", "submit"]
     head = documents("kuberay-raycluster.yaml")["RayCluster"]["metadata"]["name"] + "-head-svc"
+    variables = {"head": f"http://{head}:8265", "run": "nightly-20260101", "submission": "scriptorium-nightly-x"}
+    args = build_parser().parse_args([re.sub(r"\$(\w+)", lambda m: variables[m.group(1)], a) for a in argv[3:]])
     assert args.address == f"http://{head}:8265"
     assert args.wait
+    assert args.run_flags[-1] == "--wait"  # `scriptorium run` waits for an earlier night's run still going
 
     args.job = str(repo_path(args.job))
     submission = prepare_submission(args, str(tmp_path))  # loads and validates the spec with the flags
     assert submission.run_id == "nightly-20260101"
     assert (tmp_path / Path(args.job).name).is_file()
+
+
+def test_cronjob_stops_the_ray_job_it_submitted_when_its_deadline_passes(tmp_path):
+    cron, script = cronjob_script()
+    backstop = cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+    status, calls = run_with_stubs(with_short_deadline(script, backstop), tmp_path)
+
+    assert status == 124
+    (submit,), (stop,) = [c for c in calls if c[0] == "scriptorium"], [c for c in calls if c[0] == "ray"]
+    submission = submit[submit.index("--submission-id") + 1]
+    assert submission.startswith("scriptorium-nightly-") and submission.endswith(subprocess.check_output(
+        ["hostname"], text=True).strip())  # one id per pod: a retried pod's submission is a new one
+    address = submit[submit.index("--address") + 1]
+    assert stop == ["ray", "job", "stop", "--address", address, submission]
 
 
 def test_dockerfile_uses_the_pinned_ray_and_puts_the_repo_where_the_manifests_look():

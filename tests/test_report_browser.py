@@ -127,6 +127,7 @@ class Chromium:
 @pytest.fixture(scope="module")
 def reviewed_output(tmp_path_factory, tiny_model, ray_local):
     """A finished two-task run over two PDFs (4 pages), an image and a corrupt PDF, plus an XSS row."""
+    from connectors.namespace import data_file_name
     from connectors.parquet_sink import ParquetStore
     from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, TaskSpec
     from jobs.runner import run_job
@@ -147,7 +148,7 @@ def reviewed_output(tmp_path_factory, tiny_model, ray_local):
     table = pads.dataset(str(output), format="parquet").to_table()
     ok_row = next(r for r in table.to_pylist() if r["status"] == "ok" and r["source_uri"].endswith("photo.png"))
     injected = {**ok_row, "task": "qa", "question": "<b>q?</b>", "text": XSS_TEXT}
-    store.publish(pa.Table.from_pylist([injected], schema=table.schema), "part-injected.parquet")
+    store.publish(pa.Table.from_pylist([injected], schema=table.schema), data_file_name(spec.run_id, 999))
     return output, read_rows(output)
 
 

@@ -147,8 +147,7 @@ def first_run(small_folder, tiny_model, tmp_path_factory, ray_local):
     """A finished run in which big.png was refused at listing (input.max_size_mb): one error row."""
     output = tmp_path_factory.mktemp("first") / "out"
     spec = job_spec(small_folder, output, tiny_model).updated(input={"max_size_mb": 0.1})
-    run_job(spec)
-    return spec.run_id, output
+    return run_job(spec).run_id, output
 
 
 def copy_of(output: Path, tmp_path: Path) -> Path:
@@ -186,7 +185,7 @@ def test_retry_failed_keeps_the_error_rows_of_sources_it_does_not_list(first_run
     _, first_output = first_run
     output = copy_of(first_output, tmp_path)
     narrower = job_spec(small_folder, output, tiny_model, retry_failed=True)
-    narrower.input.include = ["*.pdf"]  # big.png is not part of this run
+    narrower = narrower.updated(input={"include": ["*.pdf"]})  # big.png is not part of this run
     retry = run_job(narrower)
     assert (retry.planned_inputs, retry.rows_written) == (0, 0)
     # big.png's error row is still the answer for its page: not redone, and not lost either.
@@ -252,9 +251,8 @@ def test_a_task_added_to_a_finished_output_runs_only_the_new_task(first_run, sma
 
 
 def test_a_page_that_owes_some_units_generates_only_those(small_folder, tiny_model):
-    from tests.stages import job, plan_row, run_stages
-
     from core.spec import TaskSpec
+    from tests.conftest import job, plan_row, run_stages
 
     spec = job(tiny_model, [TaskSpec(kind="ocr", max_new_tokens=4), TaskSpec(kind="caption", max_new_tokens=4),
                             TaskSpec(kind="qa", questions=["Who?", "When?"], max_new_tokens=4)])
@@ -269,10 +267,9 @@ def test_a_page_that_owes_some_units_generates_only_those(small_folder, tiny_mod
 
 def test_each_page_row_carries_only_its_own_pages_published_units(small_folder):
     """A 5,000-page document with a task added must not copy all its published units onto every page."""
-    from tests.stages import plan_row
-
     from core.spec import RenderSpec, StorageSpec
     from pipeline.render.stage import pages_of
+    from tests.conftest import plan_row
 
     on_page = [{"page": p, "task": "ocr", "question": None} for p in (0, 1)]
     rows = list(pages_of({**plan_row(small_folder / "a.pdf"), "done_units": on_page},

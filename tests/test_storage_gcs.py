@@ -1,6 +1,6 @@
-"""Google Cloud Storage end to end against a real HTTP server speaking the GCS JSON API on loopback
-(tests/gcs_server.py; gcsfs is given its endpoint, nothing reaches Google): a listing that streams page
-by page, hidden names, globs and include patterns, provenance, and a job from gs:// to local and gs://."""
+"""Google Cloud Storage end to end against fake-gcs-server, the GCS emulator, on loopback (tests/fake_gcs.py;
+gcsfs is given its endpoint, nothing reaches Google): a listing that streams page by page, hidden names,
+globs and include patterns, provenance, and a job from gs:// to local and gs://."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from connectors.storage import filesystem_for, fsspec_options, read_bytes
 from core.spec import InputSpec, StorageSpec, spec_from_dict
 from jobs.runner import run_job
 from tests.conftest import make_image, make_pdf, read_rows, small_ocr_job
-from tests.gcs_server import GcsServer
+from tests.fake_gcs import FakeGcs
 from tests.test_listing import GLOB_CASES
 
 ARCHIVE = {
@@ -30,7 +30,7 @@ ARCHIVE = {
 
 @pytest.fixture(scope="module")
 def gcs():
-    server = GcsServer()
+    server = FakeGcs()
     yield server
     server.close()
 
@@ -59,7 +59,7 @@ def test_a_large_prefix_is_listed_one_page_at_a_time(gcs):
     gcs.put(bucket, "many-more/not-below-the-prefix.pdf", b"%PDF")
 
     def pages() -> list[dict]:  # full listing pages: flat (no delimiter), not the 1-result folder probe
-        return [r.query for r in gcs.list_requests(bucket) if "delimiter" not in r.query]
+        return [query for query in gcs.list_requests(bucket) if "delimiter" not in query]
 
     rows = list_inputs(InputSpec(uri=f"gs://{bucket}/many/"), options(gcs))
     first = next(rows)

@@ -1,6 +1,8 @@
-"""Object storage end to end against a real S3 API (moto's server on loopback; every client is given its
-endpoint, nothing reaches a cloud): URI resolution, retries, missing and forbidden objects, unusable
-outputs, `scriptorium run` from s3:// to s3://, and credentials that never leak."""
+"""Object storage end to end against a real S3 server on loopback (SeaweedFS; every client is given its
+endpoint, nothing reaches a cloud): URI resolution, retries, missing objects, unusable outputs,
+`scriptorium run` from s3:// to s3://, and credentials that never leak. Access denied by a policy is
+injected with moto's IAM (the `moto_server` fixture), a fault SeaweedFS cannot be asked for; moto also
+gives AWS's own answer to a missing bucket."""
 
 from __future__ import annotations
 
@@ -94,14 +96,14 @@ def test_stores_without_their_own_retries_get_the_generic_one(s3_server):
 
 
 @contextmanager
-def iam_enforced(s3_server, deny: list[dict]) -> Iterator[dict]:
+def iam_enforced(moto_server, deny: list[dict]) -> Iterator[dict]:
     """Switch on moto's IAM checks for a new user allowed s3:* except the `deny` statements.
 
     Yields that user's credentials (a moto-generated secret). Everything inside must use them.
     """
     import boto3
 
-    iam = boto3.client("iam", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    iam = boto3.client("iam", endpoint_url=moto_server.endpoint, region_name="us-east-1")
     user = f"reader-{uuid.uuid4().hex[:6]}"
     iam.create_user(UserName=user)
     policy = {"Version": "2012-10-17",
@@ -110,7 +112,7 @@ def iam_enforced(s3_server, deny: list[dict]) -> Iterator[dict]:
     key = iam.create_access_key(UserName=user)["AccessKey"]
 
     def set_auth(count: bytes) -> None:
-        request = urllib.request.Request(f"{s3_server.endpoint}/moto-api/reset-auth", data=count,
+        request = urllib.request.Request(f"{moto_server.endpoint}/moto-api/reset-auth", data=count,
                                          headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(request).close()
 
@@ -127,14 +129,14 @@ def deny(action: str, resource: str) -> dict:
     return {"Effect": "Deny", "Action": action, "Resource": f"arn:aws:s3:::{resource}"}
 
 
-def test_forbidden_object_and_unwritable_output_are_reported_clearly(s3_server, monkeypatch):
-    bucket = s3_server.new_bucket("iam")
-    s3_server.put(bucket, "private/secret.pdf", b"%PDF secret")
-    with iam_enforced(s3_server, [deny("s3:GetObject", f"{bucket}/private/*"),
+def test_forbidden_object_and_unwritable_output_are_reported_clearly(moto_server, monkeypatch):
+    bucket = moto_server.new_bucket("iam")
+    moto_server.put(bucket, "private/secret.pdf", b"%PDF secret")
+    with iam_enforced(moto_server, [deny("s3:GetObject", f"{bucket}/private/*"),
                                   deny("s3:PutObject", f"{bucket}/locked/*")]) as credentials:
         for name, value in credentials.items():
             monkeypatch.setenv(name, value)
-        options = StorageSpec(endpoint_url=s3_server.endpoint)
+        options = StorageSpec(endpoint_url=moto_server.endpoint)
 
         with pytest.raises(PermissionError, match=f"access denied: s3://{bucket}/private/secret.pdf"):
             read_bytes(f"s3://{bucket}/private/secret.pdf", options)
@@ -184,12 +186,12 @@ def test_run_from_s3_to_s3_publishes_every_page_once(s3_server, tiny_model, tmp_
     assert read_results(s3_server, f"s3://{target}/ocr").num_rows == len(rows)
 
 
-def test_manifest_run_records_missing_and_forbidden_objects_as_error_rows(s3_server, tiny_model, tmp_path):
-    bucket = s3_server.new_bucket("manifest-run")
-    s3_server.put(bucket, "docs/a.pdf", make_pdf(tmp_path / "a.pdf", ["Minutes of the meeting"]))
-    s3_server.put(bucket, "docs/forbidden.pdf", make_pdf(tmp_path / "f.pdf", ["Restricted"]))
+def test_manifest_run_records_missing_and_forbidden_objects_as_error_rows(moto_server, tiny_model, tmp_path):
+    bucket = moto_server.new_bucket("manifest-run")
+    moto_server.put(bucket, "docs/a.pdf", make_pdf(tmp_path / "a.pdf", ["Minutes of the meeting"]))
+    moto_server.put(bucket, "docs/forbidden.pdf", make_pdf(tmp_path / "f.pdf", ["Restricted"]))
     manifest = "".join(json.dumps({"uri": u}) + "\n" for u in ["../docs/a.pdf", "../docs/missing.pdf", "../docs/forbidden.pdf"])
-    s3_server.put(bucket, "lists/batch.jsonl", manifest.encode())
+    moto_server.put(bucket, "lists/batch.jsonl", manifest.encode())
 
     job = tmp_path / "job.toml"  # this time the settings come from a job spec, [storage] included
     job.write_text(f"""
@@ -199,7 +201,7 @@ manifest = true
 [output]
 uri = "s3://{bucket}/results"
 [storage]
-endpoint_url = "{s3_server.endpoint}"
+endpoint_url = "{moto_server.endpoint}"
 [model]
 id = "{tiny_model}"
 [[tasks]]
@@ -207,11 +209,11 @@ kind = "ocr"
 max_new_tokens = 4
 """)
 
-    with iam_enforced(s3_server, [deny("s3:GetObject", f"{bucket}/docs/forbidden.pdf")]) as credentials:
+    with iam_enforced(moto_server, [deny("s3:GetObject", f"{bucket}/docs/forbidden.pdf")]) as credentials:
         done = run_cli("run", "--job", str(job), env=credentials)
 
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {r["source_uri"].rsplit("/", 1)[-1]: r for r in read_results(s3_server, f"s3://{bucket}/results").to_pylist()}
+    rows = {r["source_uri"].rsplit("/", 1)[-1]: r for r in read_results(moto_server, f"s3://{bucket}/results").to_pylist()}
     assert sorted(rows) == ["a.pdf", "forbidden.pdf", "missing.pdf"]
     assert rows["a.pdf"]["status"] == "ok"
     for name, reason in [("missing.pdf", "no such object"), ("forbidden.pdf", "access denied")]:
@@ -222,14 +224,15 @@ max_new_tokens = 4
     assert secret not in json.dumps(list(rows.values()), default=str)
 
 
-def test_missing_output_bucket_stops_the_job_with_one_clear_line(s3_server, tiny_model, tmp_path):
-    source = s3_server.new_bucket("input")
-    s3_server.put(source, "a.png", make_image(tmp_path / "a.png"))
+def test_missing_output_bucket_stops_the_job_with_one_clear_line(moto_server, tiny_model, tmp_path):
+    """AWS answers a write to a missing bucket with NoSuchBucket, as moto does (SeaweedFS: AccessDenied)."""
+    source = moto_server.new_bucket("input")
+    moto_server.put(source, "a.png", make_image(tmp_path / "a.png"))
     missing = f"no-such-bucket-{uuid.uuid4().hex[:6]}"
 
     done = run_cli("run", "--input", f"s3://{source}/", "--output", f"s3://{missing}/results",
-                   "--endpoint-url", s3_server.endpoint, "--model", str(tiny_model), "--task", "ocr")
+                   "--endpoint-url", moto_server.endpoint, "--model", str(tiny_model), "--task", "ocr")
 
     assert one_line_error(done) == (f"scriptorium: error: cannot write to output s3://{missing}/results: "
                                     "FileNotFoundError: The specified bucket does not exist")
-    assert missing not in [b["Name"] for b in s3_server.client.list_buckets()["Buckets"]]  # not created behind our back
+    assert missing not in [b["Name"] for b in moto_server.client.list_buckets()["Buckets"]]  # not created behind our back

@@ -17,7 +17,7 @@ from tests.conftest import make_image, make_pdf, read_rows
 @pytest.fixture(scope="module")
 def known_run(tmp_path_factory, tiny_model, ray_local):
     """Two PDFs (3 pages), an image, a corrupt PDF and a text file; OCR plus QA with two questions."""
-    from core.spec import JobSpec, TaskSpec
+    from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, TaskSpec
     from jobs.runner import run_job
 
     inputs = tmp_path_factory.mktemp("summary-in")
@@ -29,12 +29,11 @@ def known_run(tmp_path_factory, tiny_model, ray_local):
     output = tmp_path_factory.mktemp("summary-out") / "results"
 
     def spec(run_id):
-        s = JobSpec(run_id=run_id)
-        s.input.uri, s.output.uri, s.model.id, s.model.device = str(inputs), str(output), str(tiny_model), "cpu"
-        s.tasks = [TaskSpec(kind="ocr", max_new_tokens=6),
-                   TaskSpec(kind="qa", questions=["What is the title?", "Who wrote it?"], max_new_tokens=3)]
-        s.resources.gpu_price_per_hour = 3.0
-        return s
+        return JobSpec(run_id=run_id, input=InputSpec(uri=str(inputs)), output=OutputSpec(uri=str(output)),
+                       model=ModelSpec(id=str(tiny_model), device="cpu"),
+                       tasks=[TaskSpec(kind="ocr", max_new_tokens=6),
+                              TaskSpec(kind="qa", questions=["What is the title?", "Who wrote it?"], max_new_tokens=3)],
+                       resources=ResourceSpec(gpu_price_per_hour=3.0))
 
     progress_lines: list[str] = []  # not on a terminal, progress is logged: keep those lines
     handler = logging.Handler()

@@ -113,13 +113,13 @@ def test_resume_knows_each_documents_own_questions(tmp_path):
                  "source_etag": "v1"} for t, q in units]
 
     published = rows(0, [("ocr", None), ("qa", "Who?")]) + rows(1, [("ocr", None), ("qa", "Who?")])
-    store.publish(table_from_rows(published, RESULT_SCHEMA), "part-1.parquet")
+    store.publish(table_from_rows(published, RESULT_SCHEMA), "part-run1-000001-00000001.parquet")
     ledger = read_ledger(store, work_units(tasks))
     one_question = work_units(tasks, ["Who?"])
     assert ledger.done_pages_of("a.pdf", one_question) == [0, 1]  # pages done, document row (-1) not
     assert not ledger.is_complete("a.pdf", "v1", one_question)
 
-    store.publish(table_from_rows(rows(-1, [("overview", None)]), RESULT_SCHEMA), "part-2.parquet")
+    store.publish(table_from_rows(rows(-1, [("overview", None)]), RESULT_SCHEMA), "part-run1-000002-00000002.parquet")
     ledger = read_ledger(store, work_units(tasks))
     assert ledger.is_complete("a.pdf", "v1", one_question)
     two_questions = work_units(tasks, ["Who?", "When?"])  # the manifest gained a question
