@@ -1,6 +1,7 @@
 """The model stage on one GPU: the full-size idefics2-8b architecture (random weights), pages rendered
-from real-looking documents at 980 with image splitting, exactly N new tokens per page, against the
-model card's snippet loop (batch of one, the processor on PIL images) on the same pages in the same run.
+from real-looking documents by the render rule (1960 px for 980 with image splitting, pipeline/render/size.py),
+exactly N new tokens per page, against the model card's snippet loop (batch of one, the processor on PIL
+images) on the same pages in the same run.
 
     python bench/gpu.py                                  # on a GPU machine: 512 pages, 512 new tokens
     python bench/gpu.py --compile                        # static cache + torch.compile
@@ -207,7 +208,7 @@ def main() -> None:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    pages = page_images(args.pages, longest_edge=settings.longest_edge)
+    pages = page_images(args.pages, longest_edge=settings.render_edge)
     started = time.perf_counter()
     crops = [model_crops(page, settings) for page in pages]
     cpu_s = time.perf_counter() - started
@@ -252,7 +253,7 @@ def main() -> None:
     print(f"device: {name}; model: {'tiny' if args.tiny else 'idefics2-8b'} architecture, {n_params / 1e9:.2f} B "
           f"parameters, random weights, {str(dtype).replace('torch.', '')}, attention {args.attn}, "
           f"compile {'on' if args.compile else 'off'}; built in {build_s:.0f} s")
-    print(f"pages: {len(pages)} rendered at {settings.longest_edge} with splitting ({settings.images_per_page} crops), "
+    print(f"pages: {len(pages)} rendered at {settings.render_edge} with splitting ({settings.images_per_page} crops), "
           f"{args.new_tokens} new tokens each (all exact: {'yes' if exact else 'NO'})")
     print(f"batches: up to {budget[0]} pages, token budget {budget[2] or 'none'}; "
           f"sizes {', '.join(str(n) for n in batch_sizes)}")

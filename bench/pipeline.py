@@ -3,8 +3,8 @@
     .venv/bin/python bench/pipeline.py [--pages 160] [--max-new-tokens 128] [--replicas 2] [--batch-size 8]
 
 The work: OCR every page of a folder of real-looking report PDFs (text, a table, a figure), rendered at
-980 with image splitting (the tiny checkpoint's processor: the idefics2-8b settings), greedy, with the
-tiny random-weight Idefics2 on CPU, results written to Parquet.
+the render rule (1960 px: the tiny checkpoint's processor has idefics2-8b's 980 with image splitting),
+greedy, with the tiny random-weight Idefics2 on CPU, results written to Parquet.
 
 - loop: what one would write from the model card: for each page, render with PyMuPDF, run the reference
   processor (`processor(text=prompt, images=[image])`), `model.generate` with a batch of one, decode;
@@ -73,13 +73,14 @@ def run_loop(model: Path, folder: Path, out: Path, prompt: str, max_new_tokens: 
     import pyarrow.parquet as pq
     import torch
     from documents import render_pdf  # PyMuPDF, at the pipeline's size rule
+    from core.image_settings import ImageSettings
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     started = time.perf_counter()
     processor = AutoProcessor.from_pretrained(model, backend="pil")
     net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32).eval()
-    longest_edge = processor.image_processor.size["longest_edge"]
+    longest_edge = ImageSettings.from_processor(processor).render_edge  # born-digital pages: no scans
     rows = []
     for path in sorted(folder.glob("*.pdf")):
         for number, pixels in enumerate(render_pdf(path.read_bytes(), longest_edge)):
@@ -130,7 +131,7 @@ def main() -> None:
     by_page = {(r["source_uri"].rsplit("/", 1)[-1], r["page"]): r["text"] for r in ok}
     same = sum(by_page.get((Path(r["source_uri"]).name, r["page"])) == r["text"] for r in loop_rows)
     pipeline_s = ray_s + job_s
-    print(f"work: {len(loop_rows)} PDF pages, OCR with the tiny Idefics2 (splitting, 980), greedy, "
+    print(f"work: {len(loop_rows)} PDF pages, OCR with the tiny Idefics2 (splitting, 980, pages at 1960), greedy, "
           f"max_new_tokens={args.max_new_tokens}; {os.cpu_count()} CPU cores")
     mean_tokens = sum(r["n_output_tokens"] for r in ok) / max(1, len(ok))
     print(f"pipeline: {args.replicas} replica(s), batch size {args.batch_size}; {len(ok)}/{len(pipeline_rows)} rows ok, "

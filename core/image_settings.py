@@ -25,6 +25,12 @@ class ImageSettings:
     def images_per_page(self) -> int:
         return 5 if self.do_image_splitting else 1
 
+    @property
+    def render_edge(self) -> int:
+        """The longest edge at which a PDF page gives the model all the detail it takes in: with splitting
+        each quadrant is brought to at most `longest_edge`, so twice that; without, `longest_edge`."""
+        return 2 * self.longest_edge if self.do_image_splitting else self.longest_edge
+
     @classmethod
     def from_processor(cls, processor, overrides: dict | None = None) -> "ImageSettings":
         """Read the settings off a loaded Idefics2 processor, then apply job overrides (None = keep)."""

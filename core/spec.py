@@ -13,7 +13,7 @@ TOML layout (every key optional except where a run needs it):
     [output]     uri = "s3://bucket/results/"           rows_per_file = 2000
     [storage]    endpoint_url = "http://minio:9000"     region = "us-east-1"  profile = "..."  anon = false
     [model]      id = "HuggingFaceM4/idefics2-8b"       dtype = "bf16"  attn_implementation = "sdpa"
-    [render]     longest_edge = 0 (automatic)           timeout_s = 60
+    [render]     longest_edge = 0 (automatic) or dpi    timeout_s = 60
     [resources]  num_replicas = 1                       gpus_per_replica = 1  batch_size = 0 (auto)
     [[tasks]]    kind = "ocr"                           max_new_tokens = 512
     [[tasks]]    kind = "qa"  questions = ["What is the title?"]
@@ -199,8 +199,15 @@ class ModelSpec(Section):
 
 class RenderSpec(Section):
     longest_edge: int = 0
-    """PDF pages are rendered so their longest edge is this many pixels (0: the processor's longest_edge),
-    which is all the model will see, instead of rendering big and shrinking."""
+    """PDF pages are rendered so their longest edge is this many pixels. 0 (automatic): at what the model
+    can use, twice the processor's longest_edge with image splitting, its longest_edge without
+    (pipeline/render/size.py). Images are never resized here."""
+    dpi: float = 0
+    """Instead of longest_edge: PDF pages are rendered at this many pixels per inch of their page box."""
+    scans_at_own_resolution: bool = True
+    """With the automatic size, a scanned page (raster images cover it, no visible text) is rendered at no
+    more than its scan's own resolution: never upscaled. A longest_edge or dpi of your own applies to
+    scans too."""
     max_pixels: int = 40_000_000
     """Decoded images larger than this are refused (decompression bombs)"""
     max_pages: int = 5000
@@ -224,6 +231,24 @@ class RenderSpec(Section):
             raise ValueError("render.max_pages and render.max_image_mb must be > 0, render.max_memory_mb >= 0 "
                              "(0: no limit)")
         return self
+
+    @field_validator("longest_edge", "dpi")
+    @classmethod
+    def _not_negative(cls, value, info):
+        if value < 0:
+            raise ValueError(f"render.{info.field_name} must be >= 0 (0: automatic)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if self.longest_edge and self.dpi:
+            raise ValueError(f"render.longest_edge = {self.longest_edge} and render.dpi = {self.dpi:g} both size "
+                             "PDF pages: set one of them")
+        return self
+
+    @property
+    def automatic_size(self) -> bool:
+        return not (self.longest_edge or self.dpi)
 
 
 class TaskSpec(Section):

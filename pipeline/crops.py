@@ -29,17 +29,22 @@ def target_size(height: int, width: int, settings: ImageSettings) -> tuple[int, 
 def model_crops(image: np.ndarray, settings: ImageSettings) -> list[np.ndarray]:
     """HWC uint8 page -> the HWC uint8 crops the model sees, resized exactly as the reference resizes.
 
-    Cropping and resizing stay in Pillow on uint8 (the reference's own resize), with no float copies.
+    Resizing stays in Pillow on uint8 (the reference's own resize), with no float copies. A crop already
+    at its target size (Pillow would return an identical copy) is a view into `image`: a page rendered
+    at twice the longest edge has four such quadrants, and only its whole-page crop is resized.
     """
-    page = Image.fromarray(np.ascontiguousarray(image))
-    crops = [page.crop(box) for box in crop_boxes(*page.size)] if settings.do_image_splitting else [page]
-    resized = []
-    for crop in crops:
-        height, width = target_size(crop.height, crop.width, settings)
-        if (width, height) != crop.size:  # Pillow returns an identical copy for the same size: skip it
-            crop = crop.resize((width, height), resample=settings.resample)
-        resized.append(np.asarray(crop))
-    return resized
+    height, width = image.shape[:2]
+    boxes = crop_boxes(width, height) if settings.do_image_splitting else [(0, 0, width, height)]
+    crops = []
+    for left, upper, right, lower in boxes:
+        crop = image[upper:lower, left:right]
+        target_height, target_width = target_size(crop.shape[0], crop.shape[1], settings)
+        if (target_height, target_width) != crop.shape[:2]:
+            resized = Image.fromarray(np.ascontiguousarray(crop)).resize((target_width, target_height),
+                                                                        resample=settings.resample)
+            crop = np.asarray(resized)
+        crops.append(crop)
+    return crops
 
 
 def crop_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:

@@ -5,8 +5,8 @@ crops plus the original (split first, at full resolution), resize each with bili
 `longest_edge`/`shortest_edge` rule, rescale to [0, 1], normalize, then pad the batch and build an int64
 mask. This stage does the expensive, per-page part (split + resize) and stops there: its uint8 crops are
 exactly what the reference resized, so the actor's rescale/normalize/pad (see `collate.py`) reproduces
-the reference tensors bit for bit, while 4-10x fewer bytes cross the object store
-(`tests/test_preprocess_fidelity.py` holds it to that).
+the reference tensors bit for bit, while far fewer bytes cross the object store: uint8 instead of float32,
+compressed losslessly (`core/pixels.py`; `tests/test_preprocess_fidelity.py` holds it to that).
 
 The split and resize themselves are `crops.py`'s; this is the stage around them.
 """
@@ -14,14 +14,14 @@ The split and resize themselves are `crops.py`'s; this is the stage around them.
 from __future__ import annotations
 
 from core.image_settings import ImageSettings
-from core.pixels import pack_crops, page_images
+from core.pixels import compress_crops, page_images
 from core.schema import PAGE_SCHEMA, PREPROCESSED_SCHEMA
 from pipeline.crops import model_crops
 from pipeline.steps import PageStep, fail
 
 
 class PreprocessPages(PageStep):
-    """Page rows in, rows with the model's crops packed as uint8 (`pixels`, `crop_shapes`) out."""
+    """Page rows in, rows with the model's uint8 crops compressed (`pixels`, `crop_shapes`; core/pixels.py) out."""
 
     input_schema, output_schema = PAGE_SCHEMA, PREPROCESSED_SCHEMA
 
@@ -35,6 +35,6 @@ class PreprocessPages(PageStep):
             try:
                 # A document row's images one after the other, in page order: the prompt's order.
                 crops = [crop for image in page_images(row) for crop in model_crops(image, self.settings)]
-                row["pixels"], row["crop_shapes"] = pack_crops(crops)
+                row["pixels"], row["crop_shapes"] = compress_crops(crops)
             except Exception as exc:
                 fail(row, "preprocess", f"preprocess failed: {exc}")

@@ -85,16 +85,20 @@ def derive(spec: JobSpec) -> Derived:
     return Derived(
         processor=processor,
         image_settings=image_settings,
-        render=spec.render.updated(longest_edge=render_longest_edge(spec.render, image_settings)),
+        render=resolved_render(spec.render, image_settings),
         prompts=prompts,
         gpus_per_replica=gpus,
         pages_per_batch=spec.resources.pages_per_batch(on_gpu=gpus > 0),
     )
 
 
-def render_longest_edge(render: RenderSpec, image_settings: ImageSettings) -> int:
-    """The longest edge PDF pages are rendered at: the spec's, or the processor's (all the model sees)."""
-    return render.longest_edge or image_settings.longest_edge
+def resolved_render(render: RenderSpec, image_settings: ImageSettings) -> RenderSpec:
+    """The render spec PDF pages are rendered by: the one place the render size is decided. The spec's
+    own longest_edge or dpi, for every page; else what the model can use (twice the processor's longest
+    edge with splitting, ImageSettings.render_edge), and scans at no more than their own resolution."""
+    if not render.automatic_size:
+        return render.updated(scans_at_own_resolution=False)
+    return render.updated(longest_edge=image_settings.render_edge)
 
 
 def needs_routes(spec: JobSpec) -> bool:

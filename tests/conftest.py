@@ -60,6 +60,28 @@ def make_pdf(path: Path, pages: list[str], size=(595, 842)) -> Path:
     return path
 
 
+def make_scan_pdf(path: Path, dpi: int, size=(612, 792), text: str = "A scanned page.",
+                  ocr_layer: str = "", visible_text: str = "") -> Path:
+    """A one-page PDF as a scanner makes it: one raster image at `dpi` covering the page (Letter by
+    default), a picture of `text`; optionally an invisible OCR text layer, or visible text on top."""
+    import io
+
+    import pymupdf
+
+    pixels = (round(size[0] * dpi / 72), round(size[1] * dpi / 72))
+    scan = io.BytesIO()
+    draw_image(pixels, (90, 90, 90), text).save(scan, format="PNG")
+    doc = pymupdf.open()
+    page = doc.new_page(width=size[0], height=size[1])
+    page.insert_image(page.rect, stream=scan.getvalue())
+    if ocr_layer:
+        page.insert_text((40, 60), ocr_layer, render_mode=3)  # invisible, as OCR tools lay it
+    if visible_text:
+        page.insert_text((40, 60), visible_text)
+    doc.save(str(path))
+    return path
+
+
 def draw_image(size, color, text):
     """A white RGB picture with a `color` rectangle in its top-left quarter and `text` below it."""
     from PIL import Image, ImageDraw

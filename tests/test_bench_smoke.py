@@ -60,6 +60,19 @@ def test_preprocess_bench_reports_exact_crops_and_both_targets():
     assert results_of(done.stdout) == {"preprocess_pages_per_core": "pages/s", "bytes_per_page": "MB"}
 
 
+def test_legibility_bench_reads_the_models_crops_with_tesseract():
+    from pipeline.routes.tesseract import tessdata_path
+
+    try:
+        tessdata_path()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    done = run_bench("bench/legibility.py", "--sizes", "9", "--fonts", "helv")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "today (render at 980, then split)" in done.stdout
+    assert results_of(done.stdout) == {"legibility_cer": "ratio"}
+
+
 def test_export_bench_reports_its_peak_memory():
     done = run_bench("bench/export.py", "--rows", "2000", "--text-bytes", "200")
     assert done.returncode == 0, done.stderr[-3000:]

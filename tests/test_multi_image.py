@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from core.image_settings import ImageSettings
 from core.pixels import page_image
 from core.schema import DOCUMENT_PAGE
 from core.spec import RenderSpec, StorageSpec, TaskSpec
 from pipeline.render.stage import pages_of
+from pipeline.stages import resolved_render
 from tests.conftest import job, make_image, make_pdf, plan_row, run_stages
 
 
@@ -79,8 +81,10 @@ def three_pages(tmp_path_factory):
     return make_pdf(path, ["Annual report 2024\nTitle page", "Revenue grew by 12 percent.", "Appendix: tables"])
 
 
-def rendered_pages(path, longest_edge: int) -> list[Image.Image]:
-    rows = pages_of(plan_row(path), RenderSpec(longest_edge=longest_edge), StorageSpec())
+def rendered_pages(path, processor) -> list[Image.Image]:
+    """The pages as the pipeline renders them for this processor (twice its longest edge: it splits)."""
+    render = resolved_render(RenderSpec(), ImageSettings.from_processor(processor))
+    rows = pages_of(plan_row(path), render, StorageSpec())
     return [Image.fromarray(page_image(row)) for row in rows]
 
 
@@ -92,7 +96,8 @@ def test_document_prompt_shows_the_first_pages_in_order(split_model, reference, 
     [row] = rows  # one row per document, no page rows: no task works per page
     assert row["page"] == DOCUMENT_PAGE and row["n_pages"] == 3 and row["status"] == "ok"
     assert row["prompt"] == "User:<image><image>What is this?<end_of_utterance>\nAssistant:"
-    page_0, page_1, _ = rendered_pages(three_pages, 448)
+    page_0, page_1, _ = rendered_pages(three_pages, reference[0])
+    assert max(page_0.size) == 2 * 448
     assert_same_inputs(model_inputs[0], reference, row["prompt"], [page_0, page_1])
     assert (row["text"], row["n_output_tokens"]) == reference_generate(reference, row["prompt"], [page_0, page_1], 6)
 

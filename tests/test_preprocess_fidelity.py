@@ -1,7 +1,8 @@
 """The lean data path gives the reference processor's tensors exactly.
 
-Scriptorium splits and resizes on CPU workers (`model_crops`, uint8), ships the crops packed as bytes,
-and rescales, normalizes, pads and masks in the model actor (`collate_pixels`). The reference is the
+Scriptorium splits and resizes on CPU workers (`model_crops`, uint8), ships the crops compressed
+losslessly (`compress_crops`), and decompresses, rescales, normalizes, pads and masks in the model actor
+(`decompress_crops`, `collate_pixels`). The reference is the
 checkpoint's own image processor, `processor.image_processor(images)`, called on the same list of
 images, so batch padding and masks are compared too.
 """
@@ -15,14 +16,14 @@ import torch
 from PIL import Image
 
 from core.image_settings import ImageSettings
-from core.pixels import unpack_crops
-from core.schema import PAGE_SCHEMA, table_from_rows
-from core.spec import RenderSpec
+from core.pixels import compress_crops, decompress_crops, page_image
+from core.schema import PLAN_SCHEMA, table_from_rows
+from core.spec import TaskSpec
 from pipeline.crops import model_crops
+from pipeline.local import walk
 from pipeline.model.collate import collate_pixels
-from pipeline.preprocess import PreprocessPages
-from pipeline.render.decoders import local_frames
-from tests.conftest import make_pdf
+from pipeline.stages import derive, job_stages
+from tests.conftest import job, make_pdf, make_scan_pdf, plan_row
 
 # (height, width): taller and wider than longest_edge, in between, smaller than shortest_edge, a
 # rendered A4 page, extreme strips, and odd sizes whose halves and aspect ratios do not divide evenly.
@@ -99,28 +100,46 @@ def test_other_edge_sizes_equal_the_reference(processor):
     assert torch.equal(mask, ref_mask.bool())
 
 
-def test_the_preprocess_stage_ships_uint8_crops_that_collate_to_the_reference(processor, tmp_path):
-    """Through the real stages: PDF page rendered at 980, preprocessed to packed bytes, unpacked, collated."""
+def test_the_cpu_stages_ship_compressed_crops_that_collate_to_the_reference(processor, tiny_model_split, tmp_path):
+    """Through the job's own render and preprocess stages at the default render rule: born-digital PDF
+    pages rendered at twice the longest edge, a scan at its own resolution, an image as it is; crops
+    compressed, decompressed as the model stage does, collated: the reference's tensors on the same pages."""
     pdf = make_pdf(tmp_path / "doc.pdf", ["A first page of text.", "A second page, with more text on it."])
-    pages = [{"source_uri": str(pdf), "kind": "pdf", "status": "ok", **p}
-             for p in local_frames("pdf", pdf.read_bytes(), RenderSpec(longest_edge=980), skip=set())]
-    settings = ImageSettings.from_processor(processor)
-    assert settings.do_image_splitting
+    scan = make_scan_pdf(tmp_path / "scan.pdf", dpi=100)
+    photo = tmp_path / "noise.png"
+    Image.fromarray(noise_image(480, 640, 7)).save(photo)  # incompressible: the worst case
+    spec = job(tiny_model_split, [TaskSpec(kind="ocr")])
+    render, preprocess, _generate = job_stages(spec, derive(spec))
 
-    out = pa.concat_tables(PreprocessPages(settings)(table_from_rows(pages, PAGE_SCHEMA)))
+    pages = pa.concat_tables(walk([render], [table_from_rows([plan_row(p) for p in (pdf, scan, photo)], PLAN_SCHEMA)]))
+    out = pa.concat_tables(walk([preprocess], [pages]))
 
+    images = [page_image(row) for row in pages.to_pylist()]
+    assert [image.shape[:2] for image in images] == [(1960, 1385), (1960, 1385), (1100, 850), (480, 640)]
     assert out.schema.field("pixels").type == pa.large_binary()  # bytes of uint8, no float or mask column
     assert "pixel_attention_mask" not in out.schema.names
-    images = [np.frombuffer(p["image"], np.uint8).reshape(p["height"], p["width"], 3) for p in pages]
-    shipped = [unpack_crops(row["pixels"], row["crop_shapes"]) for row in out.to_pylist()]
-    for row in out.to_pylist():
-        assert len(row["pixels"]) == sum(h * w * 3 for h, w in row["crop_shapes"])
+    rows = out.to_pylist()
+    shipped = [decompress_crops(row["pixels"], row["crop_shapes"]) for row in rows]
+    settings = ImageSettings.from_processor(processor)
     ref_pixels, ref_mask = reference(processor, images)
     pixels, mask = collate_pixels(shipped, settings)
     assert torch.equal(pixels, ref_pixels)
     assert torch.equal(mask, ref_mask.bool())
-    # What crosses the object store is the uint8 crops: a quarter of the float32 pixels alone.
-    assert out["pixels"].nbytes * 4 <= ref_pixels.nbytes
+    raw = [sum(h * w * 3 for h, w in row["crop_shapes"]) for row in rows]
+    assert all(len(row["pixels"]) * 10 < n for row, n in zip(rows[:2], raw))  # text pages: >10x smaller
+    assert len(rows[3]["pixels"]) < raw[3] * 1.01  # noise: no gain, and next to no cost
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (9, 1), (2, 3), (379, 491), (980, 693)])
+def test_compressed_crops_come_back_exactly(shape):
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    smooth = np.linspace(0, 255, shape[0] * shape[1] * 3).reshape(*shape, 3).astype(np.uint8)
+    crops = [noise_image(*shape, seed=1), smooth, np.full((*shape, 3), 255, np.uint8),
+             rng.integers(250, 256, (*shape, 3), dtype=np.uint8)]
+    pixels, shapes = compress_crops(crops)
+    assert shapes == [list(shape)] * len(crops)
+    back = decompress_crops(pixels, shapes)
+    assert all(b.dtype == np.uint8 and b.flags.c_contiguous and np.array_equal(b, c) for b, c in zip(back, crops))
 
 
 def test_crops_encoded_at_their_own_size_give_the_models_features_and_tokens(processor, tiny_model_split):

@@ -24,7 +24,7 @@ import ray
 import torch
 
 from core.image_settings import ImageSettings
-from core.pixels import unpack_crops
+from core.pixels import decompress_crops
 from core.schema import PREPROCESSED_SCHEMA
 from core.spec import ModelSpec, ResourceSpec, TaskSpec
 from core.units import unit_key
@@ -125,9 +125,9 @@ class GenerateAnswers(AnswerStep):
         """The (page, prompt) sequences to generate for `units`, and error rows for units that cannot be."""
         rows, sequences, crops_of = [], [], {}
         for page, task, question in units:
-            if id(page) not in crops_of:  # a page's crops, unpacked once for all its units
+            if id(page) not in crops_of:  # a page's crops, decompressed once for all its units
                 pixels = page.get("pixels")
-                crops_of[id(page)] = None if pixels is None else unpack_crops(pixels, page["crop_shapes"])
+                crops_of[id(page)] = None if pixels is None else decompress_crops(pixels, page["crop_shapes"])
             crops = crops_of[id(page)]
             n_page_images = len(page.get("image_shapes") or [None])  # a document row shows several pages
             plan = self.book.plan(self.processor, task, question, n_page_images)

@@ -1,7 +1,8 @@
 """Decoders: a file's bytes to pages of HWC uint8 RGB pixels, one page at a time.
 
-PDF pages are rendered with PyMuPDF straight at the size the model needs (the render spec's resolved
-`longest_edge`), rather than rendered big and shrunk. Images are decoded with Pillow and converted to RGB
+PDF pages are rendered with PyMuPDF straight at the size the model can use (size.py: twice the
+processor's longest edge with image splitting, never more than a scan's own pixels), rather than
+rendered big and shrunk. Images are decoded with Pillow and converted to RGB
 with the transformers reference semantics (transparency composited onto white; 16-bit scans scaled to
 8 bits rather than clipped); every frame of a multi-frame TIFF is a page. Sizes are checked before
 anything is allocated (decompression bombs, giant page boxes, more TIFF frames than `max_pages`). Each page has a soft time limit here
@@ -23,6 +24,7 @@ import numpy as np
 
 from core.errors import PageError
 from core.spec import RenderSpec
+from pipeline.render.size import page_pixel_size
 
 
 @contextmanager
@@ -51,7 +53,7 @@ def time_limit(seconds: float, what: str):
 
 
 class PdfDocument:
-    """An open PDF whose pages are rendered one at a time, at most `longest_edge` pixels long."""
+    """An open PDF whose pages are rendered one at a time, at the size `page_pixel_size` gives (size.py)."""
 
     what = "rendering page"
 
@@ -88,12 +90,10 @@ def _render_page(doc, number: int, settings: RenderSpec) -> dict:
     rect = page.rect
     if not (rect.width > 0 and rect.height > 0):
         raise PageError(f"page has an empty page box ({rect.width}x{rect.height})")
-    # Scale so the longest edge is exactly the target; never from the page box's own claims.
-    zoom = settings.longest_edge / max(rect.width, rect.height)
-    width, height = max(1, round(rect.width * zoom)), max(1, round(rect.height * zoom))
+    width, height = page_pixel_size(page, settings)
     matrix = pymupdf.Matrix(width / rect.width, height / rect.height)
     pix = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
-    array = np.frombuffer(pix.samples, dtype=np.uint8).reshape(pix.height, pix.width, pix.n)
+    array = np.frombuffer(pix.samples_mv, dtype=np.uint8).reshape(pix.height, pix.width, pix.n)
     text = page.get_text("text")
     return {
         "width": pix.width,

@@ -1,0 +1,83 @@
+"""How many pixels a PDF page is rendered at, page by page, under the render spec the driver resolved
+(`pipeline.stages.resolved_render`, the one place the size is decided).
+
+The model sees each image at most `longest_edge` pixels long. Without image splitting the image is the
+page, so the page is rendered at `longest_edge`. With splitting the model sees four quadrants plus the
+whole page, each brought to at most `longest_edge`, so the page is rendered at twice that: each quadrant
+then carries up to `longest_edge` pixels of real detail instead of half as many stretched (at idefics2-8b's
+980, small print is legible at 1960 and lost at 980: bench/legibility.py). A scanned page (essentially one
+embedded raster image) holds no more detail than its scan, so it is rendered at the scan's own resolution
+when that is lower: a scan is never upscaled. `[render] longest_edge` or `[render] dpi` override the rule
+for every page. Images (PNG, JPEG, ...) are not rendered: the preprocess stage splits and resizes them
+exactly as the reference processor does.
+
+This module runs in the render sandbox's child process, with the decoders: PyMuPDF only.
+"""
+
+from __future__ import annotations
+
+from core.errors import PageError
+from core.spec import RenderSpec
+
+POINTS_PER_INCH = 72
+# A page is a scan when raster images cover this share of it and it shows little else: at most this many
+# visible characters (a page number, a stamp; OCR text layers are invisible) and vector paths (a frame).
+SCAN_MIN_COVERAGE = 0.9
+SCAN_MAX_VISIBLE_CHARS = 40
+SCAN_MAX_DRAWINGS = 10
+
+
+def page_pixel_size(page, settings: RenderSpec) -> tuple[int, int]:
+    """(width, height) in pixels to render a PyMuPDF page at; raises PageError past `max_pixels`.
+
+    The page box sets only the aspect ratio, unless `dpi` is asked for: then the size is the page box's
+    in inches times the dpi, and a page box too large for `max_pixels` at that dpi is refused.
+    """
+    rect = page.rect
+    if settings.dpi:
+        zoom = settings.dpi / POINTS_PER_INCH
+    else:
+        edge = settings.longest_edge
+        if settings.scans_at_own_resolution:
+            edge = min(edge, scan_longest_edge(page) or edge)
+        zoom = edge / max(rect.width, rect.height)
+    width, height = max(1, round(rect.width * zoom)), max(1, round(rect.height * zoom))
+    if width * height > settings.max_pixels:
+        raise PageError(f"page would render at {width}x{height}, more than render.max_pixels={settings.max_pixels}")
+    return width, height
+
+
+def scan_longest_edge(page) -> int | None:
+    """The longest edge, in pixels, at which a scanned page shows its scan pixel for pixel; None when the
+    page is not a scan. Where several images cover the page (strips, a mixed raster layer), the finest
+    one counts: a page is never rendered coarser than any of its images."""
+    if not page.get_images():  # the page's resources only: born-digital text pages stop here
+        return None
+    import pymupdf
+
+    images = [(info["width"], info["height"], pymupdf.Rect(info["bbox"])) for info in page.get_image_info()]
+    images = [(w, h, box) for w, h, box in images if w > 0 and h > 0 and not box.is_empty]
+    if not images or _coverage(page, [box for _, _, box in images]) < SCAN_MIN_COVERAGE:
+        return None
+    if _visible_characters(page) > SCAN_MAX_VISIBLE_CHARS or len(page.get_cdrawings()) > SCAN_MAX_DRAWINGS:
+        return None
+    # Pixels per point, whatever the image's rotation on the page: its longest side over its box's.
+    pixels_per_point = max(max(w, h) / max(box.width, box.height) for w, h, box in images)
+    return max(1, round(max(page.rect.width, page.rect.height) * pixels_per_point))
+
+
+def _coverage(page, boxes) -> float:
+    """The share of the page the boxes cover (overlaps counted twice, capped at 1). Image boxes come in
+    the page's coordinates, rotated or not depending on how the page was made, so the better of the two
+    fits counts. A page this misjudges is rendered at the model's full size, as a born-digital page is."""
+    import pymupdf
+
+    width, height = page.rect.width, page.rect.height
+    frames = [pymupdf.Rect(0, 0, width, height), pymupdf.Rect(0, 0, height, width)]
+    return min(1.0, max(sum((box & frame).get_area() for box in boxes) / frame.get_area() for frame in frames))
+
+
+def _visible_characters(page) -> int:
+    """Characters drawn visibly (not render mode 3, the invisible text OCR tools lay over a scan)."""
+    return sum(sum(not chr(c[0]).isspace() for c in span["chars"]) for span in page.get_texttrace()
+               if span["type"] != 3 and span["opacity"] > 0)

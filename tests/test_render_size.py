@@ -1,0 +1,92 @@
+"""PDF pages are rendered at what the model can use: twice the processor's longest edge when it splits
+pages (each quadrant then carries real detail), the longest edge when it does not, and a scan at no more
+than its own resolution. `[render] longest_edge` or `[render] dpi` override the rule; the `width` and
+`height` columns say what was rendered.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import SpecError
+from core.image_settings import ImageSettings
+from core.spec import RenderSpec, StorageSpec, TaskSpec, load_spec
+from pipeline.render.stage import pages_of
+from pipeline.stages import resolved_render
+from tests.conftest import job, make_image, make_pdf, make_scan_pdf, plan_row, run_stages
+
+LETTER = (612, 792)  # points: 8.5 x 11 inches
+# The idefics2-8b processor: 980 / 378, with image splitting (the tiny_model_split checkpoint's settings).
+IDEFICS2_8B = ImageSettings(do_image_splitting=True, longest_edge=980, shortest_edge=378)
+
+
+def rendered_size(path, render: RenderSpec = RenderSpec(), image: ImageSettings = IDEFICS2_8B) -> tuple[int, int]:
+    [row] = pages_of(plan_row(path), resolved_render(render, image), StorageSpec())
+    assert row["status"] == "ok", row["error"]
+    return row["width"], row["height"]
+
+
+@pytest.mark.parametrize("checkpoint, longest_edge", [("tiny_model_split", 1960), ("tiny_model", 980)],
+                         ids=["split", "not-split"])
+def test_a_pdf_pages_row_reports_the_size_the_model_can_use(checkpoint, longest_edge, request, tmp_path):
+    model = request.getfixturevalue(checkpoint)
+    pdf = make_pdf(tmp_path / "letter.pdf", ["Dear reader, small print follows."], size=LETTER)
+    [row] = run_stages(job(model, [TaskSpec(kind="ocr", max_new_tokens=1)]), [plan_row(pdf)])
+    assert row["status"] == "ok"
+    assert max(row["width"], row["height"]) == longest_edge
+    assert row["width"] == round(LETTER[0] * longest_edge / LETTER[1])
+
+
+def test_a_low_resolution_scan_is_not_upscaled(tmp_path):
+    scan = make_scan_pdf(tmp_path / "scan-100dpi.pdf", dpi=100)  # 850 x 1100 pixels of scan
+    assert rendered_size(scan) == (850, 1100)
+    # ...nor one with an OCR text layer: that text is invisible, the page is still the scan.
+    ocr = make_scan_pdf(tmp_path / "ocr.pdf", dpi=100, ocr_layer="The text an OCR tool found on the page " * 3)
+    assert rendered_size(ocr) == (850, 1100)
+    # Unless asked to: then a scan is rendered at the model's size like any page.
+    assert rendered_size(scan, RenderSpec(scans_at_own_resolution=False)) == (1515, 1960)
+
+
+def test_a_fine_scan_is_rendered_at_the_models_size(tmp_path):
+    scan = make_scan_pdf(tmp_path / "scan-300dpi.pdf", dpi=300)  # 2550 x 3300
+    assert rendered_size(scan) == (1515, 1960)
+
+
+def test_a_page_with_visible_text_over_a_picture_is_not_a_scan(tmp_path):
+    """Born-digital text drawn over a coarse background image keeps its full rendering."""
+    page = make_scan_pdf(tmp_path / "poster.pdf", dpi=30, visible_text="Vector text that stays sharp " * 3)
+    assert rendered_size(page) == (1515, 1960)
+
+
+def test_images_are_decoded_at_their_own_size(tmp_path):
+    """Images are never resized when read: the preprocess stage splits the native image, as the reference does."""
+    photo = make_image(tmp_path / "photo.png", size=(3000, 2000))
+    assert rendered_size(photo) == (3000, 2000)
+
+
+def test_render_overrides_apply_to_every_page(tmp_path):
+    letter = make_pdf(tmp_path / "letter.pdf", ["Some text."], size=LETTER)
+    scan = make_scan_pdf(tmp_path / "scan.pdf", dpi=100)
+    assert rendered_size(letter, RenderSpec(dpi=50)) == (425, 550)
+    assert rendered_size(scan, RenderSpec(dpi=200)) == (1700, 2200)  # asked for: upscaled
+    assert rendered_size(letter, RenderSpec(longest_edge=640)) == (495, 640)
+    assert rendered_size(scan, RenderSpec(longest_edge=1960)) == (1515, 1960)
+    assert rendered_size(letter, image=ImageSettings(do_image_splitting=False, longest_edge=490)) == (379, 490)
+
+
+def test_a_dpi_too_large_for_max_pixels_is_an_error_row(tmp_path):
+    big = make_pdf(tmp_path / "poster.pdf", ["A poster."], size=(2000, 3000))  # 28 x 42 inches
+    [row] = pages_of(plan_row(big), resolved_render(RenderSpec(dpi=600), IDEFICS2_8B), StorageSpec())
+    assert row["status"] == "error" and row["stage"] == "render"
+    assert "more than render.max_pixels=40000000" in row["error"]
+
+
+def test_dpi_and_longest_edge_are_alternatives(tmp_path):
+    spec_file = tmp_path / "job.toml"
+    spec_file.write_text("[render]\ndpi = 300\n")
+    assert load_spec(spec_file).render.dpi == 300
+    spec_file.write_text("[render]\ndpi = 300\nlongest_edge = 1960\n")
+    with pytest.raises(SpecError, match="set one of them"):
+        load_spec(spec_file)
+    with pytest.raises(SpecError, match="render.dpi must be >= 0"):
+        RenderSpec(dpi=-1)
