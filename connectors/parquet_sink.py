@@ -28,7 +28,7 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -71,13 +71,25 @@ class ParquetStore:
             raise OutputError(redact(f"cannot write to output {self.uri}: {type(exc).__name__}: {exc}")) from None
 
     def data_files(self) -> list[str]:
+        return sorted(self.iter_data_files())
+
+    def iter_data_files(self) -> Iterator[str]:
+        """The published files, as the store lists them: a listing page at a time on S3 and GCS (as
+        for inputs, connectors/listing.py), a directory entry at a time on a local disk, so the
+        listing of an output of 50,000 files never sits in memory as one dict of infos."""
+        from connectors.listing import _files_below  # the listing's paged walk over object stores
+
         try:
+            if _is_local(self.fs):
+                yield from _local_data_files(self.root)
+                return
             if not self.fs.exists(self.root):
-                return []
-            found = self.fs.find(self.root)
+                return
+            for path, _info in _files_below(self.fs, self.root):
+                if _is_data_file(path) and not _in_hidden_dir(path, self.root):
+                    yield path
         except FileNotFoundError:
-            return []
-        return sorted(p for p in found if _is_data_file(p) and not _in_hidden_dir(p, self.root))
+            return
 
     def publish(self, table: pa.Table, name: str) -> str:
         """Write `table` as `name` under the root, atomically (replacing a file of that name whole).
@@ -174,6 +186,17 @@ TEMPORARY_SUFFIX = ".tmp"
 def _is_local(fs) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+def _local_data_files(folder: str) -> Iterator[str]:
+    """Published files below a local folder, skipping hidden and bookkeeping folders (`_work`, `.x`)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                if not entry.name.startswith(("_", ".")):
+                    yield from _local_data_files(entry.path)
+            elif _is_data_file(entry.path):
+                yield entry.path
 
 
 def _in_hidden_dir(path: str, root: str) -> bool:

@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 from connectors.ledger import Ledger, read_ledger
 from connectors.listing import list_inputs
 from connectors.parquet_sink import OutputError, ParquetSink, ParquetStore
+from connectors.sink_guard import SinkGuard
 from connectors.storage import StorageOptions, redact, unreachable_reason
 from jobs.progress import Progress
 from jobs.spec import JobSpec, SpecError
 from jobs.summary import write_run_summary
-from pipeline.schema import KEY_COLUMNS, PLAN_SCHEMA, table_from_rows
+from pipeline.schema import PLAN_SCHEMA, table_from_rows
 
 log = logging.getLogger("scriptorium")
 
@@ -153,19 +154,23 @@ def write_plan(spec: JobSpec, store: ParquetStore, storage: StorageOptions, ledg
 
     from pipeline.prompts import work_units
 
-    for row in list_inputs(spec.input, storage):
+    job_units = work_units(spec.tasks)
+
+    def units_of(row: dict):  # per source: QA questions may come per document
+        return work_units(spec.tasks, row["questions"]) if row.get("questions") else job_units
+
+    for row, units, source in ledger.look_up(list_inputs(spec.input, storage), units_of):
         uri, etag = row["source_uri"], row["etag"]
-        units = work_units(spec.tasks, row.get("questions"))  # per source: QA questions may come per document
-        if ledger.is_complete(uri, etag, units):
+        if source.is_complete(etag, units):
             plan.skipped += 1
             continue
-        if ledger.is_stale(uri, etag):
+        if source.is_stale(etag):
             plan.stale.append(uri)
-        elif uri in ledger.got:
-            row["done_pages"] = ledger.done_pages_of(uri, units)
-            row["done_units"] = ledger.done_units_of(uri, row["done_pages"])
-            row["known_pages"] = ledger.n_pages.get(uri)
-        if spec.output.retry_failed and uri in ledger.error_sources:
+        elif source.has_done:
+            row["done_pages"] = source.done_pages(units)
+            row["done_units"] = source.done_units(row["done_pages"])
+            row["known_pages"] = source.n_pages
+        if spec.output.retry_failed and source.has_errors:
             plan.retried.append(uri)
         buffer.append(row)
         if len(buffer) >= PLAN_ROWS_PER_FILE:
@@ -225,8 +230,7 @@ def run_job(spec: JobSpec) -> RunResult:
         retried_set = pa.array(plan.retried)
         store.drop_rows(lambda t: pc.and_(pc.equal(t["status"], "error"), pc.is_in(t["source_uri"], value_set=retried_set)),
                         ["source_uri", "status"])
-    if plan.stale or plan.retried:
-        ledger = read_ledger(store, units)
+    ledger.forget(plan.stale)  # their rows are gone; the retried error rows never counted as done
 
     result = RunResult(run_id=spec.run_id, output=spec.output.uri, skipped_inputs=plan.skipped, planned_inputs=plan.planned)
     sink = ParquetSink(store, spec.run_id, spec.output.rows_per_file, spec.output.seconds_per_file)
@@ -283,15 +287,14 @@ def _run_pipeline(spec, plan_files, store, storage, processor, image_settings, p
         if reused:
             log.info("dedup: %d results of earlier runs can be reused by identical pages", reused)
     dataset = build_dataset(plan, spec, image_settings, prompts, storage, registry)
-    done_before = {source: len(pages) for source, pages in ledger.done_pages.items()}
-    written: set[int] = set()  # hashes of this run's keys: a batch Ray delivers twice is written once
-    with Progress(result.planned_inputs, result.skipped_inputs, done_before) as progress:
+    guard = SinkGuard(ledger)  # a unit published before, or delivered twice by Ray, is written once
+    with Progress(result.planned_inputs, result.skipped_inputs, ledger.done_page_counts()) as progress:
         batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
         if registry is not None:  # duplicates' placeholders are filled here and never reach the sink
             batches = DedupJoin(registry).join(batches)
         for batch in batches:
             progress.update(batch)  # before dropping re-done units: it counts pages out of the model
-            batch = _drop_done(batch, ledger.done_keys, written)
+            batch = guard.drop_done(batch)
             statuses = batch["status"].to_pylist()
             result.ok_rows += statuses.count("ok")
             result.error_rows += statuses.count("error")
@@ -308,23 +311,3 @@ def _quiet_ray_progress(ctx) -> None:
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)  # "finished in"
-
-
-def _drop_done(batch: pa.Table, done: set[tuple], written: set[int]) -> pa.Table:
-    """The rows whose unit was neither published before this run (`done`) nor written by it already.
-
-    Planning already keeps published units out of the pipeline (`done_pages`, `done_units`) and the
-    sink writes each key once, so this is a safety net: the warnings say it caught something."""
-    keep, again, redone = [], 0, 0
-    for key in zip(*(batch[c].to_pylist() for c in KEY_COLUMNS)):
-        digest, published = hash(key), key in done
-        first_time = digest not in written
-        written.add(digest)
-        keep.append(first_time and not published)
-        again += not first_time
-        redone += first_time and published
-    if again:
-        log.warning("dropped %d rows for units this run had already written", again)
-    if redone:
-        log.warning("dropped %d rows for units published before this run", redone)
-    return batch if all(keep) else batch.filter(pa.array(keep))

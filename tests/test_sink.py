@@ -11,7 +11,7 @@ import pytest
 
 from connectors.ledger import read_ledger
 from connectors.parquet_sink import ParquetSink, ParquetStore
-from jobs.runner import _drop_done
+from connectors.sink_guard import SinkGuard
 from pipeline.schema import RESULT_SCHEMA, table_from_rows
 
 
@@ -154,12 +154,13 @@ def test_a_source_of_unknown_version_is_complete_once_answered(tmp_path):
     assert read_ledger(store, {("ocr", None)}).is_complete("s3://b/done.pdf", None)
 
 
-def test_the_driver_drops_units_done_before_and_units_it_already_wrote():
-    done = {("a.pdf", 0, "ocr", None)}
-    written: set[int] = set()
-    first = _drop_done(results("a.pdf", [0, 1, 2], 3), done, written)
+def test_the_driver_drops_units_done_before_and_units_it_already_wrote(tmp_path):
+    store = ParquetStore(str(tmp_path))
+    store.publish(results("a.pdf", [0], 3), "part-1.parquet")
+    guard = SinkGuard(read_ledger(store, {("ocr", None)}))
+    first = guard.drop_done(results("a.pdf", [0, 1, 2], 3))
     assert first["page"].to_pylist() == [1, 2]
-    again = _drop_done(results("a.pdf", [1, 2, 3], 4), done, written)  # a batch delivered a second time
+    again = guard.drop_done(results("a.pdf", [1, 2, 3], 4))  # a batch delivered a second time
     assert again["page"].to_pylist() == [3]
 
 
