@@ -1,5 +1,5 @@
 """BASELINE, FOR COMPARISON ONLY: the ledger and planning loop as they were before issue #19 (commit
-ebc948f, connectors/ledger.py and jobs/runner.py's write_plan), kept verbatim where possible so that
+ebc948f, connectors/ledger.py and jobs/runner.py's write_plan and _drop_done), kept verbatim where possible so that
 bench/ledger.py can print today's figures next to the new ones. Not used by Scriptorium itself.
 
 It loads every published key into Python sets and dicts, so its memory grows with the output.
@@ -139,3 +139,18 @@ def plan_before(ledger: Ledger, listing, units_of, store: ParquetStore, work: st
             flush()
     flush()
     return counts
+
+
+def drop_done_before(batch, done: set, written: set):
+    """The old jobs/runner.py _drop_done: a Python hash of every key this run wrote."""
+    import pyarrow as pa
+
+    from pipeline.schema import KEY_COLUMNS
+
+    keep = []
+    for key in zip(*(batch[c].to_pylist() for c in KEY_COLUMNS)):
+        digest, published = hash(key), key in done
+        first_time = digest not in written
+        written.add(digest)
+        keep.append(first_time and not published)
+    return batch if all(keep) else batch.filter(pa.array(keep))

@@ -265,11 +265,13 @@ def _run_pipeline(spec, plan_files, store, storage, processor, image_settings, p
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+    from jobs.block_stats import bound_block_stats
     from pipeline.assemble import build_dataset
 
     init_ray(spec)
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = 0  # never drop a block silently: failures are rows, not lost blocks
+    bound_block_stats(ctx)  # Ray Data keeps a record per output block in the driver: only the latest
     # Bounded in-flight work, so memory stays flat from 500 pages to 5 million: the listing streams into
     # plan files; Ray Data starts tasks for a stage only while its output fits the stage's share of the
     # object-store budget (resource_limits: by default half the cluster's object store, re-read as nodes
