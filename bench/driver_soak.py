@@ -147,7 +147,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batch-rows", type=int, default=128)
-    parser.add_argument("--earlier-units", type=int, default=1_000_000, help="size of the output resumed")
+    parser.add_argument("--earlier-units", type=lambda text: int(float(text)), default=1_000_000,
+                        help="size of the earlier output the run resumes (built once under --scratch)")
     parser.add_argument("--scratch", default=str(Path(tempfile.gettempdir()) / "scriptorium-bench-ledger"))
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--side", choices=["new", "before"], help=argparse.SUPPRESS)

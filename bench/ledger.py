@@ -13,7 +13,7 @@ Planning is measured as `run_job` does it, in a fresh process per size: `read_le
 then `jobs.runner.write_plan` over the listing (the listing itself is synthetic, yielded as
 `list_inputs` would yield it, so listing the input store is not part of the figure), writing the
 plan files. The figure is that process's wall time and peak RSS (`ru_maxrss`: the interpreter,
-pyarrow and DuckDB included). The baseline is the same against the ledger as it was before issue
+pyarrow and DuckDB included); its CPU time is printed beside them. The baseline is the same against the ledger as it was before issue
 #19 (bench/_ledger_before.py: every published key in Python sets), at the sizes it can hold.
 """
 
@@ -56,7 +56,7 @@ def measure(side: str, folder: Path, units: int, retry_failed: bool) -> dict:
     spec = plan_spec(folder, f"bench-plan-{side}", retry_failed)
     store = ParquetStore(str(folder))
     work = f"{store.root}/_work/{spec.run_id}"
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     if side == "new":
         import jobs.runner as runner
         from connectors.ledger import read_ledger
@@ -72,9 +72,17 @@ def measure(side: str, folder: Path, units: int, retry_failed: bool) -> dict:
         ledger = read_ledger(store, work_units(spec.tasks), errors_done=not retry_failed)
         counts = plan_before(ledger, listing(units), lambda row: work_units(spec.tasks, row.get("questions")),
                              store, work, retry_failed)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     shutil.rmtree(work, ignore_errors=True)
-    return {"seconds": seconds, "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **counts}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            **counts}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all its threads (DuckDB scans on every core): on a busy shared machine
+    a steadier figure than wall time, and on a quiet one wall time is about this over the cores used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def measure_in_subprocess(side: str, folder: Path, units: int, retry_failed: bool) -> dict:
@@ -115,8 +123,8 @@ def main() -> None:
     sizes, baseline = parse_sizes(args.sizes), set(parse_sizes(args.baseline_sizes))
     scratch = Path(args.scratch)
     print(f"outputs under {scratch} (free: {shutil.disk_usage(scratch.parent if not scratch.exists() else scratch).free / 2**30:.0f} GiB)")
-    print(f"{'units':>6} {'files':>7} {'ledger':>7} {'seconds':>8} {'peak GB':>8} {'planned':>8} {'skipped':>8}"
-          f" {'stale':>6} {'retried':>7}")
+    print(f"{'units':>6} {'files':>7} {'ledger':>7} {'seconds':>8} {'cpu s':>7} {'peak GB':>8} {'planned':>8}"
+          f" {'skipped':>8} {'stale':>6} {'retried':>7}")
     rows = {}
     for units in sizes:
         started = time.perf_counter()
@@ -128,7 +136,8 @@ def main() -> None:
         for side in (["before"] if units in baseline else []) + ["new"]:
             r = measure_in_subprocess(side, folder, units, args.retry_failed)
             rows[(side, units)] = r
-            print(f"{size_label(units):>6} {n_files:7d} {side:>7} {r['seconds']:8.2f} {r['peak_bytes'] / 1e9:8.2f}"
+            print(f"{size_label(units):>6} {n_files:7d} {side:>7} {r['seconds']:8.2f} {r['cpu_seconds']:7.1f}"
+                  f" {r['peak_bytes'] / 1e9:8.2f}"
                   f" {r['planned']:8d} {r['skipped']:8d} {r['stale']:6d} {r['retried']:7d}", flush=True)
             if side == "new" and ("before", units) in rows:
                 before = rows[("before", units)]
@@ -137,8 +146,9 @@ def main() -> None:
     for units in sizes:  # the same budget at every size: a smaller output must fit it too
         new, before = rows[("new", units)], rows.get(("before", units))
         if before:
-            print(f"before #19 at {size_label(units)}: {before['seconds']:.2f} s, {before['peak_bytes'] / 1e9:.2f} GB; "
-                  f"now {new['seconds']:.2f} s, {new['peak_bytes'] / 1e9:.2f} GB")
+            print(f"before #19 at {size_label(units)}: {before['seconds']:.2f} s ({before['cpu_seconds']:.1f} CPU-s), "
+                  f"{before['peak_bytes'] / 1e9:.2f} GB; now {new['seconds']:.2f} s ({new['cpu_seconds']:.1f} CPU-s), "
+                  f"{new['peak_bytes'] / 1e9:.2f} GB")
     for units in sizes:
         new = rows[("new", units)]
         print(f"RESULT resume_plan_s_{size_label(units)} {new['seconds']:.2f} s target <= {TARGETS['resume_plan_s']}")

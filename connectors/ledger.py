@@ -52,7 +52,7 @@ class Units:
     document: frozenset = frozenset()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one is made per listed source: slots make that cheap
 class SourceRecord:
     """What the published files hold for one source (counting only rows that count as done)."""
 
