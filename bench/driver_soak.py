@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/driver_soak.py [--rows 1000000] [--batch-rows 128]
 
-What `jobs.runner._run_pipeline` does with every batch that comes out of Ray Data, in the same order:
-the progress line (`Progress.update`), the safety net (`SinkGuard.drop_done`, which asks the ledger of
-an earlier output of 10^6 units about every batch), the row counters and the Parquet sink; then the
+What `jobs.runner._run_pipeline` does with every batch that comes out of Ray Data, in the same order,
+after planning against an earlier output of 10^6 units (as `run_job` does): the progress line
+(`Progress.update`), the safety net (`SinkGuard.drop_done`, whose ledger checks the rows of partly
+done sources against that output), the row counters and the Parquet sink; then the
 end-of-run summary over the published files (`tally_files`, both views). The rows are synthetic
 result rows of 50-page documents with two tasks (bench/_synthetic.py), in batches of `--batch-rows`
 as the model stage emits them, a few documents in flight at a time.
@@ -78,7 +79,7 @@ def batches(n_rows: int, batch_rows: int, first_document: int):
         document += 8
 
 
-def soak(side: str, n_rows: int, batch_rows: int, earlier: Path, workdir: Path) -> dict:
+def soak(side: str, n_rows: int, batch_rows: int, earlier: Path, earlier_units: int, workdir: Path) -> dict:
     """Stream the rows through the driver's bookkeeping (in this process); what memory did."""
     import numpy as np
 
@@ -96,7 +97,14 @@ def soak(side: str, n_rows: int, batch_rows: int, earlier: Path, workdir: Path) 
     spec = plan_spec(output, "soak")
     store = ParquetStore(str(output))
     ledger = read_ledger(store, work_units(spec.tasks))
-    if side == "new":
+    if side == "new":  # planned first, as run_job does: the ledger learns which sources are partly done
+        import jobs.runner as runner
+        from _archive_output import listing
+        from connectors.storage import StorageOptions
+
+        runner.list_inputs = lambda _input, _storage: listing(earlier_units)
+        runner.write_plan(spec, store, StorageOptions(), ledger)
+        shutil.rmtree(output / "_work")
         guard = SinkGuard(ledger)
         drop_done = guard.drop_done
     else:
@@ -161,7 +169,7 @@ def main() -> None:
     earlier = build(Path(args.scratch) / f"out-{size_label(args.earlier_units)}", args.earlier_units)
     if args.side:
         with tempfile.TemporaryDirectory() as workdir:
-            print(json.dumps(soak(args.side, args.rows, args.batch_rows, earlier, Path(workdir))))
+            print(json.dumps(soak(args.side, args.rows, args.batch_rows, earlier, args.earlier_units, Path(workdir))))
         return
 
     results = {}

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from connectors.output_query import PAGE_WORD_BITS, PublishedFiles, connect, page_bit, page_word
 from connectors.parquet_sink import ParquetStore
@@ -143,11 +144,32 @@ class PageCounts:
         return len(self.hashes)
 
 
+class SourceSet:
+    """A set of source URIs as sorted 64-bit hashes (8 bytes a source). `contains` may say yes for a
+    source not in it (a hash collision), never no for one in it: fit to skip work, not to decide."""
+
+    def __init__(self):
+        self._hashes = np.zeros(0, np.int64)
+        self._added: list[np.ndarray] = []  # sorted in on the next `contains`
+
+    def add(self, uris: list[str]) -> None:
+        if uris:
+            self._added.append(np.fromiter((hash(uri) for uri in uris), np.int64, len(uris)))
+
+    def contains(self, uri: str) -> bool:
+        if self._added:
+            self._hashes, self._added = np.unique(np.concatenate([self._hashes, *self._added])), []
+        key = hash(uri)
+        at = int(np.searchsorted(self._hashes, key))
+        return at < len(self._hashes) and self._hashes[at] == key
+
+
 class Ledger:
     """The published output's completion state, in a temporary DuckDB database of two small tables."""
 
     def __init__(self, store: ParquetStore, units: Units, errors_done: bool = True):
         self.units = units  # the job-wide units: `sources` says which sources have all of them
+        self._looked_up: SourceSet | None = None  # listed sources with units published, not all done
         folder = tempfile.mkdtemp(prefix="scriptorium-ledger-")
         self.db = connect(folder, os.path.join(folder, "ledger.duckdb"))
         self._cleanup = weakref.finalize(self, _remove_database, self.db, folder)  # also if never closed
@@ -228,6 +250,9 @@ class Ledger:
             detailed = [row["source_uri"] for row, needs in zip(batch, units)
                         if row["source_uri"] in facts and not (needs == self.units and facts[row["source_uri"]][-1])]
             pages, documents = self._bits(detailed)
+            if self._looked_up is None:
+                self._looked_up = SourceSet()
+            self._looked_up.add(detailed)
             for row, needs in zip(batch, units):
                 uri = row["source_uri"]
                 fact = facts.get(uri)
@@ -293,21 +318,33 @@ class Ledger:
         return PageCounts((uri for uri, _ in rows), (pages for _, pages in rows))
 
     def published(self, batch: pa.Table) -> np.ndarray:
-        """For each row of a result batch: is its unit published already (counted as done)?"""
+        """For each row of a result batch: is its unit published already (counted as done)?
+
+        Only rows of sources that `look_up` found with published units not known to be all done can
+        be (the others are complete, and never planned, or new); the rest are answered without asking
+        DuckDB, so a run of new sources costs no query at all. Before any `look_up`, every row is
+        checked."""
         found = np.zeros(batch.num_rows, bool)
         if not self._has_bits or not batch.num_rows:
             return found
-        keys = batch.select(list(KEY_COLUMNS)).append_column("row", pa.array(np.arange(batch.num_rows)))
+        rows = np.arange(batch.num_rows)
+        if self._looked_up is not None:
+            sources = pc.unique(batch["source_uri"]).to_pylist()
+            candidates = [uri for uri in sources if self._looked_up.contains(uri)]
+            if not candidates:
+                return found
+            rows = np.flatnonzero(pc.is_in(batch["source_uri"], value_set=pa.array(candidates, pa.string())))
+        keys = batch.select(list(KEY_COLUMNS)).take(rows).append_column("row", pa.array(rows))
         self.db.register("result_keys", keys)
         try:
-            rows = self.db.execute(f"""
+            hits = self.db.execute(f"""
                 SELECT k.row FROM result_keys k JOIN bits b
                   ON b.source_uri = k.source_uri AND b.task = k.task AND b.question IS NOT DISTINCT FROM k.question
                  AND b.word = {page_word('k.page')}
                 WHERE b.bits & {page_bit('k.page')} <> 0""").fetchnumpy()["row"]
         finally:
             self.db.unregister("result_keys")
-        found[rows] = True
+        found[hits] = True
         return found
 
     def forget(self, uris: list[str]) -> None:

@@ -179,6 +179,19 @@ def results(source: str, pages, tasks=("ocr", "caption"), questions=(None,)) -> 
                             for page in pages for task in tasks for question in questions], RESULT_SCHEMA)
 
 
+def test_a_unit_published_before_is_dropped_once_planning_has_seen_its_source(archive, tmp_path):
+    folder, etags = archive
+    half = str(folder / "half.pdf")
+    store = ParquetStore(str(tmp_path / "out"))
+    publish(store, "part-1.parquet", rows(half, etags[half], 4, [(0, "ocr"), (1, "ocr")]))
+    ledger = read_ledger(store, {("ocr", None)})
+    listed = list(ledger.look_up(list_inputs(InputSpec(uri=str(folder)), StorageOptions()),
+                                 lambda row: ledger.units))
+    assert {row["source_uri"] for row, _, record in listed if record.has_done} == {half}
+    again = results(half, range(4), tasks=("ocr",))  # pages 0 and 1 were published before this run
+    assert SinkGuard(ledger).drop_done(again)["page"].to_pylist() == [2, 3]
+
+
 def test_a_batch_ray_delivers_twice_is_written_once(tmp_path):
     store = ParquetStore(str(tmp_path))
     guard, sink = SinkGuard(read_ledger(store, {("ocr", None), ("caption", None)})), ParquetSink(store, "run", 7)
