@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 
 import duckdb
 
@@ -38,11 +39,13 @@ def page_bit(page: str = "page") -> str:
 
 
 def connect(spill_folder: str | None = None, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with a memory limit, spilling to `spill_folder` (default: a temporary one)."""
+    """A DuckDB connection with a memory limit, spilling below `spill_folder` (default: the system's
+    temporary folder) into a folder of its own, which DuckDB makes only if it spills and removes when
+    the connection closes."""
     connection = duckdb.connect(database)
-    spill = spill_folder or tempfile.gettempdir()
+    spill = os.path.join(spill_folder or tempfile.gettempdir(), f"scriptorium-spill-{uuid.uuid4().hex[:12]}")
     connection.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
-    connection.execute("SET temp_directory = ?", [os.path.join(spill, "duckdb-spill")])
+    connection.execute("SET temp_directory = ?", [spill])
     connection.execute("SET preserve_insertion_order = false")  # lets aggregates stream and spill
     connection.execute("SET autoinstall_known_extensions = false")  # never fetch anything at run time
     connection.execute("SET autoload_known_extensions = false")
