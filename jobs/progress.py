@@ -8,8 +8,9 @@ file) it is a plain log line every `every_s` seconds, plus a last one when the r
 The driver feeds it every result batch (`update`), so it counts what has really come out of the model.
 A page counts as done when its first result row arrives (its other tasks' rows follow close behind), a
 document when all its pages are; a page or document counts as failed when any of its rows is an error.
-Finished documents are remembered (the last REMEMBERED of them, so memory stays bounded on millions of
-documents) so that their late task rows are not counted twice. The ETA extrapolates the documents done
+Finished documents are remembered (the last REMEMBERED of them, as the bitmap of their failed pages, so
+memory stays bounded on millions of documents) so that their late task rows are not counted twice; a
+document still open holds two bitmaps of its pages, never a per-page list. The ETA extrapolates the documents done
 so far over the documents left.
 """
 
@@ -20,8 +21,8 @@ import shutil
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable, TextIO
+from dataclasses import dataclass
+from typing import Callable, Mapping, TextIO
 
 import pyarrow as pa
 
@@ -36,9 +37,9 @@ REMEMBERED = 100_000  # finished documents kept to recognise their late rows
 @dataclass
 class _Document:
     n_pages: int
-    pages: set[int] = field(default_factory=set)  # pages with a row so far (emptied once finished)
-    failed_pages: set[int] = field(default_factory=set)
-    finished: bool = False
+    pages: int = 0  # bitmap of the pages with a row so far (bit p: page p)
+    n_seen: int = 0  # how many bits `pages` has set
+    failed: int = 0  # bitmap of the failed rows' pages (bit p + 1: page p; bit 0: the document row)
 
 
 class Progress:
@@ -46,14 +47,14 @@ class Progress:
         self,
         documents: int,
         skipped_documents: int = 0,
-        done_pages: dict[str, int] | None = None,
+        done_pages: Mapping[str, int] | None = None,
         stream: TextIO | None = None,
         live: bool | None = None,
         every_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         """`documents`: planned this run; `done_pages`: pages of partly done documents that a previous
-        run finished (they will not come out again); `live`: redraw a status line (default: when
+        run finished (they will not come out again; a dict, or the ledger's PageCounts); `live`: redraw a status line (default: when
         `stream` is a terminal), else log a line every `every_s` seconds."""
         self.documents = documents
         self.skipped_documents = skipped_documents
@@ -62,9 +63,9 @@ class Progress:
         self.every_s = every_s
         self.clock = clock
         self.started = clock()
-        self._done_before = dict(done_pages or {})
+        self._done_before = done_pages or {}
         self._open: dict[str, _Document] = {}  # documents with some but not all pages out
-        self._finished: OrderedDict[str, _Document] = OrderedDict()
+        self._finished: OrderedDict[str, int] = OrderedDict()  # source -> its failed pages (bitmap)
         self.docs_done = self.docs_failed = 0
         self.pages_done = self.pages_failed = 0
         self.rows = self.input_tokens = self.output_tokens = 0
@@ -82,27 +83,33 @@ class Progress:
         self.show()
 
     def _count_page(self, row: dict) -> None:
-        source, page = row["source_uri"], row["page"]
-        doc = self._open.get(source) or self._finished.get(source)
+        source, page, failed = row["source_uri"], row["page"], row["status"] == "error"
+        row_bit = 1 << (page + 1)
+        doc = self._open.get(source)
         if doc is None:
+            failed_before = self._finished.get(source)
+            if failed_before is not None:  # a late row of a finished document
+                if failed and not failed_before & row_bit:
+                    self.docs_failed += not failed_before  # the first failure of a finished document
+                    self.pages_failed += page >= 0
+                    self._finished[source] = failed_before | row_bit
+                return
             doc = self._open[source] = _Document(n_pages=row["n_pages"] or 1)
-        if page >= 0 and not doc.finished and page not in doc.pages:  # page -1: a whole-document row
-            doc.pages.add(page)
+        if page >= 0 and not doc.pages >> page & 1:  # page -1: a whole-document row
+            doc.pages |= 1 << page
+            doc.n_seen += 1
             self.pages_done += 1
-        if row["status"] == "error" and page not in doc.failed_pages:
-            self.docs_failed += doc.finished and not doc.failed_pages  # a late row failed a finished document
+        if failed and not doc.failed & row_bit:
             self.pages_failed += page >= 0
-            doc.failed_pages.add(page)
-        if not doc.finished and len(doc.pages) + self._done_before.get(source, 0) >= doc.n_pages:
+            doc.failed |= row_bit
+        if doc.n_seen + self._done_before.get(source, 0) >= doc.n_pages:
             self._finish(source, doc)
 
     def _finish(self, source: str, doc: _Document) -> None:
-        doc.finished, doc.pages = True, set()
         self.docs_done += 1
-        self.docs_failed += bool(doc.failed_pages)
+        self.docs_failed += bool(doc.failed)
         del self._open[source]
-        self._done_before.pop(source, None)
-        self._finished[source] = doc
+        self._finished[source] = doc.failed
         if len(self._finished) > REMEMBERED:
             self._finished.popitem(last=False)
 

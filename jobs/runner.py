@@ -24,14 +24,16 @@ from connectors.lease import hold_output
 from connectors.ledger import Ledger, read_ledger
 from connectors.listing import list_inputs, results_filter
 from connectors.parquet_sink import ParquetSink, ParquetStore
+from connectors.sink_guard import SinkGuard
 from connectors.storage import redact, unreachable_reason
 from core.errors import SpecError
-from core.schema import KEY_COLUMNS, PLAN_SCHEMA, table_from_rows
+from core.schema import PLAN_SCHEMA, table_from_rows
 from core.spec import JobSpec, check_run_id, new_run_id, output_uri_for_run
 from core.units import work_units
 from jobs.progress import Progress
 from jobs.quiet_ray import spend_actor_restart_warning
 from jobs.summary import write_run_summary
+from jobs.block_stats import bound_block_stats
 from pipeline.model.journal import journal_folder
 from pipeline.processor import build_processor
 from pipeline.routes.dedup import (
@@ -122,19 +124,23 @@ def write_plan(spec: JobSpec, store: ParquetStore, ledger: Ledger, output_templa
             plan.planned += len(buffer)
             buffer.clear()
 
-    for row in list_inputs(spec.input, spec.storage, skip=results):
+    job_units = work_units(spec.tasks)
+
+    def units_of(row: dict):  # per source: QA questions may come per document
+        return work_units(spec.tasks, row["questions"]) if row.get("questions") else job_units
+
+    for row, units, source in ledger.look_up(list_inputs(spec.input, spec.storage, skip=results), units_of):
         uri, etag = row["source_uri"], row["etag"]
-        units = work_units(spec.tasks, row.get("questions"))  # per source: QA questions may come per document
-        if ledger.is_complete(uri, etag, units):
+        if source.is_complete(etag, units):
             plan.skipped += 1
             continue
-        if ledger.is_stale(uri, etag):
+        if source.is_stale(etag):
             plan.stale.append(uri)
-        elif uri in ledger.got:
-            row["done_pages"] = ledger.done_pages_of(uri, units)
-            row["done_units"] = ledger.done_units_of(uri, row["done_pages"])
-            row["known_pages"] = ledger.n_pages.get(uri)
-        if spec.output.retry_failed and uri in ledger.error_sources:
+        elif source.has_done:
+            row["done_pages"] = source.done_pages(units)
+            row["done_units"] = source.done_units(row["done_pages"])
+            row["known_pages"] = source.n_pages
+        if spec.output.retry_failed and source.has_errors:
             plan.retried.append(uri)
         buffer.append(row)
         if len(buffer) >= PLAN_ROWS_PER_FILE:
@@ -194,8 +200,7 @@ def _run_holding_the_lease(spec: JobSpec, derived: Derived, store: ParquetStore,
         retried_set = pa.array(plan.retried)
         store.drop_rows(lambda t: pc.and_(pc.equal(t["status"], "error"), pc.is_in(t["source_uri"], value_set=retried_set)),
                         ["source_uri", "status"])
-    if plan.stale or plan.retried:
-        ledger = read_ledger(store, units)
+    ledger.forget(plan.stale)  # their rows are gone; the retried error rows never counted as done
 
     result = RunResult(run_id=spec.run_id, output=spec.output.uri, skipped_inputs=plan.skipped, planned_inputs=plan.planned)
     sink = ParquetSink(store, spec.run_id, spec.output.rows_per_file, spec.output.seconds_per_file)
@@ -228,6 +233,7 @@ def _run_pipeline(spec: JobSpec, derived: Derived, plan_files: list[str], store:
     init_ray(spec)
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = 0  # never drop a block silently: failures are rows, not lost blocks
+    bound_block_stats(ctx)  # Ray Data keeps a record per output block in the driver: only the latest
     # Bounded in-flight work, so memory stays flat from 500 pages to 5 million: the listing streams into
     # plan files; Ray Data starts tasks for a stage only while its output fits the stage's share of the
     # object-store budget (resource_limits: by default half the cluster's object store, re-read as nodes
@@ -243,15 +249,14 @@ def _run_pipeline(spec: JobSpec, derived: Derived, plan_files: list[str], store:
         if reused:
             log.info("dedup: %d results of earlier runs can be reused by identical pages", reused)
     dataset = build_processor(spec, derived, registry)(plan)
-    done_before = {source: len(pages) for source, pages in ledger.done_pages.items()}
-    written: set[int] = set()  # hashes of this run's keys: a batch Ray delivers twice is written once
-    with Progress(result.planned_inputs, result.skipped_inputs, done_before) as progress:
+    guard = SinkGuard(ledger)  # a unit published before, or delivered twice by Ray, is written once
+    with Progress(result.planned_inputs, result.skipped_inputs, ledger.done_page_counts()) as progress:
         batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
         if registry is not None:  # duplicates' placeholders are filled here and never reach the sink
             batches = DedupJoin(registry).join(batches)
         for batch in batches:
             progress.update(batch)  # before dropping re-done units: it counts pages out of the model
-            batch = _drop_done(batch, ledger.done_keys, written)
+            batch = guard.drop_done(batch)
             statuses = batch["status"].to_pylist()
             result.ok_rows += statuses.count("ok")
             result.error_rows += statuses.count("error")
@@ -268,23 +273,3 @@ def _quiet_ray_progress(ctx) -> None:
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)  # "finished in"
-
-
-def _drop_done(batch: pa.Table, done: set[tuple], written: set[int]) -> pa.Table:
-    """The rows whose unit was neither published before this run (`done`) nor written by it already.
-
-    Planning already keeps published units out of the pipeline (`done_pages`, `done_units`) and the
-    sink writes each key once, so this is a safety net: the warnings say it caught something."""
-    keep, again, redone = [], 0, 0
-    for key in zip(*(batch[c].to_pylist() for c in KEY_COLUMNS)):
-        digest, published = hash(key), key in done
-        first_time = digest not in written
-        written.add(digest)
-        keep.append(first_time and not published)
-        again += not first_time
-        redone += first_time and published
-    if again:
-        log.warning("dropped %d rows for units this run had already written", again)
-    if redone:
-        log.warning("dropped %d rows for units published before this run", redone)
-    return batch if all(keep) else batch.filter(pa.array(keep))

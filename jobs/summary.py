@@ -1,6 +1,7 @@
 """Run summaries: what a run did and what it cost, as JSON next to the output and as readable text.
 
-Two views, both computed from published Parquet rows rather than from counters kept on the side:
+Two views, both computed from published Parquet rows rather than from counters kept on the side
+(by DuckDB, in bounded memory: an output of 10^8 rows is counted exactly without holding its pages):
 
 - the *run* view, from the rows this run id published: rows by status, task and error reason, pages and
   documents, input/output tokens, wall time, pages/s, GPU-hours (replicas x GPUs per replica x wall
@@ -27,8 +28,8 @@ from collections import Counter
 from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from connectors.output_query import PublishedFiles, sql_type, connect, page_bit, page_word
 from connectors.parquet_sink import ParquetStore
 from core.errors import SpecError
 from core.redaction import redact_uri
@@ -56,77 +57,95 @@ def error_reason(stage: str | None, error: str | None) -> str:
 
 
 class RowTally:
-    """Counts over result tables, fed one table at a time so a large output never sits in memory whole
-    (only one small (source, page, failed) row per page is kept, to count distinct pages and documents)."""
+    """Counts over result rows, exact and in bounded memory whatever their number: the rows are summed
+    up by one DuckDB query (connectors/output_query.py), pages and documents as per-source bitmaps of
+    64 pages, so neither rows nor pages are ever held in Python. Fed Arrow tables (`add`) or published
+    files (`add_files`, read by DuckDB itself, in parallel)."""
 
     def __init__(self):
-        self.rows = 0
-        self.by_status: Counter = Counter()
-        self.by_task: Counter = Counter()
-        self.errors_by_reason: Counter = Counter()
-        self.truncated = 0
-        self.input_tokens = 0
-        self.output_tokens = 0
-        self._pages: list[pa.Table] = []
+        self.db = connect()
+        columns = ", ".join(f"{name} {sql_type(name)}" for name in SUMMARY_COLUMNS)
+        self.db.execute(f"CREATE TEMP TABLE added ({columns})")
+        self._files: PublishedFiles | None = None
+        self._run_id: str | None = None
 
     def add(self, table: pa.Table) -> None:
-        if not table.num_rows:
-            return
-        self.rows += table.num_rows
-        self.by_status.update(_value_counts(table["status"]))
-        self.by_task.update(_value_counts(table["task"]))
-        self.truncated += int(pc.sum(table["truncated"]).as_py() or 0)
-        self.input_tokens += int(pc.sum(table["n_input_tokens"]).as_py() or 0)
-        self.output_tokens += int(pc.sum(table["n_output_tokens"]).as_py() or 0)
-        is_error = pc.fill_null(pc.equal(table["status"], "error"), False)
-        for row in table.filter(is_error).select(["stage", "error"]).to_pylist():
-            self.errors_by_reason[error_reason(row["stage"], row["error"])] += 1
-        pages = pa.table({"source_uri": table["source_uri"], "page": table["page"], "failed": is_error})
-        self._pages.append(_any_failed(pages, ["source_uri", "page"]))
+        self.db.register("incoming", table.select(SUMMARY_COLUMNS))
+        try:
+            self.db.execute("INSERT INTO added SELECT * FROM incoming")
+        finally:
+            self.db.unregister("incoming")
+
+    def add_files(self, store: ParquetStore, paths: list[str], run_id: str | None = None) -> None:
+        """Count the rows of these files (only those of `run_id`, if given)."""
+        self._files = PublishedFiles(self.db, store, list(paths), SUMMARY_COLUMNS + ["run_id"] * (run_id is not None))
+        self._run_id = run_id
 
     def as_dict(self) -> dict:
-        keys = _distinct_pages(self._pages)
-        documents = _any_failed(keys, ["source_uri"])
-        pages = keys.filter(pc.greater_equal(keys["page"], 0))  # page -1 holds whole-document rows
-        failed_pages = int(pc.sum(pages["failed"]).as_py() or 0)
-        failed_docs = int(pc.sum(documents["failed"]).as_py() or 0)
+        if self._files is None:
+            self._files = _NoFiles(self.db)
+        # One scan, several groupings: per source and 64 pages (distinct pages and documents), per
+        # status, per task, per error text (grouped into reasons below), and the totals.
+        self._files.execute(f"""
+            CREATE OR REPLACE TEMP TABLE tally AS
+            SELECT GROUPING(source_uri, word) = 0 AS by_page, GROUPING(status) = 0 AS by_status,
+                   GROUPING(task) = 0 AS by_task, GROUPING(stage, error) = 0 AS by_error,
+                   source_uri, word, status, task, stage, error, count(*) AS n,
+                   bit_or(bit) AS pages, bit_or(bit) FILTER (WHERE status = 'error') AS failed,
+                   count(*) FILTER (WHERE truncated) AS truncated,
+                   coalesce(sum(n_input_tokens), 0) AS input_tokens, coalesce(sum(n_output_tokens), 0) AS output_tokens
+            FROM (SELECT *, {page_word()} AS word, {page_bit()} AS bit FROM (SELECT * FROM added UNION ALL
+                  SELECT {", ".join(SUMMARY_COLUMNS)} FROM {{rows}} {self._of_the_run()}))
+            GROUP BY GROUPING SETS ((source_uri, word), (status), (task), (status, stage, error), ())""")
+        documents, failed_documents, pages, failed_pages = self.db.execute("""
+            SELECT count(DISTINCT source_uri), count(DISTINCT source_uri) FILTER (WHERE failed IS NOT NULL),
+                   coalesce(sum(bit_count(pages)) FILTER (WHERE word >= 0), 0),
+                   coalesce(sum(bit_count(failed)) FILTER (WHERE word >= 0), 0)
+            FROM tally WHERE by_page""").fetchone()
+        rows, truncated, input_tokens, output_tokens = self.db.execute(
+            "SELECT n, truncated, input_tokens, output_tokens FROM tally "
+            "WHERE NOT (by_page OR by_status OR by_task OR by_error)").fetchone()
+        by_status = dict(self.db.execute("SELECT coalesce(status, 'null'), n FROM tally WHERE by_status AND NOT by_error").fetchall())
+        by_task = dict(self.db.execute("SELECT coalesce(task, 'null'), n FROM tally WHERE by_task").fetchall())
+        errors_by_reason: Counter = Counter()
+        texts = self.db.execute("SELECT stage, error, n FROM tally WHERE by_error AND status = 'error'")
+        while chunk := texts.fetchmany(10_000):  # one row per distinct error text: streamed, not listed
+            for stage, error, n in chunk:
+                errors_by_reason[error_reason(stage, error)] += n
+        self.db.execute("DROP TABLE tally")
         return {
-            "documents": {"total": documents.num_rows, "with_errors": failed_docs},
-            "pages": {"total": pages.num_rows, "ok": pages.num_rows - failed_pages, "error": failed_pages},
+            "documents": {"total": documents, "with_errors": failed_documents},
+            "pages": {"total": pages, "ok": pages - failed_pages, "error": failed_pages},
             "rows": {
-                "total": self.rows,
-                "by_status": dict(sorted(self.by_status.items())),
-                "by_task": dict(sorted(self.by_task.items())),
-                "truncated": self.truncated,
+                "total": rows,
+                "by_status": dict(sorted(by_status.items())),
+                "by_task": dict(sorted(by_task.items())),
+                "truncated": truncated,
             },
-            "errors_by_reason": dict(self.errors_by_reason.most_common()),
-            "tokens": {"input": self.input_tokens, "output": self.output_tokens},
+            "errors_by_reason": dict(errors_by_reason.most_common()),
+            "tokens": {"input": int(input_tokens), "output": int(output_tokens)},
         }
 
 
-def _value_counts(column: pa.ChunkedArray) -> dict:
-    counts = pc.value_counts(column).to_pylist()
-    return {(c["values"] if c["values"] is not None else "null"): c["counts"] for c in counts}
+    def _of_the_run(self) -> str:
+        if self._run_id is None:
+            return ""
+        return "WHERE run_id = '" + self._run_id.replace("'", "''") + "'"
 
 
-def _any_failed(table: pa.Table, keys: list[str]) -> pa.Table:
-    """One row per distinct `keys`, with `failed` true if any of its rows failed."""
-    grouped = table.group_by(keys).aggregate([("failed", "max")])
-    return pa.table({**{k: grouped[k] for k in keys}, "failed": grouped["failed_max"]})
+class _NoFiles:
+    """Stands for PublishedFiles when only tables were added: `{rows}` is then empty."""
 
+    def __init__(self, db):
+        self.db = db
 
-def _distinct_pages(parts: list[pa.Table]) -> pa.Table:
-    """(source_uri, page, failed) once per page: a page failed if any of its rows is an error."""
-    if not parts:
-        return pa.table({"source_uri": pa.array([], pa.string()), "page": pa.array([], pa.int32()),
-                         "failed": pa.array([], pa.bool_())})
-    return _any_failed(pa.concat_tables(parts), ["source_uri", "page"])
+    def execute(self, query: str):
+        return self.db.execute(query.format(rows="(SELECT * FROM added LIMIT 0)"))
 
 
 def tally_files(store: ParquetStore, paths: Iterable[str]) -> dict:
     tally = RowTally()
-    for path in paths:
-        tally.add(store.read(path, SUMMARY_COLUMNS))
+    tally.add_files(store, list(paths))
     return tally.as_dict()
 
 
@@ -134,9 +153,7 @@ def tally_run(store: ParquetStore, run_id: str) -> dict:
     """Counts over the rows run `run_id` published, in whichever attempt and file (a file rewritten by
     --retry-failed, an attempt killed before it could write a summary)."""
     tally = RowTally()
-    for path in store.data_files():
-        table = store.read(path, [*SUMMARY_COLUMNS, "run_id"])
-        tally.add(table.filter(pc.fill_null(pc.equal(table["run_id"], run_id), False)).select(SUMMARY_COLUMNS))
+    tally.add_files(store, store.data_files(), run_id)
     return tally.as_dict()
 
 

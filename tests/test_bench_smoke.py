@@ -77,3 +77,16 @@ def test_export_bench_reports_its_peak_memory():
     done = run_bench("bench/export.py", "--rows", "2000", "--text-bytes", "200")
     assert done.returncode == 0, done.stderr[-3000:]
     assert results_of(done.stdout) == {"export_peak_mb": "MB", "export_rows_per_s": "rows/s"}
+
+
+def test_ledger_bench_plans_a_small_output_against_both_ledgers(tmp_path):
+    done = run_bench("bench/ledger.py", "--sizes", "1e4", "--baseline-sizes", "1e4", "--scratch", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "before #19 at 1e4" in done.stdout  # the old ledger made the same plan (the bench checks)
+    assert results_of(done.stdout) == {"resume_plan_s_1e4": "s", "resume_plan_peak_gb_1e4": "GB"}
+
+
+def test_driver_soak_streams_rows_through_the_driver_and_reports_growth(tmp_path):
+    done = run_bench("bench/driver_soak.py", "--rows", "20000", "--earlier-units", "1e4", "--scratch", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert results_of(done.stdout) == {"driver_growth_bytes_per_page": "B"}

@@ -11,8 +11,8 @@ import pytest
 
 from connectors.ledger import read_ledger
 from connectors.parquet_sink import ParquetSink, ParquetStore
+from connectors.sink_guard import SinkGuard
 from core.schema import RESULT_SCHEMA, table_from_rows
-from jobs.runner import _drop_done
 
 PART_1, PART_2, PART_3 = (f"part-run1-{n:06d}-0000000{n}.parquet" for n in (1, 2, 3))  # as the sink names files
 
@@ -156,12 +156,13 @@ def test_a_source_of_unknown_version_is_complete_once_answered(tmp_path):
     assert read_ledger(store, {("ocr", None)}).is_complete("s3://b/done.pdf", None)
 
 
-def test_the_driver_drops_units_done_before_and_units_it_already_wrote():
-    done = {("a.pdf", 0, "ocr", None)}
-    written: set[int] = set()
-    first = _drop_done(results("a.pdf", [0, 1, 2], 3), done, written)
+def test_the_driver_drops_units_done_before_and_units_it_already_wrote(tmp_path):
+    store = ParquetStore(str(tmp_path))
+    store.publish(results("a.pdf", [0], 3), PART_1)
+    guard = SinkGuard(read_ledger(store, {("ocr", None)}))
+    first = guard.drop_done(results("a.pdf", [0, 1, 2], 3))
     assert first["page"].to_pylist() == [1, 2]
-    again = _drop_done(results("a.pdf", [1, 2, 3], 4), done, written)  # a batch delivered a second time
+    again = guard.drop_done(results("a.pdf", [1, 2, 3], 4))  # a batch delivered a second time
     assert again["page"].to_pylist() == [3]
 
 
