@@ -15,7 +15,7 @@ sampled after every 5% of the rows; the growth per page is the
 least-squares slope from 20% to the end (the start warms up allocator pools, DuckDB and the sink's
 first files). The baseline is the same loop with the bookkeeping as it was before issue #19 (a hash
 per written row, bench/_ledger_before.py). Ray Data's own per-block statistics are bounded separately
-(jobs/ray_stats.py) and measured by bench/memory.py on real runs.
+(jobs/block_stats.py) and measured by bench/memory.py on real runs.
 """
 
 from __future__ import annotations

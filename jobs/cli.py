@@ -55,14 +55,16 @@ from jobs.summary import format_summary, load_summary
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # Imported here: torch, transformers and Ray load only for the commands that use them.
+    # A spec that cannot run fails first, in a second, without loading what a run needs.
+    spec = spec_from_args(args).check_runnable()
+    # Imported here: torch, transformers and Ray (~8 s) load only for the commands that use them.
     from jobs.runner import run_job
 
     # `ray job stop`, a deadline's `timeout` and Kubernetes stop a run with SIGTERM: exit through the
     # run's cleanup, which releases the output's lease, instead of dying on the spot.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    result = run_job(spec_from_args(args))
+    result = run_job(spec)
     print(redact(
         f"run {result.run_id}: {result.planned_inputs} inputs processed, {result.skipped_inputs} already done; "
         f"{result.rows_written} rows written ({result.ok_rows} ok, {result.error_rows} error) "

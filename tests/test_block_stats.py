@@ -14,6 +14,8 @@ def data_context(ray_local):
     ctx = ray_local.data.DataContext.get_current()
     saved = list(ctx.custom_execution_callback_classes), ctx.enable_progress_bars
     ctx.enable_progress_bars = False
+    # A job run earlier in this process (run_job) bounded this context already: start unbounded.
+    ctx.custom_execution_callback_classes[:] = [c for c in saved[0] if c is not block_stats.BoundedBlockStats]
     yield ctx
     ctx.custom_execution_callback_classes[:], ctx.enable_progress_bars = saved
 

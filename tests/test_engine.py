@@ -132,7 +132,9 @@ def test_stop_strings_cut_the_text_as_generate_does(tiny_model, mixed_pages):
 def test_a_repetition_penalty_runs_on_the_static_engine_and_says_so(tiny_model, mixed_pages, caplog):
     tasks = [TaskSpec(kind="caption", max_new_tokens=6, repetition_penalty=1.3), TASKS[1]]
     with caplog.at_level(logging.INFO, logger="scriptorium"):
-        static, engine = both_engines(tiny_model, tasks, [plan_row(p) for p in mixed_pages[:2]])
+        # One page: a batch of several would pad its prompts differently in the two runs, and the penalty
+        # counts pad tokens too.
+        static, engine = both_engines(tiny_model, tasks, [plan_row(mixed_pages[0])])
 
     assert_same_generation(static, engine)
     said = [r.getMessage() for r in caplog.records if "runs on the static engine" in r.getMessage()]
