@@ -109,6 +109,23 @@ def read_rows(folder, filesystem=None, empty_ok: bool = False) -> list[dict]:
                         format="parquet").to_table().to_pylist()
 
 
+def driver_job_toml(rows_per_file: int) -> str:
+    """The [render]/[model]/[resources]/[output] sections of a job file for `scriptorium run` drivers
+    in tests: small pages on CPU, small batches, a file published every `rows_per_file` rows."""
+    return f"""
+[render]
+longest_edge = 64
+[model]
+longest_edge = 56
+shortest_edge = 28
+device = "cpu"
+[resources]
+batch_size = 2
+[output]
+rows_per_file = {rows_per_file}
+"""
+
+
 def small_ocr_job(input_uri, output_uri, model, max_new_tokens: int = 4) -> dict:
     """A job spec dict for a quick OCR run on CPU: small renders, small model inputs, batches of 4."""
     return {

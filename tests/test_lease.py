@@ -24,7 +24,7 @@ from connectors.namespace import LEASE_FILE, data_file_name
 from connectors.parquet_sink import ParquetStore
 from core.errors import OutputError
 from core.spec import StorageSpec
-from tests.conftest import REPO, StoreProxy, make_pdf, one_line_error, run_cli
+from tests.conftest import REPO, StoreProxy, driver_job_toml, make_pdf, one_line_error, run_cli
 from tests.fake_gcs import FakeGcs
 from tests.test_sink import results
 
@@ -205,18 +205,7 @@ def test_recover_removes_only_what_killed_runs_left_and_lists_unlisted_files_of_
 
 
 # -- drivers: `scriptorium run` processes on one output ------------------------------------------------------
-JOB = """
-[render]
-longest_edge = 64
-[model]
-longest_edge = 56
-shortest_edge = 28
-device = "cpu"
-[resources]
-batch_size = 2
-[output]
-rows_per_file = 3
-"""
+JOB = driver_job_toml(rows_per_file=3)
 
 
 @pytest.fixture(scope="module")

@@ -18,23 +18,12 @@ import pytest
 
 from core.spec import JobSpec, spec_from_dict
 from jobs.runner import run_job
-from tests.conftest import REPO, make_pdf, read_rows, small_ocr_job
+from tests.conftest import REPO, driver_job_toml, make_pdf, read_rows, small_ocr_job
 
 N_DOCS, PAGES_PER_DOC = 5, 12
 # Small pages, small files, long enough generations: the run publishes a file every few pages for a
 # while, so there is a middle to kill it in.
-JOB = """
-[render]
-longest_edge = 64
-[model]
-longest_edge = 56
-shortest_edge = 28
-device = "cpu"
-[resources]
-batch_size = 2
-[output]
-rows_per_file = 5
-"""
+JOB = driver_job_toml(rows_per_file=5)
 
 
 @pytest.fixture(scope="module")
