@@ -7,6 +7,7 @@ happened and a readable `error`, never an exception that kills the job or a page
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 # Units already published on pages that still owe others (a task added to a finished output, a run
@@ -145,5 +146,60 @@ DOCUMENT_PAGE = -1
 
 
 def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """Rows (dicts) to a table of `schema`; missing columns are null."""
-    return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
+    """Rows (dicts) to a table of `schema`; missing columns are null.
+
+    Large binary columns (a page's pixels: ~9 MB at 1960 px) are not copied: each value becomes its own
+    one-row chunk over the very bytes object (or Arrow buffer) the row holds. Copying them cost more
+    than rendering a born-digital page (bench/preprocess.py).
+    """
+    blobs = [field for field in schema if field.type == pa.large_binary()]
+    if not blobs or not rows:
+        return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
+    others = pa.schema([field for field in schema if field.type != pa.large_binary()])
+    table = pa.Table.from_pylist([{name: row.get(name) for name in others.names} for row in rows], schema=others)
+    columns = {field.name: _blob_column([row.get(field.name) for row in rows]) for field in blobs}
+    return pa.Table.from_arrays([columns.get(name) or table[name] for name in schema.names], schema=schema)
+
+
+def _blob_column(values: list) -> pa.ChunkedArray:
+    """A large_binary column, one chunk per value, each over the value's own memory (no copy)."""
+    chunks = []
+    for value in values:
+        if value is None:
+            chunks.append(pa.nulls(1, pa.large_binary()))
+            continue
+        data = value if isinstance(value, pa.Buffer) else pa.py_buffer(value)
+        offsets = pa.array([0, data.size], pa.int64()).buffers()[1]
+        chunks.append(pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, data]))
+    return pa.chunked_array(chunks, pa.large_binary())
+
+
+def rows_of(table: pa.Table) -> list[dict]:
+    """A table's rows as dicts; large binary values as zero-copy Arrow buffers (bytes-like: numpy,
+    hashlib, Pillow and `table_from_rows` take them as they are), not copied into Python bytes."""
+    blobs = [field.name for field in table.schema if field.type == pa.large_binary()]
+    if not blobs:
+        return table.to_pylist()
+    rows = table.drop_columns(blobs).to_pylist()
+    for name in blobs:
+        for row, value in zip(rows, _blob_values(table[name])):
+            row[name] = value
+    # Keep the column order of the table, as to_pylist does.
+    return [{name: row[name] for name in table.schema.names} for row in rows]
+
+
+def _blob_values(column: pa.ChunkedArray) -> list:
+    """The values of a large_binary column as Arrow buffers sliced from its data (None for nulls)."""
+    values = []
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        if offsets is None:  # a chunk of nulls only
+            values.extend([None] * len(chunk))
+            continue
+        starts = np.frombuffer(offsets, np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        for valid, start, end in zip(chunk.is_valid().to_pylist(), starts[:-1], starts[1:]):
+            if not valid:
+                values.append(None)
+            else:
+                values.append(data.slice(int(start), int(end - start)) if data is not None else pa.py_buffer(b""))
+    return values

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from core.schema import PAGE_SCHEMA, RESULT_SCHEMA, table_from_rows
+from core.schema import PAGE_SCHEMA, RESULT_SCHEMA, rows_of, table_from_rows
 from core.spec import TaskSpec
 from pipeline.results import unit_rows
 
@@ -32,7 +32,7 @@ class PageStep:
     input_schema = output_schema = PAGE_SCHEMA
 
     def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
-        rows = pages.to_pylist()
+        rows = rows_of(pages)  # pixels as zero-copy buffers, not copied into Python bytes
         self.process([row for row in rows if row["status"] == "ok"])
         yield table_from_rows(rows, self.output_schema)
 

@@ -21,11 +21,16 @@ Protocol: pickled tuples over a socket pair, one request and then its answer.
     ("open", kind, settings), then the file's bytes as one message
                                            -> ("opened", n_pages, what) | ("failed", reason)
     ("page", number)                       -> ("page", frame)    frame: page, n_pages, and pixels or error
+
+A page's pixels (~9 MB at 1960 px) do not cross the socket: the child writes them into a shared memory
+file (a memfd both processes map, `SharedPixels`) and the frame says how many bytes; the parent copies
+them out once. Pickled through the socket they took five copies and as long as rendering the page.
 """
 
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
 import signal
 import socket
@@ -43,9 +48,62 @@ MAX_LOST_PAGES = 3  # pages of one document that may hang or crash the child bef
 STARTUP_LIMIT_S = 300.0  # importing PyMuPDF and Pillow on a busy node
 OUT_OF_MEMORY_EXIT = 3  # the child's exit status when an allocation failed where it could not answer
 # The child's allocators, set so that its address space is close to what it uses: pyarrow's default
-# allocator reserves a gigabyte up front, each glibc malloc arena 64 MiB, and glibc keeps freed blocks
-# of up to 32 MiB in its heap unless large blocks are always mapped (and so unmapped when freed).
-CHILD_ENVIRONMENT = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
+# allocator reserves a gigabyte up front and each glibc malloc arena 64 MiB. Blocks over 32 MiB (a giant
+# page, a bomb) are always mapped, so unmapped when freed; smaller ones (a page at 1960 px, a decoded scan)
+# stay in the heap and are reused: mapping each afresh cost a scan page a quarter of its render time.
+CHILD_ENVIRONMENT = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+
+
+class SharedPixels:
+    """A page's pixels between the renderer and its parent, through one shared memory file (a memfd).
+
+    The child `put`s a page (growing the file when a page is larger than any before, shrinking it after
+    a giant one) and sends its length; the parent `take`s that many bytes, one copy, before asking for
+    the next page. Each side maps the file at its current size.
+    """
+
+    SHRINK_OVER = 64 * 2**20  # a file this much larger than the page just written is cut down to it
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._map: mmap.mmap | None = None
+
+    @classmethod
+    def create(cls) -> SharedPixels | None:
+        """A new shared file (inheritable, for the child), or None where memfds do not exist (not Linux)."""
+        if not hasattr(os, "memfd_create"):
+            return None
+        try:
+            return cls(os.memfd_create("scriptorium-pixels"))
+        except OSError:
+            return None
+
+    def _mapping(self) -> mmap.mmap:
+        size = os.fstat(self.fd).st_size
+        if self._map is None or len(self._map) != size:
+            if self._map is not None:
+                self._map.close()
+            self._map = mmap.mmap(self.fd, size) if size else None
+        return self._map
+
+    def put(self, data: bytes) -> int:
+        """In the child: `data` into the file; returns its length."""
+        size = os.fstat(self.fd).st_size
+        if size < len(data) or size > len(data) + self.SHRINK_OVER:
+            os.ftruncate(self.fd, len(data))
+        if data:
+            self._mapping()[: len(data)] = data
+        return len(data)
+
+    def take(self, length: int) -> bytes:
+        """In the parent: the `length` bytes the child put."""
+        return self._mapping()[:length] if length else b""
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        os.close(self.fd)
 
 
 def hard_limit_s(settings: RenderSpec) -> float:
@@ -68,6 +126,7 @@ class RenderSandbox:
         self._process: subprocess.Popen | None = None
         self._connection: Connection | None = None
         self._document: object | None = None  # token of the document the child has open
+        self._pixels: SharedPixels | None = None  # where the child puts each page's pixels
         self.unavailable: str | None = None  # why no child could be started (then none is tried again)
         self.warned = False  # the caller said so once
 
@@ -79,9 +138,12 @@ class RenderSandbox:
     # -- the child --------------------------------------------------------------------------------
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
+        self._pixels = SharedPixels.create()
+        shared = [self._pixels.fd] if self._pixels else []
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.render.sandbox", str(theirs.fileno()), str(os.getpid())],
-            pass_fds=[theirs.fileno()],
+            [sys.executable, "-m", "pipeline.render.sandbox", str(theirs.fileno()), str(os.getpid()),
+             *map(str, shared)],
+            pass_fds=[theirs.fileno(), *shared],
             stdin=subprocess.DEVNULL,
             env={**os.environ, **CHILD_ENVIRONMENT},
         )
@@ -106,7 +168,9 @@ class RenderSandbox:
             self._process.wait()
         if self._connection is not None:
             self._connection.close()
-        self._process, self._connection, self._document = None, None, None
+        if self._pixels is not None:
+            self._pixels.close()
+        self._process, self._connection, self._document, self._pixels = None, None, None, None
 
     def _ask(self, request: tuple, limit_s: float, what: str, data: bytes | None = None) -> tuple:
         if self._process is None:
@@ -165,6 +229,8 @@ class RenderSandbox:
                     return
             try:
                 frame = self._ask(("page", number), hard_limit_s(settings), f"{what} {number}")[1]
+                if isinstance(frame.get("image"), int):  # its length in the shared file
+                    frame["image"] = self._pixels.take(frame["image"])
             except ChildLost as exc:
                 lost += 1
                 yield {"page": number, "n_pages": n_pages, "error": str(exc)}
@@ -239,7 +305,7 @@ def _limit_memory(baseline: int | None, megabytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
-def serve(fd: int, parent_pid: int) -> None:
+def serve(fd: int, parent_pid: int, pixels_fd: int | None = None) -> None:
     _die_with_parent(parent_pid)
     decoders._import_renderers()  # once, before saying ready: time limits then measure rendering only
     baseline = _address_space()
@@ -247,12 +313,12 @@ def serve(fd: int, parent_pid: int) -> None:
     connection = Connection(fd)
     connection.send(("ready",))
     try:
-        _serve_requests(connection, baseline)
+        _serve_requests(connection, baseline, SharedPixels(pixels_fd) if pixels_fd is not None else None)
     except MemoryError:  # where no answer could be made (receiving a file): the parent reports it
         os._exit(OUT_OF_MEMORY_EXIT)
 
 
-def _serve_requests(connection: Connection, baseline: int | None) -> None:
+def _serve_requests(connection: Connection, baseline: int | None, pixels: SharedPixels | None) -> None:
     document, settings = None, None
     while True:
         try:
@@ -274,8 +340,15 @@ def _serve_requests(connection: Connection, baseline: int | None) -> None:
             except Exception as exc:
                 connection.send(("failed", f"cannot open the file: {decoders.describe(exc)}"))
         elif request[0] == "page":
-            connection.send(("page", decoders.render_one(document, request[1], settings)))
+            frame = decoders.render_one(document, request[1], settings)
+            if pixels is not None and frame.get("image") is not None:
+                try:
+                    frame["image"] = pixels.put(frame["image"])
+                except (MemoryError, OSError) as exc:  # mapping a page past render.max_memory_mb
+                    frame = {"page": frame["page"], "n_pages": frame["n_pages"],
+                             "error": f"{document.what} {request[1]} failed: {decoders.describe(MemoryError(str(exc)))}"}
+            connection.send(("page", frame))
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]))
+    serve(*map(int, sys.argv[1:]))
