@@ -18,13 +18,14 @@ is not sent at all. The worker never holds more than the file's own bytes.
 
 Protocol: pickled tuples over a socket pair, one request and then its answer.
     child, once started                    -> ("ready",)
-    ("open", kind, settings), then the file's bytes as one message
-                                           -> ("opened", n_pages, what) | ("failed", reason)
+    ("open", kind, settings, length)       -> ("opened", n_pages, what) | ("failed", reason)
     ("page", number)                       -> ("page", frame)    frame: page, n_pages, and pixels or error
 
 A page's pixels (~9 MB at 1960 px) do not cross the socket: the child writes them into a shared memory
 file (a memfd both processes map, `SharedPixels`) and the frame says how many bytes; the parent copies
-them out once. Pickled through the socket they took five copies and as long as rendering the page.
+them out once. Pickled through the socket they took five copies and as long as rendering the page. The
+file to open comes the other way the same way (`length` bytes of the shared file). Where there are no
+memfds (not Linux), `length` is None, the file's bytes follow as one message and frames carry the pixels.
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ CHILD_ENVIRONMENT = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": 
 
 
 class SharedPixels:
-    """A page's pixels between the renderer and its parent, through one shared memory file (a memfd).
+    """Bytes between the renderer and its parent, through one shared memory file (a memfd).
 
-    The child `put`s a page (growing the file when a page is larger than any before, shrinking it after
-    a giant one) and sends its length; the parent `take`s that many bytes, one copy, before asking for
-    the next page. Each side maps the file at its current size.
+    One side `put`s (growing the file when the bytes are more than any before, shrinking it after a
+    giant page) and sends their length; the other `take`s that many bytes, one copy, before anything is
+    put again: the parent puts a file to open, the child each page's pixels. Each side maps the file at
+    its current size.
     """
 
     SHRINK_OVER = 64 * 2**20  # a file this much larger than the page just written is cut down to it
@@ -87,7 +89,7 @@ class SharedPixels:
         return self._map
 
     def put(self, data: bytes) -> int:
-        """In the child: `data` into the file; returns its length."""
+        """`data` into the file; returns its length."""
         size = os.fstat(self.fd).st_size
         if size < len(data) or size > len(data) + self.SHRINK_OVER:
             os.ftruncate(self.fd, len(data))
@@ -96,7 +98,7 @@ class SharedPixels:
         return len(data)
 
     def take(self, length: int) -> bytes:
-        """In the parent: the `length` bytes the child put."""
+        """The `length` bytes the other side put."""
         return self._mapping()[:length] if length else b""
 
     def close(self) -> None:
@@ -176,8 +178,12 @@ class RenderSandbox:
         if self._process is None:
             self._start()
         try:
-            self._connection.send(request)
-            if data is not None:  # as is, not pickled: no second copy of a large file in this process
+            if data is None:
+                self._connection.send(request)
+            elif self._pixels is not None:  # the file through the shared file too: its length follows
+                self._connection.send((*request, self._pixels.put(data)))
+            else:  # as is, not pickled: no second copy of a large file in this process
+                self._connection.send((*request, None))
                 self._connection.send_bytes(data)
         except OSError:
             pass  # the child is gone: _receive says how
@@ -329,9 +335,9 @@ def _serve_requests(connection: Connection, baseline: int | None, pixels: Shared
             if document is not None:
                 document.close()
                 document = None
-            _, kind, settings = request
+            _, kind, settings, length = request
             _limit_memory(baseline, settings.max_memory_mb)  # before the file's bytes arrive: they count
-            data = connection.recv_bytes()
+            data = connection.recv_bytes() if length is None else pixels.take(length)
             try:
                 document = sources.open_source(kind, data, settings)
                 connection.send(("opened", document.n_pages, document.what))
