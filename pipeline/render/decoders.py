@@ -2,7 +2,8 @@
 
 PDF pages are rendered with PyMuPDF straight at the size the model can use (size.py: twice the
 processor's longest edge with image splitting, never more than a scan's own pixels), rather than
-rendered big and shrunk. Images are decoded with Pillow and converted to RGB
+rendered big and shrunk; a page that is one JPEG scan and nothing else is decoded by Pillow instead,
+faster (jpeg_scans.py). Images are decoded with Pillow and converted to RGB
 with the transformers reference semantics (transparency composited onto white; 16-bit scans scaled to
 8 bits rather than clipped); every frame of a multi-frame TIFF is a page. Sizes are checked before
 anything is allocated (decompression bombs, giant page boxes, more TIFF frames than `max_pages`). Each page has a soft time limit here
@@ -24,6 +25,7 @@ import numpy as np
 
 from core.errors import PageError
 from core.spec import RenderSpec
+from pipeline.render.jpeg_scans import decode_scan
 from pipeline.render.size import page_pixel_size
 
 
@@ -91,10 +93,13 @@ def _render_page(doc, number: int, settings: RenderSpec) -> dict:
     if not (rect.width > 0 and rect.height > 0):
         raise PageError(f"page has an empty page box ({rect.width}x{rect.height})")
     width, height = page_pixel_size(page, settings)
+    text = page.get_text("text")
+    scan = decode_scan(page, width, height, settings.max_pixels)  # one JPEG scan: Pillow decodes it faster
+    if scan is not None:
+        return {"width": width, "height": height, "image": scan, "text_layer": text}
     matrix = pymupdf.Matrix(width / rect.width, height / rect.height)
     pix = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
     array = np.frombuffer(pix.samples_mv, dtype=np.uint8).reshape(pix.height, pix.width, pix.n)
-    text = page.get_text("text")
     return {
         "width": pix.width,
         "height": pix.height,

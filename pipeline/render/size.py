@@ -59,7 +59,7 @@ def scan_longest_edge(page) -> int | None:
     images = [(w, h, box) for w, h, box in images if w > 0 and h > 0 and not box.is_empty]
     if not images or _coverage(page, [box for _, _, box in images]) < SCAN_MIN_COVERAGE:
         return None
-    if _visible_characters(page) > SCAN_MAX_VISIBLE_CHARS or len(page.get_cdrawings()) > SCAN_MAX_DRAWINGS:
+    if visible_characters(page) > SCAN_MAX_VISIBLE_CHARS or len(page.get_cdrawings()) > SCAN_MAX_DRAWINGS:
         return None
     # Pixels per point, whatever the image's rotation on the page: its longest side over its box's.
     pixels_per_point = max(max(w, h) / max(box.width, box.height) for w, h, box in images)
@@ -77,7 +77,7 @@ def _coverage(page, boxes) -> float:
     return min(1.0, max(sum((box & frame).get_area() for box in boxes) / frame.get_area() for frame in frames))
 
 
-def _visible_characters(page) -> int:
+def visible_characters(page) -> int:
     """Characters drawn visibly (not render mode 3, the invisible text OCR tools lay over a scan)."""
     return sum(sum(not chr(c[0]).isspace() for c in span["chars"]) for span in page.get_texttrace()
                if span["type"] != 3 and span["opacity"] > 0)
