@@ -150,13 +150,8 @@ class ImageDocument:
             self.image.seek(number)
         self._check_size()  # each TIFF frame has its own size
         self.image.load()
-        rgb = to_rgb(_eight_bit(self.image))
-        return {
-            "width": rgb.shape[1],
-            "height": rgb.shape[0],
-            "image": np.ascontiguousarray(rgb, dtype=np.uint8).tobytes(),
-            "text_layer": None,
-        }
+        rgb = rgb_image(_eight_bit(self.image))
+        return {"width": rgb.width, "height": rgb.height, "image": rgb.tobytes(), "text_layer": None}
 
     def close(self) -> None:
         self.image.close()
@@ -165,12 +160,17 @@ class ImageDocument:
 def to_rgb(image) -> np.ndarray:
     """HWC uint8 RGB with transparency composited onto white: transformers' `convert_to_rgb` (checked
     against it in the tests), without importing transformers and torch into every renderer process."""
+    return np.asarray(rgb_image(image))
+
+
+def rgb_image(image):
+    """`to_rgb` as a Pillow image in mode RGB (`image` itself when it already is one: no copy)."""
     from PIL import Image
 
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.array(image.convert("RGB"))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _eight_bit(image):
