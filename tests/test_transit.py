@@ -98,3 +98,18 @@ def test_shared_pixels_grow_and_shrink_with_the_pages(tmp_path):
         assert os.fstat(child.fd).st_size == 5  # cut down after the large page, not kept at 70 MB
     finally:
         child.close()
+
+
+def test_without_shared_memory_the_pages_come_through_the_socket(monkeypatch):
+    """Where no memfd can be made (not Linux, a sandboxed container), the file and the pages are sent
+    as messages: the same pages."""
+    monkeypatch.setattr(SharedPixels, "create", classmethod(lambda cls: None))
+    data = pdf_of_page_sizes([(300, 200), (612, 792)])
+    settings = RenderSpec(dpi=72)
+    sandbox = RenderSandbox()
+    try:
+        rendered = list(sandbox.frames("pdf", data, settings, set()))
+    finally:
+        sandbox.stop()
+    assert rendered == list(source_frames("pdf", data, settings, set()))
+    assert all(isinstance(frame["image"], bytes) and frame["image"] for frame in rendered)
