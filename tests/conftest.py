@@ -57,6 +57,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: first.get(item.nodeid, len(first)))  # stable: the others keep their order
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it (-p no:xdist)
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadgroup`: one work unit per module of SHARED_RUN_MODULES, one per test otherwise. Units
     are handed out as workers free up: the modules first (the most tests first), then the single tests
