@@ -46,7 +46,7 @@ system-deps: tesseract
 	$(call apt_install,chromium,chromium,the tests of the HTML report in a browser skip)
 
 test: install system-deps
-	$(BIN)/python -m pytest -q -n 2 --dist load
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) models out

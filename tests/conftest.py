@@ -22,6 +22,58 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 REPO = Path(__file__).resolve().parents[1]
 
 
+# `make test` runs two pytest-xdist workers with `--dist loadgroup`, scheduled here (the hook below):
+# - the tests of each module in SHARED_RUN_MODULES go to one worker together: most of them share a module
+#   fixture that makes a whole run (a Ray job, a browser), which two workers would each make again;
+# - every other test goes alone to whichever worker is free, the slowest first (SLOWEST_FIRST): a long
+#   test begun last would leave the other worker idle at the end of the suite.
+# (pytest-xdist's own `xdist_group` marks do nothing under pytest 9: the worker renames `item._nodeid`,
+# which pytest 9 no longer reads.)
+SHARED_RUN_MODULES = {
+    "tests/test_demo.py",  # demo_report
+    "tests/test_end_to_end.py",  # finished_run
+    "tests/test_export.py",  # mixed_output
+    "tests/test_fidelity.py",  # pipeline_run, one run per checkpoint
+    "tests/test_model_options.py",  # results
+    "tests/test_readers.py",  # outputs
+    "tests/test_report_browser.py",  # reviewed_output, browser
+    "tests/test_resume.py",  # first_run
+    "tests/test_summary.py",  # known_run
+}
+SLOWEST_FIRST = (  # seconds each took in `make test` before this order
+    "tests/test_submit.py::test_submitted_job_finishes_on_the_cluster_after_the_laptop_left",  # 234
+    "tests/test_lease.py::test_a_driver_killed_mid_run_on_s3_is_taken_over_by_the_rerun_which_resumes",  # 158
+    "tests/test_lease.py::test_two_drivers_with_wait_on_s3_run_one_after_the_other",  # 143
+    "tests/test_routing.py::test_a_later_run_reuses_earlier_results_for_identical_images_with_the_same_settings",  # 131
+    "tests/test_storage_s3.py::test_run_from_s3_to_s3_publishes_every_page_once",  # 130
+    "tests/test_storage_s3.py::test_manifest_run_records_missing_and_forbidden_objects_as_error_rows",  # 109
+    "tests/test_lease.py::test_two_drivers_on_one_folder_one_writes_and_the_other_refuses_at_once",  # 83
+    "tests/test_signed_urls.py::test_a_manifest_of_signed_urls_leaks_no_secret_anywhere",  # 79
+)
+
+
+def pytest_collection_modifyitems(items):
+    first = {nodeid: rank for rank, nodeid in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.nodeid, len(first)))  # stable: the others keep their order
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it (-p no:xdist)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup`: one work unit per module of SHARED_RUN_MODULES, one per test otherwise. Units
+    are handed out as workers free up: the modules first (the most tests first), then the single tests
+    in collection order."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_RUN_MODULES else nodeid
+
+    return SharedRunScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Idefics2 checkpoint without image splitting (fast)."""

@@ -20,9 +20,10 @@ from core.spec import JobSpec, spec_from_dict
 from jobs.runner import run_job
 from tests.conftest import REPO, driver_job_toml, make_pdf, read_rows, small_ocr_job
 
-N_DOCS, PAGES_PER_DOC = 5, 12
+N_DOCS, PAGES_PER_DOC = 3, 8
 # Small pages, small files, long enough generations: the run publishes a file every few pages for a
-# while, so there is a middle to kill it in.
+# while, so there is a middle to kill it in (the kill lands after the first file, about 5 of the 24
+# pages; more pages would only lengthen the rerun).
 JOB = driver_job_toml(rows_per_file=5)
 
 

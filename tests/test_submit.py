@@ -144,7 +144,7 @@ def test_submitted_job_finishes_on_the_cluster_after_the_laptop_left(tmp_path, t
         deadline = time.monotonic() + 240
         while client.get_job_status(submission_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
             assert time.monotonic() < deadline, client.get_job_logs(submission_id)[-3000:]
-            time.sleep(2)
+            time.sleep(0.5)
         assert client.get_job_status(submission_id) == JobStatus.SUCCEEDED, client.get_job_logs(submission_id)[-3000:]
         assert client.get_job_info(submission_id).metadata["scriptorium_run_id"] == "corpus-1"
 
