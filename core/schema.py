@@ -152,13 +152,11 @@ def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
     one-row chunk over the very bytes object (or Arrow buffer) the row holds. Copying them cost more
     than rendering a born-digital page (bench/preprocess.py).
     """
-    blobs = [field for field in schema if field.type == pa.large_binary()]
-    if not blobs or not rows:
-        return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
-    others = pa.schema([field for field in schema if field.type != pa.large_binary()])
+    blobs = {field.name: _blob_column([row.get(field.name) for row in rows])
+             for field in schema if field.type == pa.large_binary()}
+    others = pa.schema([field for field in schema if field.name not in blobs])
     table = pa.Table.from_pylist([{name: row.get(name) for name in others.names} for row in rows], schema=others)
-    columns = {field.name: _blob_column([row.get(field.name) for row in rows]) for field in blobs}
-    return pa.Table.from_arrays([columns.get(name) or table[name] for name in schema.names], schema=schema)
+    return pa.Table.from_arrays([blobs[name] if name in blobs else table[name] for name in schema.names], schema=schema)
 
 
 def _blob_column(values: list) -> pa.ChunkedArray:

@@ -26,7 +26,7 @@ import numpy as np
 from core.errors import PageError
 from core.spec import RenderSpec
 from pipeline.render.jpeg_scans import decode_scan
-from pipeline.render.size import page_pixel_size
+from pipeline.render.size import PageContents, page_pixel_size
 
 
 @contextmanager
@@ -92,9 +92,10 @@ def _render_page(doc, number: int, settings: RenderSpec) -> dict:
     rect = page.rect
     if not (rect.width > 0 and rect.height > 0):
         raise PageError(f"page has an empty page box ({rect.width}x{rect.height})")
-    width, height = page_pixel_size(page, settings)
+    contents = PageContents(page)  # read once for the render rule and the JPEG-scan check
+    width, height = page_pixel_size(page, settings, contents)
     text = page.get_text("text")
-    scan = decode_scan(page, width, height, settings.max_pixels)  # one JPEG scan: Pillow decodes it faster
+    scan = decode_scan(page, width, height, settings.max_pixels, contents)  # one JPEG scan: Pillow is faster
     if scan is not None:
         return {"width": width, "height": height, "image": scan, "text_layer": text}
     matrix = pymupdf.Matrix(width / rect.width, height / rect.height)
@@ -160,7 +161,7 @@ class ImageDocument:
 def to_rgb(image) -> np.ndarray:
     """HWC uint8 RGB with transparency composited onto white: transformers' `convert_to_rgb` (checked
     against it in the tests), without importing transformers and torch into every renderer process."""
-    return np.asarray(rgb_image(image))
+    return np.array(rgb_image(image))
 
 
 def rgb_image(image):

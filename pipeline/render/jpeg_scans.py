@@ -22,16 +22,16 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from pipeline.render.size import visible_characters
+from pipeline.render.size import PageContents
 
 COLORSPACES = {"DeviceRGB": ("RGB",), "DeviceGray": ("L",), "ICCBased": ("RGB", "L")}
 ALIGNMENT_PT = 0.5  # how far the image's box may be from the page box, in points
 
 
-def decode_scan(page, width: int, height: int, max_pixels: int) -> bytes | None:
+def decode_scan(page, width: int, height: int, max_pixels: int, contents: PageContents | None = None) -> bytes | None:
     """The page as `width` x `height` HWC uint8 RGB bytes, when it is one JPEG scan this module may
     decode (see above); None for every other page, to be rendered by MuPDF."""
-    jpeg = _the_one_jpeg(page)
+    jpeg = _the_one_jpeg(page, contents or PageContents(page))
     if jpeg is None:
         return None
     from PIL import Image
@@ -62,7 +62,7 @@ class _Jpeg:
     colorspace: str
 
 
-def _the_one_jpeg(page) -> _Jpeg | None:
+def _the_one_jpeg(page, contents: PageContents) -> _Jpeg | None:
     """The raw JPEG stream of the one image of a page that shows only it, upright, over the whole page."""
     if page.rotation % 360 or page.first_annot is not None:
         return None
@@ -77,7 +77,7 @@ def _the_one_jpeg(page) -> _Jpeg | None:
         return None
     if any(doc.xref_get_key(xref, key)[0] != "null" for key in ("Decode", "DecodeParms", "Mask", "ImageMask")):
         return None
-    drawn = page.get_image_info()
+    drawn = contents.images
     if len(drawn) != 1:  # drawn more than once, or inline images beside it
         return None
     a, b, c, d, _, _ = drawn[0]["transform"]
@@ -86,6 +86,6 @@ def _the_one_jpeg(page) -> _Jpeg | None:
         return None
     if max(abs(box[0] - rect.x0), abs(box[1] - rect.y0), abs(box[2] - rect.x1), abs(box[3] - rect.y1)) > ALIGNMENT_PT:
         return None
-    if visible_characters(page) or page.get_cdrawings():
+    if contents.visible_characters or contents.drawings:
         return None
     return _Jpeg(doc.xref_stream_raw(xref), (img_width, img_height), colorspace)

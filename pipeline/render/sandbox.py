@@ -352,7 +352,7 @@ def _serve_requests(connection: Connection, baseline: int | None, pixels: Shared
                     frame["image"] = pixels.put(frame["image"])
                 except (MemoryError, OSError) as exc:  # mapping a page past render.max_memory_mb
                     frame = {"page": frame["page"], "n_pages": frame["n_pages"],
-                             "error": f"{document.what} {request[1]} failed: {decoders.describe(MemoryError(str(exc)))}"}
+                             "error": f"{document.what} {request[1]} failed: out of memory ({exc})"}
             connection.send(("page", frame))
 
 

@@ -16,6 +16,8 @@ This module runs in the render sandbox's child process, with the decoders: PyMuP
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from core.errors import PageError
 from core.spec import RenderSpec
 
@@ -27,7 +29,31 @@ SCAN_MAX_VISIBLE_CHARS = 40
 SCAN_MAX_DRAWINGS = 10
 
 
-def page_pixel_size(page, settings: RenderSpec) -> tuple[int, int]:
+class PageContents:
+    """What a PyMuPDF page draws, each part read once when first asked: the render rule here and the
+    JPEG-scan check (jpeg_scans.py) ask about the same page."""
+
+    def __init__(self, page):
+        self.page = page
+
+    @cached_property
+    def images(self) -> list[dict]:
+        """`get_image_info()`: each image drawn, with its pixel size, box and transform."""
+        return self.page.get_image_info()
+
+    @cached_property
+    def visible_characters(self) -> int:
+        """Characters drawn visibly (not render mode 3, the invisible text OCR tools lay over a scan)."""
+        return sum(sum(not chr(c[0]).isspace() for c in span["chars"]) for span in self.page.get_texttrace()
+                   if span["type"] != 3 and span["opacity"] > 0)
+
+    @cached_property
+    def drawings(self) -> int:
+        """Vector paths drawn."""
+        return len(self.page.get_cdrawings())
+
+
+def page_pixel_size(page, settings: RenderSpec, contents: PageContents | None = None) -> tuple[int, int]:
     """(width, height) in pixels to render a PyMuPDF page at; raises PageError past `max_pixels`.
 
     The page box sets only the aspect ratio, unless `dpi` is asked for: then the size is the page box's
@@ -39,7 +65,7 @@ def page_pixel_size(page, settings: RenderSpec) -> tuple[int, int]:
     else:
         edge = settings.longest_edge
         if settings.scans_at_own_resolution:
-            edge = min(edge, scan_longest_edge(page) or edge)
+            edge = min(edge, scan_longest_edge(page, contents) or edge)
         zoom = edge / max(rect.width, rect.height)
     width, height = max(1, round(rect.width * zoom)), max(1, round(rect.height * zoom))
     if width * height > settings.max_pixels:
@@ -47,7 +73,7 @@ def page_pixel_size(page, settings: RenderSpec) -> tuple[int, int]:
     return width, height
 
 
-def scan_longest_edge(page) -> int | None:
+def scan_longest_edge(page, contents: PageContents | None = None) -> int | None:
     """The longest edge, in pixels, at which a scanned page shows its scan pixel for pixel; None when the
     page is not a scan. Where several images cover the page (strips, a mixed raster layer), the finest
     one counts: a page is never rendered coarser than any of its images."""
@@ -55,11 +81,12 @@ def scan_longest_edge(page) -> int | None:
         return None
     import pymupdf
 
-    images = [(info["width"], info["height"], pymupdf.Rect(info["bbox"])) for info in page.get_image_info()]
+    contents = contents or PageContents(page)
+    images = [(info["width"], info["height"], pymupdf.Rect(info["bbox"])) for info in contents.images]
     images = [(w, h, box) for w, h, box in images if w > 0 and h > 0 and not box.is_empty]
     if not images or _coverage(page, [box for _, _, box in images]) < SCAN_MIN_COVERAGE:
         return None
-    if visible_characters(page) > SCAN_MAX_VISIBLE_CHARS or len(page.get_cdrawings()) > SCAN_MAX_DRAWINGS:
+    if contents.visible_characters > SCAN_MAX_VISIBLE_CHARS or contents.drawings > SCAN_MAX_DRAWINGS:
         return None
     # Pixels per point, whatever the image's rotation on the page: its longest side over its box's.
     pixels_per_point = max(max(w, h) / max(box.width, box.height) for w, h, box in images)
@@ -76,8 +103,3 @@ def _coverage(page, boxes) -> float:
     frames = [pymupdf.Rect(0, 0, width, height), pymupdf.Rect(0, 0, height, width)]
     return min(1.0, max(sum((box & frame).get_area() for box in boxes) / frame.get_area() for frame in frames))
 
-
-def visible_characters(page) -> int:
-    """Characters drawn visibly (not render mode 3, the invisible text OCR tools lay over a scan)."""
-    return sum(sum(not chr(c[0]).isspace() for c in span["chars"]) for span in page.get_texttrace()
-               if span["type"] != 3 and span["opacity"] > 0)
