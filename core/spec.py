@@ -208,6 +208,10 @@ class RenderSpec(Section):
     """With the automatic size, a scanned page (raster images cover it, no visible text) is rendered at no
     more than its scan's own resolution: never upscaled. A longest_edge or dpi of your own applies to
     scans too."""
+    halvable: bool = False
+    """Set by the driver with the automatic size and image splitting: a PDF page rendered at the full
+    longest_edge gets even edges that halve to exactly the model's size (pipeline/render/size.py), so its
+    four quadrants are alike and its whole-page crop is a 2:1 reduction, the fast resize (pipeline/crops.py)."""
     max_pixels: int = 40_000_000
     """Decoded images larger than this are refused (decompression bombs)"""
     max_pages: int = 5000

@@ -95,10 +95,11 @@ def derive(spec: JobSpec) -> Derived:
 def resolved_render(render: RenderSpec, image_settings: ImageSettings) -> RenderSpec:
     """The render spec PDF pages are rendered by: the one place the render size is decided. The spec's
     own longest_edge or dpi, for every page; else what the model can use (twice the processor's longest
-    edge with splitting, ImageSettings.render_edge), and scans at no more than their own resolution."""
+    edge with splitting, ImageSettings.render_edge, in even pixels that halve to the model's size), and
+    scans at no more than their own resolution."""
     if not render.automatic_size:
         return render.updated(scans_at_own_resolution=False)
-    return render.updated(longest_edge=image_settings.render_edge)
+    return render.updated(longest_edge=image_settings.render_edge, halvable=image_settings.do_image_splitting)
 
 
 def needs_routes(spec: JobSpec) -> bool:

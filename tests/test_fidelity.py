@@ -80,8 +80,10 @@ def mixed_folder(tmp_path_factory) -> Path:
 
 
 def rendered_page(source: str, page: int, width: int, height: int) -> Image.Image:
-    """A PDF page rendered at the size its row reports (the pipeline's own renderer)."""
-    render = RenderSpec(longest_edge=max(width, height), scans_at_own_resolution=False)
+    """A PDF page rendered at the size its row reports (the pipeline's own renderer). Even edges: the page
+    was rendered for splitting, its short edge rounded to an even number (pipeline/render/size.py)."""
+    render = RenderSpec(longest_edge=max(width, height), scans_at_own_resolution=False,
+                        halvable=width % 2 == height % 2 == 0)
     row = next(r for r in pages_of(plan_row(Path(source)), render, StorageSpec()) if r["page"] == page)
     assert (row["width"], row["height"]) == (width, height)
     return Image.fromarray(page_image(row))

@@ -1,4 +1,6 @@
-"""One-JPEG scan pages are decoded by Pillow (pipeline/render/jpeg_scans.py); every other page is MuPDF's.
+"""One-JPEG scan pages are decoded by libjpeg-turbo (pipeline/render/jpeg_scans.py: simplejpeg, or Pillow
+where it is missing) and brought to the render size by PyTorch's antialiased bilinear kernel (Pillow's
+box filter without torch, and for gray); every other page is MuPDF's.
 
 The short way must give the page MuPDF would have drawn, up to the difference between two downscaling
 filters, and it must step aside for every page where the two could disagree: rotated, mirrored, not
@@ -8,6 +10,7 @@ covering the page, with something else drawn on it, masked, inverted, or not a p
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pymupdf
@@ -53,8 +56,12 @@ def mupdf_pixels(page, width, height) -> np.ndarray:
     return np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.width, 3)
 
 
+@pytest.mark.parametrize("without", [(), ("simplejpeg",), ("simplejpeg", "torch")],
+                         ids=["simplejpeg+torch", "pillow+torch", "pillow-only"])
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_a_jpeg_scan_decodes_to_the_page_mupdf_draws(mode):
+def test_a_jpeg_scan_decodes_to_the_page_mupdf_draws(mode, without, monkeypatch):
+    for module in without:  # as on a machine where it is not installed: importing it fails
+        monkeypatch.setitem(sys.modules, module, None)
     page = scan_pdf(scan_jpeg(mode=mode))[0]
     width, height = page_pixel_size(page, SETTINGS)
     ours = decode_scan(page, width, height, SETTINGS.max_pixels)

@@ -102,7 +102,8 @@ def test_other_edge_sizes_equal_the_reference(processor):
 
 def test_the_cpu_stages_ship_compressed_crops_that_collate_to_the_reference(processor, tiny_model_split, tmp_path):
     """Through the job's own render and preprocess stages at the default render rule: born-digital PDF
-    pages rendered at twice the longest edge, a scan at its own resolution, an image as it is; crops
+    pages rendered at twice the longest edge in even pixels (the whole page halved by the fast way), a
+    scan at its own resolution, an image as it is; crops
     compressed, decompressed as the model stage does, collated: the reference's tensors on the same pages."""
     pdf = make_pdf(tmp_path / "doc.pdf", ["A first page of text.", "A second page, with more text on it."])
     scan = make_scan_pdf(tmp_path / "scan.pdf", dpi=100)
@@ -115,7 +116,7 @@ def test_the_cpu_stages_ship_compressed_crops_that_collate_to_the_reference(proc
     out = pa.concat_tables(walk([preprocess], [pages]))
 
     images = [page_image(row) for row in pages.to_pylist()]
-    assert [image.shape[:2] for image in images] == [(1960, 1385), (1960, 1385), (1100, 850), (480, 640)]
+    assert [image.shape[:2] for image in images] == [(1960, 1386), (1960, 1386), (1100, 850), (480, 640)]
     assert out.schema.field("pixels").type == pa.large_binary()  # bytes of uint8, no float or mask column
     assert "pixel_attention_mask" not in out.schema.names
     rows = out.to_pylist()

@@ -34,7 +34,23 @@ def test_a_pdf_pages_row_reports_the_size_the_model_can_use(checkpoint, longest_
     [row] = run_stages(job(model, [TaskSpec(kind="ocr", max_new_tokens=1)]), [plan_row(pdf)])
     assert row["status"] == "ok"
     assert max(row["width"], row["height"]) == longest_edge
-    assert row["width"] == round(LETTER[0] * longest_edge / LETTER[1])
+    width = LETTER[0] * longest_edge / LETTER[1]  # 1514.5 at 1960, 757.3 at 980
+    # With splitting the short edge is the nearest even number: the whole page then halves exactly.
+    assert row["width"] == (2 * round(width / 2) if checkpoint == "tiny_model_split" else round(width))
+
+
+@pytest.mark.parametrize("points", [LETTER, (595, 842), (612, 1008), (792, 612), (842, 595), (500, 700), (1000, 999),
+                                    (300, 1000)], ids=["letter", "a4", "legal", "letter-landscape", "a4-landscape",
+                                                       "odd", "near-square", "strip"])
+def test_a_page_rendered_for_splitting_halves_exactly_to_the_models_size(points, tmp_path):
+    """Even edges, alike quadrants, and a whole page the processor's resize rule takes to exactly half
+    (its 2:1 reduction is the preprocess stage's fast resize, pipeline/crops.py)."""
+    from pipeline.crops import target_size
+
+    width, height = rendered_size(make_pdf(tmp_path / "page.pdf", ["A page."], size=points))
+    assert max(width, height) == 1960 and width % 2 == height % 2 == 0
+    assert abs(width / height - points[0] / points[1]) < 2 / min(width, height)  # the page's shape, within 2 pixels
+    assert target_size(height, width, IDEFICS2_8B) == (max(height // 2, 378), max(width // 2, 378))
 
 
 def test_a_low_resolution_scan_is_not_upscaled(tmp_path):
@@ -44,18 +60,18 @@ def test_a_low_resolution_scan_is_not_upscaled(tmp_path):
     ocr = make_scan_pdf(tmp_path / "ocr.pdf", dpi=100, ocr_layer="The text an OCR tool found on the page " * 3)
     assert rendered_size(ocr) == (850, 1100)
     # Unless asked to: then a scan is rendered at the model's size like any page.
-    assert rendered_size(scan, RenderSpec(scans_at_own_resolution=False)) == (1515, 1960)
+    assert rendered_size(scan, RenderSpec(scans_at_own_resolution=False)) == (1514, 1960)
 
 
 def test_a_fine_scan_is_rendered_at_the_models_size(tmp_path):
     scan = make_scan_pdf(tmp_path / "scan-300dpi.pdf", dpi=300)  # 2550 x 3300
-    assert rendered_size(scan) == (1515, 1960)
+    assert rendered_size(scan) == (1514, 1960)
 
 
 def test_a_page_with_visible_text_over_a_picture_is_not_a_scan(tmp_path):
     """Born-digital text drawn over a coarse background image keeps its full rendering."""
     page = make_scan_pdf(tmp_path / "poster.pdf", dpi=30, visible_text="Vector text that stays sharp " * 3)
-    assert rendered_size(page) == (1515, 1960)
+    assert rendered_size(page) == (1514, 1960)
 
 
 def test_images_are_decoded_at_their_own_size(tmp_path):
@@ -70,7 +86,7 @@ def test_render_overrides_apply_to_every_page(tmp_path):
     assert rendered_size(letter, RenderSpec(dpi=50)) == (425, 550)
     assert rendered_size(scan, RenderSpec(dpi=200)) == (1700, 2200)  # asked for: upscaled
     assert rendered_size(letter, RenderSpec(longest_edge=640)) == (495, 640)
-    assert rendered_size(scan, RenderSpec(longest_edge=1960)) == (1515, 1960)
+    assert rendered_size(scan, RenderSpec(longest_edge=1960)) == (1515, 1960)  # your own edge: no even rounding
     assert rendered_size(letter, image=ImageSettings(do_image_splitting=False, longest_edge=490)) == (379, 490)
 
 
