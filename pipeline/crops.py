@@ -53,11 +53,9 @@ def model_crops(image: np.ndarray, settings: ImageSettings) -> list[np.ndarray]:
     for left, upper, right, lower in boxes:
         crop = image[upper:lower, left:right]
         target_height, target_width = target_size(crop.shape[0], crop.shape[1], settings)
-        if (target_height, target_width) == crop.shape[:2]:
-            pass
-        elif can_halve(crop.shape[:2], (target_height, target_width), settings.resample):
+        if can_halve(crop.shape[:2], (target_height, target_width), settings.resample):
             crop = halve(crop)
-        else:
+        elif (target_height, target_width) != crop.shape[:2]:
             resized = Image.fromarray(np.ascontiguousarray(crop)).resize((target_width, target_height),
                                                                         resample=settings.resample)
             crop = np.asarray(resized)

@@ -11,10 +11,11 @@ when that is lower: a scan is never upscaled. A page rendered at the full twice-
 even edges, the short one rounded to the nearest even number that halves to exactly the model's size
 (at most 2 pixels from its aspect ratio): its quadrants are then alike, and its whole-page crop is an
 exact 2:1 reduction, which the preprocess stage does 3-5x faster than any other resize, with the same
-bytes (pipeline/crops.py). `[render] longest_edge` or `[render] dpi` override the rule for every page. Images (PNG, JPEG, ...) are not rendered: the preprocess stage splits and resizes them
+bytes (pipeline/crops.py). `[render] longest_edge` or `[render] dpi` override the rule for every page.
+Images (PNG, JPEG, ...) are not rendered: the preprocess stage splits and resizes them
 exactly as the reference processor does.
 
-This module runs in the render sandbox's child process, with the decoders: PyMuPDF only.
+This module runs in the render sandbox's child process, with the decoders: PyMuPDF (and crops.target_size, plain arithmetic).
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ def page_pixel_size(page, settings: RenderSpec, contents: PageContents | None = 
         if settings.scans_at_own_resolution:
             edge = min(edge, scan_longest_edge(page, contents) or edge)
         zoom = edge / max(rect.width, rect.height)
-    width, height = max(1, round(rect.width * zoom)), max(1, round(rect.height * zoom))
     if settings.halvable and not settings.dpi and edge == settings.longest_edge:
         width, height = halvable_size(rect.width * zoom, rect.height * zoom, edge)
+    else:
+        width, height = max(1, round(rect.width * zoom)), max(1, round(rect.height * zoom))
     if width * height > settings.max_pixels:
         raise PageError(f"page would render at {width}x{height}, more than render.max_pixels={settings.max_pixels}")
     return width, height
