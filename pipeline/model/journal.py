@@ -26,7 +26,6 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-import ray
 
 POISON_AFTER = 2  # crashes (at least one with the unit alone) after which a unit is not tried again
 
@@ -86,10 +85,21 @@ class CrashJournal:
         os.replace(temporary, self.path)  # a reader (or a successor) never sees half a note
 
 
+def ray_context():
+    """Ray's runtime context where this code runs under Ray, else None: the model stage also runs
+    without Ray, or on a machine without it (bench/gpu_suite.py on a GPU machine)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_runtime_context() if ray.is_initialized() else None
+
+
 def journal_for_this_replica(run_id: str) -> CrashJournal | None:
     """The journal of the Ray actor this code runs in, or None outside one."""
     try:
-        actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        context = ray_context()
+        actor_id = context.get_actor_id() if context is not None else None
     except Exception:
         actor_id = None
     if not actor_id:

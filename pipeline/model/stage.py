@@ -20,7 +20,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
-import ray
 import torch
 
 from core.image_settings import ImageSettings
@@ -32,7 +31,7 @@ from pipeline.model.budget import automatic_token_budget
 from pipeline.model.collate import batch_by_shape
 from pipeline.model.degenerate import is_degenerate
 from pipeline.model.features import encode_crops, generate_kwargs
-from pipeline.model.journal import journal_for_this_replica
+from pipeline.model.journal import journal_for_this_replica, ray_context
 from pipeline.model.loading import load_model, load_processor, resolve_device, resolve_dtype
 from pipeline.model.logprobs import TokenLogprobs, confidence, recording_processors
 from pipeline.model.outputs import generated_output
@@ -58,8 +57,8 @@ class Sequence:
 
 def _replica_identity() -> tuple[str, str]:
     try:
-        if ray.is_initialized():
-            ctx = ray.get_runtime_context()
+        ctx = ray_context()
+        if ctx is not None:
             actor = ctx.get_actor_id() or ""
             # An actor id is its own unique part followed by the job id: the head tells replicas apart.
             return f"{ctx.get_node_id()[:8]}/{actor[:8] or os.getpid()}", ctx.get_node_id()
