@@ -62,10 +62,13 @@ RECORDED_MIX_TOKENS = [
 
 def length_mix(pdfs: list[str], max_new_tokens: int, longest_edge: int, n_pages: int = 0):
     """(target new tokens, page image) per page of `pdfs`: its text layer's length in tokens, capped at
-    `max_new_tokens`. Without PDFs, the recorded mix on generated report pages. `n_pages`: repeat or cut
+    `max_new_tokens`. Without PDFs (or PyMuPDF), the recorded mix on generated report pages. `n_pages`: repeat or cut
     the mix to that many pages (0: as it is)."""
-    if pdfs:
+    try:
         import pymupdf
+    except ImportError:  # a GPU machine without PyMuPDF cannot read the PDFs' text layers
+        pdfs = []
+    if pdfs:
 
         lengths, images = [], []
         for path in pdfs:

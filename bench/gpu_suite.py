@@ -1,0 +1,481 @@
+"""The GPU suite: one command that checks the model stage on a GPU, then measures it, within one lease.
+
+    python bench/gpu_suite.py                          # on the lent GPU machine (see "On the lent machine")
+    python bench/gpu_suite.py --tiny --device cpu      # the same functions and branches on CPU (make test)
+
+It prints (and flushes) each `RESULT` line the moment it is measured, and stops cleanly at `--deadline-s`:
+whatever it measured by then is printed, the rest is said to be skipped. Sections, most valuable first:
+
+1. correctness: the tiny image-sensitive checkpoint (pipeline/model/tiny.py) through the model stage's own
+   classes (`GenerateAnswers`, `GenerateAnswersContinuously`) on the device, against the same rows made
+   on CPU; a repetition-penalty task beside a greedy one (the continuous stage's static fallback while an
+   engine session is open); an injected out-of-memory error above a batch size (recovered, every row ok);
+2. end to end on the full idefics2-8b architecture (random weights, bf16, SDPA): `gpu_pages_per_s` of the
+   static and continuous engines at `--new-tokens` with image splitting and the automatic batch, the model
+   card's loop on a few of the same pages (`gpu_vs_snippet`), peak memory against the KV-cache budget;
+3. where a page's time goes: vision / prefill / decode per page; decode step time by batch size with the
+   dynamic and the preallocated (static) cache;
+4. the length mix of real documents through both engines (bench/engine.py);
+5. compile on vs off (static cache + torch.compile, warmed up at the measured shape).
+
+Ours is the model stage's own code without Ray around it: uint8 crops from `pipeline.crops.model_crops`,
+batches from `batch_by_shape` sized as the pipeline sizes them, crops encoded per shape
+(`pipeline.model.features.encode_crops`), one shared prompt per batch, `generate` (bench/gpu.py).
+
+On the lent machine (torch and transformers of its own, no Ray, no pydantic, no network) the suite needs our
+pinned pure-Python wheels: transformers 5.23.0 (the machine's 5.17 switches the shared text config to
+paged attention in the continuous engine and does not switch it back), pydantic and its needs, regex and
+typing-extensions (transformers 5.23's minimums). Download them here into `.whl/` (ignored by git) with
+DEVELOPERS.md's `pip download` line, carry `.whl`, and run:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
+    PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py --deadline-s 450 --log $OUT/gpu_suite.log
+
+Nothing is downloaded: models are built from their configs with random weights on the device, the
+tokenizer is Scriptorium's tiny offline one (a random model generates exactly the tokens it is told to:
+every length here is forced, so the figures measure the work, not the text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+
+import _setup  # noqa: F401  (the repository's packages first; see bench/_setup.py)
+
+_setup.quiet_env()
+
+import torch  # noqa: E402
+from documents import page_images  # noqa: E402
+from engine import continuous_engine, length_mix, real_pdfs, run_continuous, run_static  # noqa: E402
+from gpu import (  # noqa: E402
+    IDEFICS2_8B,
+    INSTRUCTION,
+    TINY,
+    build_model,
+    build_processor,
+    generation_args,
+    run_model_stage,
+    run_snippet,
+    synchronize,
+    timed,
+)
+
+from core.image_settings import ImageSettings  # noqa: E402
+from core.spec import ResourceSpec  # noqa: E402
+from pipeline.crops import model_crops  # noqa: E402
+from pipeline.model.budget import automatic_token_budget, kv_cache_bytes_per_token  # noqa: E402
+from pipeline.model.features import encode_crops, generate_kwargs  # noqa: E402
+
+
+class Report:
+    """RESULT and information lines, printed and flushed at once, copied to a log file if asked."""
+
+    def __init__(self, log_path: str | None):
+        self.log = open(log_path, "a", buffering=1) if log_path else None
+        self.failed: list[str] = []
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+        if self.log:
+            self.log.write(line + "\n")
+
+    def result(self, metric: str, value: float, unit: str, target: str = "") -> None:
+        self.say(f"RESULT {metric} {value:.4g} {unit}" + (f" target {target}" if target else ""))
+
+    @contextmanager
+    def section(self, name: str):
+        """A section that fails is reported and the suite goes on with the next one."""
+        started = time.perf_counter()
+        self.say(f"== {name}")
+        try:
+            yield
+        except Exception as exc:
+            self.failed.append(name)
+            self.say(f"!! {name} failed after {time.perf_counter() - started:.0f} s: {type(exc).__name__}: "
+                     f"{str(exc)[:600]}")
+            self.say("".join(traceback.format_exc().splitlines(keepends=True)[-12:]).rstrip())
+        else:
+            self.say(f"   ({name}: {time.perf_counter() - started:.1f} s)")
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def stop_at_deadline(report: Report, seconds: float) -> None:
+    """A watchdog: at the deadline, say so and end the process (what was measured is already printed)."""
+
+    def watch():
+        time.sleep(seconds)
+        report.say(f"DEADLINE: {seconds:.0f} s reached; the sections not printed above were not measured")
+        os._exit(3 if report.failed else 0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+# -- 1. correctness ---------------------------------------------------------------------------------------
+def page_rows(pages):
+    """PAGE_SCHEMA rows of rendered page images, as the render stage makes them."""
+    from core.schema import PAGE_SCHEMA, table_from_rows
+
+    rows = [dict(source_uri=f"suite://page-{i}.png", size=page.nbytes, etag=f"e{i}", kind="image", page=0,
+                 n_pages=1, member=None, width=page.shape[1], height=page.shape[0], image=page.tobytes(),
+                 text_layer=None, status="ok", error=None, stage=None, questions=None, image_shapes=None,
+                 content_hash=None, routed=None, done_units=None) for i, page in enumerate(pages)]
+    return table_from_rows(rows, PAGE_SCHEMA)
+
+
+def stage_rows(replica, preprocessed) -> list[dict]:
+    """Result rows of a model-stage replica's call, sorted. The continuous replica's call is an async
+    generator (what Ray Data runs on an event loop); pipeline/local.py collects it the same way, but
+    imports Ray, which the lent machine has not."""
+    output = replica(preprocessed)
+    if hasattr(output, "__anext__"):
+        async def collect():
+            return [table async for table in output]
+
+        output = asyncio.run(collect())
+    rows = [row for table in output for row in table.to_pylist()]
+    return sorted(rows, key=lambda r: (r["source_uri"], r["task"]))
+
+
+def same_generation(a: list[dict], b: list[dict]) -> int:
+    """How many rows of `a` and `b` (in the same order) have the same status, text and token count."""
+    keys = ("source_uri", "task", "status", "text", "n_output_tokens")
+    return sum(all(x[k] == y[k] for k in keys) for x, y in zip(a, b))
+
+
+def check_correctness(report: Report, device: str, n_pages: int) -> None:
+    """The model stage's classes on `device` against CPU, both engines, a static fallback, an injected OOM."""
+    from core.spec import ModelSpec, TaskSpec
+    from pipeline.model.continuous_stage import GenerateAnswersContinuously
+    from pipeline.model.loading import open_model_config
+    from pipeline.model.stage import GenerateAnswers
+    from pipeline.model.tiny import build_tiny_idefics2
+    from pipeline.preprocess import PreprocessPages
+    from pipeline.prompts import PromptBook
+
+    # fp32 without TF32 on both devices: the same arithmetic up to kernel order, so greedy tokens agree.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    tasks = [TaskSpec(kind="ocr", max_new_tokens=24),
+             TaskSpec(kind="caption", max_new_tokens=24, repetition_penalty=1.3)]
+    with tempfile.TemporaryDirectory() as folder:
+        path = build_tiny_idefics2(folder, do_image_splitting=True, longest_edge=490, shortest_edge=378)
+        spec = ModelSpec(id=str(path), device="cpu", dtype="fp32")
+        _, settings = open_model_config(spec)
+        pages = PreprocessPages(settings)(page_rows(page_images(n_pages, longest_edge=settings.render_edge, seed=7)))
+        preprocessed = next(iter(pages))
+        book = PromptBook(tasks)
+        on_cpu = stage_rows(GenerateAnswers(spec, settings, book, batch_size=4), preprocessed)
+        device_spec = spec.model_copy(update={"device": device})
+        static = GenerateAnswers(device_spec, settings, book, batch_size=4)
+        on_device = stage_rows(static, preprocessed)
+        n = len(on_cpu)
+        report.say(f"tiny checkpoint, {n_pages} split pages x {len(tasks)} tasks = {n} rows; "
+                   f"ok on {device}: {sum(r['status'] == 'ok' for r in on_device)}")
+        report.result("suite_static_rows_equal_to_cpu", same_generation(on_cpu, on_device) / n, "ratio", "== 1")
+
+        continuous = GenerateAnswersContinuously(device_spec, settings, book, batch_size=4)
+        try:
+            engine_rows = stage_rows(continuous, preprocessed)
+        finally:
+            continuous.close()
+        report.result("suite_continuous_rows_equal_to_cpu", same_generation(on_cpu, engine_rows) / n, "ratio", "== 1")
+
+        # Out of memory above two pages per batch: the stage halves the batch, every row is still made.
+        real_generate = static.model.generate
+
+        def generate_within_two_pages(*args, **kwargs):
+            if kwargs["input_ids"].shape[0] > 2:
+                raise torch.OutOfMemoryError("injected: CUDA out of memory (more than 2 pages)")
+            return real_generate(*args, **kwargs)
+
+        static.model.generate = generate_within_two_pages
+        try:
+            recovered = stage_rows(static, preprocessed)
+        finally:
+            static.model.generate = real_generate
+        report.result("suite_oom_rows_recovered", same_generation(on_cpu, recovered) / n, "ratio", "== 1")
+
+
+# -- 2-5. the full architecture ---------------------------------------------------------------------------
+class Bench:
+    """The full-size model, its processor, pages and crops, built once for every measurement."""
+
+    def __init__(self, args, device: str, dtype: torch.dtype):
+        self.args, self.device, self.dtype = args, device, dtype
+        self.processor = build_processor(args.longest_edge)
+        self.settings = ImageSettings.from_processor(self.processor)
+        started = time.perf_counter()
+        self.model = build_model(self.processor, TINY if args.tiny else IDEFICS2_8B, device, dtype, args.attn)
+        self.build_s = time.perf_counter() - started
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]}]
+        self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        self.prompt_ids = self.processor(text=self.prompt, return_tensors="pt")["input_ids"][0]
+        # A few distinct pages, repeated: every length is forced, so their content changes no time, and the
+        # lease's minutes go to the GPU rather than to drawing and cropping hundreds of pages on one core.
+        distinct = page_images(min(args.pages, args.distinct_pages), longest_edge=self.settings.render_edge)
+        started = time.perf_counter()
+        distinct_crops = [model_crops(page, self.settings) for page in distinct]
+        self.cpu_s = (time.perf_counter() - started) / len(distinct)
+        self.pages = [distinct[i % len(distinct)] for i in range(args.pages)]
+        self.crops = [distinct_crops[i % len(distinct)] for i in range(args.pages)]
+        self.batch_pages = ResourceSpec(batch_size=args.batch_size).pages_per_batch(on_gpu=device == "cuda")
+        self.token_budget = args.max_batch_tokens or automatic_token_budget(self.model, device, dtype)
+        self.engine = None
+
+    @property
+    def budget(self) -> tuple[int, int, int]:
+        return self.batch_pages, 0, self.token_budget
+
+    def continuous(self):
+        if self.engine is None:
+            per_page = len(self.prompt_ids) + self.args.new_tokens
+            self.engine = continuous_engine(self.model, self.batch_pages, self.token_budget or self.batch_pages * per_page,
+                                            self.settings.images_per_page)
+        return self.engine
+
+
+def describe(report: Report, bench: Bench) -> None:
+    args = bench.args
+    name = torch.cuda.get_device_name() if bench.device == "cuda" else "cpu"
+    import transformers
+
+    report.say(f"device: {name}; torch {torch.__version__}, transformers {transformers.__version__}, CUDA "
+               f"{torch.version.cuda}; model: {'tiny' if args.tiny else 'idefics2-8b'} architecture, "
+               f"{bench.n_params / 1e9:.2f} B parameters, random weights, {str(bench.dtype).replace('torch.', '')}, "
+               f"attention {args.attn}; built in {bench.build_s:.1f} s")
+    report.say(f"pages: {len(bench.pages)} rendered at {bench.settings.render_edge} with splitting "
+               f"({bench.settings.images_per_page} crops), prompt {len(bench.prompt_ids)} tokens; automatic batch "
+               f"up to {bench.batch_pages} pages within {bench.token_budget or 'no'} KV-cache tokens; CPU stage "
+               f"{1 / bench.cpu_s:.1f} pages/s on one core (not in the GPU times)")
+    if args.tiny or bench.device != "cuda":
+        report.say("NOTE: a toy model or no GPU: the RESULT lines below check the suite runs, they measure nothing")
+
+
+def ceilings(report: Report, device: str) -> None:
+    """The card's two ceilings as found today: a bf16 matrix product and a device-to-device copy."""
+    if device != "cuda":
+        return
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    source = torch.randn(2**30, device=device, dtype=torch.bfloat16)
+    target = torch.empty_like(source)
+    for label, work, amount in (("bf16 matmul", lambda: a @ b, 2 * 8192**3),
+                                ("copy", lambda: target.copy_(source), 2 * source.nbytes)):
+        work()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(10):
+            work()
+        torch.cuda.synchronize()
+        rate = amount * 10 / (time.perf_counter() - started)
+        report.say(f"ceiling, {label}: {rate / 1e12:.0f} {'TFLOP/s' if 'matmul' in label else 'TB/s'}")
+    del a, b, source, target
+
+
+def end_to_end(report: Report, bench: Bench) -> dict:
+    """Both engines at exactly --new-tokens per page, the automatic batch; the model card's loop."""
+    args, model, device, dtype = bench.args, bench.model, bench.device, bench.dtype
+    gen = generation_args(args.new_tokens, compile_=False)
+    warm = generation_args(min(8, args.new_tokens), compile_=False)
+    run_model_stage(model, bench.processor, bench.prompt, bench.crops[:2], bench.settings, device, dtype, (2, 0, 0), warm)
+    seconds, peak, (_, tokens, sizes) = timed(device, run_model_stage, model, bench.processor, bench.prompt, bench.crops,
+                                              bench.settings, device, dtype, bench.budget, gen)
+    n = len(bench.crops)
+    exact = set(tokens) == {args.new_tokens}
+    per_token = kv_cache_bytes_per_token(model.config.text_config, dtype)
+    report.say(f"static engine: {n} pages in {seconds:.1f} s, batches {sizes}, all {args.new_tokens} tokens: "
+               f"{'yes' if exact else 'NO'}; peak {peak / 2**30:.1f} GiB (KV-cache budget "
+               f"{bench.token_budget * per_token / 2**30:.1f} GiB, total "
+               f"{torch.cuda.get_device_properties(0).total_memory / 2**30 if device == 'cuda' else 0:.0f} GiB)")
+    static_rate = n / seconds
+    report.result("gpu_pages_per_s", static_rate, "pages/s", ">= 15")
+    report.result("gpu_peak_memory", peak / 2**30, "GiB")
+
+    engine = bench.continuous()
+    run_continuous(engine, model, bench.prompt_ids, bench.crops[:2], [min(8, args.new_tokens)] * 2, bench.settings,
+                   device, dtype)
+    seconds, peak, produced = timed(device, run_continuous, engine, model, bench.prompt_ids, bench.crops,
+                                    [args.new_tokens] * n, bench.settings, device, dtype)
+    report.say(f"continuous engine: {n} pages in {seconds:.1f} s, all exact: "
+               f"{'yes' if set(produced) == {args.new_tokens} else 'NO'}; peak {peak / 2**30:.1f} GiB")
+    report.result("gpu_continuous_pages_per_s", n / seconds, "pages/s", ">= 15")
+
+    from PIL import Image
+
+    pil_pages = [Image.fromarray(page) for page in bench.pages[: args.snippet_pages]]
+    run_snippet(model, bench.processor, bench.prompt, pil_pages[:1], device, warm)
+    seconds, _, (_, snippet_tokens) = timed(device, run_snippet, model, bench.processor, bench.prompt, pil_pages,
+                                            device, gen)
+    snippet_rate = len(pil_pages) / seconds
+    report.say(f"model card loop: {len(pil_pages)} pages in {seconds:.1f} s ({snippet_rate:.3f} pages/s)")
+    report.result("gpu_vs_snippet", static_rate / snippet_rate, "x", ">= 20")
+    return {"static": static_rate}
+
+
+def features_of_one_page(bench: Bench) -> torch.Tensor:
+    return encode_crops(bench.model, [bench.crops[0]], bench.settings, bench.device, bench.dtype)
+
+
+def generate_seconds(bench: Bench, batch: int, new_tokens: int, features: torch.Tensor, **options) -> float:
+    """Seconds of one `generate` of `batch` copies of a page (features given) for exactly `new_tokens`."""
+    ids = bench.prompt_ids.unsqueeze(0).expand(batch, -1).to(bench.device)
+    synchronize(bench.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        bench.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             **generate_kwargs(bench.model, features.repeat(batch, 1)),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **options)
+    synchronize(bench.device)
+    return time.perf_counter() - started
+
+
+def vision_flops(crops, vision_config) -> float:
+    """Matrix-multiply FLOPs of the vision tower on these crops (attention included, the perceiver not)."""
+    d, mlp, layers, patch = (vision_config.hidden_size, vision_config.intermediate_size,
+                             vision_config.num_hidden_layers, vision_config.patch_size)
+    total = 0.0
+    for crop in crops:
+        p = (crop.shape[0] // patch) * (crop.shape[1] // patch)
+        total += layers * (2 * p * (4 * d * d + 2 * d * mlp) + 4 * p * p * d) + 2 * p * 3 * patch * patch * d
+    return total
+
+
+def where_time_goes(report: Report, bench: Bench) -> None:
+    """Vision, prefill and decode per page; decode step time by batch and cache."""
+    args, device = bench.args, bench.device
+    pages = bench.crops[: args.vision_pages]
+    encode_crops(bench.model, pages[:1], bench.settings, device, bench.dtype)  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    encode_crops(bench.model, pages, bench.settings, device, bench.dtype)
+    synchronize(device)
+    vision_s = (time.perf_counter() - started) / len(pages)
+    flops = vision_flops([c for page in pages for c in page], bench.model.config.vision_config) / len(pages)
+    report.say(f"vision: {vision_s * 1e3:.1f} ms per page ({flops / 1e12:.1f} TFLOP, {flops / vision_s / 1e12:.0f} "
+               f"TFLOP/s)")
+    report.result("gpu_vision_ms_per_page", vision_s * 1e3, "ms")
+
+    features = features_of_one_page(bench)
+    steps = args.decode_steps
+    caches = {"dynamic": {}, "static": {"cache_implementation": "static", "disable_compile": True}}
+    for batch in args.decode_batches:
+        for cache, options in caches.items():
+            generate_seconds(bench, batch, 2, features, **options)  # warm-up at this shape
+            first = generate_seconds(bench, batch, 1, features, **options)
+            longer = generate_seconds(bench, batch, 1 + steps, features, **options)
+            step_ms = (longer - first) / steps * 1e3
+            report.say(f"batch {batch:4d}, {cache:7} cache: prefill + first token {first * 1e3:8.1f} ms "
+                       f"({first / batch * 1e3:.1f} ms per page), decode step {step_ms:6.2f} ms "
+                       f"({step_ms / batch:.3f} ms per page-token)")
+            report.result(f"gpu_decode_step_ms_b{batch}_{cache}", step_ms, "ms")
+    # A page at --new-tokens in a batch of the largest size measured, from the figures above.
+    report.say(f"per page at {args.new_tokens} new tokens and batch {args.decode_batches[-1]}: vision "
+               f"{vision_s * 1e3:.0f} ms, prefill {first / batch * 1e3:.0f} ms, decode "
+               f"{step_ms / batch * args.new_tokens:.0f} ms (dynamic vs static: see the step times)")
+
+
+def length_mix_runs(report: Report, bench: Bench) -> None:
+    args, model, device, dtype = bench.args, bench.model, bench.device, bench.dtype
+    targets, _ = length_mix(real_pdfs(), args.new_tokens, 64, n_pages=len(bench.crops))
+    eos_id = bench.processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    n = len(bench.crops)
+    static_s, _, static_tokens = timed(device, run_static, model, bench.prompt_ids, bench.crops, targets, bench.settings,
+                                       device, dtype, bench.batch_pages, args.new_tokens, eos_id, bench.token_budget)
+    continuous_s, _, continuous_tokens = timed(device, run_continuous, bench.continuous(), model, bench.prompt_ids,
+                                               bench.crops, targets, bench.settings, device, dtype)
+    exact = static_tokens == continuous_tokens == targets
+    report.say(f"length mix: {sum(targets) / n:.0f} new tokens per page on average (max {max(targets)}), all exact: "
+               f"{'yes' if exact else 'NO'}; static {static_s:.1f} s, continuous {continuous_s:.1f} s")
+    report.result("gpu_mix_static_pages_per_s", n / static_s, "pages/s")
+    report.result("gpu_mix_continuous_pages_per_s", n / continuous_s, "pages/s")
+    report.result("gpu_mix_continuous_vs_static", static_s / continuous_s, "x", ">= 1")
+
+
+def compile_runs(report: Report, bench: Bench) -> None:
+    """Static cache with and without torch.compile at one batch shape, the compile's own time apart."""
+    args = bench.args
+    features = features_of_one_page(bench)
+    batch, steps = args.compile_batch, args.decode_steps
+    static = {"cache_implementation": "static"}
+    started = time.perf_counter()
+    generate_seconds(bench, batch, 2, features, **static)  # compiles (on CUDA) for this shape
+    report.say(f"compile warm-up at batch {batch}: {time.perf_counter() - started:.1f} s")
+    generate_seconds(bench, batch, 2, features, **static)
+    for label, options in (("compiled", static), ("eager", {**static, "disable_compile": True})):
+        first = generate_seconds(bench, batch, 1, features, **options)
+        longer = generate_seconds(bench, batch, 1 + steps, features, **options)
+        step_ms = (longer - first) / steps * 1e3
+        report.say(f"batch {batch}, static cache, {label}: decode step {step_ms:.2f} ms")
+        report.result(f"gpu_decode_step_ms_b{batch}_static_{label}", step_ms, "ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true", help="toy-size model for sections 2-5 (a check that they run)")
+    parser.add_argument("--deadline-s", type=float, default=450, help="stop cleanly after this many seconds")
+    parser.add_argument("--log", help="also append every line to this file")
+    parser.add_argument("--pages", type=int, default=0, help="pages end to end (0: 512 on cuda, 4 on cpu)")
+    parser.add_argument("--distinct-pages", type=int, default=32, help="distinct page images among --pages")
+    parser.add_argument("--snippet-pages", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=0, help="exactly this many per page (0: 512, 4 on cpu)")
+    parser.add_argument("--batch-size", type=int, default=0, help="0: the pipeline's automatic batch")
+    parser.add_argument("--max-batch-tokens", type=int, default=0, help="0: the automatic KV-cache budget")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
+    parser.add_argument("--longest-edge", type=int, default=980, help="the processor's size (pages render at twice)")
+    parser.add_argument("--vision-pages", type=int, default=0, help="pages timed through the vision tower alone")
+    parser.add_argument("--decode-batches", default="", help="comma-separated batch sizes for the decode steps")
+    parser.add_argument("--decode-steps", type=int, default=0, help="decode steps timed per measurement")
+    parser.add_argument("--compile-batch", type=int, default=0)
+    parser.add_argument("--correctness-pages", type=int, default=5)
+    parser.add_argument("--skip", default="", help="comma-separated sections to leave out: "
+                                                   "correctness,end-to-end,time,mix,compile")
+    args = parser.parse_args()
+    on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        sys.exit("bench/gpu_suite.py: no CUDA GPU here. On CPU: python bench/gpu_suite.py --tiny --device cpu")
+    args.pages = args.pages or (512 if on_gpu else 4)
+    args.new_tokens = args.new_tokens or (512 if on_gpu else 4)
+    args.vision_pages = args.vision_pages or (16 if on_gpu else 2)
+    args.decode_batches = [int(b) for b in (args.decode_batches or ("32,64,128,256" if on_gpu else "2,4")).split(",")]
+    args.decode_steps = args.decode_steps or (32 if on_gpu else 2)
+    args.compile_batch = args.compile_batch or (64 if on_gpu else 2)
+    skip = set(filter(None, args.skip.split(",")))
+
+    report = Report(args.log)
+    stop_at_deadline(report, args.deadline_s)
+    started = time.perf_counter()
+    if "correctness" not in skip:
+        with report.section("correctness: the model stage's classes on the device against CPU"):
+            check_correctness(report, args.device, args.correctness_pages)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    bench = None
+    with report.section("build the model"):
+        bench = Bench(args, args.device, dtype)
+        describe(report, bench)
+        ceilings(report, args.device)
+    if bench is not None:
+        for name, run in (("end-to-end", end_to_end), ("time", where_time_goes), ("mix", length_mix_runs),
+                          ("compile", compile_runs)):
+            if name not in skip:
+                with report.section(name):
+                    run(report, bench)
+        if bench.engine is not None:
+            bench.engine.close()
+    report.say(f"suite done in {time.perf_counter() - started:.0f} s; sections failed: {report.failed or 'none'}")
+    sys.stdout.flush()
+    os._exit(3 if report.failed else 0)  # the engine's and the watchdog's threads do not hold the exit
+
+
+if __name__ == "__main__":
+    main()
