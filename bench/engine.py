@@ -122,9 +122,9 @@ def decoder_rows(model):
 
 @torch.inference_mode()
 def run_static(model, prompt_ids, crops, targets, settings, device, dtype, batch_size, max_new_tokens,
-               eos_id: int, max_batch_tokens: int = 0) -> list[int]:
-    """The static engine's batches (`batch_by_shape`, one shared prompt, `generate`), with forced
-    lengths. Returns each page's number of new tokens, in page order."""
+               eos_id: int, max_batch_tokens: int = 0, **generate_options) -> list[int]:
+    """The static engine's batches (`batch_by_shape`, one shared prompt, `generate` with
+    `generate_options`), with forced lengths. Returns each page's number of new tokens, in page order."""
     produced = [0] * len(crops)
     tokens_per_page = len(prompt_ids) + max_new_tokens
     for batch in batch_by_shape(list(range(len(crops))), lambda i: crops[i], batch_size,
@@ -134,7 +134,8 @@ def run_static(model, prompt_ids, crops, targets, settings, device, dtype, batch
         forced = ForcedLengths([targets[i] for i in batch], input_ids.shape[1], eos_id)
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 **generate_kwargs(model, features), max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=eos_id, pad_token_id=eos_id, logits_processor=[forced])
+                                eos_token_id=eos_id, pad_token_id=eos_id, logits_processor=[forced],
+                                **generate_options)
         for row, i in enumerate(batch):
             tokens = output[row, input_ids.shape[1]:].tolist()
             produced[i] = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)

@@ -20,7 +20,7 @@ whatever it measured by then is printed, the rest is said to be skipped. Section
 
 Ours is the model stage's own code without Ray around it: uint8 crops from `pipeline.crops.model_crops`,
 batches from `batch_by_shape` sized as the pipeline sizes them, crops encoded per shape
-(`pipeline.model.features.encode_crops`), one shared prompt per batch, `generate` (bench/gpu.py).
+(`pipeline.model.features.encode_crops`), one shared prompt per batch, `generate` with the KV cache `[model] kv_cache` asks for.
 
 On the lent machine (torch and transformers of its own, no Ray, no pydantic, no network) the suite needs our
 pinned pure-Python wheels: transformers 5.23.0 (the machine's 5.17 switches the shared text config to
@@ -55,24 +55,137 @@ _setup.quiet_env()
 import torch  # noqa: E402
 from documents import page_images  # noqa: E402
 from engine import continuous_engine, length_mix, real_pdfs, run_continuous, run_static  # noqa: E402
-from gpu import (  # noqa: E402
-    IDEFICS2_8B,
-    INSTRUCTION,
-    TINY,
-    build_model,
-    build_processor,
-    generation_args,
-    run_model_stage,
-    run_snippet,
-    synchronize,
-    timed,
-)
 
 from core.image_settings import ImageSettings  # noqa: E402
 from core.spec import ResourceSpec  # noqa: E402
 from pipeline.crops import model_crops  # noqa: E402
-from pipeline.model.budget import automatic_token_budget, kv_cache_bytes_per_token  # noqa: E402
+from pipeline.model.budget import automatic_token_budget, kv_cache_bytes_per_token, kv_cache_options  # noqa: E402
+from pipeline.model.collate import batch_by_shape  # noqa: E402
 from pipeline.model.features import encode_crops, generate_kwargs  # noqa: E402
+from pipeline.model.tiny import IDEFICS2_CHAT_TEMPLATE, build_tokenizer  # noqa: E402
+
+# HuggingFaceM4/idefics2-8b's config.json: SigLIP-so400m vision tower at 980, Mistral-7B text model
+# (the keys its config leaves out are MistralConfig's defaults, written out here), perceiver defaults.
+IDEFICS2_8B = dict(
+    vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                       patch_size=14, image_size=980),
+    perceiver_config=dict(resampler_n_latents=64, resampler_depth=3, resampler_n_heads=16, resampler_head_dim=96,
+                          num_key_value_heads=4),
+    text_config=dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=32003,
+                     max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=4096),
+    tie_word_embeddings=False,
+)
+# The same shapes at toy size, for --tiny (CPU smoke runs).
+TINY = dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       patch_size=14, image_size=980),
+    perceiver_config=dict(hidden_size=64, resampler_n_latents=64, resampler_depth=1, resampler_n_heads=2,
+                          resampler_head_dim=16, num_key_value_heads=1),
+    text_config=dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=32003, max_position_embeddings=4096),
+    tie_word_embeddings=False,
+)
+INSTRUCTION = "Transcribe all the text on this page, in reading order."  # Scriptorium's OCR prompt
+
+
+def build_processor(longest_edge: int = 980):
+    """Idefics2's processor (980 / 378, splitting on, 64 image tokens) around the offline tokenizer."""
+    from transformers import Idefics2Processor
+
+    try:  # transformers 5: the PIL backend (torchvision may be missing)
+        from transformers.models.idefics2.image_processing_pil_idefics2 import (
+            Idefics2ImageProcessorPil as Images,
+        )
+    except ImportError:  # transformers 4: the numpy/PIL processor is the default one
+        from transformers import Idefics2ImageProcessor as Images
+
+    images = Images(do_image_splitting=True, size={"longest_edge": longest_edge, "shortest_edge": min(378, longest_edge)})
+    return Idefics2Processor(image_processor=images, tokenizer=build_tokenizer(), image_seq_len=64,
+                             chat_template=IDEFICS2_CHAT_TEMPLATE)
+
+
+def build_model(processor, sizes: dict, device: str, dtype: torch.dtype, attention: str):
+    """Random weights, created on the device in `dtype` (no float32 copy, no download)."""
+    # The concrete class, which transformers 4.x (on lent GPU machines) and 5.x both have.
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    tok = processor.tokenizer
+    config = Idefics2Config(image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **sizes)
+    config.text_config.pad_token_id = tok.pad_token_id
+    config._attn_implementation = attention
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in `dtype` directly
+    try:
+        with torch.device(device):
+            model = Idefics2ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_utterance>")]
+    return model.eval()
+
+
+def generation_args(new_tokens: int, kv_cache: str = "dynamic") -> dict:
+    """Exactly `new_tokens` per page, greedy; the KV cache as `[model] kv_cache` holds it (the model card's
+    loop uses transformers' default, the dynamic cache)."""
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kv_cache_options(kv_cache))
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def run_model_stage(model, processor, prompt, crops, settings, device, dtype, budget, gen):
+    """Scriptorium's model stage: shape-sorted batches, GPU collation, one prompt per batch, decode.
+    `budget` is (pages, pixels, tokens) per batch."""
+    prompt_ids = processor(text=prompt, return_tensors="pt")["input_ids"][0]
+    batch_size, max_batch_pixels, max_batch_tokens = budget
+    tokens_per_page = len(prompt_ids) + gen["max_new_tokens"]
+    texts, new_tokens, batch_sizes = [], [], []
+    for batch in batch_by_shape(list(range(len(crops))), lambda i: crops[i], batch_size, max_batch_pixels,
+                                tokens_of=lambda i: tokens_per_page, max_batch_tokens=max_batch_tokens):
+        batch_sizes.append(len(batch))
+        input_ids = prompt_ids.unsqueeze(0).expand(len(batch), -1).to(device)
+        features = encode_crops(model, [crops[i] for i in batch], settings, device, dtype)
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                **generate_kwargs(model, features), **gen)
+        generated = output[:, input_ids.shape[1]:].cpu()
+        new_tokens.extend([generated.shape[1]] * len(batch))
+        texts.extend(processor.tokenizer.batch_decode(generated, skip_special_tokens=True))
+    synchronize(device)
+    return texts, new_tokens, batch_sizes
+
+
+@torch.inference_mode()
+def run_snippet(model, processor, prompt, images, device, gen):
+    """The model card's loop, one page at a time."""
+    texts, new_tokens = [], []
+    for image in images:
+        inputs = processor(text=prompt, images=[image], return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        generated = model.generate(**inputs, **gen)
+        new_tokens.append(generated.shape[1] - inputs["input_ids"].shape[1])
+        texts.extend(processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    synchronize(device)
+    return texts, new_tokens
+
+
+def timed(device: str, fn, *args, **kwargs):
+    """(seconds, peak device memory in bytes, result) of fn(*args, **kwargs)."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    return seconds, peak, result
+
 
 
 class Report:
@@ -285,8 +398,8 @@ def ceilings(report: Report, device: str) -> None:
 def end_to_end(report: Report, bench: Bench) -> dict:
     """Both engines at exactly --new-tokens per page, the automatic batch; the model card's loop."""
     args, model, device, dtype = bench.args, bench.model, bench.device, bench.dtype
-    gen = generation_args(args.new_tokens, compile_=False)
-    warm = generation_args(min(8, args.new_tokens), compile_=False)
+    gen = generation_args(args.new_tokens, args.kv_cache)
+    warm = generation_args(min(8, args.new_tokens), args.kv_cache)
     run_model_stage(model, bench.processor, bench.prompt, bench.crops[:2], bench.settings, device, dtype, (2, 0, 0), warm)
     seconds, peak, (_, tokens, sizes) = timed(device, run_model_stage, model, bench.processor, bench.prompt, bench.crops,
                                               bench.settings, device, dtype, bench.budget, gen)
@@ -313,11 +426,13 @@ def end_to_end(report: Report, bench: Bench) -> dict:
     from PIL import Image
 
     pil_pages = [Image.fromarray(page) for page in bench.pages[: args.snippet_pages]]
-    run_snippet(model, bench.processor, bench.prompt, pil_pages[:1], device, warm)
+    card = generation_args(args.new_tokens)
+    run_snippet(model, bench.processor, bench.prompt, pil_pages[:1], device, generation_args(min(8, args.new_tokens)))
     seconds, _, (_, snippet_tokens) = timed(device, run_snippet, model, bench.processor, bench.prompt, pil_pages,
-                                            device, gen)
+                                            device, card)
     snippet_rate = len(pil_pages) / seconds
-    report.say(f"model card loop: {len(pil_pages)} pages in {seconds:.1f} s ({snippet_rate:.3f} pages/s)")
+    report.say(f"model card loop: {len(pil_pages)} pages in {seconds:.1f} s ({snippet_rate:.3f} pages/s), all exact: "
+               f"{'yes' if set(snippet_tokens) == {args.new_tokens} else 'NO'}")
     report.result("gpu_vs_snippet", static_rate / snippet_rate, "x", ">= 20")
     return {"static": static_rate}
 
@@ -367,9 +482,9 @@ def where_time_goes(report: Report, bench: Bench) -> None:
 
     features = features_of_one_page(bench)
     steps = args.decode_steps
-    caches = {"dynamic": {}, "static": {"cache_implementation": "static", "disable_compile": True}}
     for batch in args.decode_batches:
-        for cache, options in caches.items():
+        for cache in ("dynamic", "static"):
+            options = kv_cache_options(cache)
             generate_seconds(bench, batch, 2, features, **options)  # warm-up at this shape
             first = generate_seconds(bench, batch, 1, features, **options)
             longer = generate_seconds(bench, batch, 1 + steps, features, **options)
@@ -390,7 +505,8 @@ def length_mix_runs(report: Report, bench: Bench) -> None:
     eos_id = bench.processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     n = len(bench.crops)
     static_s, _, static_tokens = timed(device, run_static, model, bench.prompt_ids, bench.crops, targets, bench.settings,
-                                       device, dtype, bench.batch_pages, args.new_tokens, eos_id, bench.token_budget)
+                                       device, dtype, bench.batch_pages, args.new_tokens, eos_id, bench.token_budget,
+                                       **kv_cache_options(args.kv_cache))
     continuous_s, _, continuous_tokens = timed(device, run_continuous, bench.continuous(), model, bench.prompt_ids,
                                                bench.crops, targets, bench.settings, device, dtype)
     exact = static_tokens == continuous_tokens == targets
@@ -402,20 +518,33 @@ def length_mix_runs(report: Report, bench: Bench) -> None:
 
 
 def compile_runs(report: Report, bench: Bench) -> None:
-    """Static cache with and without torch.compile at one batch shape, the compile's own time apart."""
+    """Decode steps through a preallocated cache of one fixed size, with and without torch.compile.
+
+    One cache object for every call, so every call has the same shapes: `cache_implementation="static"`
+    alone sizes the cache by each call's max_new_tokens, and the compiled step then recompiles per size
+    (with batch sizes that vary, as halving and retries make them, it would recompile per batch too)."""
+    from transformers import StaticCache
+
     args = bench.args
     features = features_of_one_page(bench)
     batch, steps = args.compile_batch, args.decode_steps
-    static = {"cache_implementation": "static"}
+    cache_tokens = len(bench.prompt_ids) + 1 + steps
+    cache = StaticCache(config=bench.model.config.text_config, max_cache_len=cache_tokens)
+
+    def seconds(new_tokens: int, compiled: bool) -> float:
+        with torch.inference_mode():  # the cache's tensors were made in inference mode
+            cache.reset()
+        return generate_seconds(bench, batch, new_tokens, features, past_key_values=cache, disable_compile=not compiled)
+
     started = time.perf_counter()
-    generate_seconds(bench, batch, 2, features, **static)  # compiles (on CUDA) for this shape
+    seconds(2, compiled=True)  # compiles (on CUDA) for this shape
     report.say(f"compile warm-up at batch {batch}: {time.perf_counter() - started:.1f} s")
-    generate_seconds(bench, batch, 2, features, **static)
-    for label, options in (("compiled", static), ("eager", {**static, "disable_compile": True})):
-        first = generate_seconds(bench, batch, 1, features, **options)
-        longer = generate_seconds(bench, batch, 1 + steps, features, **options)
+    for label, compiled in (("compiled", True), ("eager", False)):
+        seconds(2, compiled)
+        first, longer = seconds(1, compiled), seconds(1 + steps, compiled)
         step_ms = (longer - first) / steps * 1e3
-        report.say(f"batch {batch}, static cache, {label}: decode step {step_ms:.2f} ms")
+        report.say(f"batch {batch}, preallocated cache of {cache_tokens} tokens, {label}: decode step "
+                   f"{step_ms:.2f} ms")
         report.result(f"gpu_decode_step_ms_b{batch}_static_{label}", step_ms, "ms")
 
 
@@ -431,6 +560,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=0, help="exactly this many per page (0: 512, 4 on cpu)")
     parser.add_argument("--batch-size", type=int, default=0, help="0: the pipeline's automatic batch")
     parser.add_argument("--max-batch-tokens", type=int, default=0, help="0: the automatic KV-cache budget")
+    parser.add_argument("--kv-cache", default="static", choices=["static", "dynamic"],
+                        help="the static engine's KV cache, as [model] kv_cache")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     parser.add_argument("--longest-edge", type=int, default=980, help="the processor's size (pages render at twice)")
     parser.add_argument("--vision-pages", type=int, default=0, help="pages timed through the vision tower alone")
