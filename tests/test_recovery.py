@@ -1,6 +1,7 @@
 """Out-of-memory recovery on the static engine (pipeline/model/recovery.py): a batch that runs out of memory
 is halved only after the failed call's memory is released, and the replica cuts its next batches to the
-largest that ran.
+largest that ran. A fatal CUDA error outside Ray goes to the caller, and which errors are which (the
+replica ended by a fatal CUDA error under Ray: tests/test_actor_crash.py).
 
 The out-of-memory errors are injected by a hook on the model's text model that raises
 `torch.OutOfMemoryError` for a batch of more than N pages, inside the real `generate`; weak references to
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from core.spec import ResourceSpec, TaskSpec
-from pipeline.model.recovery import BatchSize, FittingBatch
+from pipeline.model.recovery import BatchSize, FittingBatch, is_fatal_cuda_error, is_out_of_memory
 from tests.conftest import job, make_pdf, plan_row, preprocessed, run_stages
 
 TASK = TaskSpec(kind="ocr", max_new_tokens=4)
@@ -141,6 +142,23 @@ def test_sequences_the_continuous_engine_fails_out_of_memory_are_halved_on_the_s
     assert static.prefills == [8, 4, 4] and static.alive_at_prefill == [0, 0, 0]
 
 
+def test_outside_ray_a_fatal_cuda_error_goes_to_the_caller(two_blocks):
+    """Nothing would restart a replica outside a Ray actor (and no process is ended there): the error is
+    raised, not turned into error rows that every later batch on the lost device would add to."""
+    from pipeline.local import step_results
+    from tests.lost_cuda_context import cuda_error
+
+    spec, _plans, blocks = two_blocks
+    replica = replica_of(spec)
+
+    def lost_context(module, args):
+        raise cuda_error()
+
+    replica.model.model.text_model.register_forward_pre_hook(lost_context)
+    with pytest.raises(RuntimeError, match="CUDA error: device-side assert triggered"):
+        list(step_results(replica(blocks[0])))
+
+
 def test_the_fitting_batch_is_the_largest_that_ran_after_the_last_out_of_memory_error():
     fitting = FittingBatch()
     fitting.worked(BatchSize(tokens=9000, pages=8))  # before any error: no cap
@@ -153,3 +171,23 @@ def test_the_fitting_batch_is_the_largest_that_ran_after_the_last_out_of_memory_
     assert fitting.limits(8, 0) == (8, 0)
     fitting.worked(BatchSize(tokens=1000, pages=2))
     assert fitting.limits(8, 0) == (2, 1000)
+
+
+@pytest.mark.parametrize("error, kind", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"), "out of memory"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory."), "out of memory"),
+    (RuntimeError("CUDA error: device-side assert triggered"), "fatal"),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "fatal"),
+    (RuntimeError("shape mismatch: value tensor of shape [64, 32] cannot be broadcast"), "data"),
+    (ValueError("malformed page"), "data"),
+])
+def test_out_of_memory_fatal_cuda_errors_and_data_errors_are_told_apart(error, kind):
+    assert is_out_of_memory(error) is (kind == "out of memory")
+    assert is_fatal_cuda_error(error) is (kind == "fatal")
+
+
+def test_an_accelerator_error_is_fatal_whatever_it_says():
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is None:
+        pytest.skip("this torch has no AcceleratorError")
+    assert is_fatal_cuda_error(accelerator_error("unspecified launch failure"))

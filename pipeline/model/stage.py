@@ -7,9 +7,9 @@ model and units of failed pages become rows by the answer steps' one rule (`pipe
 rest are grouped into batches (collate.py) under the replica's count, pixel and KV-cache token budgets
 (budget.py), their crops encoded at their own sizes (features.py), and generated with `generate`. A batch
 that fails is halved until it runs or the failing unit is alone; out of memory, the replica frees the
-failed call's memory before it retries and cuts its next batches to the largest that ran (recovery.py).
-A unit that keeps killing the replica is found through the crash journal (journal.py); degenerate
-outputs are retried by sampling (degenerate.py).
+failed call's memory before it retries and cuts its next batches to the largest that ran, and a fatal
+CUDA error ends the replica for Ray to restart (recovery.py). A unit that keeps killing the replica is
+found through the crash journal (journal.py); degenerate outputs are retried by sampling (degenerate.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pipeline.model.journal import journal_for_this_replica, ray_context
 from pipeline.model.loading import load_model, load_processor, resolve_device, resolve_dtype
 from pipeline.model.logprobs import TokenLogprobs, confidence, recording_processors
 from pipeline.model.outputs import generated_output
-from pipeline.model.recovery import BatchSize, Failure, FittingBatch, release_memory
+from pipeline.model.recovery import BatchSize, Failure, FittingBatch, end_process, is_fatal_cuda_error, release_memory
 from pipeline.prompts import PromptBook, PromptPlan
 from pipeline.results import page_result
 from pipeline.steps import AnswerStep
@@ -181,7 +181,7 @@ class GenerateAnswers(AnswerStep):
         """Generate for a batch; if it fails, halve it until the failing page is alone and record it.
 
         Out of memory: halved (the memory released first) until the halves fit, and the next batches are
-        cut to the largest that did (recovery.py). Units that were in
+        cut to the largest that did; a fatal CUDA error ends the replica (recovery.py). Units that were in
         flight when a replica died are isolated the same way, across restarts, and a unit that keeps
         killing the replica becomes an error row (journal.py)."""
         journal = self.journal
@@ -215,17 +215,28 @@ class GenerateAnswers(AnswerStep):
     def attempt(self, keys: list[str], call: Callable[[], T]) -> tuple[T | None, Failure | None]:
         """(`call()`, None), or (None, what failed: out of memory or a data error, such as a malformed page).
         The failure is returned, not handled here, so that the exception and its traceback are gone before
-        anything else runs."""
+        anything else runs. A fatal CUDA error ends the replica here, inside the journal's note of `keys`."""
         with self.in_flight(keys):
             try:
                 return call(), None
             except Exception as exc:
+                self.stop_on_fatal_cuda_error(exc)
                 failure = Failure.of(exc)
         return None, failure
 
     def in_flight(self, keys: list[str]):
         """The journal's note of `keys` while they generate (journal.py); nothing outside a Ray actor."""
         return self.journal.in_flight(keys) if self.journal is not None else nullcontext()
+
+    def stop_on_fatal_cuda_error(self, exc: Exception) -> None:
+        """A CUDA error other than out of memory leaves this process's device unusable. In a Ray actor (where
+        there is a journal) the process ends and Ray restarts it; elsewhere nothing would restart it, so the
+        error goes to the caller. Call it inside `in_flight`, so the journal counts the units generating."""
+        if not is_fatal_cuda_error(exc):
+            return
+        if self.journal is None:
+            raise exc
+        end_process(self.replica, f"{type(exc).__name__}: {exc}")
 
     def prompt_ids(self, prompt: str) -> torch.Tensor:
         """Token ids of a prompt with `<image>` expanded, exactly as the processor tokenizes it."""
