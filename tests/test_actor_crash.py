@@ -1,9 +1,11 @@
 """Crashes: a model replica killed mid-batch is restarted and its batch retried, nothing lost; a page that
-kills its replica every time is isolated (pipeline/model/journal.py) and becomes an error row.
+kills its replica every time is isolated (pipeline/model/journal.py) and becomes an error row; a replica
+whose CUDA context is lost ends its own process and is restarted the same way (pipeline/model/recovery.py).
 
 The kills are real: a watcher thread in the test reads the replicas' crash journals (which say which
 process is generating which units, pipeline/model/journal.py) and SIGKILLs the replica's process in the
-middle of its `generate` call, the way the OOM killer or a CUDA fault ends it.
+middle of its `generate` call, the way the OOM killer ends it. A lost CUDA context is a hook on the
+replica's text model that raises a CUDA error in one process, at every call, as a device-side assert does.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from pathlib import Path
 
 import pytest
 
+import pipeline.stages
 from core.spec import spec_from_dict
 from core.units import unit_key
 from jobs.runner import run_job
 from pipeline.model.journal import CrashJournal, journal_folder
 from tests.conftest import make_pdf, read_rows, small_ocr_job
+from tests.lost_cuda_context import ContinuousLosingItsCudaContext, StaticLosingItsCudaContext, lost_context_marker
 
 
 class ReplicaKiller(threading.Thread):
@@ -121,6 +125,32 @@ def test_a_page_that_kills_its_replica_every_time_becomes_an_error_row(documents
     # were generated one by one and came out ok).
     first, second = [units for _, units in killer.killed]
     assert poison in first and len(first) == 4 and second == [poison]
+
+
+# -- a lost CUDA context: the replica's process ends and Ray restarts it ------------------------------------
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", ["static", "continuous"])
+def test_a_lost_cuda_context_ends_the_replica_which_restarts_and_nothing_is_lost(engine, documents, tiny_model,
+                                                                                 tmp_path, ray_local, monkeypatch):
+    run_id = f"cuda-{engine}-{os.getpid()}"
+    marker = lost_context_marker(run_id)
+    marker.unlink(missing_ok=True)
+    # The job's model stage, which the Ray actors import by name (tests/lost_cuda_context.py).
+    monkeypatch.setattr(pipeline.stages, "GenerateAnswers", StaticLosingItsCudaContext)
+    monkeypatch.setattr(pipeline.stages, "GenerateAnswersContinuously", ContinuousLosingItsCudaContext)
+    job = small_ocr_job(documents, tmp_path / "out", tiny_model, max_new_tokens=8)
+    try:
+        result = run_job(spec_from_dict({"run_id": run_id, **job, "model": {**job["model"], "engine": engine}}))
+        lost_in = int(marker.read_text())
+    finally:
+        marker.unlink(missing_ok=True)
+    rows = rows_by_page(tmp_path / "out")  # every unit exactly once
+    assert sorted(rows) == [(f"{d}.pdf", p) for d in "abc" for p in range(4)]
+    # Every row ok: none was made by the process that lost its context (its every call raised), so it ended
+    # and a restarted one generated its batch again.
+    assert {(r["status"], r["error"]) for r in rows.values()} == {("ok", None)}
+    assert result.error_rows == 0 and lost_in > 0
+    assert not journal_folder(run_id).exists()
 
 
 # -- the journal itself, without Ray: a restart is a new CrashJournal on the same file ----------------------

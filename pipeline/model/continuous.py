@@ -176,7 +176,7 @@ class ContinuousEngine:
     The engine's thread runs while requests are in flight and stops when none are, keeping its KV cache
     for the next ones (so no thread outlives the work, in an actor or a test). If it fails (out of
     memory, a CUDA error), every request in flight gets an error result, and the next request starts
-    a fresh engine.
+    a fresh engine; the model stage decides from the error's text what the failure means (recovery.py).
     """
 
     def __init__(self, model, eos_ids: set[int], image_token_id: int, *, do_sample: bool = False,

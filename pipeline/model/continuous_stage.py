@@ -13,7 +13,9 @@ per task: a repetition penalty (the engine has none), sampling in an engine that
 other way round (transformers decides that per engine), a sequence that does not fit the feature buffer.
 So do the crash journal's suspects (the static path isolates them as before), sequences the engine
 failed (out of memory: they are halved there until they fit or are alone), and `temperature_ramp`
-retries of degenerate rows. Stop strings are applied to the engine's tokens with `generate`'s semantics.
+retries of degenerate rows. A fatal CUDA error (in the engine, which reports it as text, or while
+encoding) ends the replica instead, as on the static path (recovery.py). Stop strings are applied to the
+engine's tokens with `generate`'s semantics.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import nullcontext
 from typing import AsyncIterator
 
 import pyarrow as pa
@@ -31,6 +32,7 @@ from core.schema import table_from_rows
 from pipeline.model.budget import automatic_token_budget
 from pipeline.model.continuous import ContinuousEngine, EngineRequest, until_stop
 from pipeline.model.features import encode_crops
+from pipeline.model.recovery import release_memory
 from pipeline.model.stage import GenerateAnswers, Sequence
 
 log = logging.getLogger("scriptorium")
@@ -114,12 +116,8 @@ class GenerateAnswersContinuously(GenerateAnswers):
         if not batch:
             return []
         started = time.perf_counter()
-        try:
-            features = await asyncio.to_thread(encode_crops, self.model, [s.crops for s in batch], self.settings,
-                                               self.device, self.dtype)
-        except Exception as exc:  # out of memory in the vision tower: the static path halves the batch
-            log.warning("encoding %d pages for the continuous engine failed (%s: %s): generating them on the "
-                        "static engine", len(batch), type(exc).__name__, exc)
+        features = await asyncio.to_thread(self._encode, batch)
+        if features is None:  # out of memory in the vision tower, or a malformed page: the static path halves
             return await asyncio.to_thread(self.generate_static, batch)
         per_sequence = features.split([self._image_tokens(s) for s in batch])
         results = await asyncio.gather(*(self._generate_one(engine, seq, f) for seq, f in zip(batch, per_sequence)))
@@ -137,9 +135,25 @@ class GenerateAnswersContinuously(GenerateAnswers):
         retried = await asyncio.to_thread(self._retry_by_plan, done, rows)
         return retried + await asyncio.to_thread(self.generate_static, failed)
 
+    def _encode(self, batch: list[Sequence]) -> torch.Tensor | None:
+        """The image features of `batch`, or None if encoding failed (a fatal CUDA error ends the replica)."""
+        features, failure = self.attempt([s.key for s in batch], lambda: encode_crops(
+            self.model, [s.crops for s in batch], self.settings, self.device, self.dtype))
+        if failure is not None:
+            log.warning("encoding %d pages for the continuous engine failed (%s): generating them on the static "
+                        "engine", len(batch), failure.message)
+            if failure.out_of_memory:
+                release_memory(self.device)
+        return features
+
     async def _generate_one(self, engine: ContinuousEngine, seq: Sequence, features: torch.Tensor):
-        with self.journal.in_flight([seq.key]) if self.journal is not None else nullcontext():
-            return await engine.generate(self._request(seq, features))
+        with self.in_flight([seq.key]):
+            result = await engine.generate(self._request(seq, features))
+            if result.error is not None:
+                # The engine reports its failure as text. One that lost the CUDA context ends the replica
+                # here, while this request (and every other one in flight) is still noted in the journal.
+                self.stop_on_fatal_cuda_error(RuntimeError(result.error))
+            return result
 
     def _request(self, seq: Sequence, features: torch.Tensor) -> EngineRequest:
         plan = seq.plan

@@ -1,12 +1,15 @@
-"""The model stage: one Idefics2 replica per actor, batched greedy generation with left padding.
+"""The model stage: one Idefics2 replica per actor, batched generation of pages that share a prompt (so
+their text is never padded).
 
 `GenerateAnswers` is the callable class Ray Data's actor pool runs (one per replica, loaded once):
 preprocessed page rows in, one result row per (page, task, question) unit out. Units answered before the
 model and units of failed pages become rows by the answer steps' one rule (`pipeline/steps.py`); the
 rest are grouped into batches (collate.py) under the replica's count, pixel and KV-cache token budgets
 (budget.py), their crops encoded at their own sizes (features.py), and generated with `generate`. A batch
-that fails is halved until the failing unit is alone; a unit that keeps killing the replica is found
-through the crash journal (journal.py); degenerate outputs are retried by sampling (degenerate.py).
+that fails is halved until it runs or the failing unit is alone; out of memory, the replica frees the
+failed call's memory before it retries and cuts its next batches to the largest that ran, and a fatal
+CUDA error ends the replica for Ray to restart (recovery.py). A unit that keeps killing the replica is
+found through the crash journal (journal.py); degenerate outputs are retried by sampling (degenerate.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import socket
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -35,11 +38,14 @@ from pipeline.model.journal import journal_for_this_replica, ray_context
 from pipeline.model.loading import load_model, load_processor, resolve_device, resolve_dtype
 from pipeline.model.logprobs import TokenLogprobs, confidence, recording_processors
 from pipeline.model.outputs import generated_output
+from pipeline.model.recovery import BatchSize, Failure, FittingBatch, end_process, is_fatal_cuda_error, release_memory
 from pipeline.prompts import PromptBook, PromptPlan
 from pipeline.results import page_result
 from pipeline.steps import AnswerStep
 
 log = logging.getLogger("scriptorium")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -108,6 +114,7 @@ class GenerateAnswers(AnswerStep):
         self.replica, self.node = _replica_identity()
         self._prompt_ids: dict[str, torch.Tensor] = {}
         self.journal = journal_for_this_replica(run_id)  # finds a page that kills the replica (journal.py)
+        self.fitting = FittingBatch()  # the largest batch that ran since an out-of-memory error (recovery.py)
         log.info("model replica %s on %s (%s): batches of up to %d pages, %s", self.replica, self.device,
                  str(self.dtype).replace("torch.", ""), batch_size,
                  f"{self.max_batch_tokens} tokens" if self.max_batch_tokens else "no token budget")
@@ -138,53 +145,98 @@ class GenerateAnswers(AnswerStep):
         return rows, sequences
 
     def generate_static(self, sequences: list[Sequence]) -> list[dict]:
-        """Rows of `sequences`, generated in batches with `generate`."""
-        rows = []
-        for group in self._batches(sequences):
-            rows.extend(self._generate_or_split(group))
+        """Rows of `sequences`, generated in batches with `generate`. The batches are cut afresh after each
+        one, so an out-of-memory error caps the rest of the block too (`FittingBatch`)."""
+        rows, waiting = [], list(sequences)
+        while waiting:
+            batch = next(self._batches(waiting))
+            rows.extend(self._generate_or_split(batch))
+            taken = {id(seq) for seq in batch}
+            waiting = [seq for seq in waiting if id(seq) not in taken]
         return rows
 
     def _batches(self, sequences: list[Sequence]) -> Iterator[list[Sequence]]:
         """Group by prompt and generation settings, then by crop shape, then cut by count, pixel and
-        token budgets.
+        token budgets (capped by the largest batch that ran since an out-of-memory error).
 
         Sequences in one batch share their prompt (so text needs no padding at all) and have similar
         crop sizes (so little pixel padding). A sequence's tokens are its prompt's (images included)
         plus its max_new_tokens: a document-scope or few-shot prompt takes more of the KV-cache budget.
         """
+        pages, tokens = self.fitting.limits(self.batch_size, self.max_batch_tokens)
         by_key: dict[tuple, list[Sequence]] = {}
         for seq in sequences:
             by_key.setdefault(seq.plan.generation_key, []).append(seq)
         for group in by_key.values():
-            yield from batch_by_shape(group, lambda s: s.crops, self.batch_size, self.max_batch_pixels,
-                                      tokens_of=self.sequence_tokens, max_batch_tokens=self.max_batch_tokens)
+            yield from batch_by_shape(group, lambda s: s.crops, pages, self.max_batch_pixels,
+                                      tokens_of=self.sequence_tokens, max_batch_tokens=tokens)
 
     def sequence_tokens(self, seq: Sequence) -> int:
         return len(self.prompt_ids(seq.plan.prompt)) + seq.plan.max_new_tokens
 
+    def _size(self, batch: list[Sequence]) -> BatchSize:
+        return BatchSize(tokens=sum(self.sequence_tokens(s) for s in batch), pages=len(batch))
+
     def _generate_or_split(self, batch: list[Sequence]) -> list[dict]:
         """Generate for a batch; if it fails, halve it until the failing page is alone and record it.
 
-        Units that were in flight when a replica died are isolated the same way, across restarts, and a
-        unit that keeps killing the replica becomes an error row (journal.py)."""
+        Out of memory: halved (the memory released first) until the halves fit, and the next batches are
+        cut to the largest that did; a fatal CUDA error ends the replica (recovery.py). Units that were in
+        flight when a replica died are isolated the same way, across restarts, and a unit that keeps
+        killing the replica becomes an error row (journal.py)."""
         journal = self.journal
         if journal is not None:
             if len(batch) == 1 and journal.is_poison(batch[0].key):
                 return [self._error_row(batch[0].page, batch[0].plan, journal.poison_reason(batch[0].key), "generate")]
             if len(batch) > 1 and any(journal.is_suspect(s.key) for s in batch):
-                middle = len(batch) // 2
-                return self._generate_or_split(batch[:middle]) + self._generate_or_split(batch[middle:])
-        try:
-            with journal.in_flight([s.key for s in batch]) if journal is not None else nullcontext():
-                return self._retry_degenerate(batch, self._generate(batch))
-        except Exception as exc:  # OOM, CUDA errors, a malformed page: isolate the culprit
-            if self.device == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch) == 1:
-                seq = batch[0]
-                return [self._error_row(seq.page, seq.plan, f"generate failed: {type(exc).__name__}: {exc}", "generate")]
-            middle = len(batch) // 2
-            return self._generate_or_split(batch[:middle]) + self._generate_or_split(batch[middle:])
+                return self._split(batch)
+        rows, failure = self.attempt([s.key for s in batch],
+                                     lambda: self._retry_degenerate(batch, self._generate(batch)))
+        if failure is None:
+            size = self._size(batch)
+            if self.fitting.worked(size):
+                log.info("model replica %s: batches of up to %d pages, %d tokens, since it ran out of memory",
+                         self.replica, size.pages, size.tokens)
+            return rows
+        # Out of the handler now: the failed call's frames, its KV cache and image features, are unreachable.
+        if failure.out_of_memory:
+            self.fitting.failed()
+            release_memory(self.device)
+        if len(batch) == 1:
+            seq = batch[0]
+            return [self._error_row(seq.page, seq.plan, f"generate failed: {failure.message}", "generate")]
+        log.warning("a batch of %d pages failed (%s): generating it in halves", len(batch), failure.message)
+        return self._split(batch)
+
+    def _split(self, batch: list[Sequence]) -> list[dict]:
+        middle = len(batch) // 2
+        return self._generate_or_split(batch[:middle]) + self._generate_or_split(batch[middle:])
+
+    def attempt(self, keys: list[str], call: Callable[[], T]) -> tuple[T | None, Failure | None]:
+        """(`call()`, None), or (None, what failed: out of memory or a data error, such as a malformed page).
+        The failure is returned, not handled here, so that the exception and its traceback are gone before
+        anything else runs. A fatal CUDA error ends the replica here, inside the journal's note of `keys`."""
+        with self.in_flight(keys):
+            try:
+                return call(), None
+            except Exception as exc:
+                self.stop_on_fatal_cuda_error(exc)
+                failure = Failure.of(exc)
+        return None, failure
+
+    def in_flight(self, keys: list[str]):
+        """The journal's note of `keys` while they generate (journal.py); nothing outside a Ray actor."""
+        return self.journal.in_flight(keys) if self.journal is not None else nullcontext()
+
+    def stop_on_fatal_cuda_error(self, exc: Exception) -> None:
+        """A CUDA error other than out of memory leaves this process's device unusable. In a Ray actor (where
+        there is a journal) the process ends and Ray restarts it; elsewhere nothing would restart it, so the
+        error goes to the caller. Call it inside `in_flight`, so the journal counts the units generating."""
+        if not is_fatal_cuda_error(exc):
+            return
+        if self.journal is None:
+            raise exc
+        end_process(self.replica, f"{type(exc).__name__}: {exc}")
 
     def prompt_ids(self, prompt: str) -> torch.Tensor:
         """Token ids of a prompt with `<image>` expanded, exactly as the processor tokenizes it."""
