@@ -57,6 +57,7 @@ Attention = Literal["sdpa", "flash_attention_2", "eager"]
 Quantization = Literal["none", "bnb-4bit", "awq"]
 PromptFormat = Literal["auto", "instruct", "base"]
 Engine = Literal["static", "continuous"]
+KvCache = Literal["static", "dynamic"]
 EXAMPLE_KEYS = ("image", "prompt", "text")
 
 # Automatic `[resources] batch_size`. Each decoding step reads all the weights whatever the batch, so on a
@@ -174,13 +175,22 @@ class ModelSpec(Section):
     """None: the checkpoint's processor config decides"""
     longest_edge: int | None = None
     shortest_edge: int | None = None
-    compile: bool = False
-    """Static KV cache for generation; on CUDA, transformers then torch.compiles the decoding step. Opt-in
-    until bench/gpu.py shows it faster on a GPU (see BENCHMARKS.md)."""
+    kv_cache: KvCache = "static"
+    """The static engine's KV cache. static: allocated once per batch and written in place (faster per
+    decode step on a GPU); dynamic: transformers' default, grown at every step (pipeline/model/budget.py)."""
     engine: Engine = "static"
     """static: batches through `generate`, each decoded until its longest page ends. continuous:
     transformers' continuous batching (pipeline/model/continuous.py): a finished page's slot goes to the
-    next one at once. Static until bench/gpu.py measures the continuous engine on a GPU."""
+    next one at once. Static is the faster one on a GPU (BENCHMARKS.md, GPU)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_compile(cls, data):
+        if isinstance(data, dict) and "compile" in data:
+            raise ValueError("model.compile is no longer a setting: measured on an H200, the compiled decode step "
+                             "recompiled at every call (a second per step, against 25 ms without); the static "
+                             "engine now preallocates its KV cache by default (model.kv_cache, BENCHMARKS.md)")
+        return data
 
     @field_validator("longest_edge", "shortest_edge")
     @classmethod

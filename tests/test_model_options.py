@@ -106,10 +106,28 @@ def test_splitting_sends_five_images_worth_of_tokens(results):
     assert split["n_input_tokens"] - whole["n_input_tokens"] == 4 * (image_seq_len + 1)
 
 
-def test_static_cache_mode_generates_the_same_text(results):
-    default, static = results("checkpoint"), results("static-cache", compile=True)
-    assert [r["text"] for r in static] == [r["text"] for r in default]
-    assert [r["n_output_tokens"] for r in static] == [r["n_output_tokens"] for r in default]
+def test_the_preallocated_kv_cache_generates_the_dynamic_caches_text(results):
+    preallocated, dynamic = results("checkpoint"), results("dynamic-cache", kv_cache="dynamic")
+    assert [r["text"] for r in preallocated] == [r["text"] for r in dynamic]
+    assert [r["n_output_tokens"] for r in preallocated] == [r["n_output_tokens"] for r in dynamic]
+
+
+def test_the_kv_cache_setting_reaches_generate(tiny_model, tmp_path, model_inputs):
+    """The default preallocates the batch's cache, without the compile transformers would add to it;
+    `kv_cache = "dynamic"` leaves transformers' default."""
+    from pipeline.model.stage import GenerateAnswers
+    from pipeline.prompts import PromptBook
+    from tests.conftest import plan_row, preprocessed
+
+    spec = job(tiny_model).check_runnable()
+    _, settings = open_model_config(spec.model)
+    pages = preprocessed(spec, [plan_row(make_image(tmp_path / "page.png", size=(PAGE[1], PAGE[0])))])
+    for kv_cache in ("static", "dynamic"):
+        model = spec.model.model_copy(update={"kv_cache": kv_cache})
+        pa.concat_tables(GenerateAnswers(model, settings, PromptBook(spec.tasks, "instruct", {}))(pages))
+    preallocated, dynamic = model_inputs
+    assert (preallocated.get("cache_implementation"), preallocated.get("disable_compile")) == ("static", True)
+    assert "cache_implementation" not in dynamic
 
 
 def test_dtype_reaches_the_model(tiny_model):
@@ -117,10 +135,13 @@ def test_dtype_reaches_the_model(tiny_model):
     assert model.dtype == torch.bfloat16
 
 
-def test_compile_is_a_toml_setting():
-    spec = spec_from_dict({"input": {"uri": "in"}, "output": {"uri": "out"}, "tasks": [{"kind": "ocr"}],
-                           "model": {"id": "m", "compile": True, "longest_edge": 490}}).check_runnable()
-    assert spec.model.compile is True and spec.model.longest_edge == 490
+def test_the_kv_cache_is_a_toml_setting_and_compile_is_refused_with_the_reason():
+    base = {"input": {"uri": "in"}, "output": {"uri": "out"}, "tasks": [{"kind": "ocr"}]}
+    spec = spec_from_dict({**base, "model": {"id": "m", "kv_cache": "dynamic", "longest_edge": 490}}).check_runnable()
+    assert spec.model.kv_cache == "dynamic" and spec.model.longest_edge == 490
+    assert spec_from_dict({**base, "model": {"id": "m"}}).model.kv_cache == "static"
+    with pytest.raises(SpecError, match="model.compile is no longer a setting: .* recompiled at every call"):
+        spec_from_dict({**base, "model": {"id": "m", "compile": True}})
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from core.pixels import decompress_crops
 from core.schema import PREPROCESSED_SCHEMA
 from core.spec import ModelSpec, ResourceSpec, TaskSpec
 from core.units import unit_key
-from pipeline.model.budget import automatic_token_budget
+from pipeline.model.budget import automatic_token_budget, kv_cache_options
 from pipeline.model.collate import batch_by_shape
 from pipeline.model.degenerate import is_degenerate
 from pipeline.model.features import encode_crops, generate_kwargs
@@ -267,8 +267,7 @@ class GenerateAnswers(AnswerStep):
         input_ids = ids.unsqueeze(0).expand(len(batch), -1).to(self.device)
         attention_mask = torch.ones_like(input_ids)
         generation = dict(max_new_tokens=task.max_new_tokens, do_sample=task.do_sample)
-        if self.spec.compile:  # a fixed-size KV cache; on CUDA, generate() then compiles the decode step
-            generation["cache_implementation"] = "static"
+        generation.update(kv_cache_options(self.spec.kv_cache))
         if task.do_sample:
             generation.update(temperature=task.temperature, top_p=task.top_p)
         if temperature is not None:
