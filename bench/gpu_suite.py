@@ -294,14 +294,14 @@ def check_correctness(report: Report, device: str, n_pages: int) -> None:
         n = len(on_cpu)
         report.say(f"tiny checkpoint, {n_pages} split pages x {len(tasks)} tasks = {n} rows; "
                    f"ok on {device}: {sum(r['status'] == 'ok' for r in on_device)}")
-        report.result("suite_static_rows_equal_to_cpu", same_generation(on_cpu, on_device) / n, "ratio", "== 1")
+        report.result("suite_static_rows_equal_to_cpu", same_generation(on_cpu, on_device) / n, "ratio", ">= 1")
 
         continuous = GenerateAnswersContinuously(device_spec, settings, book, batch_size=4)
         try:
             engine_rows = stage_rows(continuous, preprocessed)
         finally:
             continuous.close()
-        report.result("suite_continuous_rows_equal_to_cpu", same_generation(on_cpu, engine_rows) / n, "ratio", "== 1")
+        report.result("suite_continuous_rows_equal_to_cpu", same_generation(on_cpu, engine_rows) / n, "ratio", ">= 1")
 
         # Out of memory above two pages per batch: the stage halves the batch, every row is still made.
         real_generate = static.model.generate
@@ -316,7 +316,11 @@ def check_correctness(report: Report, device: str, n_pages: int) -> None:
             recovered = stage_rows(static, preprocessed)
         finally:
             static.model.generate = real_generate
-        report.result("suite_oom_rows_recovered", same_generation(on_cpu, recovered) / n, "ratio", "== 1")
+        report.result("suite_oom_rows_recovered", same_generation(on_cpu, recovered) / n, "ratio", ">= 1")
+        unequal = {name: rows for name, rows in (("static", on_device), ("continuous", engine_rows),
+                                                 ("out of memory", recovered)) if same_generation(on_cpu, rows) < n}
+        if unequal:
+            raise AssertionError(f"rows differ from the CPU run's: {', '.join(unequal)}")
 
 
 # -- 2-5. the full architecture ---------------------------------------------------------------------------

@@ -26,15 +26,31 @@ def results_of(output: str) -> dict[str, str]:
     return {m.group(1): m.group(3) for m in RESULT.finditer(output)}
 
 
-def test_gpu_bench_starts_on_cpu_with_the_tiny_architecture():
-    # Same code path as on a GPU (crops, shape batches, collation, generate, snippet loop); pages at 490
-    # instead of 980 only to keep the toy vision tower quick.
-    done = run_bench("bench/gpu.py", "--tiny", "--pages", "2", "--new-tokens", "4", "--device", "cpu",
-                     "--longest-edge", "490")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("all exact: yes") == 2  # fixed new tokens, then the length mix
-    assert results_of(done.stdout) == {"gpu_pages_per_s": "pages/s", "gpu_vs_snippet": "x",
-                                       "gpu_mix_continuous_vs_static": "x"}
+def test_the_gpu_suite_runs_every_section_on_cpu_with_the_tiny_architecture():
+    # The functions and branches the lent GPU runs: the model stage's classes against a CPU run (both
+    # engines, a static fallback, an injected out-of-memory error), then the toy-size architecture
+    # through both engines, the model card's loop, the decode-step and cache measurements, the length
+    # mix and the compile check. Pages at 490 instead of 980 only to keep the toy vision tower quick.
+    done = run_bench("bench/gpu_suite.py", "--tiny", "--device", "cpu", "--pages", "3", "--longest-edge", "490")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "sections failed: none" in done.stdout
+    for check in ("suite_static_rows_equal_to_cpu", "suite_continuous_rows_equal_to_cpu", "suite_oom_rows_recovered"):
+        assert re.search(rf"^RESULT {check} 1 ratio target >= 1$", done.stdout, re.MULTILINE), check
+    assert done.stdout.count("all exact: yes") == 4  # static, continuous, the card's loop, the length mix
+    assert results_of(done.stdout) == {
+        "suite_static_rows_equal_to_cpu": "ratio", "suite_continuous_rows_equal_to_cpu": "ratio",
+        "suite_oom_rows_recovered": "ratio", "gpu_pages_per_s": "pages/s", "gpu_continuous_pages_per_s": "pages/s",
+        "gpu_vs_snippet": "x", "gpu_mix_continuous_vs_static": "x"}
+    for measured in ("gpu_vision_ms_per_page", "gpu_decode_step_ms_b2_dynamic", "gpu_decode_step_ms_b2_static",
+                     "gpu_decode_step_ms_b2_static_compiled", "gpu_peak_memory", "gpu_mix_static_pages_per_s"):
+        assert re.search(rf"^RESULT {measured} \S+ \S+$", done.stdout, re.MULTILINE), measured
+
+
+def test_the_gpu_suite_stops_at_its_deadline_with_what_it_measured():
+    done = run_bench("bench/gpu_suite.py", "--tiny", "--device", "cpu", "--pages", "2", "--longest-edge", "490",
+                     "--skip", "correctness", "--deadline-s", "1")
+    assert "DEADLINE: 1 s reached" in done.stdout
+    assert "suite done" not in done.stdout
 
 
 def test_engine_bench_counts_decoder_rows_for_both_engines():
@@ -46,10 +62,10 @@ def test_engine_bench_counts_decoder_rows_for_both_engines():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_gpu_bench_without_a_gpu_says_so_and_measures_nothing():
-    done = run_bench("bench/gpu.py", "--pages", "1")
-    assert done.returncode == 2
-    assert "has none: nothing measured" in done.stderr
+def test_the_gpu_suite_without_a_gpu_says_so_and_measures_nothing():
+    done = run_bench("bench/gpu_suite.py")
+    assert done.returncode != 0
+    assert "no CUDA GPU here" in done.stderr
     assert not results_of(done.stdout)
 
 
