@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--job", help="TOML job spec: its input filters, render limits, tasks and resources")
     add_flags(inspect, INPUT_FILTER_FLAGS + STORAGE_FLAGS)
     inspect.add_argument("--pages-per-second", type=float, default=DEFAULT_PAGES_PER_SECOND,
-                         help=f"pages per second per GPU and task (default {DEFAULT_PAGES_PER_SECOND}, an "
-                              "assumption: use the pages/s of a pilot run's summary)")
+                         help=f"pages per second per GPU and task (default {DEFAULT_PAGES_PER_SECOND}, "
+                              "measured on an H200 at 512 new tokens: use a pilot run's pages/s for yours)")
     inspect.add_argument("--files", action="store_true", help="list every file")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=cmd_inspect)

@@ -28,10 +28,10 @@ from core.kinds import KINDS
 from core.spec import InputSpec, JobSpec, RenderSpec, StorageSpec
 from pipeline.render.sources import open_source
 
-# Planning default, per GPU and per task unit (one page through one prompt). An assumption, not a
-# measurement: Idefics2-8B in bf16 on one modern GPU, HF `generate` with batches of 8, about 300-500 new
-# tokens per OCR page, is decode-bound at roughly this pace. Replace it with a pilot run's figure.
-DEFAULT_PAGES_PER_SECOND = 0.5
+# Planning default, per GPU and per task unit (one page through one prompt): the static engine's pages/s
+# on an H200 at 512 new tokens with splitting (BENCHMARKS.md, GPU). Replace it with a pilot run's figure
+# for other GPUs and lengths.
+DEFAULT_PAGES_PER_SECOND = 4.3
 OPEN_WORKERS = 8  # files opened in parallel (object stores are latency-bound)
 
 
