@@ -55,6 +55,12 @@ class Stage:
     def output_schema(self):
         return self.step.output_schema
 
+    @property
+    def resources(self) -> dict:
+        """What Ray reserves for each task, or each replica, of this stage: one place, so what a test starts
+        an actor with is what the processor asks Ray Data for."""
+        return dict(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
+
 
 @dataclass(frozen=True)
 class Derived:
