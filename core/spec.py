@@ -169,6 +169,8 @@ class ModelSpec(Section):
     attn_implementation: Attention = "sdpa"
     quantization: Quantization = "none"
     device: Device = "auto"
+    """auto: decided once by the driver from the Ray cluster's GPUs (cuda, one GPU per replica, when it has
+    any; else cpu). A replica only uses a GPU Ray assigned it"""
     prompt_format: PromptFormat = "auto"
     """Auto: instruct if the checkpoint has a chat template, else base"""
     do_image_splitting: bool | None = None
@@ -346,7 +348,7 @@ class ResourceSpec(Section):
     num_replicas: int = 1
     """Model replicas (actors); one per GPU on a GPU cluster"""
     gpus_per_replica: float | None = None
-    """None: 1 when device is cuda, else 0"""
+    """GPUs Ray reserves per replica (num_gpus). None: 1 when the replicas run on cuda, else 0"""
     cpus_per_replica: float = 1.0
     cpus_per_preprocess_task: float = 1.0
     batch_size: int = 0
@@ -421,6 +423,7 @@ class JobSpec(Section):
         if not self.model.id and self.needs_model:
             raise SpecError("no model: pass --model (a hub id or a local checkpoint path) or set [model] id")
         _check_model_options(self.model)
+        _check_gpus(self.model, self.resources)
         if not self.tasks:
             raise SpecError("no task: pass --task ocr|caption|qa|custom or add a [[tasks]] table")
         for task in self.tasks:
@@ -477,6 +480,13 @@ def _check_model_options(model: ModelSpec) -> None:
     if model.quantization == "awq":
         # transformers 5 loads AWQ checkpoints through GPT-QModel (and accelerate).
         _require_package("gptqmodel", "quantization = \"awq\"", "pip install gptqmodel accelerate", "a non-AWQ checkpoint")
+
+
+def _check_gpus(model: ModelSpec, resources: ResourceSpec) -> None:
+    """A cuda replica runs on the GPU Ray assigns it: with none reserved, every replica would fail to load."""
+    if model.device == "cuda" and resources.gpus_per_replica == 0:
+        raise SpecError("device = \"cuda\" with gpus_per_replica = 0: Ray would give the replicas no GPU. Set "
+                        "gpus_per_replica > 0 (1: a GPU per replica), or device = \"cpu\"")
 
 
 def _require_package(module: str, setting: str, install: str, alternative: str) -> None:

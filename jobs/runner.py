@@ -35,6 +35,7 @@ from jobs.quiet_ray import spend_actor_restart_warning
 from jobs.summary import write_run_summary
 from jobs.block_stats import bound_block_stats
 from pipeline.model.journal import journal_folder
+from pipeline.model.loading import gpus_in_cluster
 from pipeline.processor import build_processor
 from pipeline.routes.dedup import (
     DedupJoin,
@@ -93,6 +94,13 @@ def init_ray(spec: JobSpec) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=True, logging_level=logging.WARNING)
     spend_actor_restart_warning()  # a false alarm Ray would print in the middle of the progress lines
+
+
+def joined_cluster_gpus(spec: JobSpec) -> float:
+    """The GPUs of the cluster this run joins, for derive to decide device = "auto": Ray is started (or
+    joined) here only when derive asks, after its checks, so a job that fails them never waits for Ray."""
+    init_ray(spec)
+    return gpus_in_cluster()
 
 
 @dataclass
@@ -163,7 +171,8 @@ def run_job(spec: JobSpec) -> RunResult:
         unreachable = unreachable_reason(uri, spec.storage)  # in seconds, before loading anything
         if unreachable:
             raise SpecError(f"cannot reach {role} {uri}: {unreachable}")
-    derived = derive(spec)  # the checkpoint's processor, examples, render size: once, before any work
+    # The checkpoint's processor, examples, render size and where replicas run: once, before any work.
+    derived = derive(spec, cluster_gpus=lambda: joined_cluster_gpus(spec))
 
     store = ParquetStore(spec.output.uri, spec.storage)
     store.ensure_writable()

@@ -68,7 +68,7 @@ def map_stage(dataset: ray.data.Dataset, stage: Stage) -> ray.data.Dataset:
     materialized)."""
     if stage.rows_per_block:
         dataset = dataset.repartition(target_num_rows_per_block=stage.rows_per_block)
-    options = dict(batch_size=stage.rows_per_call, batch_format="pyarrow", num_cpus=stage.num_cpus)
+    options = dict(batch_size=stage.rows_per_call, batch_format="pyarrow", **stage.resources)
     if not stage.replicas:  # a stateless step: built here, pickled to each task
         return dataset.map_batches(stage.step(**stage.kwargs), **options)
     return dataset.map_batches(
@@ -78,7 +78,6 @@ def map_stage(dataset: ray.data.Dataset, stage: Stage) -> ray.data.Dataset:
         # fetched to the replica's node, so the GPU does not wait for the object store between batches.
         compute=ray.data.ActorPoolStrategy(size=stage.replicas, max_tasks_in_flight_per_actor=2,
                                            max_concurrent_calls_per_actor=stage.concurrent_calls),
-        num_gpus=stage.num_gpus,
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a replica that dies
         # (OOM, CUDA error, killed) is restarted and its batch retried, so no page is lost with it.
         **options,

@@ -12,14 +12,16 @@ exactly the chain a job runs. Each stage's step declares the schemas it takes an
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 from core.errors import SpecError
 from core.image_settings import ImageSettings
-from core.spec import JobSpec, RenderSpec
+from core.spec import JobSpec, ModelSpec, RenderSpec, ResourceSpec
 from core.units import document_window
 from pipeline.examples import load_examples
-from pipeline.model.loading import open_model_config
+from pipeline.model.loading import gpus_in_cluster, open_model_config
 from pipeline.model.continuous_stage import GenerateAnswersContinuously
 from pipeline.model.stage import GenerateAnswers
 from pipeline.preprocess import PreprocessPages
@@ -27,6 +29,8 @@ from pipeline.prompts import PromptBook, resolve_prompt_format
 from pipeline.render.stage import RenderPages
 from pipeline.routes.stage import AnswerWithoutModel, RoutePages
 from pipeline.routes.tesseract import tessdata_path
+
+log = logging.getLogger("scriptorium")
 
 # A plan file holds up to 200 documents and Ray Data runs one task per block, so without a cut a job of
 # fewer than 200 documents would render on a single core. Blocks of a few documents let every CPU in the
@@ -55,6 +59,12 @@ class Stage:
     def output_schema(self):
         return self.step.output_schema
 
+    @property
+    def resources(self) -> dict:
+        """What Ray reserves for each task, or each replica, of this stage: one place, so what a test starts
+        an actor with is what the processor asks Ray Data for."""
+        return dict(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
+
 
 @dataclass(frozen=True)
 class Derived:
@@ -64,13 +74,16 @@ class Derived:
     image_settings: ImageSettings
     render: RenderSpec  # the spec's, with the render size resolved
     prompts: PromptBook
-    gpus_per_replica: float
+    model: ModelSpec  # the spec's, with device "auto" decided for every replica: "cuda" or "cpu"
+    gpus_per_replica: float  # what Ray reserves for each replica (num_gpus)
     pages_per_batch: int  # pages per model batch on this job's replicas
 
 
-def derive(spec: JobSpec) -> Derived:
+def derive(spec: JobSpec, cluster_gpus: Callable[[], float] = gpus_in_cluster) -> Derived:
     """Load the checkpoint's processor (when a task needs the model), the few-shot examples and check the
-    routes' tools: everything a job needs before its first page, with a SpecError for what is missing."""
+    routes' tools: everything a job needs before its first page, with a SpecError for what is missing.
+    Then place the replicas; `cluster_gpus` (how many GPUs they can be placed on) is asked only for
+    device = "auto" with gpus_per_replica unset, so a runner joins Ray for it then, not before."""
     processor, image_settings = open_model_config(spec.model) if spec.needs_model else (None, ImageSettings())
     if spec.routing.ocr_engine == "tesseract":
         try:
@@ -79,17 +92,41 @@ def derive(spec: JobSpec) -> Derived:
             raise SpecError(f"routing.ocr_engine = \"tesseract\": {exc}") from None
     prompts = PromptBook(spec.tasks, resolve_prompt_format(processor, spec.model.prompt_format),
                          load_examples(spec.tasks, image_settings, spec.storage))
-    gpus = spec.resources.gpus_per_replica
-    if gpus is None:
-        gpus = 1.0 if spec.model.device == "cuda" else 0.0
+    device, gpus = "cpu", 0.0  # a job without the model has no replicas to place
+    if spec.needs_model:
+        device, gpus = replica_placement(spec.model, spec.resources, cluster_gpus)
     return Derived(
         processor=processor,
         image_settings=image_settings,
         render=resolved_render(spec.render, image_settings),
         prompts=prompts,
+        model=spec.model.updated(device=device),
         gpus_per_replica=gpus,
-        pages_per_batch=spec.resources.pages_per_batch(on_gpu=gpus > 0),
+        pages_per_batch=spec.resources.pages_per_batch(on_gpu=device == "cuda"),
     )
+
+
+def replica_placement(model: ModelSpec, resources: ResourceSpec,
+                      cluster_gpus: Callable[[], float]) -> tuple[str, float]:
+    """The device every model replica loads onto ("cuda" or "cpu") and the GPUs Ray reserves for each,
+    decided once: a replica that decided "auto" for itself would see GPUs Ray never gave it (Ray leaves a
+    node's GPUs visible to an actor that asked for none) and load onto GPU 0 of whatever node it landed on."""
+    gpus = resources.gpus_per_replica
+    device = model.device if model.device != "auto" else automatic_device(gpus, cluster_gpus)
+    if gpus is None:
+        gpus = 1.0 if device == "cuda" else 0.0
+    return device, gpus
+
+
+def automatic_device(gpus_per_replica: float | None, cluster_gpus: Callable[[], float]) -> str:
+    """What device = "auto" means for this job: cuda when each replica gets a GPU, the job's own
+    gpus_per_replica or, unset, one per replica whenever the cluster has GPUs; else cpu, said here once."""
+    if gpus_per_replica is not None:
+        return "cuda" if gpus_per_replica > 0 else "cpu"
+    if cluster_gpus() > 0:
+        return "cuda"
+    log.warning("device = \"auto\" found no GPU in the cluster: the model replicas run on CPU")
+    return "cpu"
 
 
 def resolved_render(render: RenderSpec, image_settings: ImageSettings) -> RenderSpec:
@@ -131,7 +168,7 @@ def job_stages(spec: JobSpec, derived: Derived, dedup_registry=None) -> list[Sta
         Stage("preprocess", PreprocessPages, dict(settings=derived.image_settings), num_cpus=cpus),
         Stage(
             "generate", GenerateAnswersContinuously if continuous else GenerateAnswers,
-            dict(model=spec.model, image_settings=derived.image_settings, prompts=derived.prompts,
+            dict(model=derived.model, image_settings=derived.image_settings, prompts=derived.prompts,
                  resources=spec.resources, run_id=spec.run_id, batch_size=batch),
             rows_per_call=batch, num_cpus=spec.resources.cpus_per_replica, num_gpus=derived.gpus_per_replica,
             replicas=spec.resources.num_replicas,

@@ -35,6 +35,7 @@ SHARED_RUN_MODULES = {
     "tests/test_export.py",  # mixed_output
     "tests/test_fidelity.py",  # pipeline_run, one run per checkpoint
     "tests/test_model_options.py",  # results
+    "tests/test_placement.py",  # on_the_cluster
     "tests/test_readers.py",  # outputs
     "tests/test_report_browser.py",  # reviewed_output, browser
     "tests/test_resume.py",  # first_run

@@ -1,6 +1,7 @@
 """Loading the model and its processor: the model card's code (`AutoProcessor`,
 `AutoModelForImageTextToText.from_pretrained` on a hub id or a local path) with the job's device, dtype,
-attention and quantization options, and the driver's one-time check that a checkpoint is usable."""
+attention and quantization options, and the driver's one-time check that a checkpoint is usable. Also
+which GPUs there are: the cluster's, for the driver's placement, and the one Ray gave a replica."""
 
 from __future__ import annotations
 
@@ -12,16 +13,52 @@ import torch
 from core.errors import SpecError
 from core.image_settings import ImageSettings
 from core.spec import ModelSpec
+from pipeline.model.journal import ray_context
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(requested: str) -> str:
+    """The device this replica loads the model onto. In a Ray actor, a GPU only if Ray assigned it one:
+    Ray (2.60 on) leaves every GPU of the node visible to an actor that asked for none, where CUDA would
+    find GPU 0, which Ray may have given another replica. A job's replicas are told "cuda" or "cpu" (the
+    driver decides "auto", pipeline/stages.py); "auto" here is a step built outside a job."""
+    gpus = gpus_assigned_by_ray()  # None outside a Ray actor
+    if gpus is not None and not gpus:
+        if requested == "cuda":
+            raise RuntimeError("device \"cuda\" was requested but Ray assigned this replica no GPU (num_gpus = 0): "
+                               "set resources.gpus_per_replica > 0 so Ray reserves one, or device = \"cpu\"")
+        hide_gpus()
+        return "cpu"
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but this worker has no CUDA GPU")
     return requested
+
+
+def gpus_assigned_by_ray() -> list[str] | None:
+    """The ids of the GPUs Ray assigned the actor this code runs in ([] for none); None outside an actor."""
+    context = ray_context()
+    if context is None or not context.get_actor_id():
+        return None
+    return list(context.get_accelerator_ids().get("GPU", []))
+
+
+def hide_gpus() -> None:
+    """Make this process's GPUs invisible to CUDA, which reads the variable when first used: nothing in a
+    replica Ray gave no GPU (torch, a library probing for one) can then take memory on one."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def gpus_in_cluster() -> float:
+    """The GPUs a job's replicas can be placed on: the Ray cluster's when this driver has joined one; else
+    this machine's (the in-process runner runs the model here, and Ray Data starts its Ray here)."""
+    if ray_context() is None:
+        return float(torch.cuda.device_count())
+    import ray  # where Ray runs: the model stage also runs on machines without it
+
+    return float(ray.cluster_resources().get("GPU", 0))
 
 
 def resolve_dtype(requested: str, device: str) -> torch.dtype:
