@@ -16,7 +16,8 @@ whatever it measured by then is printed, the rest is said to be skipped. Section
 3. where a page's time goes: vision / prefill / decode per page; decode step time by batch size with the
    dynamic and the preallocated (static) cache;
 4. the length mix of real documents through both engines (bench/engine.py);
-5. compile on vs off (static cache + torch.compile, warmed up at the measured shape).
+5. compile on vs off: the decode step (static cache + torch.compile, warmed up at the measured shape),
+   then the vision tower alone (one graph per crop shape).
 
 Ours is the model stage's own code without Ray around it: uint8 crops from `pipeline.crops.model_crops`,
 batches from `batch_by_shape` sized as the pipeline sizes them, crops encoded per shape
@@ -469,19 +470,42 @@ def vision_flops(crops, vision_config) -> float:
     return total
 
 
+def vision_seconds_per_page(report: Report, bench: Bench, label: str) -> float:
+    """Seconds per page of the vision tower and connector on --vision-pages pages, after a first pass over
+    the same pages (each crop shape's kernels chosen, or compiled, before the timed pass)."""
+    pages = bench.crops[: bench.args.vision_pages]
+    started = time.perf_counter()
+    encode_crops(bench.model, pages, bench.settings, bench.device, bench.dtype)
+    synchronize(bench.device)
+    warm_up_s = time.perf_counter() - started
+    started = time.perf_counter()
+    encode_crops(bench.model, pages, bench.settings, bench.device, bench.dtype)
+    synchronize(bench.device)
+    seconds = (time.perf_counter() - started) / len(pages)
+    crops = [crop for page in pages for crop in page]
+    flops = vision_flops(crops, bench.model.config.vision_config) / len(pages)
+    report.say(f"{label}: {seconds * 1e3:.1f} ms per page ({flops / 1e12:.1f} TFLOP, {flops / seconds / 1e12:.0f} "
+               f"TFLOP/s; {len({c.shape for c in crops})} crop shapes; first pass {warm_up_s:.1f} s)")
+    return seconds
+
+
+def vision_compiled(report: Report, bench: Bench) -> None:
+    """The vision tower under torch.compile (one graph per crop shape), against eager just before."""
+    inner = bench.model.model
+    eager_s = vision_seconds_per_page(report, bench, "vision, eager")
+    eager_tower = inner.vision_model
+    inner.vision_model = torch.compile(eager_tower, dynamic=False)
+    try:
+        compiled_s = vision_seconds_per_page(report, bench, "vision, compiled")
+    finally:
+        inner.vision_model = eager_tower
+    report.result("gpu_vision_compiled_vs_eager", eager_s / compiled_s, "x")
+
+
 def where_time_goes(report: Report, bench: Bench) -> None:
     """Vision, prefill and decode per page; decode step time by batch and cache."""
     args, device = bench.args, bench.device
-    pages = bench.crops[: args.vision_pages]
-    encode_crops(bench.model, pages[:1], bench.settings, device, bench.dtype)  # warm-up
-    synchronize(device)
-    started = time.perf_counter()
-    encode_crops(bench.model, pages, bench.settings, device, bench.dtype)
-    synchronize(device)
-    vision_s = (time.perf_counter() - started) / len(pages)
-    flops = vision_flops([c for page in pages for c in page], bench.model.config.vision_config) / len(pages)
-    report.say(f"vision: {vision_s * 1e3:.1f} ms per page ({flops / 1e12:.1f} TFLOP, {flops / vision_s / 1e12:.0f} "
-               f"TFLOP/s)")
+    vision_s = vision_seconds_per_page(report, bench, "vision")
     report.result("gpu_vision_ms_per_page", vision_s * 1e3, "ms")
 
     features = features_of_one_page(bench)
@@ -574,7 +598,7 @@ def main() -> None:
     parser.add_argument("--compile-batch", type=int, default=0)
     parser.add_argument("--correctness-pages", type=int, default=5)
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: "
-                                                   "correctness,end-to-end,time,mix,compile")
+                                                   "correctness,end-to-end,time,mix,compile,vision-compile")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
@@ -601,7 +625,7 @@ def main() -> None:
         ceilings(report, args.device)
     if bench is not None:
         for name, run in (("end-to-end", end_to_end), ("time", where_time_goes), ("mix", length_mix_runs),
-                          ("compile", compile_runs)):
+                          ("compile", compile_runs), ("vision-compile", vision_compiled)):
             if name not in skip:
                 with report.section(name):
                     run(report, bench)
