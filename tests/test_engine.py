@@ -236,3 +236,20 @@ def test_a_sequence_the_engine_cannot_hold_is_generated_on_the_static_engine(spl
         replica.close()
     assert_same_generation(static, sorted(first + second, key=lambda r: r["page"]))
     assert any("generating it on the static engine" in r.getMessage() for r in caplog.records)
+
+
+def test_requests_in_flight_are_capped_on_a_gpu_under_sdpa_only(tiny_model):
+    """SDPA's packed mask grows with the square of the requests in flight (BENCHMARKS.md, GPU): on a GPU
+    the engine takes at most SDPA_MAX_REQUESTS_ON_GPU under it; flash attention and the CPU are not capped."""
+    from pipeline.model.continuous import SDPA_MAX_REQUESTS_ON_GPU, requests_in_flight
+    from pipeline.model.loading import load_model
+
+    cap = SDPA_MAX_REQUESTS_ON_GPU
+    assert requests_in_flight(256, on_gpu=True, attention="sdpa") == cap
+    assert requests_in_flight(0, on_gpu=True, attention="sdpa") == cap
+    assert requests_in_flight(cap // 4, on_gpu=True, attention="sdpa") == cap // 4
+    assert requests_in_flight(256, on_gpu=True, attention="flash_attention_2") == 256
+    assert requests_in_flight(256, on_gpu=False, attention="sdpa") == 256
+    # What the engine reads the attention from: the text model's config, as the job loaded it.
+    model = load_model(ModelSpec(id=str(tiny_model), device="cpu", dtype="fp32"), "cpu")
+    assert model.config.text_config._attn_implementation == "sdpa"

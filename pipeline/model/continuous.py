@@ -53,6 +53,14 @@ log = logging.getLogger("scriptorium")
 CPU_STEP_TOKENS = 1024
 
 
+# Requests decoded together at most on a GPU under SDPA. Its path attends, at each step, over every
+# request's cache through one packed dense mask (step tokens x all cached tokens), so a step's cost grows
+# with the square of the requests in flight. On an H200 (BENCHMARKS.md, GPU) 256 requests at once ran
+# ~0.5 s a step against ~25 ms for a static batch of 256; fitted to those two figures, a step costs about
+# 25 ms + 1.25e-5 ms x requests^2 x cached tokens per request, which, at ~600 tokens a request, yields the
+# most tokens per second near 60 requests. flash_attention_2's varlen path needs no mask: no cap there.
+SDPA_MAX_REQUESTS_ON_GPU = 64
+
 # Tokens per page of the paged KV cache (`page_size`; `block_size` before transformers 5.18 or so).
 PAGE_TOKENS = getattr(ContinuousBatchingConfig, "page_size", None) or ContinuousBatchingConfig.block_size
 
@@ -169,6 +177,18 @@ def until_stop(tokens: list[int], eos_ids: set[int], stop_strings, decode) -> li
     return tokens[:end]
 
 
+def requests_in_flight(max_requests: int, on_gpu: bool, attention: str) -> int:
+    """How many requests the engine decodes together: `max_requests` (0: the engine's default), capped on a
+    GPU under SDPA, whose masked attention grows with the square of that number."""
+    if on_gpu and attention == "sdpa":
+        capped = min(max_requests or SDPA_MAX_REQUESTS_ON_GPU, SDPA_MAX_REQUESTS_ON_GPU)
+        if capped != max_requests:
+            log.info("continuous engine: %d requests at once under SDPA on a GPU (%s asked); flash_attention_2 "
+                     "lifts the cap", capped, max_requests or "the engine's default")
+        return capped
+    return max_requests
+
+
 class ContinuousEngine:
     """One continuous-batching engine per model replica, kept across blocks: `await generate(request)`
     from any number of coroutines on one event loop; each returns when its own sequence ends.
@@ -208,7 +228,7 @@ class ContinuousEngine:
             allow_block_sharing=False,  # prefixes are matched by token id: virtual ids must never match
             auto_switch_to_flash=False,  # the text model is shared with the static engine: keep its attention
             per_request_processors=do_sample,
-            max_requests_per_batch=max_requests or None,
+            max_requests_per_batch=requests_in_flight(max_requests, on_gpu, text_config._attn_implementation) or None,
             max_batch_tokens=None if on_gpu else CPU_STEP_TOKENS,
             **({"num_blocks": -(-cache_tokens // PAGE_TOKENS)} if cache_tokens
                else {"max_memory_percent": KV_CACHE_MEMORY_FRACTION}),
