@@ -15,7 +15,8 @@ whatever it measured by then is printed, the rest is said to be skipped. Section
    card's loop on a few of the same pages (`gpu_vs_snippet`), peak memory against the KV-cache budget;
 3. where a page's time goes: vision / prefill / decode per page; decode step time by batch size with the
    dynamic and the preallocated (static) cache;
-4. the length mix of real documents through both engines (bench/engine.py);
+4. the length mix of real documents through both engines (bench/engine.py), and the continuous engine's
+   tokens/s by the number of requests in flight;
 5. compile on vs off: the decode step (static cache + torch.compile, warmed up at the measured shape),
    then the vision tower alone (one graph per crop shape).
 
@@ -545,6 +546,34 @@ def length_mix_runs(report: Report, bench: Bench) -> None:
     report.result("gpu_mix_continuous_vs_static", static_s / continuous_s, "x", ">= 1")
 
 
+def engine_concurrency(report: Report, bench: Bench) -> None:
+    """The continuous engine at several numbers of requests in flight (SDPA's cap lifted for the sweep):
+    twice that many pages, each exactly --sweep-tokens new tokens, in a cache just big enough."""
+    from pipeline.model import continuous
+
+    args, model, device, dtype = bench.args, bench.model, bench.device, bench.dtype
+    if bench.engine is not None:  # its cache, sized for the whole budget, goes first
+        bench.engine.close()
+        bench.engine = None
+    cap = continuous.SDPA_MAX_REQUESTS_ON_GPU
+    per_page = len(bench.prompt_ids) + args.sweep_tokens
+    for requests in args.engine_requests:
+        continuous.SDPA_MAX_REQUESTS_ON_GPU = max(cap, requests)
+        engine = continuous_engine(model, requests, 2 * requests * per_page, bench.settings.images_per_page)
+        try:
+            crops = [bench.crops[i % len(bench.crops)] for i in range(2 * requests)]
+            run_continuous(engine, model, bench.prompt_ids, crops[:2], [2, 2], bench.settings, device, dtype)
+            seconds, _, produced = timed(device, run_continuous, engine, model, bench.prompt_ids, crops,
+                                         [args.sweep_tokens] * len(crops), bench.settings, device, dtype)
+        finally:
+            engine.close()
+            continuous.SDPA_MAX_REQUESTS_ON_GPU = cap
+        tokens = sum(produced)
+        report.say(f"continuous engine, {requests:4d} requests at once: {len(crops)} pages x {args.sweep_tokens} "
+                   f"tokens in {seconds:.1f} s = {tokens / seconds:.0f} tokens/s, {len(crops) / seconds:.2f} pages/s")
+        report.result(f"gpu_continuous_tokens_per_s_r{requests}", tokens / seconds, "tokens/s")
+
+
 def compile_runs(report: Report, bench: Bench) -> None:
     """Decode steps through a preallocated cache of one fixed size, with and without torch.compile.
 
@@ -596,9 +625,11 @@ def main() -> None:
     parser.add_argument("--decode-batches", default="", help="comma-separated batch sizes for the decode steps")
     parser.add_argument("--decode-steps", type=int, default=0, help="decode steps timed per measurement")
     parser.add_argument("--compile-batch", type=int, default=0)
+    parser.add_argument("--engine-requests", default="", help="comma-separated requests in flight to sweep")
+    parser.add_argument("--sweep-tokens", type=int, default=0, help="new tokens per page in the sweep")
     parser.add_argument("--correctness-pages", type=int, default=5)
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: "
-                                                   "correctness,end-to-end,time,mix,compile,vision-compile")
+                                                   "correctness,end-to-end,time,mix,concurrency,compile,vision-compile")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
@@ -609,6 +640,8 @@ def main() -> None:
     args.decode_batches = [int(b) for b in (args.decode_batches or ("32,64,128,256" if on_gpu else "2,4")).split(",")]
     args.decode_steps = args.decode_steps or (32 if on_gpu else 2)
     args.compile_batch = args.compile_batch or (64 if on_gpu else 2)
+    args.engine_requests = [int(r) for r in (args.engine_requests or ("16,32,64,128" if on_gpu else "2")).split(",")]
+    args.sweep_tokens = args.sweep_tokens or (128 if on_gpu else 4)
     skip = set(filter(None, args.skip.split(",")))
 
     report = Report(args.log)
@@ -625,7 +658,8 @@ def main() -> None:
         ceilings(report, args.device)
     if bench is not None:
         for name, run in (("end-to-end", end_to_end), ("time", where_time_goes), ("mix", length_mix_runs),
-                          ("compile", compile_runs), ("vision-compile", vision_compiled)):
+                          ("concurrency", engine_concurrency), ("compile", compile_runs),
+                          ("vision-compile", vision_compiled)):
             if name not in skip:
                 with report.section(name):
                     run(report, bench)
