@@ -30,7 +30,8 @@ def test_the_gpu_suite_runs_every_section_on_cpu_with_the_tiny_architecture():
     # The functions and branches the lent GPU runs: the model stage's classes against a CPU run (both
     # engines, a static fallback, an injected out-of-memory error), then the toy-size architecture
     # through both engines, the model card's loop, the decode-step and cache measurements, the length
-    # mix, the continuous engine's concurrency and the compile checks (decode step, vision tower). Pages at 490 instead of 980 only to keep the toy vision tower quick.
+    # mix, the continuous engine's concurrency and the compile checks (decode step, vision tower).
+    # Pages at 490 instead of 980 only to keep the toy vision tower quick.
     done = run_bench("bench/gpu_suite.py", "--tiny", "--device", "cpu", "--pages", "3", "--longest-edge", "490")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "sections failed: none" in done.stdout
