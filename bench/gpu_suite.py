@@ -22,7 +22,8 @@ whatever it measured by then is printed, the rest is said to be skipped. Section
 
 Ours is the model stage's own code without Ray around it: uint8 crops from `pipeline.crops.model_crops`,
 batches from `batch_by_shape` sized as the pipeline sizes them, crops encoded per shape
-(`pipeline.model.features.encode_crops`), one shared prompt per batch, `generate` with the KV cache `[model] kv_cache` asks for.
+(`pipeline.model.features.encode_crops`), one shared prompt per batch, `generate` with the KV cache that
+`[model] kv_cache` asks for.
 
 On the lent machine (torch and transformers of its own, no Ray, no pydantic, no network) the suite needs our
 pinned pure-Python wheels: transformers 5.23.0 (the machine's 5.17 switches the shared text config to
@@ -261,10 +262,18 @@ def stage_rows(replica, preprocessed) -> list[dict]:
     return sorted(rows, key=lambda r: (r["source_uri"], r["task"]))
 
 
+GENERATION_KEYS = ("source_uri", "task", "status", "text", "n_output_tokens")
+
+
 def same_generation(a: list[dict], b: list[dict]) -> int:
     """How many rows of `a` and `b` (in the same order) have the same status, text and token count."""
-    keys = ("source_uri", "task", "status", "text", "n_output_tokens")
-    return sum(all(x[k] == y[k] for k in keys) for x, y in zip(a, b))
+    return sum(all(x[k] == y[k] for k in GENERATION_KEYS) for x, y in zip(a, b))
+
+
+def differing_rows(a: list[dict], b: list[dict]) -> str:
+    """The rows of `a` and `b` that differ, named (page and task) with their token counts."""
+    return "; ".join(f"{x['source_uri']} {x['task']}: {x['n_output_tokens']} vs {y['n_output_tokens']} tokens"
+                     for x, y in zip(a, b) if any(x[k] != y[k] for k in GENERATION_KEYS))
 
 
 def check_correctness(report: Report, device: str, n_pages: int) -> None:
@@ -319,8 +328,11 @@ def check_correctness(report: Report, device: str, n_pages: int) -> None:
         finally:
             static.model.generate = real_generate
         report.result("suite_oom_rows_recovered", same_generation(on_cpu, recovered) / n, "ratio", ">= 1")
-        unequal = {name: rows for name, rows in (("static", on_device), ("continuous", engine_rows),
-                                                 ("out of memory", recovered)) if same_generation(on_cpu, rows) < n}
+        unequal = {name: differing_rows(on_cpu, rows) for name, rows in (
+            ("static", on_device), ("continuous", engine_rows), ("out of memory", recovered))
+            if same_generation(on_cpu, rows) < n}
+        for name, rows in unequal.items():
+            report.say(f"{name} rows that differ from the CPU run's: {rows}")
         if unequal:
             raise AssertionError(f"rows differ from the CPU run's: {', '.join(unequal)}")
 
@@ -359,8 +371,8 @@ class Bench:
     def continuous(self):
         if self.engine is None:
             per_page = len(self.prompt_ids) + self.args.new_tokens
-            self.engine = continuous_engine(self.model, self.batch_pages, self.token_budget or self.batch_pages * per_page,
-                                            self.settings.images_per_page)
+            cache_tokens = self.token_budget or self.batch_pages * per_page
+            self.engine = continuous_engine(self.model, self.batch_pages, cache_tokens, self.settings.images_per_page)
         return self.engine
 
 
@@ -406,14 +418,15 @@ def end_to_end(report: Report, bench: Bench) -> dict:
     args, model, device, dtype = bench.args, bench.model, bench.device, bench.dtype
     gen = generation_args(args.new_tokens, args.kv_cache)
     warm = generation_args(min(8, args.new_tokens), args.kv_cache)
-    run_model_stage(model, bench.processor, bench.prompt, bench.crops[:2], bench.settings, device, dtype, (2, 0, 0), warm)
+    run_model_stage(model, bench.processor, bench.prompt, bench.crops[:2], bench.settings, device, dtype, (2, 0, 0),
+                    warm)
     seconds, peak, (_, tokens, sizes) = timed(device, run_model_stage, model, bench.processor, bench.prompt, bench.crops,
                                               bench.settings, device, dtype, bench.budget, gen)
     n = len(bench.crops)
     exact = set(tokens) == {args.new_tokens}
     per_token = kv_cache_bytes_per_token(model.config.text_config, dtype)
-    report.say(f"static engine: {n} pages in {seconds:.1f} s, batches {sizes}, all {args.new_tokens} tokens: "
-               f"{'yes' if exact else 'NO'}; peak {peak / 2**30:.1f} GiB (KV-cache budget "
+    report.say(f"static engine: {n} pages in {seconds:.1f} s, batches {sizes}, {args.new_tokens} tokens each, "
+               f"all exact: {'yes' if exact else 'NO'}; peak {peak / 2**30:.1f} GiB (KV-cache budget "
                f"{bench.token_budget * per_token / 2**30:.1f} GiB, total "
                f"{torch.cuda.get_device_properties(0).total_memory / 2**30 if device == 'cuda' else 0:.0f} GiB)")
     static_rate = n / seconds

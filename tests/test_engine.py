@@ -253,3 +253,37 @@ def test_requests_in_flight_are_capped_on_a_gpu_under_sdpa_only(tiny_model):
     # What the engine reads the attention from: the text model's config, as the job loaded it.
     model = load_model(ModelSpec(id=str(tiny_model), device="cpu", dtype="fp32"), "cpu")
     assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_the_engine_leaves_the_shared_text_config_alone(tiny_model):
+    """transformers writes each forward's `is_causal` into its module's config for the call; the engine's
+    SDPA steps pass False. The static engine's text model must never see that: a fallback `generate`
+    beside the engine would build its prompt's attention without the causal mask."""
+    from pipeline.model.continuous import ContinuousEngine, EngineRequest
+    from pipeline.model.loading import load_model
+
+    model = load_model(ModelSpec(id=str(tiny_model), device="cpu", dtype="fp32"), "cpu")
+    shared_config = model.model.text_model.config
+    before = getattr(shared_config, "is_causal", None)
+    seen = []
+    model.model.text_model.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(getattr(shared_config, "is_causal", None)))
+    rows = model.config.perceiver_config.resampler_n_latents
+    image = model.config.image_token_id
+    engine = ContinuousEngine(model, eos_ids=set(), image_token_id=image, max_requests=2, cache_tokens=1024)
+    try:
+        features = torch.randn(rows, model.config.text_config.hidden_size)
+        results = engine.generate_all([EngineRequest([1, *[image] * rows, 5, 6], features, 4)] * 2)
+    finally:
+        engine.close()
+    assert [len(r.tokens) for r in results] == [4, 4]
+    assert seen and set(seen) == {before}
+
+
+def test_a_static_fallback_beside_the_engine_gives_the_static_engines_rows(split_model, three_pages):
+    """A greedy task on the engine and a repetition-penalty task on the static engine, in one block:
+    the fallback runs in a thread while the engine decodes, on the same modules."""
+    tasks = [TaskSpec(kind="ocr", max_new_tokens=24),
+             TaskSpec(kind="caption", max_new_tokens=24, repetition_penalty=1.3)]
+    static, engine = both_engines(split_model, tasks, [plan_row(three_pages)])
+    assert_same_generation(static, engine)

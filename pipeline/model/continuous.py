@@ -33,6 +33,7 @@ with per-request temperature and top-p. What it lacks: stop strings (the caller 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import itertools
 import logging
@@ -156,13 +157,26 @@ class FeatureReadingLM(MistralForCausalLM):
 
 
 def feature_reading_lm(model, slots: FeatureSlots) -> FeatureReadingLM:
-    text_model = model.model.text_model
+    text_model = with_own_config(model.model.text_model)
     with torch.device("meta"):  # no weights of its own: the checkpoint's modules are put in below
         lm = FeatureReadingLM(text_model.config)
     lm.model = text_model
     lm.lm_head = model.lm_head
     lm.slots = slots
     return lm.eval()
+
+
+def with_own_config(text_model):
+    """The text model's layers and weights (shared, not copied) under a config object of its own.
+
+    transformers' forward wrapper writes the call's `is_causal` into `self.config` for the length of the
+    call: the engine's SDPA steps run with `is_causal=False` (their mask is custom). On the shared config,
+    a static `generate` running beside the engine (the continuous stage's fallback, in another thread)
+    read that and built its prompt's attention without the causal mask: its tokens changed. With a copy,
+    each path's forward writes only its own config."""
+    view = copy.copy(text_model)  # a new module object over the same submodules and parameters
+    view.config = copy.deepcopy(text_model.config)
+    return view
 
 
 def until_stop(tokens: list[int], eos_ids: set[int], stop_strings, decode) -> list[int]:
