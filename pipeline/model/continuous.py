@@ -175,6 +175,8 @@ def with_own_config(text_model):
     read that and built its prompt's attention without the causal mask: its tokens changed. With a copy,
     each path's forward writes only its own config."""
     view = copy.copy(text_model)  # a new module object over the same submodules and parameters
+    for registry in ("_modules", "_parameters", "_buffers"):  # what is set on the view stays on the view
+        setattr(view, registry, dict(getattr(text_model, registry)))
     view.config = copy.deepcopy(text_model.config)
     return view
 
