@@ -11,7 +11,8 @@ whatever it measured by then is printed, the rest is said to be skipped. Section
    on CPU; a repetition-penalty task beside a greedy one (the continuous stage's static fallback while an
    engine session is open); an injected out-of-memory error above a batch size (recovered, every row ok);
 2. end to end on the full idefics2-8b architecture (random weights, bf16, SDPA): `gpu_pages_per_s` of the
-   static and continuous engines at `--new-tokens` with image splitting and the automatic batch, the model
+   static and continuous engines at `--new-tokens` with image splitting and the automatic batch (the next
+   batch's crops encoded beside this one's decode, as replicas do; `--no-overlap`: in turn), the model
    card's loop on a few of the same pages (`gpu_vs_snippet`), peak memory against the KV-cache budget;
 3. where a page's time goes: vision / prefill / decode per page; decode step time by batch size with the
    dynamic and the preallocated (static) cache;
@@ -49,6 +50,7 @@ import tempfile
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import _setup  # noqa: F401  (the repository's packages first; see bench/_setup.py)
@@ -64,7 +66,7 @@ from core.spec import ResourceSpec  # noqa: E402
 from pipeline.crops import model_crops  # noqa: E402
 from pipeline.model.budget import automatic_token_budget, kv_cache_bytes_per_token, kv_cache_options  # noqa: E402
 from pipeline.model.collate import batch_by_shape  # noqa: E402
-from pipeline.model.features import encode_crops, generate_kwargs  # noqa: E402
+from pipeline.model.features import VisionStream, encode_crops, generate_kwargs  # noqa: E402
 from pipeline.model.tiny import IDEFICS2_CHAT_TEMPLATE, build_tokenizer  # noqa: E402
 
 # HuggingFaceM4/idefics2-8b's config.json: SigLIP-so400m vision tower at 980, Mistral-7B text model
@@ -142,25 +144,38 @@ def synchronize(device: str) -> None:
 
 
 @torch.inference_mode()
-def run_model_stage(model, processor, prompt, crops, settings, device, dtype, budget, gen):
+def run_model_stage(model, processor, prompt, crops, settings, device, dtype, budget, gen, overlap=True):
     """Scriptorium's model stage: shape-sorted batches, GPU collation, one prompt per batch, decode.
-    `budget` is (pages, pixels, tokens) per batch."""
+    `budget` is (pages, pixels, tokens) per batch. With `overlap`, the next batch's crops are encoded on
+    the vision stream while this one decodes, as a replica does with its next block."""
     prompt_ids = processor(text=prompt, return_tensors="pt")["input_ids"][0]
     batch_size, max_batch_pixels, max_batch_tokens = budget
     tokens_per_page = len(prompt_ids) + gen["max_new_tokens"]
-    texts, new_tokens, batch_sizes = [], [], []
-    for batch in batch_by_shape(list(range(len(crops))), lambda i: crops[i], batch_size, max_batch_pixels,
-                                tokens_of=lambda i: tokens_per_page, max_batch_tokens=max_batch_tokens):
-        batch_sizes.append(len(batch))
-        input_ids = prompt_ids.unsqueeze(0).expand(len(batch), -1).to(device)
-        features = encode_crops(model, [crops[i] for i in batch], settings, device, dtype)
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                **generate_kwargs(model, features), **gen)
-        generated = output[:, input_ids.shape[1]:].cpu()
-        new_tokens.extend([generated.shape[1]] * len(batch))
-        texts.extend(processor.tokenizer.batch_decode(generated, skip_special_tokens=True))
+    batches = list(batch_by_shape(list(range(len(crops))), lambda i: crops[i], batch_size, max_batch_pixels,
+                                  tokens_of=lambda i: tokens_per_page, max_batch_tokens=max_batch_tokens))
+    vision = VisionStream(device)
+
+    def encode(k: int) -> torch.Tensor:
+        with torch.inference_mode():  # a worker thread's own mode
+            return vision.encode(model, [crops[i] for i in batches[k]], settings, device, dtype)
+
+    texts, new_tokens = [], []
+    with ThreadPoolExecutor(1) as encoder:
+        upcoming = encoder.submit(encode, 0)
+        for k, batch in enumerate(batches):
+            features = upcoming.result()
+            if overlap and k + 1 < len(batches):
+                upcoming = encoder.submit(encode, k + 1)
+            input_ids = prompt_ids.unsqueeze(0).expand(len(batch), -1).to(device)
+            output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                    **generate_kwargs(model, features), **gen)
+            generated = output[:, input_ids.shape[1]:].cpu()
+            new_tokens.extend([generated.shape[1]] * len(batch))
+            texts.extend(processor.tokenizer.batch_decode(generated, skip_special_tokens=True))
+            if not overlap and k + 1 < len(batches):
+                upcoming = encoder.submit(encode, k + 1)
     synchronize(device)
-    return texts, new_tokens, batch_sizes
+    return texts, new_tokens, [len(batch) for batch in batches]
 
 
 @torch.inference_mode()
@@ -421,11 +436,13 @@ def end_to_end(report: Report, bench: Bench) -> dict:
     run_model_stage(model, bench.processor, bench.prompt, bench.crops[:2], bench.settings, device, dtype, (2, 0, 0),
                     warm)
     seconds, peak, (_, tokens, sizes) = timed(device, run_model_stage, model, bench.processor, bench.prompt, bench.crops,
-                                              bench.settings, device, dtype, bench.budget, gen)
+                                              bench.settings, device, dtype, bench.budget, gen,
+                                              overlap=not args.no_overlap)
     n = len(bench.crops)
     exact = set(tokens) == {args.new_tokens}
     per_token = kv_cache_bytes_per_token(model.config.text_config, dtype)
-    report.say(f"static engine: {n} pages in {seconds:.1f} s, batches {sizes}, {args.new_tokens} tokens each, "
+    report.say(f"static engine: {n} pages in {seconds:.1f} s, batches {sizes} (vision "
+               f"{'in turn' if args.no_overlap else 'beside decode'}), {args.new_tokens} tokens each, "
                f"all exact: {'yes' if exact else 'NO'}; peak {peak / 2**30:.1f} GiB (KV-cache budget "
                f"{bench.token_budget * per_token / 2**30:.1f} GiB, total "
                f"{torch.cuda.get_device_properties(0).total_memory / 2**30 if device == 'cuda' else 0:.0f} GiB)")
@@ -630,6 +647,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=0, help="exactly this many per page (0: 512, 4 on cpu)")
     parser.add_argument("--batch-size", type=int, default=0, help="0: the pipeline's automatic batch")
     parser.add_argument("--max-batch-tokens", type=int, default=0, help="0: the automatic KV-cache budget")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="encode each batch's crops only after the previous batch decoded (as before)")
     parser.add_argument("--kv-cache", default="static", choices=["static", "dynamic"],
                         help="the static engine's KV cache, as [model] kv_cache")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])

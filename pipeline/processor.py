@@ -77,7 +77,10 @@ def map_stage(dataset: ray.data.Dataset, stage: Stage) -> ray.data.Dataset:
         # Two blocks in flight per replica: while one batch generates, the next one's blocks are already
         # fetched to the replica's node, so the GPU does not wait for the object store between batches.
         compute=ray.data.ActorPoolStrategy(size=stage.replicas, max_tasks_in_flight_per_actor=2,
-                                           max_concurrent_calls_per_actor=stage.concurrent_calls),
+                                           max_concurrent_calls_per_actor=stage.concurrent_calls,
+                                           # A synchronous step's calls then run in threads at once (Ray
+                                           # Data serialises them otherwise); an async step's, on its loop.
+                                           enable_true_multi_threading=stage.concurrent_calls > 1),
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a replica that dies
         # (OOM, CUDA error, killed) is restarted and its batch retried, so no page is lost with it.
         **options,

@@ -172,9 +172,11 @@ def job_stages(spec: JobSpec, derived: Derived, dedup_registry=None) -> list[Sta
                  resources=spec.resources, run_id=spec.run_id, batch_size=batch),
             rows_per_call=batch, num_cpus=spec.resources.cpus_per_replica, num_gpus=derived.gpus_per_replica,
             replicas=spec.resources.num_replicas,
-            # The continuous engine's step is async: two blocks run at once on its event loop and feed one
-            # engine, so the next block's pages fill the slots the last one's finished pages free.
-            concurrent_calls=2 if continuous else 1,
+            # Two blocks at once per replica. The continuous engine's step is async: both run on its event
+            # loop and feed one engine, so the next block's pages fill the slots the last one's finished
+            # pages free. The static step runs each in a thread: one block's crops are decompressed and
+            # encoded while the other's batches decode (GenerateAnswers.answer).
+            concurrent_calls=2,
             # Ray Data hands an actor whole blocks, and a CPU task emits its pages as one block until that
             # block reaches target_max_block_size (128 MiB): a small job, or a run of small pages, would all
             # go to one replica while the others idle. Blocks of one model batch spread the pages over

@@ -98,7 +98,10 @@ def collate_pixels(
     lut = normalization_table(settings, device, dtype)
     # One host copy and one transfer for the whole batch (uint8), then everything happens on `device`.
     flat = np.concatenate([np.asarray(c, dtype=np.uint8).reshape(-1) for crops in pages for c in crops])
-    levels = torch.from_numpy(flat).to(device, non_blocking=True)
+    levels = torch.from_numpy(flat)
+    if torch.device(device).type == "cuda":  # page-locked, so the copy runs beside the GPU's other work
+        levels = levels.pin_memory()
+    levels = levels.to(device, non_blocking=True)
     offset = 0
     for i, crops in enumerate(pages):
         for j, crop in enumerate(crops):

@@ -31,7 +31,6 @@ import torch
 from core.schema import table_from_rows
 from pipeline.model.budget import automatic_token_budget
 from pipeline.model.continuous import ContinuousEngine, EngineRequest, until_stop
-from pipeline.model.features import encode_crops
 from pipeline.model.recovery import release_memory
 from pipeline.model.stage import GenerateAnswers, Sequence
 
@@ -137,7 +136,7 @@ class GenerateAnswersContinuously(GenerateAnswers):
 
     def _encode(self, batch: list[Sequence]) -> torch.Tensor | None:
         """The image features of `batch`, or None if encoding failed (a fatal CUDA error ends the replica)."""
-        features, failure = self.attempt([s.key for s in batch], lambda: encode_crops(
+        features, failure = self.attempt([s.key for s in batch], lambda: self.vision.encode(
             self.model, [s.crops for s in batch], self.settings, self.device, self.dtype))
         if failure is not None:
             log.warning("encoding %d pages for the continuous engine failed (%s): generating them on the static "

@@ -46,6 +46,28 @@ def encode_crops(model, sequences: list[list[np.ndarray]], settings: ImageSettin
     return torch.cat(features)
 
 
+class VisionStream:
+    """Where a replica encodes a block's crops while another block decodes (the vision tower is
+    compute-bound, decoding is bound by memory and the host, so the two share the GPU well).
+
+    On CUDA the crops are encoded on a stream of the replica's own; the calling thread waits for that
+    stream only (the decoding thread's stream runs on), and the features are marked as used on the
+    default stream, where `generate` reads them, so the allocator never hands their memory out early.
+    Off CUDA it is `encode_crops` in the calling thread."""
+
+    def __init__(self, device: str):
+        self.stream = torch.cuda.Stream() if device == "cuda" else None
+
+    def encode(self, model, sequences: list[list[np.ndarray]], settings: ImageSettings, device, dtype) -> torch.Tensor:
+        if self.stream is None:
+            return encode_crops(model, sequences, settings, device, dtype)
+        with torch.cuda.stream(self.stream):
+            features = encode_crops(model, sequences, settings, device, dtype)
+        self.stream.synchronize()
+        features.record_stream(torch.cuda.default_stream(features.device))
+        return features
+
+
 def encode_same_shape(model, pixels: torch.Tensor) -> torch.Tensor:
     """(n, 3, h, w) crops of one shape -> (n, image_seq_len, hidden): the vision tower, then the connector
     (modality projection and perceiver resampler), as `get_image_features` runs them, with every patch real."""

@@ -5,7 +5,9 @@ their text is never padded).
 preprocessed page rows in, one result row per (page, task, question) unit out. Units answered before the
 model and units of failed pages become rows by the answer steps' one rule (`pipeline/steps.py`); the
 rest are grouped into batches (collate.py) under the replica's count, pixel and KV-cache token budgets
-(budget.py), their crops encoded at their own sizes (features.py), and generated with `generate`. A batch
+(budget.py), their crops encoded at their own sizes (features.py), and generated with `generate`. A
+replica takes two blocks at once: one block's crops are decompressed and encoded, on a CUDA stream of
+their own, while the other block's batches decode (`answer`). A batch
 that fails is halved until it runs or the failing unit is alone; out of memory, the replica frees the
 failed call's memory before it retries and cuts its next batches to the largest that ran, and a fatal
 CUDA error ends the replica for Ray to restart (recovery.py). A unit that keeps killing the replica is
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from core.units import unit_key
 from pipeline.model.budget import automatic_token_budget, kv_cache_options
 from pipeline.model.collate import batch_by_shape
 from pipeline.model.degenerate import is_degenerate
-from pipeline.model.features import encode_crops, generate_kwargs
+from pipeline.model.features import VisionStream, encode_crops, generate_kwargs
 from pipeline.model.journal import journal_for_this_replica, ray_context
 from pipeline.model.loading import load_model, load_processor, resolve_device, resolve_dtype
 from pipeline.model.logprobs import TokenLogprobs, confidence, recording_processors
@@ -55,6 +58,7 @@ class Sequence:
     page: dict
     plan: PromptPlan
     crops: list
+    features: torch.Tensor | None = None  # its crops' image features, when encoded ahead of its batch
 
     @property
     def key(self) -> str:
@@ -114,6 +118,8 @@ class GenerateAnswers(AnswerStep):
         self.replica, self.node = _replica_identity()
         self._prompt_ids: dict[str, torch.Tensor] = {}
         self.journal = journal_for_this_replica(run_id)  # finds a page that kills the replica (journal.py)
+        self.vision = VisionStream(self.device)  # encodes a block's crops while another block decodes
+        self._decoding = threading.Lock()  # one block's batches on the GPU at a time
         self.fitting = FittingBatch()  # the largest batch that ran since an out-of-memory error (recovery.py)
         log.info("model replica %s on %s (%s): batches of up to %d pages, %s", self.replica, self.device,
                  str(self.dtype).replace("torch.", ""), batch_size,
@@ -124,8 +130,30 @@ class GenerateAnswers(AnswerStep):
         return {"run_id": self.run_id, "model": self.spec.id, "replica": self.replica, "node": self.node}
 
     def answer(self, units: list[tuple[dict, TaskSpec, str | None]]) -> list[dict]:
+        """Ray Data runs two calls of a replica at once (in threads: the stage's `concurrent_calls`): each
+        decompresses its pages and encodes their crops on the vision stream while the other's batches
+        decode, and one call's batches decode at a time."""
         rows, sequences = self.sequences(units)
-        return rows + self.generate_static(sequences)
+        self.encode_ahead(sequences)
+        with self._decoding:
+            return rows + self.generate_static(sequences)
+
+    def encode_ahead(self, sequences: list[Sequence]) -> None:
+        """Image features of `sequences` into each sequence, encoded on the vision stream. Units the crash
+        journal suspects are left to their batch (isolated there, as after any crash); if encoding fails
+        (out of memory beside a decoding batch), each batch encodes its own, as it can in any case."""
+        ahead = [s for s in sequences if self.journal is None or not self.journal.is_suspect(s.key)]
+        if not ahead:
+            return
+        features, failure = self.attempt([s.key for s in ahead], lambda: self.vision.encode(
+            self.model, [s.crops for s in ahead], self.settings, self.device, self.dtype))
+        if failure is not None:
+            log.info("encoding %d pages ahead failed (%s): each batch encodes its own", len(ahead), failure.message)
+            release_memory(self.device)
+            return
+        rows_per_image = self.processor.image_seq_len
+        for seq, seq_features in zip(ahead, features.split([len(s.crops) * rows_per_image for s in ahead])):
+            seq.features = seq_features
 
     def sequences(self, units: list[tuple[dict, TaskSpec, str | None]]) -> tuple[list[dict], list[Sequence]]:
         """The (page, prompt) sequences to generate for `units`, and error rows for units that cannot be."""
@@ -282,7 +310,8 @@ class GenerateAnswers(AnswerStep):
                                                      recorder)
         started = time.perf_counter()
         # Each crop through the vision tower at its own size, not padded to its neighbours (features.py).
-        features = encode_crops(self.model, [s.crops for s in batch], self.settings, self.device, self.dtype)
+        features = batch_features(batch) if all(s.features is not None for s in batch) else encode_crops(
+            self.model, [s.crops for s in batch], self.settings, self.device, self.dtype)
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -332,6 +361,11 @@ class GenerateAnswers(AnswerStep):
 
     def _error_row(self, page: dict, plan: PromptPlan, error: str, stage: str) -> dict:
         return self._row(page, plan, status="error", error=error, stage=stage, text=None, route=None)
+
+
+def batch_features(batch: list[Sequence]) -> torch.Tensor:
+    """The features encoded ahead for `batch`, in the order of its `<image>` tokens."""
+    return torch.cat([seq.features for seq in batch])
 
 
 def _as_list(value) -> list:
