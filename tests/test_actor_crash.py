@@ -121,10 +121,10 @@ def test_a_page_that_kills_its_replica_every_time_becomes_an_error_row(documents
     failed = {page for page, row in rows.items() if row["status"] == "error"}
     assert failed == {("b.pdf", 2)}
     assert rows["b.pdf", 2]["stage"] == "generate" and "model replica died" in rows["b.pdf", 2]["error"]
-    # It took two restarts: the page's batch died, then the page alone (its batch mates, suspects too,
-    # were generated one by one and came out ok).
+    # It took two restarts: the page's batch died (with the other block the replica had in flight, if
+    # any), then the page alone (its batch mates, suspects too, were generated one by one and came out ok).
     first, second = [units for _, units in killer.killed]
-    assert poison in first and len(first) == 4 and second == [poison]
+    assert poison in first and len(first) in (4, 8) and second == [poison]
 
 
 # -- a lost CUDA context: the replica's process ends and Ray restarts it ------------------------------------

@@ -150,6 +150,7 @@ def test_rows_sharing_a_prompt_would_tell_their_images_apart(pipeline_run):
 def test_a_mix_up_inside_a_batch_is_caught(tiny_model, tmp_path, monkeypatch):
     """A deliberately wrong collation (each sequence gets its batch neighbour's crops) fails the
     comparison: every row then reads like the snippet of the image it was wrongly handed."""
+    import pipeline.model.features
     import pipeline.model.stage
 
     paths = [make_image(tmp_path / f"page{i}.png", size=size, color=color, text=f"page {i}")
@@ -160,6 +161,8 @@ def test_a_mix_up_inside_a_batch_is_caught(tiny_model, tmp_path, monkeypatch):
     def shifted(model, crops_per_sequence, *args):
         return encode_crops(model, crops_per_sequence[1:] + crops_per_sequence[:1], *args)
 
+    # Both ways crops reach the vision tower: ahead of their batch (the vision stream), and in it.
+    monkeypatch.setattr(pipeline.model.features, "encode_crops", shifted)
     monkeypatch.setattr(pipeline.model.stage, "encode_crops", shifted)
     # The three pages in one block to the model stage, as Ray Data hands a replica one batch of pages.
     spec = job(tiny_model, [TASKS[0]])
