@@ -49,6 +49,9 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
                                          "default: upload the spec file alone")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job on the cluster (repeatable)")
+    p.add_argument("--auth-token-file", metavar="PATH",
+                   help="file holding the cluster's Ray auth token (default: $RAY_AUTH_TOKEN, "
+                        "else $RAY_AUTH_TOKEN_PATH); the token is sent, never printed")
     p.add_argument("--submission-id", help="Ray submission id (default: scriptorium-RUN_ID-XXXX)")
     p.add_argument("--wait", action="store_true",
                    help="stay attached: print the job's logs and exit 0 only if it succeeds")
@@ -129,20 +132,38 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def auth_headers(token_file: str | None) -> dict[str, str]:
+    """The Authorization header for a head started with RAY_AUTH_MODE=token, or none when no token is
+    given. Sent explicitly so that the submitting machine needs no Ray auth setting of its own."""
+    path = token_file or (None if os.environ.get("RAY_AUTH_TOKEN") else os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    if path:
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError as exc:
+            raise SpecError(f"cannot read the Ray auth token file {path}: {exc.strerror}") from None
+    else:
+        token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     upload_dir = tempfile.mkdtemp(prefix="scriptorium-submit-")
     try:
         submission = prepare_submission(args, upload_dir)
         try:
-            client = JobSubmissionClient(args.address)
+            client = JobSubmissionClient(args.address, headers=auth_headers(args.auth_token_file))
             submission_id = client.submit_job(
                 entrypoint=submission.entrypoint,
                 runtime_env=submission.runtime_env,
                 submission_id=submission.submission_id,
                 metadata={"scriptorium_run_id": submission.run_id, "job_spec": Path(args.job).name},
             )
+        except AuthenticationError:  # its message would repeat the server's body; say what to do instead
+            raise SpecError("the Ray cluster refused the submission (401/403): it requires token authentication; "
+                            "set RAY_AUTH_TOKEN or pass --auth-token-file with the cluster's token") from None
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "auto"
             raise SpecError(f"cannot submit to the Ray cluster at {where}: {str(exc).splitlines()[0][:300]}. "

@@ -202,3 +202,36 @@ def test_ready_made_job_specs_load_validate_and_partition_output_by_run(name):
     assert spec.model.id == "HuggingFaceM4/idefics2-8b"
     assert spec.resources.address == "auto"  # joins a cluster, never starts a local Ray with GPU replicas
     assert spec.resources.num_replicas >= 1 and spec.resources.gpus_per_replica == 1
+
+
+def pod_containers(doc) -> list[dict]:
+    """Every container of every pod template anywhere in a parsed YAML document."""
+    found = []
+    if isinstance(doc, dict):
+        if "containers" in doc and isinstance(doc["containers"], list):
+            found += doc["containers"]
+        for value in doc.values():
+            found += pod_containers(value)
+    elif isinstance(doc, list):
+        for value in doc:
+            found += pod_containers(value)
+    return found
+
+
+@pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "kuberay-cronjob.yaml"])
+def test_kuberay_configs_turn_on_token_auth_with_the_token_from_a_secret(name):
+    # Without a token a `ray start --head` serves the Jobs API (arbitrary code) to anyone reaching :8265.
+    containers = [c for d in documents(name).values() for c in pod_containers(d)]
+    assert containers
+    for container in containers:
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        assert "value" not in env["RAY_AUTH_TOKEN"]  # never in the file
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"]
+
+
+def test_cluster_launcher_starts_every_node_with_token_auth_from_the_secret_store():
+    config = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        if "ray start" in command:
+            assert "RAY_AUTH_MODE=token" in command and "secretsmanager get-secret-value" in command

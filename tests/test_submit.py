@@ -16,7 +16,7 @@ import pytest
 from core.errors import SpecError
 from jobs.cli import build_parser
 from jobs.submit import prepare_submission
-from tests.conftest import free_port, make_image, read_rows, run_cli
+from tests.conftest import free_port, make_image, one_line_error, read_rows, run_cli
 from tests.local_cluster import LocalCluster
 
 
@@ -158,3 +158,37 @@ def test_submitted_job_finishes_on_the_cluster_after_the_laptop_left(tmp_path, t
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
         assert f"job {again.stdout.split()[1]}: SUCCEEDED" in again.stdout
         assert pads.dataset(output / "run_id=corpus-1", format="parquet").count_rows() == len(rows)
+
+
+def test_a_head_with_token_auth_refuses_a_submission_without_the_token_and_runs_one_with_it(tmp_path, tiny_model):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    inputs = tmp_path / "corpus"
+    inputs.mkdir()
+    make_image(inputs / "img-0.png", color=(10, 60, 90))
+    output = tmp_path / "captions"
+    spec = write_spec(tmp_path / "caption.toml", inputs, output, tiny_model)
+    token = "5c0ff3e" + "ab" * 14  # made up for the test; it must show up nowhere
+    head = dict(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                dashboard_port=free_port(), dashboard_agent_listen_port=free_port())
+    cluster = LocalCluster(head=head, workers=[])
+    cluster.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # the head is started as the configs do
+    laptop = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")} | {"RAY_AUTH_MODE": "disabled"}
+
+    with cluster:
+        refused = run_cli("submit", "--address", cluster.dashboard, "--job", str(spec), env=laptop)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "--auth-token-file" in one_line_error(refused, "token authentication")
+
+        token_file = tmp_path / "ray-token"
+        token_file.write_text(token + "\n")
+        done = run_cli("submit", "--address", cluster.dashboard, "--job", str(spec), "--run-id", "secure-1",
+                       "--auth-token-file", str(token_file), "--wait", env=laptop)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        assert [r["status"] for r in read_rows(output / "run_id=secure-1")] == ["ok"]
+
+        client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {token}"})
+        logs = client.get_job_logs(done.stdout.split()[1])
+        summaries = "".join(p.read_text(errors="replace") for p in output.rglob("*") if p.suffix in {".json", ".txt"})
+        for text in (refused.stdout, refused.stderr, done.stdout, done.stderr, logs, summaries):
+            assert token not in text
