@@ -43,7 +43,6 @@ every length here is forced, so the figures measure the work, not the text).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import tempfile
@@ -264,16 +263,10 @@ def page_rows(pages):
 
 
 def stage_rows(replica, preprocessed) -> list[dict]:
-    """Result rows of a model-stage replica's call, sorted. The continuous replica's call is an async
-    generator (what Ray Data runs on an event loop); pipeline/local.py collects it the same way, but
-    imports Ray, which the lent machine has not."""
-    output = replica(preprocessed)
-    if hasattr(output, "__anext__"):
-        async def collect():
-            return [table async for table in output]
+    """Result rows of a model-stage replica's call, sorted."""
+    from pipeline.steps import step_results
 
-        output = asyncio.run(collect())
-    rows = [row for table in output for row in table.to_pylist()]
+    rows = [row for table in step_results(replica(preprocessed)) for row in table.to_pylist()]
     return sorted(rows, key=lambda r: (r["source_uri"], r["task"]))
 
 

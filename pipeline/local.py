@@ -7,7 +7,6 @@ every table against the schema its stage declares, so a stage that drifts from i
 
 from __future__ import annotations
 
-import asyncio
 from typing import Iterable, Iterator
 
 import pyarrow as pa
@@ -16,6 +15,7 @@ from core.schema import PLAN_SCHEMA, table_from_rows
 from core.spec import JobSpec
 from pipeline.routes.dedup import DedupJoin
 from pipeline.stages import Derived, Stage, derive, job_stages
+from pipeline.steps import step_results
 
 
 def walk(stages: list[Stage], tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
@@ -33,18 +33,6 @@ def _through(stage: Stage, tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
             for out in step_results(step(table.slice(start, stage.rows_per_call))):
                 _check(out, stage.output_schema, f"output of stage {stage.name}")
                 yield out
-
-
-def step_results(output) -> list[pa.Table] | Iterator[pa.Table]:
-    """What a step's call gives: a step may be an async generator (the continuous engine's, which Ray
-    Data runs on an event loop), collected here on a loop of its own."""
-    if not hasattr(output, "__anext__"):
-        return output
-
-    async def collect():
-        return [table async for table in output]
-
-    return asyncio.run(collect())
 
 
 def _check(table: pa.Table, schema: pa.Schema, what: str) -> None:

@@ -14,6 +14,7 @@ in-process): a table in, tables out, with the schemas it declares (`input_schema
 
 from __future__ import annotations
 
+import asyncio
 from typing import Iterator
 
 import pyarrow as pa
@@ -66,3 +67,15 @@ class AnswerStep:
     def answer(self, units: list[tuple[dict, TaskSpec, str | None]]) -> list[dict]:
         """Result rows for the (page, task, question) units no earlier stage answered."""
         raise NotImplementedError
+
+
+def step_results(output) -> list[pa.Table] | Iterator[pa.Table]:
+    """What a step's call gives: a step may be an async generator (the continuous engine's, which Ray
+    Data runs on an event loop), collected here on a loop of its own."""
+    if not hasattr(output, "__anext__"):
+        return output
+
+    async def collect():
+        return [table async for table in output]
+
+    return asyncio.run(collect())

@@ -31,7 +31,6 @@ import torch
 from core.schema import table_from_rows
 from pipeline.model.budget import automatic_token_budget
 from pipeline.model.continuous import ContinuousEngine, EngineRequest, until_stop
-from pipeline.model.recovery import release_memory
 from pipeline.model.stage import GenerateAnswers, Sequence
 
 log = logging.getLogger("scriptorium")
@@ -115,8 +114,9 @@ class GenerateAnswersContinuously(GenerateAnswers):
         if not batch:
             return []
         started = time.perf_counter()
-        features = await asyncio.to_thread(self._encode, batch)
+        features = await asyncio.to_thread(self.encode, batch)
         if features is None:  # out of memory in the vision tower, or a malformed page: the static path halves
+            log.warning("generating %d pages on the static engine instead", len(batch))
             return await asyncio.to_thread(self.generate_static, batch)
         per_sequence = features.split([self._image_tokens(s) for s in batch])
         results = await asyncio.gather(*(self._generate_one(engine, seq, f) for seq, f in zip(batch, per_sequence)))
@@ -133,17 +133,6 @@ class GenerateAnswersContinuously(GenerateAnswers):
                                          len(self.prompt_ids(seq.plan.prompt)), generate_s))
         retried = await asyncio.to_thread(self._retry_by_plan, done, rows)
         return retried + await asyncio.to_thread(self.generate_static, failed)
-
-    def _encode(self, batch: list[Sequence]) -> torch.Tensor | None:
-        """The image features of `batch`, or None if encoding failed (a fatal CUDA error ends the replica)."""
-        features, failure = self.attempt([s.key for s in batch], lambda: self.vision.encode(
-            self.model, [s.crops for s in batch], self.settings, self.device, self.dtype))
-        if failure is not None:
-            log.warning("encoding %d pages for the continuous engine failed (%s): generating them on the static "
-                        "engine", len(batch), failure.message)
-            if failure.out_of_memory:
-                release_memory(self.device)
-        return features
 
     async def _generate_one(self, engine: ContinuousEngine, seq: Sequence, features: torch.Tensor):
         with self.in_flight([seq.key]):

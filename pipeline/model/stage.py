@@ -143,17 +143,23 @@ class GenerateAnswers(AnswerStep):
         journal suspects are left to their batch (isolated there, as after any crash); if encoding fails
         (out of memory beside a decoding batch), each batch encodes its own, as it can in any case."""
         ahead = [s for s in sequences if self.journal is None or not self.journal.is_suspect(s.key)]
-        if not ahead:
-            return
-        features, failure = self.attempt([s.key for s in ahead], lambda: self.vision.encode(
-            self.model, [s.crops for s in ahead], self.settings, self.device, self.dtype))
-        if failure is not None:
-            log.info("encoding %d pages ahead failed (%s): each batch encodes its own", len(ahead), failure.message)
-            release_memory(self.device)
+        features = self.encode(ahead) if ahead else None
+        if features is None:
             return
         rows_per_image = self.processor.image_seq_len
         for seq, seq_features in zip(ahead, features.split([len(s.crops) * rows_per_image for s in ahead])):
             seq.features = seq_features
+
+    def encode(self, sequences: list[Sequence]) -> torch.Tensor | None:
+        """The image features of `sequences`, encoded on the vision stream, or None if encoding failed
+        (memory released after an out-of-memory error; a fatal CUDA error ends the replica)."""
+        features, failure = self.attempt([s.key for s in sequences], lambda: self.vision.encode(
+            self.model, [s.crops for s in sequences], self.settings, self.device, self.dtype))
+        if failure is not None:
+            log.warning("encoding %d pages failed (%s)", len(sequences), failure.message)
+            if failure.out_of_memory:
+                release_memory(self.device)
+        return features
 
     def sequences(self, units: list[tuple[dict, TaskSpec, str | None]]) -> tuple[list[dict], list[Sequence]]:
         """The (page, prompt) sequences to generate for `units`, and error rows for units that cannot be."""
