@@ -31,7 +31,7 @@ from pipeline.render.sources import open_source
 # Planning default, per GPU and per task unit (one page through one prompt): the static engine's pages/s
 # on an H200 at 512 new tokens with splitting (BENCHMARKS.md, GPU). Replace it with a pilot run's figure
 # for other GPUs and lengths.
-DEFAULT_PAGES_PER_SECOND = 4.3
+DEFAULT_PAGES_PER_SECOND = 6.3
 OPEN_WORKERS = 8  # files opened in parallel (object stores are latency-bound)
 
 
