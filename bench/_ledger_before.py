@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from connectors.parquet_sink import ParquetStore
-from core.schema import DOCUMENT_PAGE, PLAN_SCHEMA, table_from_rows
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.core.schema import DOCUMENT_PAGE, PLAN_SCHEMA, table_from_rows
 
 LEDGER_COLUMNS = ["source_uri", "page", "n_pages", "task", "question", "status", "source_etag", "model"]
 PLAN_ROWS_PER_FILE = 200
@@ -145,7 +145,7 @@ def drop_done_before(batch, done: set, written: set):
     """The old jobs/runner.py _drop_done: a Python hash of every key this run wrote."""
     import pyarrow as pa
 
-    from core.schema import KEY_COLUMNS
+    from scriptorium.core.schema import KEY_COLUMNS
 
     keep = []
     for key in zip(*(batch[c].to_pylist() for c in KEY_COLUMNS)):

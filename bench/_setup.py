@@ -1,18 +1,22 @@
-"""The shared start of every bench script: the repository's packages first, libraries quiet and offline.
+"""The shared start of every bench script: Scriptorium importable, libraries quiet and offline.
 
-`python bench/x.py` puts bench/ first on sys.path, where bench/pipeline.py would shadow the `pipeline`
-package, so importing this module puts the repository ahead of it. Standard library only: it runs on a
-GPU machine that has torch and transformers and nothing else.
+Installed (`make install`), `scriptorium` is found as it is anywhere. From a bare checkout, as on a lent
+GPU machine that has torch and transformers and nothing else, the repository's top-level folders are
+made `scriptorium`'s subpackages the way pyproject.toml maps them. Standard library only.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+if importlib.util.find_spec("scriptorium") is None:
+    sys.modules["scriptorium"] = types.ModuleType("scriptorium")
+    sys.modules["scriptorium"].__path__ = [str(REPO)]
 
 
 def quiet_env() -> None:

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from core.schema import RESULT_SCHEMA
+from scriptorium.core.schema import RESULT_SCHEMA
 
 PAGES_PER_DOCUMENT = 50
 TASKS = ("ocr", "caption")

@@ -82,12 +82,12 @@ def soak(side: str, n_rows: int, batch_rows: int, earlier: Path, earlier_units: 
     """Stream the rows through the driver's bookkeeping (in this process); what memory did."""
     import numpy as np
 
-    from connectors.ledger import read_ledger
-    from connectors.parquet_sink import ParquetSink, ParquetStore
-    from connectors.sink_guard import SinkGuard
-    from jobs.progress import Progress
-    from jobs.summary import tally_files
-    from core.units import work_units
+    from scriptorium.connectors.ledger import read_ledger
+    from scriptorium.connectors.parquet_sink import ParquetSink, ParquetStore
+    from scriptorium.connectors.sink_guard import SinkGuard
+    from scriptorium.jobs.progress import Progress
+    from scriptorium.jobs.summary import tally_files
+    from scriptorium.core.units import work_units
 
     from ledger import plan_spec
 
@@ -97,7 +97,7 @@ def soak(side: str, n_rows: int, batch_rows: int, earlier: Path, earlier_units: 
     store = ParquetStore(str(output))
     ledger = read_ledger(store, work_units(spec.tasks))
     if side == "new":  # planned first, as run_job does: the ledger learns which sources are partly done
-        import jobs.runner as runner
+        import scriptorium.jobs.runner as runner
         from _archive_output import listing
 
         runner.list_inputs = lambda _input, _storage, skip=None: listing(earlier_units)

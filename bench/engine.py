@@ -37,8 +37,8 @@ import torch  # noqa: E402
 from documents import render_pdf  # noqa: E402
 from transformers import LogitsProcessor  # noqa: E402
 
-from pipeline.model.collate import batch_by_shape  # noqa: E402
-from pipeline.model.features import encode_crops, generate_kwargs  # noqa: E402
+from scriptorium.pipeline.model.collate import batch_by_shape  # noqa: E402
+from scriptorium.pipeline.model.features import encode_crops, generate_kwargs  # noqa: E402
 
 CHARS_PER_TOKEN = 4
 DEFAULT_PDFS = "/usr/share/doc/**/*.pdf"
@@ -145,7 +145,7 @@ def run_static(model, prompt_ids, crops, targets, settings, device, dtype, batch
 def continuous_engine(model, batch_size: int, cache_tokens: int, images_per_page: int):
     """The continuous engine as the model stage builds it for `batch_size` pages per batch, with no
     end-of-sequence token (requests end at their max_new_tokens)."""
-    from pipeline.model.continuous import ContinuousEngine
+    from scriptorium.pipeline.model.continuous import ContinuousEngine
 
     return ContinuousEngine(model, eos_ids=set(), image_token_id=model.config.image_token_id,
                             max_requests=batch_size, cache_tokens=cache_tokens,
@@ -155,7 +155,7 @@ def continuous_engine(model, batch_size: int, cache_tokens: int, images_per_page
 @torch.inference_mode()
 def run_continuous(engine, model, prompt_ids, crops, targets, settings, device, dtype) -> list[int]:
     """Every page a request of `engine`, each with its target as max_new_tokens. Returns new tokens per page."""
-    from pipeline.model.continuous import EngineRequest
+    from scriptorium.pipeline.model.continuous import EngineRequest
 
     features = encode_crops(model, crops, settings, device, dtype)
     per_page = features.split([len(c) * settings.image_seq_len for c in crops])
@@ -185,13 +185,13 @@ def main() -> None:
                                                                        "change the count, only the time)")
     args = parser.parse_args()
 
-    from pipeline.model.continuous_stage import CPU_CACHE_TOKENS_PER_PAGE
+    from scriptorium.pipeline.model.continuous_stage import CPU_CACHE_TOKENS_PER_PAGE
 
-    from core.image_settings import ImageSettings
-    from core.spec import ModelSpec
-    from pipeline.crops import model_crops
-    from pipeline.model.loading import load_model, load_processor
-    from pipeline.model.tiny import build_tiny_idefics2
+    from scriptorium.core.image_settings import ImageSettings
+    from scriptorium.core.spec import ModelSpec
+    from scriptorium.pipeline.crops import model_crops
+    from scriptorium.pipeline.model.loading import load_model, load_processor
+    from scriptorium.pipeline.model.tiny import build_tiny_idefics2
 
     pdfs = args.pdf or real_pdfs()
     with tempfile.TemporaryDirectory() as folder:

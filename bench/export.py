@@ -36,9 +36,9 @@ WORDS = ("archive ledger parish harvest letter invoice total chapter map river m
 def synthetic_output(folder: Path, rows: int, text_bytes: int, seed: int = 0) -> int:
     """Write `rows` result rows (OCR and caption of 10-page documents) as shuffled files of two runs.
     Returns the bytes of text written."""
-    from connectors.parquet_sink import ParquetStore
-    from connectors.namespace import data_file_name
-    from core.schema import RESULT_SCHEMA
+    from scriptorium.connectors.parquet_sink import ParquetStore
+    from scriptorium.connectors.namespace import data_file_name
+    from scriptorium.core.schema import RESULT_SCHEMA
 
     rng = random.Random(seed)
     words_per_text = max(1, text_bytes // 7)
@@ -102,7 +102,7 @@ def measure(rows: int, args: argparse.Namespace) -> tuple[float, float]:
 # The export as `scriptorium export` runs it, then the process's own peak (each run in a fresh process).
 CHILD = """
 import resource, sys
-from jobs.cli import main
+from scriptorium.jobs.cli import main
 assert main(["export", sys.argv[1], "--to", sys.argv[2], "--format", sys.argv[3]]) == 0
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

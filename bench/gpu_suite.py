@@ -61,13 +61,13 @@ import torch  # noqa: E402
 from documents import page_images  # noqa: E402
 from engine import continuous_engine, length_mix, real_pdfs, run_continuous, run_static  # noqa: E402
 
-from core.image_settings import ImageSettings  # noqa: E402
-from core.spec import ResourceSpec  # noqa: E402
-from pipeline.crops import model_crops  # noqa: E402
-from pipeline.model.budget import automatic_token_budget, kv_cache_bytes_per_token, kv_cache_options  # noqa: E402
-from pipeline.model.collate import batch_by_shape  # noqa: E402
-from pipeline.model.features import VisionStream, encode_crops, generate_kwargs  # noqa: E402
-from pipeline.model.tiny import IDEFICS2_CHAT_TEMPLATE, build_tokenizer  # noqa: E402
+from scriptorium.core.image_settings import ImageSettings  # noqa: E402
+from scriptorium.core.spec import ResourceSpec  # noqa: E402
+from scriptorium.pipeline.crops import model_crops  # noqa: E402
+from scriptorium.pipeline.model.budget import automatic_token_budget, kv_cache_bytes_per_token, kv_cache_options  # noqa: E402
+from scriptorium.pipeline.model.collate import batch_by_shape  # noqa: E402
+from scriptorium.pipeline.model.features import VisionStream, encode_crops, generate_kwargs  # noqa: E402
+from scriptorium.pipeline.model.tiny import IDEFICS2_CHAT_TEMPLATE, build_tokenizer  # noqa: E402
 
 # HuggingFaceM4/idefics2-8b's config.json: SigLIP-so400m vision tower at 980, Mistral-7B text model
 # (the keys its config leaves out are MistralConfig's defaults, written out here), perceiver defaults.
@@ -254,7 +254,7 @@ def stop_at_deadline(report: Report, seconds: float) -> None:
 # -- 1. correctness ---------------------------------------------------------------------------------------
 def page_rows(pages):
     """PAGE_SCHEMA rows of rendered page images, as the render stage makes them."""
-    from core.schema import PAGE_SCHEMA, table_from_rows
+    from scriptorium.core.schema import PAGE_SCHEMA, table_from_rows
 
     rows = [dict(source_uri=f"suite://page-{i}.png", size=page.nbytes, etag=f"e{i}", kind="image", page=0,
                  n_pages=1, member=None, width=page.shape[1], height=page.shape[0], image=page.tobytes(),
@@ -265,7 +265,7 @@ def page_rows(pages):
 
 def stage_rows(replica, preprocessed) -> list[dict]:
     """Result rows of a model-stage replica's call, sorted."""
-    from pipeline.steps import step_results
+    from scriptorium.pipeline.steps import step_results
 
     rows = [row for table in step_results(replica(preprocessed)) for row in table.to_pylist()]
     return sorted(rows, key=lambda r: (r["source_uri"], r["task"]))
@@ -287,13 +287,13 @@ def differing_rows(a: list[dict], b: list[dict]) -> str:
 
 def check_correctness(report: Report, device: str, n_pages: int) -> None:
     """The model stage's classes on `device` against CPU, both engines, a static fallback, an injected OOM."""
-    from core.spec import ModelSpec, TaskSpec
-    from pipeline.model.continuous_stage import GenerateAnswersContinuously
-    from pipeline.model.loading import open_model_config
-    from pipeline.model.stage import GenerateAnswers
-    from pipeline.model.tiny import build_tiny_idefics2
-    from pipeline.preprocess import PreprocessPages
-    from pipeline.prompts import PromptBook
+    from scriptorium.core.spec import ModelSpec, TaskSpec
+    from scriptorium.pipeline.model.continuous_stage import GenerateAnswersContinuously
+    from scriptorium.pipeline.model.loading import open_model_config
+    from scriptorium.pipeline.model.stage import GenerateAnswers
+    from scriptorium.pipeline.model.tiny import build_tiny_idefics2
+    from scriptorium.pipeline.preprocess import PreprocessPages
+    from scriptorium.pipeline.prompts import PromptBook
 
     # fp32 without TF32 on both devices: the same arithmetic up to kernel order, so greedy tokens agree.
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -580,7 +580,7 @@ def length_mix_runs(report: Report, bench: Bench) -> None:
 def engine_concurrency(report: Report, bench: Bench) -> None:
     """The continuous engine at several numbers of requests in flight (SDPA's cap lifted for the sweep):
     twice that many pages, each exactly --sweep-tokens new tokens, in a cache just big enough."""
-    from pipeline.model import continuous
+    from scriptorium.pipeline.model import continuous
 
     args, model, device, dtype = bench.args, bench.model, bench.device, bench.dtype
     if bench.engine is not None:  # its cache, sized for the whole budget, goes first

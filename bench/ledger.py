@@ -38,7 +38,7 @@ TARGETS = {"resume_plan_s": 60, "resume_plan_peak_gb": 2}  # set for 1e8 units
 
 
 def plan_spec(folder: Path, run_id: str, retry_failed: bool = False):
-    from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, TaskSpec
+    from scriptorium.core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, TaskSpec
 
     return JobSpec(run_id=run_id, input=InputSpec(uri="s3://archive-bench/"),
                    output=OutputSpec(uri=str(folder), retry_failed=retry_failed), model=ModelSpec(id="unused"),
@@ -49,15 +49,15 @@ def measure(side: str, folder: Path, units: int, retry_failed: bool) -> dict:
     """Plan a rerun against the output in `folder` (in this process); what it took."""
     from _archive_output import listing
 
-    from connectors.parquet_sink import ParquetStore
-    from core.units import work_units
+    from scriptorium.connectors.parquet_sink import ParquetStore
+    from scriptorium.core.units import work_units
 
     spec = plan_spec(folder, f"bench-plan-{side}", retry_failed)
     store = ParquetStore(str(folder))
     work = store.work_folder(spec.run_id)
     if side == "new":  # imported before the clock starts: a driver has them loaded before it plans
-        import jobs.runner as runner
-        from connectors.ledger import read_ledger
+        import scriptorium.jobs.runner as runner
+        from scriptorium.connectors.ledger import read_ledger
     started, cpu_started = time.perf_counter(), cpu_seconds()
     if side == "new":
         runner.list_inputs = lambda _input, _storage, skip=None: listing(units)  # the input store's listing, synthetic

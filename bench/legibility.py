@@ -31,11 +31,11 @@ TODAY_EDGE = 980  # before the render rule: every PDF page at the processor's lo
 
 def model_view(path: Path, render, settings) -> np.ndarray:
     """The page's four quadrant crops as the model actor receives them, stitched back into one image."""
-    from core.pixels import decompress_crops
-    from core.schema import PLAN_SCHEMA, table_from_rows
-    from core.spec import StorageSpec
-    from pipeline.preprocess import PreprocessPages
-    from pipeline.render.stage import RenderPages
+    from scriptorium.core.pixels import decompress_crops
+    from scriptorium.core.schema import PLAN_SCHEMA, table_from_rows
+    from scriptorium.core.spec import StorageSpec
+    from scriptorium.pipeline.preprocess import PreprocessPages
+    from scriptorium.pipeline.render.stage import RenderPages
 
     plan = table_from_rows([{"source_uri": str(path), "size": path.stat().st_size, "kind": "pdf"}], PLAN_SCHEMA)
     [row] = [r for pages in RenderPages(render, StorageSpec())(plan)
@@ -81,10 +81,10 @@ def main() -> None:
     parser.add_argument("--fonts", nargs="+", default=["helv", "tiro"], help="PDF base fonts: helv, tiro, cour")
     args = parser.parse_args()
 
-    from core.image_settings import ImageSettings
-    from core.spec import RenderSpec
-    from pipeline.routes.tesseract import tessdata_path, tesseract_ocr
-    from pipeline.stages import resolved_render
+    from scriptorium.core.image_settings import ImageSettings
+    from scriptorium.core.spec import RenderSpec
+    from scriptorium.pipeline.routes.tesseract import tessdata_path, tesseract_ocr
+    from scriptorium.pipeline.stages import resolved_render
 
     try:
         tessdata_path()

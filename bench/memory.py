@@ -118,7 +118,7 @@ def write_documents(workdir: str, n_pages: int) -> str:
 def run(n_pages: int, model: str, workdir: str, args) -> dict:
     import ray
 
-    from core.spec import (
+    from scriptorium.core.spec import (
         InputSpec,
         JobSpec,
         ModelSpec,
@@ -127,7 +127,7 @@ def run(n_pages: int, model: str, workdir: str, args) -> dict:
         ResourceSpec,
         TaskSpec,
     )
-    from jobs.runner import init_ray, run_job
+    from scriptorium.jobs.runner import init_ray, run_job
 
     spec = JobSpec(
         run_id=f"memory-{n_pages}",
@@ -191,7 +191,7 @@ def main() -> None:
     if args.local_cluster:
         sys.exit(run_on_local_cluster(sys.argv[1:]))
 
-    from pipeline.model.tiny import build_tiny_idefics2
+    from scriptorium.pipeline.model.tiny import build_tiny_idefics2
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tmp

@@ -39,7 +39,7 @@ def run_pipeline(model: Path, folder: Path, out: Path, args) -> tuple[float, flo
     """(Ray start seconds, job seconds, result rows) of the Scriptorium pipeline."""
     import pyarrow.dataset as pads
 
-    from core.spec import (
+    from scriptorium.core.spec import (
         InputSpec,
         JobSpec,
         ModelSpec,
@@ -47,7 +47,7 @@ def run_pipeline(model: Path, folder: Path, out: Path, args) -> tuple[float, flo
         ResourceSpec,
         TaskSpec,
     )
-    from jobs.runner import init_ray, run_job
+    from scriptorium.jobs.runner import init_ray, run_job
 
     spec = JobSpec(
         run_id="bench",
@@ -73,7 +73,7 @@ def run_loop(model: Path, folder: Path, out: Path, prompt: str, max_new_tokens: 
     import pyarrow.parquet as pq
     import torch
     from documents import render_pdf  # PyMuPDF, at the pipeline's size rule
-    from core.image_settings import ImageSettings
+    from scriptorium.core.image_settings import ImageSettings
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -106,7 +106,7 @@ def main() -> None:
 
     import ray
 
-    from pipeline.model.tiny import build_tiny_idefics2
+    from scriptorium.pipeline.model.tiny import build_tiny_idefics2
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

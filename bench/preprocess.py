@@ -43,8 +43,8 @@ def pin_to_one_core() -> int:
 
 
 def plan_of(path: Path):
-    from core.kinds import kind_of
-    from core.schema import PLAN_SCHEMA, table_from_rows
+    from scriptorium.core.kinds import kind_of
+    from scriptorium.core.schema import PLAN_SCHEMA, table_from_rows
 
     return table_from_rows([{"source_uri": str(path), "size": path.stat().st_size, "kind": kind_of(path.name)}],
                            PLAN_SCHEMA)
@@ -52,7 +52,7 @@ def plan_of(path: Path):
 
 def cpu_seconds() -> float:
     """CPU time of this process and of its render sandbox (pipeline/sandbox.py), which renders PDF pages."""
-    from pipeline.render.sandbox import sandbox_for_this_thread
+    from scriptorium.pipeline.render.sandbox import sandbox_for_this_thread
 
     seconds = time.process_time()
     pid = sandbox_for_this_thread().pid
@@ -65,9 +65,9 @@ def cpu_seconds() -> float:
 
 def run_ours(paths, render, settings):
     """The pipeline's CPU steps on every file; returns (seconds, CPU seconds, preprocessed tables)."""
-    from core.spec import StorageSpec
-    from pipeline.preprocess import PreprocessPages
-    from pipeline.render.stage import RenderPages
+    from scriptorium.core.spec import StorageSpec
+    from scriptorium.pipeline.preprocess import PreprocessPages
+    from scriptorium.pipeline.render.stage import RenderPages
 
     render_step, preprocess_step = RenderPages(render, StorageSpec()), PreprocessPages(settings)
     tables = []
@@ -83,9 +83,9 @@ def run_reference(paths, render, image_processor, keep: int):
     first `keep` outputs with their images)."""
     from PIL import Image
 
-    from core.pixels import page_image
-    from core.spec import StorageSpec
-    from pipeline.render.stage import pages_of
+    from scriptorium.core.pixels import page_image
+    from scriptorium.core.spec import StorageSpec
+    from scriptorium.pipeline.render.stage import pages_of
 
     images = [page_image(row) for path in paths
               for row in pages_of(plan_of(path).to_pylist()[0], render, StorageSpec())]
@@ -102,8 +102,8 @@ def run_reference(paths, render, image_processor, keep: int):
 def check_fidelity(tables, reference_outputs, settings) -> bool:
     import torch
 
-    from core.pixels import decompress_crops
-    from pipeline.model.collate import collate_pixels
+    from scriptorium.core.pixels import decompress_crops
+    from scriptorium.pipeline.model.collate import collate_pixels
 
     rows = [row for table in tables for row in table.to_pylist()][: len(reference_outputs)]
     for row, ref in zip(rows, reference_outputs):
@@ -122,10 +122,10 @@ def main() -> None:
 
     from transformers import AutoProcessor
 
-    from core.image_settings import ImageSettings
-    from core.spec import RenderSpec
-    from pipeline.model.tiny import build_tiny_idefics2
-    from pipeline.stages import resolved_render
+    from scriptorium.core.image_settings import ImageSettings
+    from scriptorium.core.spec import RenderSpec
+    from scriptorium.pipeline.model.tiny import build_tiny_idefics2
+    from scriptorium.pipeline.stages import resolved_render
 
     core = pin_to_one_core()
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ import socket
 from typing import Sequence
 from urllib.parse import urlsplit
 
-from core.redaction import redact_uri
+from scriptorium.core.redaction import redact_uri
 
 HTTP = ("http", "https")
 LOCAL_HOST_NAMES = ("localhost", "metadata", "metadata.google.internal")

@@ -46,9 +46,9 @@ from typing import Protocol
 
 import fsspec.asyn
 
-from connectors.namespace import FOLDER, LEASE_FILE, temporary_name
-from connectors.storage import protocol_of, redact, uri_for
-from core.errors import OutputError
+from scriptorium.connectors.namespace import FOLDER, LEASE_FILE, temporary_name
+from scriptorium.connectors.storage import protocol_of, redact, uri_for
+from scriptorium.core.errors import OutputError
 
 log = logging.getLogger("scriptorium.lease")
 

@@ -35,10 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.output_query import PAGE_WORD_BITS, PublishedFiles, connect, page_bit, page_word
-from connectors.parquet_sink import ParquetStore
-from core.schema import DOCUMENT_PAGE, KEY_COLUMNS
-from core.units import Units
+from scriptorium.connectors.output_query import PAGE_WORD_BITS, PublishedFiles, connect, page_bit, page_word
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.core.schema import DOCUMENT_PAGE, KEY_COLUMNS
+from scriptorium.core.units import Units
 
 log = logging.getLogger("scriptorium")
 

@@ -21,12 +21,12 @@ from typing import Callable, Iterator
 import fsspec.asyn
 from fsspec.utils import glob_translate
 
-from connectors.manifest import ManifestEntry, read_manifest
-from connectors.manifest_policy import entry_refusal
-from connectors.storage import filesystem_for, redact, uri_for
-from core.kinds import kind_of
-from core.redaction import redact_uri
-from core.spec import InputSpec, StorageSpec
+from scriptorium.connectors.manifest import ManifestEntry, read_manifest
+from scriptorium.connectors.manifest_policy import entry_refusal
+from scriptorium.connectors.storage import filesystem_for, redact, uri_for
+from scriptorium.core.kinds import kind_of
+from scriptorium.core.redaction import redact_uri
+from scriptorium.core.spec import InputSpec, StorageSpec
 
 GLOB_CHARS = "*?["
 LIST_PAGE = 1000  # objects per S3 ListObjectsV2 / GCS objects.list page (both APIs' maximum)

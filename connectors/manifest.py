@@ -29,10 +29,10 @@ import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
-from connectors.storage import describe_error, protocol_of, read_bytes, redact
-from core.errors import SpecError
-from core.redaction import redact_uri
-from core.spec import StorageSpec
+from scriptorium.connectors.storage import describe_error, protocol_of, read_bytes, redact
+from scriptorium.core.errors import SpecError
+from scriptorium.core.redaction import redact_uri
+from scriptorium.core.spec import StorageSpec
 
 FORMATS = (".txt", ".csv", ".jsonl", ".ndjson", ".parquet")
 log = logging.getLogger("scriptorium")

@@ -24,9 +24,9 @@ import posixpath
 from typing import Sequence
 from urllib.parse import urlsplit
 
-from connectors.http_guard import HTTP, private_host, url_allowed_by
-from connectors.storage import protocol_of
-from core.redaction import redact_uri
+from scriptorium.connectors.http_guard import HTTP, private_host, url_allowed_by
+from scriptorium.connectors.storage import protocol_of
+from scriptorium.core.redaction import redact_uri
 
 
 def entry_refusal(uri: str, manifest_uri: str, allow: Sequence[str]) -> str | None:

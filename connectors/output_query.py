@@ -19,9 +19,9 @@ import uuid
 
 import duckdb
 
-from connectors.parquet_sink import ParquetStore, _is_local
-from connectors.storage import uri_for
-from core.schema import RESULT_SCHEMA
+from scriptorium.connectors.parquet_sink import ParquetStore, _is_local
+from scriptorium.connectors.storage import uri_for
+from scriptorium.core.schema import RESULT_SCHEMA
 
 MEMORY_LIMIT = "1GB"  # DuckDB's own ceiling; beyond it, its hash tables spill to disk
 PAGE_WORD_BITS = 64

@@ -38,11 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from connectors import namespace
-from connectors.storage import filesystem_for, redact, unreachable_reason, uri_for
-from core.errors import OutputError
-from core.schema import RESULT_SCHEMA
-from core.spec import StorageSpec
+from scriptorium.connectors import namespace
+from scriptorium.connectors.storage import filesystem_for, redact, unreachable_reason, uri_for
+from scriptorium.core.errors import OutputError
+from scriptorium.core.schema import RESULT_SCHEMA
+from scriptorium.core.spec import StorageSpec
 
 log = logging.getLogger("scriptorium.sink")
 
@@ -258,8 +258,8 @@ class ParquetStore:
         return len(files)
 
     def _warn_of_foreign_files(self, shown: int = 5) -> None:
-        from connectors.listing import iter_objects
-        from core.spec import InputSpec
+        from scriptorium.connectors.listing import iter_objects
+        from scriptorium.core.spec import InputSpec
 
         count, names = 0, []
         try:  # streams: an output that is the parent of a big input is not listed into memory

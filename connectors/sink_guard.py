@@ -24,7 +24,7 @@ from collections import OrderedDict
 import numpy as np
 import pyarrow as pa
 
-from core.schema import KEY_COLUMNS
+from scriptorium.core.schema import KEY_COLUMNS
 
 log = logging.getLogger("scriptorium")
 

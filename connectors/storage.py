@@ -18,8 +18,8 @@ from typing import Callable, TypeVar
 
 import fsspec
 
-from core.redaction import redact
-from core.spec import StorageSpec
+from scriptorium.core.redaction import redact
+from scriptorium.core.spec import StorageSpec
 
 log = logging.getLogger("scriptorium.storage")
 T = TypeVar("T")
@@ -63,7 +63,7 @@ def fsspec_options(protocol: str, options: StorageSpec) -> dict:
     if protocol in ("http", "https") and options.http_allow is not None:
         from functools import partial
 
-        from connectors.http_guard import guarded_http_session
+        from scriptorium.connectors.http_guard import guarded_http_session
 
         return {"get_client": partial(guarded_http_session, options.http_allow)}
     return {}

@@ -44,8 +44,8 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from core.errors import SpecError
-from core.redaction import redact_uri
+from scriptorium.core.errors import SpecError
+from scriptorium.core.redaction import redact_uri
 
 TaskKind = Literal["ocr", "caption", "qa", "custom"]
 CaptionDetail = Literal["short", "detailed"]

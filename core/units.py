@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from core.schema import DOCUMENT_PAGE
-from core.spec import TaskSpec
+from scriptorium.core.schema import DOCUMENT_PAGE
+from scriptorium.core.spec import TaskSpec
 
 NO_QUESTION = "task {task!r} has no question for this document: give it questions in the job spec or the manifest"
 

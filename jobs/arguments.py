@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from core.spec import JobSpec, Section, StorageSpec, TaskSpec, choices, load_spec
+from scriptorium.core.spec import JobSpec, Section, StorageSpec, TaskSpec, choices, load_spec
 
 BOOLEAN = argparse.BooleanOptionalAction
 

@@ -26,12 +26,12 @@ import sys
 import threading
 from pathlib import Path
 
-from connectors.parquet_sink import ParquetStore
-from connectors.storage import unreachable_reason
-from core.errors import OutputError, SpecError
-from core.redaction import redact
-from core.spec import JobSpec, json_schema, load_spec
-from jobs.arguments import (
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.connectors.storage import unreachable_reason
+from scriptorium.core.errors import OutputError, SpecError
+from scriptorium.core.redaction import redact
+from scriptorium.core.spec import JobSpec, json_schema, load_spec
+from scriptorium.jobs.arguments import (
     INPUT_FILTER_FLAGS,
     STORAGE_FLAGS,
     add_flags,
@@ -41,24 +41,24 @@ from jobs.arguments import (
     spec_from_args,
     storage_from_args,
 )
-from jobs.export import export
-from jobs.export_formats import FORMATS
-from jobs.inspect_input import (
+from scriptorium.jobs.export import export
+from scriptorium.jobs.export_formats import FORMATS
+from scriptorium.jobs.inspect_input import (
     DEFAULT_PAGES_PER_SECOND,
     format_inspection,
     inspect_inputs,
     summarize_inspection,
 )
-from jobs.report import build_report
-from jobs.submit import add_submit_arguments, cmd_submit
-from jobs.summary import format_summary, load_summary
+from scriptorium.jobs.report import build_report
+from scriptorium.jobs.submit import add_submit_arguments, cmd_submit
+from scriptorium.jobs.summary import format_summary, load_summary
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     # A spec that cannot run fails first, in a second, without loading what a run needs.
     spec = spec_from_args(args).check_runnable()
     # Imported here: torch, transformers and Ray (~8 s) load only for the commands that use them.
-    from jobs.runner import run_job
+    from scriptorium.jobs.runner import run_job
 
     # `ray job stop`, a deadline's `timeout` and Kubernetes stop a run with SIGTERM: exit through the
     # run's cleanup, which releases the output's lease, instead of dying on the spot.
@@ -139,7 +139,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from pipeline.model.tiny import build_tiny_idefics2  # imported here: it loads torch and transformers
+    from scriptorium.pipeline.model.tiny import build_tiny_idefics2  # imported here: it loads torch and transformers
 
     path = build_tiny_idefics2(args.dir, do_image_splitting=args.image_splitting)
     print(f"tiny random-weight Idefics2 checkpoint written to {path}")

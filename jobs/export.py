@@ -38,12 +38,12 @@ from datetime import datetime, timezone
 from itertools import chain, islice
 from typing import Iterator
 
-from connectors.parquet_sink import ParquetStore
-from connectors.storage import filesystem_for, protocol_of
-from core.errors import SpecError
-from core.spec import StorageSpec
-from jobs.export_formats import FORMATS, to_dolma, to_markdown, to_record, to_text
-from jobs.export_rows import Document, bucket_count, documents, sorted_rows, spill
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.connectors.storage import filesystem_for, protocol_of
+from scriptorium.core.errors import SpecError
+from scriptorium.core.spec import StorageSpec
+from scriptorium.jobs.export_formats import FORMATS, to_dolma, to_markdown, to_record, to_text
+from scriptorium.jobs.export_rows import Document, bucket_count, documents, sorted_rows, spill
 
 DOCUMENTS_PER_FILE = 10_000  # jsonl and dolma: documents per part file
 

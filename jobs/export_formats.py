@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
-    from jobs.export_rows import Document, Page, Unit
+    from scriptorium.jobs.export_rows import Document, Page, Unit
 
 FORMATS = ("markdown", "text", "jsonl", "dolma")
 DOLMA_SOURCE = "scriptorium"

@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from connectors.parquet_sink import ParquetStore
-from core.schema import DOCUMENT_PAGE, RESULT_SCHEMA
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.core.schema import DOCUMENT_PAGE, RESULT_SCHEMA
 
 ROW_COLUMNS = ["source_uri", "page", "n_pages", "member", "task", "question", "text", "status", "error", "stage",
                "model", "route", "truncated", "degenerate", "n_input_tokens", "n_output_tokens",

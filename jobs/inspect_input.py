@@ -21,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import Iterable, Iterator
 
-from connectors.listing import list_inputs
-from connectors.storage import read_bytes, redact
-from core.errors import PageError
-from core.kinds import KINDS
-from core.spec import InputSpec, JobSpec, RenderSpec, StorageSpec
-from pipeline.render.sources import open_source
+from scriptorium.connectors.listing import list_inputs
+from scriptorium.connectors.storage import read_bytes, redact
+from scriptorium.core.errors import PageError
+from scriptorium.core.kinds import KINDS
+from scriptorium.core.spec import InputSpec, JobSpec, RenderSpec, StorageSpec
+from scriptorium.pipeline.render.sources import open_source
 
 # Planning default, per GPU and per task unit (one page through one prompt): the static engine's pages/s
 # on an H200 at 512 new tokens with splitting (BENCHMARKS.md, GPU). Replace it with a pilot run's figure

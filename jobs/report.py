@@ -31,13 +31,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from connectors.parquet_sink import ParquetStore
-from connectors.storage import redact
-from core.kinds import kind_of
-from core.pixels import page_image
-from core.spec import RenderSpec, StorageSpec
-from jobs.summary import format_summary, load_summary
-from pipeline.render.stage import pages_of
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.connectors.storage import redact
+from scriptorium.core.kinds import kind_of
+from scriptorium.core.pixels import page_image
+from scriptorium.core.spec import RenderSpec, StorageSpec
+from scriptorium.jobs.summary import format_summary, load_summary
+from scriptorium.pipeline.render.stage import pages_of
 
 KEY_COLUMNS = ["source_uri", "page", "status", "run_id"]
 ROW_COLUMNS = ["source_uri", "page", "n_pages", "member", "task", "question", "text", "status", "error", "stage",

@@ -20,30 +20,30 @@ import pyarrow.parquet as pq
 import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from connectors.lease import hold_output
-from connectors.ledger import Ledger, read_ledger
-from connectors.listing import list_inputs, results_filter
-from connectors.parquet_sink import ParquetSink, ParquetStore
-from connectors.sink_guard import SinkGuard
-from connectors.storage import redact, unreachable_reason
-from core.errors import SpecError
-from core.schema import PLAN_SCHEMA, table_from_rows
-from core.spec import JobSpec, check_run_id, new_run_id, output_uri_for_run
-from core.units import work_units
-from jobs.progress import Progress
-from jobs.quiet_ray import spend_actor_restart_warning
-from jobs.summary import write_run_summary
-from jobs.block_stats import bound_block_stats
-from pipeline.model.journal import journal_folder
-from pipeline.model.loading import gpus_in_cluster
-from pipeline.processor import build_processor
-from pipeline.routes.dedup import (
+from scriptorium.connectors.lease import hold_output
+from scriptorium.connectors.ledger import Ledger, read_ledger
+from scriptorium.connectors.listing import list_inputs, results_filter
+from scriptorium.connectors.parquet_sink import ParquetSink, ParquetStore
+from scriptorium.connectors.sink_guard import SinkGuard
+from scriptorium.connectors.storage import redact, unreachable_reason
+from scriptorium.core.errors import SpecError
+from scriptorium.core.schema import PLAN_SCHEMA, table_from_rows
+from scriptorium.core.spec import JobSpec, check_run_id, new_run_id, output_uri_for_run
+from scriptorium.core.units import work_units
+from scriptorium.jobs.progress import Progress
+from scriptorium.jobs.quiet_ray import spend_actor_restart_warning
+from scriptorium.jobs.summary import write_run_summary
+from scriptorium.jobs.block_stats import bound_block_stats
+from scriptorium.pipeline.model.journal import journal_folder
+from scriptorium.pipeline.model.loading import gpus_in_cluster
+from scriptorium.pipeline.processor import build_processor
+from scriptorium.pipeline.routes.dedup import (
     DedupJoin,
     earlier_results,
     seed_registry,
     start_registry,
 )
-from pipeline.stages import Derived, derive
+from scriptorium.pipeline.stages import Derived, derive
 
 log = logging.getLogger("scriptorium")
 

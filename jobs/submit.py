@@ -32,9 +32,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import SpecError
-from core.spec import check_run_id, new_run_id
-from jobs.arguments import add_run_arguments, spec_from_args
+from scriptorium.core.errors import SpecError
+from scriptorium.core.spec import check_run_id, new_run_id
+from scriptorium.jobs.arguments import add_run_arguments, spec_from_args
 
 TERMINAL_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 

@@ -29,10 +29,10 @@ from typing import Iterable
 
 import pyarrow as pa
 
-from connectors.output_query import PublishedFiles, sql_type, connect, page_bit, page_word
-from connectors.parquet_sink import ParquetStore
-from core.errors import SpecError
-from core.redaction import redact_uri
+from scriptorium.connectors.output_query import PublishedFiles, sql_type, connect, page_bit, page_word
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.core.errors import SpecError
+from scriptorium.core.redaction import redact_uri
 
 SUMMARY_COLUMNS = ["source_uri", "page", "task", "status", "error", "stage", "n_input_tokens", "n_output_tokens", "truncated"]
 RUNS_DIR = "_runs"

@@ -23,7 +23,7 @@ from functools import cache
 import numpy as np
 from PIL import Image
 
-from core.image_settings import ImageSettings
+from scriptorium.core.image_settings import ImageSettings
 
 
 def target_size(height: int, width: int, settings: ImageSettings) -> tuple[int, int]:

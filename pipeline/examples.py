@@ -6,14 +6,14 @@ The crops travel with the prompt book to every model replica, which puts them be
 
 from __future__ import annotations
 
-from connectors.storage import read_bytes
-from core.errors import PageError, SpecError
-from core.image_settings import ImageSettings
-from core.pixels import page_image
-from core.spec import RenderSpec, StorageSpec, TaskSpec
-from pipeline.crops import model_crops
-from pipeline.prompts import Example
-from pipeline.render.decoders import local_frames
+from scriptorium.connectors.storage import read_bytes
+from scriptorium.core.errors import PageError, SpecError
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.core.pixels import page_image
+from scriptorium.core.spec import RenderSpec, StorageSpec, TaskSpec
+from scriptorium.pipeline.crops import model_crops
+from scriptorium.pipeline.prompts import Example
+from scriptorium.pipeline.render.decoders import local_frames
 
 
 def load_examples(tasks: list[TaskSpec], image_settings: ImageSettings,

@@ -11,11 +11,11 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 
-from core.schema import PLAN_SCHEMA, table_from_rows
-from core.spec import JobSpec
-from pipeline.routes.dedup import DedupJoin
-from pipeline.stages import Derived, Stage, derive, job_stages
-from pipeline.steps import step_results
+from scriptorium.core.schema import PLAN_SCHEMA, table_from_rows
+from scriptorium.core.spec import JobSpec
+from scriptorium.pipeline.routes.dedup import DedupJoin
+from scriptorium.pipeline.stages import Derived, Stage, derive, job_stages
+from scriptorium.pipeline.steps import step_results
 
 
 def walk(stages: list[Stage], tables: Iterable[pa.Table]) -> Iterator[pa.Table]:

@@ -13,11 +13,11 @@ The split and resize themselves are `crops.py`'s; this is the stage around them.
 
 from __future__ import annotations
 
-from core.image_settings import ImageSettings
-from core.pixels import compress_crops, page_images
-from core.schema import PAGE_SCHEMA, PREPROCESSED_SCHEMA
-from pipeline.crops import model_crops
-from pipeline.steps import PageStep, fail
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.core.pixels import compress_crops, page_images
+from scriptorium.core.schema import PAGE_SCHEMA, PREPROCESSED_SCHEMA
+from scriptorium.pipeline.crops import model_crops
+from scriptorium.pipeline.steps import PageStep, fail
 
 
 class PreprocessPages(PageStep):

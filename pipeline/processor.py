@@ -1,7 +1,7 @@
 """The Ray Data processor: a job's stages as one function over Ray Datasets, documents in, result rows out.
 
-    from core.spec import spec_from_dict
-    from pipeline.processor import build_processor
+    from scriptorium.core.spec import spec_from_dict
+    from scriptorium.pipeline.processor import build_processor
 
     spec = spec_from_dict({"model": {"id": "HuggingFaceM4/idefics2-8b"}, "tasks": [{"kind": "ocr"}]})
     ocr = build_processor(spec)                       # loads the processor config once, here
@@ -25,10 +25,10 @@ import posixpath
 import pyarrow as pa
 import ray
 
-from core.kinds import kind_of
-from core.schema import PLAN_SCHEMA
-from core.spec import JobSpec
-from pipeline.stages import Derived, Stage, derive, job_stages
+from scriptorium.core.kinds import kind_of
+from scriptorium.core.schema import PLAN_SCHEMA
+from scriptorium.core.spec import JobSpec
+from scriptorium.pipeline.stages import Derived, Stage, derive, job_stages
 
 
 def build_processor(spec: JobSpec, derived: Derived | None = None, dedup_registry=None) -> "Processor":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.spec import TaskSpec
+from scriptorium.core.spec import TaskSpec
 
 # The built-in instructions per (kind, detail), for instruct and base checkpoints.
 INSTRUCT_TEXT = {

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from core.spec import TaskSpec
-from core.units import NO_QUESTION, open_units
+from scriptorium.core.spec import TaskSpec
+from scriptorium.core.units import NO_QUESTION, open_units
 
 
 def page_result(page: dict, **values) -> dict:

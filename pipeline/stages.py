@@ -16,19 +16,19 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from core.errors import SpecError
-from core.image_settings import ImageSettings
-from core.spec import JobSpec, ModelSpec, RenderSpec, ResourceSpec
-from core.units import document_window
-from pipeline.examples import load_examples
-from pipeline.model.loading import gpus_in_cluster, open_model_config
-from pipeline.model.continuous_stage import GenerateAnswersContinuously
-from pipeline.model.stage import GenerateAnswers
-from pipeline.preprocess import PreprocessPages
-from pipeline.prompts import PromptBook, resolve_prompt_format
-from pipeline.render.stage import RenderPages
-from pipeline.routes.stage import AnswerWithoutModel, RoutePages
-from pipeline.routes.tesseract import tessdata_path
+from scriptorium.core.errors import SpecError
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.core.spec import JobSpec, ModelSpec, RenderSpec, ResourceSpec
+from scriptorium.core.units import document_window
+from scriptorium.pipeline.examples import load_examples
+from scriptorium.pipeline.model.loading import gpus_in_cluster, open_model_config
+from scriptorium.pipeline.model.continuous_stage import GenerateAnswersContinuously
+from scriptorium.pipeline.model.stage import GenerateAnswers
+from scriptorium.pipeline.preprocess import PreprocessPages
+from scriptorium.pipeline.prompts import PromptBook, resolve_prompt_format
+from scriptorium.pipeline.render.stage import RenderPages
+from scriptorium.pipeline.routes.stage import AnswerWithoutModel, RoutePages
+from scriptorium.pipeline.routes.tesseract import tessdata_path
 
 log = logging.getLogger("scriptorium")
 

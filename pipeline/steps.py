@@ -19,9 +19,9 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from core.schema import PAGE_SCHEMA, RESULT_SCHEMA, rows_of, table_from_rows
-from core.spec import TaskSpec
-from pipeline.results import unit_rows
+from scriptorium.core.schema import PAGE_SCHEMA, RESULT_SCHEMA, rows_of, table_from_rows
+from scriptorium.core.spec import TaskSpec
+from scriptorium.pipeline.results import unit_rows
 
 
 def fail(row: dict, stage: str, error: str) -> None:

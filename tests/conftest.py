@@ -78,7 +78,7 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Idefics2 checkpoint without image splitting (fast)."""
-    from pipeline.model.tiny import build_tiny_idefics2
+    from scriptorium.pipeline.model.tiny import build_tiny_idefics2
 
     return build_tiny_idefics2(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -86,7 +86,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_split(tmp_path_factory) -> Path:
     """The same architecture with `do_image_splitting=True` in its processor config."""
-    from pipeline.model.tiny import build_tiny_idefics2
+    from scriptorium.pipeline.model.tiny import build_tiny_idefics2
 
     return build_tiny_idefics2(tmp_path_factory.mktemp("models") / "tiny-split", do_image_splitting=True)
 
@@ -193,7 +193,7 @@ def small_ocr_job(input_uri, output_uri, model, max_new_tokens: int = 4) -> dict
 
 def plan_row(path: Path, questions: list[str] | None = None, done_pages: list[int] | None = None) -> dict:
     """A planned input, as the lister (and the manifest reader, for `questions`) makes it."""
-    from core.kinds import kind_of
+    from scriptorium.core.kinds import kind_of
 
     return {"source_uri": str(path), "size": path.stat().st_size, "etag": "test", "kind": kind_of(path.name),
             "questions": questions, "done_pages": done_pages}
@@ -201,7 +201,7 @@ def plan_row(path: Path, questions: list[str] | None = None, done_pages: list[in
 
 def job(model, tasks=(), **sections):
     """A job spec for in-process runs on CPU in fp32 (the tiny checkpoint): `sections` are spec sections."""
-    from core.spec import JobSpec, ModelSpec
+    from scriptorium.core.spec import JobSpec, ModelSpec
 
     return JobSpec(model=ModelSpec(id=str(model), device="cpu", dtype="fp32"), tasks=list(tasks), run_id="test",
                    **sections)
@@ -210,7 +210,7 @@ def job(model, tasks=(), **sections):
 def run_stages(spec, plan_rows: list[dict], registry=None) -> list[dict]:
     """The result rows of `spec` over `plan_rows`, through the job's own stages run in-process
     (pipeline/local.py), sorted by (source, page, task, question)."""
-    from pipeline.local import run_in_process
+    from scriptorium.pipeline.local import run_in_process
 
     rows = run_in_process(spec, plan_rows, dedup_registry=registry).to_pylist()
     return sorted(rows, key=lambda r: (r["source_uri"], r["page"], r["task"], r["question"] or ""))
@@ -220,9 +220,9 @@ def preprocessed(spec, plan_rows: list[dict]):
     """Page rows of `plan_rows` as the model stage receives them: the job's stages before the model."""
     import pyarrow as pa
 
-    from core.schema import PLAN_SCHEMA, table_from_rows
-    from pipeline.local import walk
-    from pipeline.stages import derive, job_stages
+    from scriptorium.core.schema import PLAN_SCHEMA, table_from_rows
+    from scriptorium.pipeline.local import walk
+    from scriptorium.pipeline.stages import derive, job_stages
 
     *before_model, _model = job_stages(spec, derive(spec))
     return pa.concat_tables(walk(before_model, [table_from_rows(plan_rows, PLAN_SCHEMA)]))
@@ -231,7 +231,7 @@ def preprocessed(spec, plan_rows: list[dict]):
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `scriptorium ARGS` in a subprocess, as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args],
+        [sys.executable, "-m", "scriptorium.jobs.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -56,7 +56,6 @@ class LocalCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
             # Jobs submitted to the cluster run `scriptorium ...`: it must be on the nodes' PATH.
             "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         }
         self.process: subprocess.Popen | None = None
 

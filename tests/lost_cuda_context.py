@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.continuous_stage import GenerateAnswersContinuously
-from pipeline.model.stage import GenerateAnswers
+from scriptorium.pipeline.model.continuous_stage import GenerateAnswersContinuously
+from scriptorium.pipeline.model.stage import GenerateAnswers
 
 
 def lost_context_marker(run_id: str) -> Path:

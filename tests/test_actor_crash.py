@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.stages
-from core.spec import spec_from_dict
-from core.units import unit_key
-from jobs.runner import run_job
-from pipeline.model.journal import CrashJournal, journal_folder
+from scriptorium.pipeline import stages
+from scriptorium.core.spec import spec_from_dict
+from scriptorium.core.units import unit_key
+from scriptorium.jobs.runner import run_job
+from scriptorium.pipeline.model.journal import CrashJournal, journal_folder
 from tests.conftest import make_pdf, read_rows, small_ocr_job
 from tests.lost_cuda_context import ContinuousLosingItsCudaContext, StaticLosingItsCudaContext, lost_context_marker
 
@@ -136,8 +136,8 @@ def test_a_lost_cuda_context_ends_the_replica_which_restarts_and_nothing_is_lost
     marker = lost_context_marker(run_id)
     marker.unlink(missing_ok=True)
     # The job's model stage, which the Ray actors import by name (tests/lost_cuda_context.py).
-    monkeypatch.setattr(pipeline.stages, "GenerateAnswers", StaticLosingItsCudaContext)
-    monkeypatch.setattr(pipeline.stages, "GenerateAnswersContinuously", ContinuousLosingItsCudaContext)
+    monkeypatch.setattr(stages, "GenerateAnswers", StaticLosingItsCudaContext)
+    monkeypatch.setattr(stages, "GenerateAnswersContinuously", ContinuousLosingItsCudaContext)
     job = small_ocr_job(documents, tmp_path / "out", tiny_model, max_new_tokens=8)
     try:
         result = run_job(spec_from_dict({"run_id": run_id, **job, "model": {**job["model"], "engine": engine}}))

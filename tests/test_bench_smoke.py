@@ -79,7 +79,7 @@ def test_preprocess_bench_reports_exact_crops_and_both_targets():
 
 
 def test_legibility_bench_reads_the_models_crops_with_tesseract():
-    from pipeline.routes.tesseract import tessdata_path
+    from scriptorium.pipeline.routes.tesseract import tessdata_path
 
     try:
         tessdata_path()

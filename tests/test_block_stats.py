@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from jobs import block_stats
+from scriptorium.jobs import block_stats
 
 
 @pytest.fixture

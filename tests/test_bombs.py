@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.kinds import kind_of
-from core.spec import RenderSpec, StorageSpec
-from pipeline.render.stage import pages_of
+from scriptorium.core.kinds import kind_of
+from scriptorium.core.spec import RenderSpec, StorageSpec
+from scriptorium.pipeline.render.stage import pages_of
 from tests.conftest import REPO, draw_image, make_image, make_pdf, read_rows
 from tests.hostile_corpus import DICTIONARY_VALUE, SPARSE_CLAIM, TIFF_FRAMES, write_bomb_corpus
 
@@ -205,7 +205,7 @@ def test_a_run_over_bombs_beside_good_files_finishes_with_bounded_memory(bombs, 
     job.write_text("[render]\nlongest_edge = 64\ntimeout_s = 10\n"
                    "[model]\nlongest_edge = 56\nshortest_edge = 28\ndevice = \"cpu\"\n"
                    "[resources]\nbatch_size = 4\n")
-    command = [sys.executable, "-m", "jobs.cli", "run", "--job", str(job), "--input", str(folder), "--output",
+    command = [sys.executable, "-m", "scriptorium.jobs.cli", "run", "--job", str(job), "--input", str(folder), "--output",
                str(output), "--task", "ocr", "--model", str(tiny_model), "--max-new-tokens", "2"]
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -233,7 +233,7 @@ def test_a_run_over_bombs_beside_good_files_finishes_with_bounded_memory(bombs, 
 def test_inspect_names_the_bombs_a_run_would_refuse_for_their_page_count(bombs, capsys):
     import json
 
-    from jobs.cli import main
+    from scriptorium.jobs.cli import main
 
     folder, _ = bombs
     assert main(["inspect", str(folder), "--json"]) == 0

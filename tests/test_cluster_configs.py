@@ -16,9 +16,9 @@ import pytest
 import ray
 import yaml
 
-from core.spec import load_spec, output_uri_for_run
-from jobs.cli import build_parser
-from jobs.submit import prepare_submission
+from scriptorium.core.spec import load_spec, output_uri_for_run
+from scriptorium.jobs.cli import build_parser
+from scriptorium.jobs.submit import prepare_submission
 from tests.conftest import REPO
 
 CLUSTER = REPO / "cluster"
@@ -192,6 +192,21 @@ def test_dockerfile_uses_the_pinned_ray_and_puts_the_repo_where_the_manifests_lo
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-py3\d+-gpu$", dockerfile, re.M)
     assert re.search(rf"^WORKDIR {IMAGE_ROOT}$", dockerfile, re.M)
+    assert re.search(r"^COPY --chown=ray:users jobs/\*\.toml jobs/$", dockerfile, re.M)
+
+
+def test_dockerfile_installs_the_wheel_built_from_every_package_folder():
+    """The image holds the installed wheel (tests/test_wheel.py builds and runs the same), not the checkout."""
+    import tomllib
+
+    folders = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    wheel_stage, image = dockerfile.split("\nFROM rayproject/")
+    for folder in folders:
+        assert re.search(rf"^COPY {folder} {folder}$", wheel_stage, re.M), f"the wheel stage leaves out {folder}/"
+    assert "pip wheel" in wheel_stage
+    assert re.search(r"^RUN pip install .*/tmp/dist/scriptorium-\*\.whl\)\[cluster\]", image, re.M)
+    assert not re.search(r"^COPY .*(core|connectors|pipeline) ", image, re.M)
 
 
 @pytest.mark.parametrize("name", ["digitize_archive", "caption_corpus", "document_qa"])

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from core.errors import SpecError
-from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, TaskSpec
-from pipeline.model.degenerate import is_degenerate, repeated_tail
+from scriptorium.core.errors import SpecError
+from scriptorium.core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, TaskSpec
+from scriptorium.pipeline.model.degenerate import is_degenerate, repeated_tail
 from tests.conftest import job, make_pdf, plan_row, run_stages
 
 PHRASE = [17, 4, 99, 4, 23]  # a "phrase" of token ids; 4 repeats inside it on purpose
@@ -55,7 +55,7 @@ def test_a_temperature_ramp_must_hold_temperatures():
 # -- in the model stage, with a tiny checkpoint that loops on its own (greedy, it repeats one token pair) --
 @pytest.fixture(scope="module")
 def looping_model(tmp_path_factory):
-    from pipeline.model.tiny import build_tiny_idefics2
+    from scriptorium.pipeline.model.tiny import build_tiny_idefics2
 
     return build_tiny_idefics2(tmp_path_factory.mktemp("models") / "looping", image_sensitive=False)
 

@@ -20,7 +20,7 @@ RAY_NATIVE_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [IWEF] \d+ \d+\] ", re.
 
 
 def tesseract_missing() -> str | None:
-    from pipeline.routes.tesseract import tessdata_path
+    from scriptorium.pipeline.routes.tesseract import tessdata_path
 
     try:
         tessdata_path()

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.errors import SpecError
-from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, TaskSpec, spec_from_dict
-from jobs.runner import run_job
+from scriptorium.core.errors import SpecError
+from scriptorium.core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, TaskSpec, spec_from_dict
+from scriptorium.jobs.runner import run_job
 from tests.conftest import job, make_image, make_pdf, plan_row, read_rows, run_stages
 from tests.test_fidelity import MAX_NEW_TOKENS, snippet_generate
 from tests.test_multi_image import reference, reference_generate, rendered_pages, split_model, three_pages  # noqa: F401
@@ -165,12 +165,12 @@ def test_rows_the_model_did_not_make_have_no_confidence(tiny_model, tmp_path):
 
 def test_the_engine_decodes_requests_of_different_lengths_together(tiny_model):
     """The engine itself: per-request max_new_tokens, with no end-of-sequence token to stop earlier."""
-    from pipeline.model.continuous import ContinuousEngine, EngineRequest
+    from scriptorium.pipeline.model.continuous import ContinuousEngine, EngineRequest
 
-    from core.image_settings import ImageSettings
-    from pipeline.crops import model_crops
-    from pipeline.model.features import encode_crops
-    from pipeline.model.loading import load_model, load_processor
+    from scriptorium.core.image_settings import ImageSettings
+    from scriptorium.pipeline.crops import model_crops
+    from scriptorium.pipeline.model.features import encode_crops
+    from scriptorium.pipeline.model.loading import load_model, load_processor
 
     processor = load_processor(str(tiny_model))
     settings = ImageSettings.from_processor(processor)
@@ -216,10 +216,10 @@ def test_a_sequence_the_engine_cannot_hold_is_generated_on_the_static_engine(spl
     """A KV cache too small for any of these prompts (five crops, 320 image tokens, in one 256-token
     block): the engine fails the requests, the static engine generates them, and the engine starts afresh
     for the next block."""
-    from pipeline.local import step_results
-    from pipeline.model.continuous_stage import GenerateAnswersContinuously
-    from pipeline.model.loading import open_model_config
-    from pipeline.prompts import PromptBook
+    from scriptorium.pipeline.local import step_results
+    from scriptorium.pipeline.model.continuous_stage import GenerateAnswersContinuously
+    from scriptorium.pipeline.model.loading import open_model_config
+    from scriptorium.pipeline.prompts import PromptBook
     from tests.conftest import preprocessed
 
     spec = continuous(job(split_model, [TaskSpec(kind="ocr", max_new_tokens=4)]))
@@ -241,8 +241,8 @@ def test_a_sequence_the_engine_cannot_hold_is_generated_on_the_static_engine(spl
 def test_requests_in_flight_are_capped_on_a_gpu_under_sdpa_only(tiny_model):
     """SDPA's packed mask grows with the square of the requests in flight (BENCHMARKS.md, GPU): on a GPU
     the engine takes at most SDPA_MAX_REQUESTS_ON_GPU under it; flash attention and the CPU are not capped."""
-    from pipeline.model.continuous import SDPA_MAX_REQUESTS_ON_GPU, requests_in_flight
-    from pipeline.model.loading import load_model
+    from scriptorium.pipeline.model.continuous import SDPA_MAX_REQUESTS_ON_GPU, requests_in_flight
+    from scriptorium.pipeline.model.loading import load_model
 
     cap = SDPA_MAX_REQUESTS_ON_GPU
     assert requests_in_flight(256, on_gpu=True, attention="sdpa") == cap
@@ -259,8 +259,8 @@ def test_the_engine_leaves_the_shared_text_config_alone(tiny_model):
     """transformers writes each forward's `is_causal` into its module's config for the call; the engine's
     SDPA steps pass False. The static engine's text model must never see that: a fallback `generate`
     beside the engine would build its prompt's attention without the causal mask."""
-    from pipeline.model.continuous import ContinuousEngine, EngineRequest
-    from pipeline.model.loading import load_model
+    from scriptorium.pipeline.model.continuous import ContinuousEngine, EngineRequest
+    from scriptorium.pipeline.model.loading import load_model
 
     model = load_model(ModelSpec(id=str(tiny_model), device="cpu", dtype="fp32"), "cpu")
     shared_config = model.model.text_model.config

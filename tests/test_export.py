@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 from markdown_it import MarkdownIt
 
-from connectors.namespace import data_file_name
-from connectors.parquet_sink import ParquetStore
-from core.schema import RESULT_SCHEMA
-from jobs.export import DOCUMENTS_PER_FILE, export
+from scriptorium.connectors.namespace import data_file_name
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.core.schema import RESULT_SCHEMA
+from scriptorium.jobs.export import DOCUMENTS_PER_FILE, export
 from tests.conftest import make_image, make_pdf, one_line_error, read_rows, run_cli
 
 PAGES = [
@@ -39,8 +39,8 @@ MARKUP = ("# Not a heading\n- not a list\n1. not a list either\n> not a quote\n"
 
 @pytest.fixture(scope="module")
 def mixed_output(tmp_path_factory, tiny_model, ray_local) -> Path:
-    from core.spec import spec_from_dict
-    from jobs.runner import run_job
+    from scriptorium.core.spec import spec_from_dict
+    from scriptorium.jobs.runner import run_job
 
     inputs = tmp_path_factory.mktemp("export-in")
     make_pdf(inputs / "letter.pdf", PAGES)

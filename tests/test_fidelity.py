@@ -23,12 +23,12 @@ import pytest
 import torch
 from PIL import Image
 
-from core.pixels import page_image
-from core.schema import DOCUMENT_PAGE
-from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, RenderSpec, ResourceSpec, StorageSpec, TaskSpec
-from jobs.runner import run_job
-from pipeline.render.stage import pages_of
-from pipeline.stages import derive, job_stages
+from scriptorium.core.pixels import page_image
+from scriptorium.core.schema import DOCUMENT_PAGE
+from scriptorium.core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, RenderSpec, ResourceSpec, StorageSpec, TaskSpec
+from scriptorium.jobs.runner import run_job
+from scriptorium.pipeline.render.stage import pages_of
+from scriptorium.pipeline.stages import derive, job_stages
 from tests.conftest import job, make_image, make_pdf, make_scan_pdf, plan_row, preprocessed, read_rows
 
 MAX_NEW_TOKENS = 12
@@ -150,20 +150,19 @@ def test_rows_sharing_a_prompt_would_tell_their_images_apart(pipeline_run):
 def test_a_mix_up_inside_a_batch_is_caught(tiny_model, tmp_path, monkeypatch):
     """A deliberately wrong collation (each sequence gets its batch neighbour's crops) fails the
     comparison: every row then reads like the snippet of the image it was wrongly handed."""
-    import pipeline.model.features
-    import pipeline.model.stage
+    from scriptorium.pipeline.model import features, stage
 
     paths = [make_image(tmp_path / f"page{i}.png", size=size, color=color, text=f"page {i}")
              for i, (size, color) in enumerate([((400, 300), (200, 40, 40)), ((300, 520), (40, 200, 40)),
                                                 ((640, 480), (40, 40, 200))])]
-    encode_crops = pipeline.model.stage.encode_crops
+    encode_crops = stage.encode_crops
 
     def shifted(model, crops_per_sequence, *args):
         return encode_crops(model, crops_per_sequence[1:] + crops_per_sequence[:1], *args)
 
     # Both ways crops reach the vision tower: ahead of their batch (the vision stream), and in it.
-    monkeypatch.setattr(pipeline.model.features, "encode_crops", shifted)
-    monkeypatch.setattr(pipeline.model.stage, "encode_crops", shifted)
+    monkeypatch.setattr(features, "encode_crops", shifted)
+    monkeypatch.setattr(stage, "encode_crops", shifted)
     # The three pages in one block to the model stage, as Ray Data hands a replica one batch of pages.
     spec = job(tiny_model, [TASKS[0]])
     *_, model_stage = job_stages(spec, derive(spec))

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.crops as crops
-from core.image_settings import ImageSettings
-from pipeline.crops import can_halve, halve, halving_matches_pillow, model_crops
+import scriptorium.pipeline.crops as crops
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.pipeline.crops import can_halve, halve, halving_matches_pillow, model_crops
 
 SPLIT = ImageSettings(do_image_splitting=True)  # idefics2-8b's 980 / 378
 AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.errors import PageError
-from core.kinds import kind_of
-from core.pixels import page_image
-from core.spec import RenderSpec, StorageSpec
-from pipeline.render import sandbox
-from pipeline.render.decoders import local_frames, time_limit
-from pipeline.render.stage import pages_of
+from scriptorium.core.errors import PageError
+from scriptorium.core.kinds import kind_of
+from scriptorium.core.pixels import page_image
+from scriptorium.core.spec import RenderSpec, StorageSpec
+from scriptorium.pipeline.render import sandbox
+from scriptorium.pipeline.render.decoders import local_frames, time_limit
+from scriptorium.pipeline.render.stage import pages_of
 from tests.conftest import make_pdf, read_rows, run_cli
 from tests.hostile_corpus import (
     BOMB_DEPTH,
@@ -249,7 +249,7 @@ def test_rgb_conversion_is_the_transformers_reference(mode):
     from PIL import Image
     from transformers.image_transforms import convert_to_rgb
 
-    from pipeline.render.decoders import to_rgb
+    from scriptorium.pipeline.render.decoders import to_rgb
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA").convert(mode)

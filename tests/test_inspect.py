@@ -35,7 +35,7 @@ def mixed_folder(tmp_path_factory) -> Path:
 
 
 def inspect(*args: str, capsys) -> tuple[int, str, str]:
-    from jobs.cli import main
+    from scriptorium.jobs.cli import main
 
     code = main(["inspect", *args])
     out, err = capsys.readouterr()

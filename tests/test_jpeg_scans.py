@@ -17,10 +17,10 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from core.spec import RenderSpec
-from pipeline.render.decoders import PdfDocument
-from pipeline.render.jpeg_scans import decode_scan
-from pipeline.render.size import page_pixel_size
+from scriptorium.core.spec import RenderSpec
+from scriptorium.pipeline.render.decoders import PdfDocument
+from scriptorium.pipeline.render.jpeg_scans import decode_scan
+from scriptorium.pipeline.render.size import page_pixel_size
 
 SETTINGS = RenderSpec(longest_edge=600)
 

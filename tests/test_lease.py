@@ -19,11 +19,11 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from connectors.lease import LeaseHeld, LeaseLost, LeaseRecord, OutputLease, this_machine
-from connectors.namespace import LEASE_FILE, data_file_name
-from connectors.parquet_sink import ParquetStore
-from core.errors import OutputError
-from core.spec import StorageSpec
+from scriptorium.connectors.lease import LeaseHeld, LeaseLost, LeaseRecord, OutputLease, this_machine
+from scriptorium.connectors.namespace import LEASE_FILE, data_file_name
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.core.errors import OutputError
+from scriptorium.core.spec import StorageSpec
 from tests.conftest import REPO, StoreProxy, driver_job_toml, make_pdf, one_line_error, run_cli
 from tests.fake_gcs import FakeGcs
 from tests.test_sink import results
@@ -223,7 +223,7 @@ def driver(job: Path, input_uri: str, output_uri: str, model: Path, log: Path, *
     args = ["run", "--job", str(job), "--input", input_uri, "--output", output_uri, "--task", "ocr",
             "--model", str(model), *extra]
     with open(log, "wb") as handle:
-        return subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, stdout=handle, stderr=handle,
+        return subprocess.Popen([sys.executable, "-m", "scriptorium.jobs.cli", *args], cwd=REPO, stdout=handle, stderr=handle,
                                 start_new_session=True)
 
 
@@ -318,9 +318,9 @@ def test_a_driver_killed_mid_run_on_s3_is_taken_over_by_the_rerun_which_resumes(
 
 
 def test_a_run_that_fails_after_taking_the_lease_releases_it(tiny_model, tmp_path):
-    from core.errors import SpecError
-    from core.spec import spec_from_dict
-    from jobs.runner import run_job
+    from scriptorium.core.errors import SpecError
+    from scriptorium.core.spec import spec_from_dict
+    from scriptorium.jobs.runner import run_job
     from tests.conftest import small_ocr_job
 
     output = tmp_path / "out"

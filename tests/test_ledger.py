@@ -13,15 +13,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.ledger import read_ledger
-from connectors.listing import list_inputs
-from connectors.parquet_sink import ParquetSink, ParquetStore
-from connectors.sink_guard import SinkGuard
-from core.schema import DOCUMENT_PAGE, RESULT_SCHEMA, table_from_rows
-from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, StorageSpec, TaskSpec
-from core.units import work_units
-from jobs.runner import write_plan
-from jobs.summary import tally_files
+from scriptorium.connectors.ledger import read_ledger
+from scriptorium.connectors.listing import list_inputs
+from scriptorium.connectors.parquet_sink import ParquetSink, ParquetStore
+from scriptorium.connectors.sink_guard import SinkGuard
+from scriptorium.core.schema import DOCUMENT_PAGE, RESULT_SCHEMA, table_from_rows
+from scriptorium.core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, StorageSpec, TaskSpec
+from scriptorium.core.units import work_units
+from scriptorium.jobs.runner import write_plan
+from scriptorium.jobs.summary import tally_files
 from tests.conftest import REPO, read_rows
 
 OCR_AND_CAPTION = [TaskSpec(kind="ocr"), TaskSpec(kind="caption")]
@@ -245,7 +245,7 @@ def test_the_summary_counts_each_page_once_across_files_and_past_64_pages(tmp_pa
 
 
 def test_an_output_on_s3_is_read_by_duckdb_from_its_own_files_only(s3_server):
-    from core.spec import StorageSpec
+    from scriptorium.core.spec import StorageSpec
 
     bucket = s3_server.new_bucket("ledger")
     store = ParquetStore(f"s3://{bucket}/out", StorageSpec(endpoint_url=s3_server.endpoint))

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from connectors.listing import LIST_PAGE, list_inputs
-from core.spec import InputSpec, StorageSpec
+from scriptorium.connectors.listing import LIST_PAGE, list_inputs
+from scriptorium.core.spec import InputSpec, StorageSpec
 from tests.conftest import StoreProxy
 
 ARCHIVE = {
@@ -118,7 +118,7 @@ def test_local_folder_and_glob_use_mtime_as_version(tmp_path):
 def test_a_file_name_that_is_not_utf8_is_an_error_row_not_a_crashed_plan(tmp_path):
     import pyarrow as pa
 
-    from core.schema import PLAN_SCHEMA, table_from_rows
+    from scriptorium.core.schema import PLAN_SCHEMA, table_from_rows
 
     folder = os.fsencode(tmp_path)
     open(os.path.join(folder, b"caf\xe9.png"), "wb").write(b"png")  # a Latin-1 name from an old archive

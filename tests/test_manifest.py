@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.listing import list_inputs
-from connectors.manifest import ManifestEntry, ManifestError, read_manifest
-from core.spec import InputSpec, RenderSpec, StorageSpec
-from pipeline.render.stage import pages_of
+from scriptorium.connectors.listing import list_inputs
+from scriptorium.connectors.manifest import ManifestEntry, ManifestError, read_manifest
+from scriptorium.core.spec import InputSpec, RenderSpec, StorageSpec
+from scriptorium.pipeline.render.stage import pages_of
 from tests.conftest import make_pdf
 
 FORMATS = ["txt", "csv", "jsonl", "parquet"]

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.errors import SpecError
-from core.schema import PAGE_SCHEMA, table_from_rows
-from core.spec import (
+from scriptorium.core.errors import SpecError
+from scriptorium.core.schema import PAGE_SCHEMA, table_from_rows
+from scriptorium.core.spec import (
     InputSpec,
     JobSpec,
     ModelSpec,
@@ -27,10 +27,10 @@ from core.spec import (
     TaskSpec,
     spec_from_dict,
 )
-from jobs.runner import run_job
-from pipeline.model.collate import batch_by_shape
-from pipeline.model.loading import load_model, load_processor, open_model_config
-from pipeline.preprocess import PreprocessPages
+from scriptorium.jobs.runner import run_job
+from scriptorium.pipeline.model.collate import batch_by_shape
+from scriptorium.pipeline.model.loading import load_model, load_processor, open_model_config
+from scriptorium.pipeline.preprocess import PreprocessPages
 from tests.conftest import make_image, read_rows
 
 PAGE = (700, 495)  # height, width of a small page image
@@ -115,8 +115,8 @@ def test_the_preallocated_kv_cache_generates_the_dynamic_caches_text(results):
 def test_the_kv_cache_setting_reaches_generate(tiny_model, tmp_path, model_inputs):
     """The default preallocates the batch's cache, without the compile transformers would add to it;
     `kv_cache = "dynamic"` leaves transformers' default."""
-    from pipeline.model.stage import GenerateAnswers
-    from pipeline.prompts import PromptBook
+    from scriptorium.pipeline.model.stage import GenerateAnswers
+    from scriptorium.pipeline.prompts import PromptBook
     from tests.conftest import plan_row, preprocessed
 
     spec = job(tiny_model).check_runnable()
@@ -212,7 +212,7 @@ def test_a_token_budget_cuts_batches_by_prompt_plus_new_tokens():
 def test_the_kv_cache_of_idefics2_8b_is_128_kib_per_token_and_sizes_gpu_batches():
     from transformers import MistralConfig
 
-    from pipeline.model.budget import kv_cache_bytes_per_token, token_budget
+    from scriptorium.pipeline.model.budget import kv_cache_bytes_per_token, token_budget
 
     # idefics2-8b's text model, as its config.json gives it (head_dim = 4096 / 32).
     mistral_7b = MistralConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
@@ -225,7 +225,7 @@ def test_the_kv_cache_of_idefics2_8b_is_128_kib_per_token_and_sizes_gpu_batches(
 
 
 def test_batch_size_is_automatic_by_default_and_a_set_value_wins():
-    from core.spec import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+    from scriptorium.core.spec import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
     assert ResourceSpec().pages_per_batch(on_gpu=True) == GPU_BATCH_SIZE
     assert ResourceSpec().pages_per_batch(on_gpu=False) == CPU_BATCH_SIZE
@@ -238,8 +238,8 @@ def test_batch_size_is_automatic_by_default_and_a_set_value_wins():
 def test_the_model_stage_keeps_each_batch_within_its_token_budget(tiny_model, tmp_path, model_inputs):
     """Five pages and a budget of two sequences' tokens: `generate` gets batches of 2, 2 and 1, with
     the texts of one batch of five."""
-    from pipeline.model.stage import GenerateAnswers
-    from pipeline.prompts import PromptBook
+    from scriptorium.pipeline.model.stage import GenerateAnswers
+    from scriptorium.pipeline.prompts import PromptBook
     from tests.conftest import plan_row, preprocessed
 
     for i in range(5):

@@ -12,19 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
-from core.image_settings import ImageSettings
-from core.pixels import page_image
-from core.schema import DOCUMENT_PAGE
-from core.spec import RenderSpec, StorageSpec, TaskSpec
-from pipeline.render.stage import pages_of
-from pipeline.stages import resolved_render
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.core.pixels import page_image
+from scriptorium.core.schema import DOCUMENT_PAGE
+from scriptorium.core.spec import RenderSpec, StorageSpec, TaskSpec
+from scriptorium.pipeline.render.stage import pages_of
+from scriptorium.pipeline.stages import resolved_render
 from tests.conftest import job, make_image, make_pdf, plan_row, run_stages
 
 
 @pytest.fixture(scope="module")
 def split_model(tmp_path_factory):
     """The tiny checkpoint with image splitting, at a smaller image size so CPU generation is quick."""
-    from pipeline.model.tiny import build_tiny_idefics2
+    from scriptorium.pipeline.model.tiny import build_tiny_idefics2
 
     return build_tiny_idefics2(tmp_path_factory.mktemp("models") / "split-448", do_image_splitting=True,
                                longest_edge=448, shortest_edge=224)
@@ -64,7 +64,7 @@ def assert_same_inputs(ours: dict, reference, prompt: str, images: list[Image.Im
 
     The model stage passes each crop's features, encoded at the crop's own size (pipeline/model/features.py),
     rather than padded pixels: they equal the model's features of the processor's pixels, up to rounding."""
-    from pipeline.model.features import features_passed
+    from scriptorium.pipeline.model.features import features_passed
 
     expected = reference_inputs(reference, prompt, images)
     assert torch.equal(ours["input_ids"], expected["input_ids"])

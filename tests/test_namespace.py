@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.ledger import read_ledger
-from connectors.parquet_sink import ParquetStore
-from core.spec import spec_from_dict
-from jobs.runner import run_job
+from scriptorium.connectors.ledger import read_ledger
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.core.spec import spec_from_dict
+from scriptorium.jobs.runner import run_job
 from tests.conftest import make_image, make_pdf, read_rows, small_ocr_job
 
 

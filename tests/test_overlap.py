@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from core.spec import TaskSpec
-from pipeline.model.loading import open_model_config
-from pipeline.model.stage import GenerateAnswers
-from pipeline.prompts import PromptBook
-from pipeline.stages import derive, job_stages
+from scriptorium.core.spec import TaskSpec
+from scriptorium.pipeline.model.loading import open_model_config
+from scriptorium.pipeline.model.stage import GenerateAnswers
+from scriptorium.pipeline.prompts import PromptBook
+from scriptorium.pipeline.stages import derive, job_stages
 from tests.conftest import job, make_image, plan_row, preprocessed
 
 TASKS = [TaskSpec(kind="ocr", max_new_tokens=12), TaskSpec(kind="caption", max_new_tokens=12)]
@@ -36,7 +36,7 @@ def test_two_blocks_at_once_give_the_rows_of_one_block_after_the_other(tiny_mode
     blocks = [table.slice(0, 3), table.slice(3)]
     one_after_the_other = rows_of([replica(spec, settings)(block) for block in blocks])
 
-    from pipeline.model import features, stage
+    from scriptorium.pipeline.model import features, stage
 
     encoded = {"ahead": 0, "per batch": 0}
 

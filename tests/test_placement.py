@@ -22,9 +22,9 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from core.errors import SpecError
-from core.spec import JobSpec, ModelSpec, ResourceSpec, TaskSpec, spec_from_dict
-from pipeline.stages import Stage, derive, job_stages
+from scriptorium.core.errors import SpecError
+from scriptorium.core.spec import JobSpec, ModelSpec, ResourceSpec, TaskSpec, spec_from_dict
+from scriptorium.pipeline.stages import Stage, derive, job_stages
 from tests.conftest import REPO, make_pdf, read_rows, run_cli
 from tests.local_cluster import LocalCluster
 

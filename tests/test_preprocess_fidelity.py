@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from core.image_settings import ImageSettings
-from core.pixels import compress_crops, decompress_crops, page_image
-from core.schema import PLAN_SCHEMA, table_from_rows
-from core.spec import TaskSpec
-from pipeline.crops import model_crops
-from pipeline.local import walk
-from pipeline.model.collate import collate_pixels
-from pipeline.stages import derive, job_stages
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.core.pixels import compress_crops, decompress_crops, page_image
+from scriptorium.core.schema import PLAN_SCHEMA, table_from_rows
+from scriptorium.core.spec import TaskSpec
+from scriptorium.pipeline.crops import model_crops
+from scriptorium.pipeline.local import walk
+from scriptorium.pipeline.model.collate import collate_pixels
+from scriptorium.pipeline.stages import derive, job_stages
 from tests.conftest import job, make_pdf, make_scan_pdf, plan_row
 
 # (height, width): taller and wider than longest_edge, in between, smaller than shortest_edge, a
@@ -148,7 +148,7 @@ def test_crops_encoded_at_their_own_size_give_the_models_features_and_tokens(pro
     the batch's largest. Same features up to rounding, same greedy tokens."""
     from transformers import AutoModelForImageTextToText
 
-    from pipeline.model.features import encode_crops, generate_kwargs
+    from scriptorium.pipeline.model.features import encode_crops, generate_kwargs
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_split, dtype=torch.float32).eval()
     settings = ImageSettings.from_processor(processor)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import SpecError
-from core.spec import spec_from_dict
-from pipeline.processor import build_processor
+from scriptorium.core.errors import SpecError
+from scriptorium.core.spec import spec_from_dict
+from scriptorium.pipeline.processor import build_processor
 from tests.conftest import make_image, make_pdf
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from core.image_settings import ImageSettings
-from core.spec import TaskSpec
-from core.units import open_units
-from pipeline.examples import load_examples
-from pipeline.model.loading import load_processor
-from pipeline.prompts import PromptBook, resolve_prompt_format
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.core.spec import TaskSpec
+from scriptorium.core.units import open_units
+from scriptorium.pipeline.examples import load_examples
+from scriptorium.pipeline.model.loading import load_processor
+from scriptorium.pipeline.prompts import PromptBook, resolve_prompt_format
 from tests.conftest import job, make_image, plan_row, run_stages
 
 STATUE = "In this image, we can see the city of New York, and more specifically the Statue of Liberty."

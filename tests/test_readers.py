@@ -23,8 +23,8 @@ COMPARED = ("source_uri", "page", "task", "question", "status", "error", "text",
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, tiny_model, ray_local) -> Path:
     """Two runs over the same inputs (a two-page PDF, a broken PDF), each into its own run_id=... folder."""
-    from core.spec import spec_from_dict
-    from jobs.runner import run_job
+    from scriptorium.core.spec import spec_from_dict
+    from scriptorium.jobs.runner import run_job
 
     inputs = tmp_path_factory.mktemp("readers-in")
     make_pdf(inputs / "letter.pdf", ["Dear reader,", "Yours sincerely."], size=(200, 260))

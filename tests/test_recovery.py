@@ -16,8 +16,8 @@ import weakref
 import pytest
 import torch
 
-from core.spec import ResourceSpec, TaskSpec
-from pipeline.model.recovery import BatchSize, FittingBatch, is_fatal_cuda_error, is_out_of_memory
+from scriptorium.core.spec import ResourceSpec, TaskSpec
+from scriptorium.pipeline.model.recovery import BatchSize, FittingBatch, is_fatal_cuda_error, is_out_of_memory
 from tests.conftest import job, make_pdf, plan_row, preprocessed, run_stages
 
 TASK = TaskSpec(kind="ocr", max_new_tokens=4)
@@ -59,9 +59,9 @@ def two_blocks(tmp_path_factory, tiny_model):
 
 
 def replica_of(spec, batch_size: int = 8):
-    from pipeline.model.loading import open_model_config
-    from pipeline.model.stage import GenerateAnswers
-    from pipeline.prompts import PromptBook
+    from scriptorium.pipeline.model.loading import open_model_config
+    from scriptorium.pipeline.model.stage import GenerateAnswers
+    from scriptorium.pipeline.prompts import PromptBook
 
     _, settings = open_model_config(spec.model)
     return GenerateAnswers(spec.model, settings, PromptBook(spec.tasks), ResourceSpec(), run_id="oom",
@@ -69,7 +69,7 @@ def replica_of(spec, batch_size: int = 8):
 
 
 def test_out_of_memory_is_halved_after_the_memory_is_released_and_the_size_that_ran_is_kept(two_blocks):
-    from pipeline.local import step_results
+    from scriptorium.pipeline.local import step_results
 
     spec, plans, blocks = two_blocks
     replica = replica_of(spec)
@@ -94,7 +94,7 @@ def test_out_of_memory_is_halved_after_the_memory_is_released_and_the_size_that_
 def test_a_malformed_page_is_still_isolated_by_halving(two_blocks):
     """A data error is not out of memory: the batch is halved down to the page, which alone becomes an
     error row, and the replica's batch size is left alone."""
-    from pipeline.local import step_results
+    from scriptorium.pipeline.local import step_results
 
     spec, _plans, blocks = two_blocks
     replica = replica_of(spec)
@@ -117,10 +117,10 @@ def test_a_malformed_page_is_still_isolated_by_halving(two_blocks):
 def test_sequences_the_continuous_engine_fails_out_of_memory_are_halved_on_the_static_engine(two_blocks):
     """Out of memory in the continuous engine is not a lost CUDA context: the replica goes on, and the
     failed sequences go through the static engine's halving."""
-    from pipeline.local import step_results
-    from pipeline.model.continuous_stage import GenerateAnswersContinuously
-    from pipeline.model.loading import open_model_config
-    from pipeline.prompts import PromptBook
+    from scriptorium.pipeline.local import step_results
+    from scriptorium.pipeline.model.continuous_stage import GenerateAnswersContinuously
+    from scriptorium.pipeline.model.loading import open_model_config
+    from scriptorium.pipeline.prompts import PromptBook
 
     spec, plans, blocks = two_blocks
     spec = spec.updated(model={"engine": "continuous"})
@@ -145,7 +145,7 @@ def test_sequences_the_continuous_engine_fails_out_of_memory_are_halved_on_the_s
 def test_outside_ray_a_fatal_cuda_error_goes_to_the_caller(two_blocks):
     """Nothing would restart a replica outside a Ray actor (and no process is ended there): the error is
     raised, not turned into error rows that every later batch on the lost device would add to."""
-    from pipeline.local import step_results
+    from scriptorium.pipeline.local import step_results
     from tests.lost_cuda_context import cuda_error
 
     spec, _plans, blocks = two_blocks

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import SpecError
-from core.image_settings import ImageSettings
-from core.spec import RenderSpec, StorageSpec, TaskSpec, load_spec
-from pipeline.render.stage import pages_of
-from pipeline.stages import resolved_render
+from scriptorium.core.errors import SpecError
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.core.spec import RenderSpec, StorageSpec, TaskSpec, load_spec
+from scriptorium.pipeline.render.stage import pages_of
+from scriptorium.pipeline.stages import resolved_render
 from tests.conftest import job, make_image, make_pdf, make_scan_pdf, plan_row, run_stages
 
 LETTER = (612, 792)  # points: 8.5 x 11 inches
@@ -45,7 +45,7 @@ def test_a_pdf_pages_row_reports_the_size_the_model_can_use(checkpoint, longest_
 def test_a_page_rendered_for_splitting_halves_exactly_to_the_models_size(points, tmp_path):
     """Even edges, alike quadrants, and a whole page the processor's resize rule takes to exactly half
     (its 2:1 reduction is the preprocess stage's fast resize, pipeline/crops.py)."""
-    from pipeline.crops import target_size
+    from scriptorium.pipeline.crops import target_size
 
     width, height = rendered_size(make_pdf(tmp_path / "page.pdf", ["A page."], size=points))
     assert max(width, height) == 1960 and width % 2 == height % 2 == 0

@@ -127,10 +127,10 @@ class Chromium:
 @pytest.fixture(scope="module")
 def reviewed_output(tmp_path_factory, tiny_model, ray_local):
     """A finished two-task run over two PDFs (4 pages), an image and a corrupt PDF, plus an XSS row."""
-    from connectors.namespace import data_file_name
-    from connectors.parquet_sink import ParquetStore
-    from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, TaskSpec
-    from jobs.runner import run_job
+    from scriptorium.connectors.namespace import data_file_name
+    from scriptorium.connectors.parquet_sink import ParquetStore
+    from scriptorium.core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, TaskSpec
+    from scriptorium.jobs.runner import run_job
 
     inputs = tmp_path_factory.mktemp("report-in")
     make_pdf(inputs / "letter.pdf", ["Dear reader,", "Yours sincerely."])
@@ -211,8 +211,8 @@ def test_report_loads_cleanly_and_filters_rows(reviewed_output, browser, tmp_pat
 
 def test_report_samples_pages_but_keeps_every_error(reviewed_output, browser, tmp_path):
     output, rows = reviewed_output
-    from core.spec import StorageSpec
-    from jobs.report import build_report
+    from scriptorium.core.spec import StorageSpec
+    from scriptorium.jobs.report import build_report
 
     page, counts = build_report(str(output), StorageSpec(), sample=1)
     html_file = tmp_path / "sampled.html"

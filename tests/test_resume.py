@@ -16,8 +16,8 @@ import duckdb
 import numpy as np
 import pytest
 
-from core.spec import JobSpec, spec_from_dict
-from jobs.runner import run_job
+from scriptorium.core.spec import JobSpec, spec_from_dict
+from scriptorium.jobs.runner import run_job
 from tests.conftest import REPO, driver_job_toml, make_pdf, read_rows, small_ocr_job
 
 N_DOCS, PAGES_PER_DOC = 3, 8
@@ -75,7 +75,7 @@ def test_a_run_killed_with_sigkill_resumes_to_every_page_exactly_once(documents,
     total = N_DOCS * PAGES_PER_DOC
 
     with open(tmp_path / "killed-run.log", "wb") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, stdout=log, stderr=log)
+        driver = subprocess.Popen([sys.executable, "-m", "scriptorium.jobs.cli", *args], cwd=REPO, stdout=log, stderr=log)
     deadline = time.monotonic() + 300
     while not any(output.glob("part-*.parquet")):  # wait until the run has published something
         assert driver.poll() is None, (tmp_path / "killed-run.log").read_text()[-3000:]
@@ -90,7 +90,7 @@ def test_a_run_killed_with_sigkill_resumes_to_every_page_exactly_once(documents,
     # The same command, at once; meanwhile, nothing of the killed run may outlive it: Ray's processes are
     # tied to the driver that started them (its agents give up on the dead GCS within about a minute).
     with open(tmp_path / "rerun.log", "wb") as log:
-        rerun = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, stdout=log, stderr=log)
+        rerun = subprocess.Popen([sys.executable, "-m", "scriptorium.jobs.cli", *args], cwd=REPO, stdout=log, stderr=log)
     deadline = time.monotonic() + 90
     while alive(family) and time.monotonic() < deadline:
         time.sleep(1)
@@ -192,8 +192,8 @@ def test_resuming_with_another_model_says_so(first_run, small_folder, tiny_model
 
 
 def test_a_partly_done_document_that_became_unreadable_owes_an_error_row_per_missing_page(tmp_path):
-    from core.spec import RenderSpec, StorageSpec
-    from pipeline.render.stage import pages_of
+    from scriptorium.core.spec import RenderSpec, StorageSpec
+    from scriptorium.pipeline.render.stage import pages_of
 
     gone = {"source_uri": str(tmp_path / "gone.pdf"), "kind": "pdf", "etag": "e1", "size": 100,
             "done_pages": [0, 1, 2], "known_pages": 6}
@@ -241,7 +241,7 @@ def test_a_task_added_to_a_finished_output_runs_only_the_new_task(first_run, sma
 
 
 def test_a_page_that_owes_some_units_generates_only_those(small_folder, tiny_model):
-    from core.spec import TaskSpec
+    from scriptorium.core.spec import TaskSpec
     from tests.conftest import job, plan_row, run_stages
 
     spec = job(tiny_model, [TaskSpec(kind="ocr", max_new_tokens=4), TaskSpec(kind="caption", max_new_tokens=4),
@@ -257,8 +257,8 @@ def test_a_page_that_owes_some_units_generates_only_those(small_folder, tiny_mod
 
 def test_each_page_row_carries_only_its_own_pages_published_units(small_folder):
     """A 5,000-page document with a task added must not copy all its published units onto every page."""
-    from core.spec import RenderSpec, StorageSpec
-    from pipeline.render.stage import pages_of
+    from scriptorium.core.spec import RenderSpec, StorageSpec
+    from scriptorium.pipeline.render.stage import pages_of
     from tests.conftest import plan_row
 
     on_page = [{"page": p, "task": "ocr", "question": None} for p in (0, 1)]

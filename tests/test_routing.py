@@ -8,8 +8,8 @@ import shutil
 import pymupdf
 import pytest
 
-from core.schema import PLAN_SCHEMA, table_from_rows
-from core.spec import (
+from scriptorium.core.schema import PLAN_SCHEMA, table_from_rows
+from scriptorium.core.spec import (
     InputSpec,
     JobSpec,
     ModelSpec,
@@ -20,12 +20,12 @@ from core.spec import (
     StorageSpec,
     TaskSpec,
 )
-from jobs.runner import run_job
-from pipeline.render.stage import RenderPages
-from pipeline.routes.dedup import DedupRegistry
-from pipeline.routes.stage import RoutePages
-from pipeline.routes.tesseract import tessdata_path
-from pipeline.routes.text_layer import text_layer_problem
+from scriptorium.jobs.runner import run_job
+from scriptorium.pipeline.render.stage import RenderPages
+from scriptorium.pipeline.routes.dedup import DedupRegistry
+from scriptorium.pipeline.routes.stage import RoutePages
+from scriptorium.pipeline.routes.tesseract import tessdata_path
+from scriptorium.pipeline.routes.text_layer import text_layer_problem
 from tests.conftest import job, make_image, make_pdf, plan_row, read_rows, run_stages
 
 LETTER = ("Dear Ms. Lovelace, thank you for your letter of 12 March 1843 and for the notes on the "
@@ -145,7 +145,7 @@ def test_dedup_registry_leads_waits_and_reuses():
 
 
 def test_identical_pages_are_generated_once(tiny_model, ray_local, tmp_path):
-    from pipeline.routes.dedup import start_registry
+    from scriptorium.pipeline.routes.dedup import start_registry
 
     pdf = make_pdf(tmp_path / "minutes.pdf", ["Minutes of the meeting", "Attendance list", "Minutes of the meeting"])
     registry = start_registry(RoutingSpec(dedup=True), "test-dedup")

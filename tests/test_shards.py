@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.pixels import page_image
-from core.schema import PAGE_SCHEMA, table_from_rows
-from core.spec import RenderSpec, StorageSpec, spec_from_dict
-from jobs.runner import run_job
-from pipeline.render.stage import pages_of
+from scriptorium.core.pixels import page_image
+from scriptorium.core.schema import PAGE_SCHEMA, table_from_rows
+from scriptorium.core.spec import RenderSpec, StorageSpec, spec_from_dict
+from scriptorium.jobs.runner import run_job
+from scriptorium.pipeline.render.stage import pages_of
 from tests.conftest import make_image, read_rows
 
 SETTINGS = RenderSpec(longest_edge=980, sandbox=False)
@@ -184,7 +184,7 @@ def test_captions_of_a_shard_join_back_to_its_samples(samples, tiny_model, tmp_p
 def test_inspect_counts_the_images_of_shards(samples, tmp_path, capsys):
     import json
 
-    from jobs.cli import main
+    from scriptorium.jobs.cli import main
 
     make_shard(tmp_path / "shard-000.tar", samples)
     make_image_table(tmp_path / "train-00000.parquet", samples, [{"image": None, "caption": "no image"}])

@@ -21,10 +21,10 @@ from urllib.parse import quote
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.listing import list_inputs
-from core.redaction import redact, redact_uri
-from core.spec import InputSpec, RenderSpec, StorageSpec
-from pipeline.render.stage import pages_of
+from scriptorium.connectors.listing import list_inputs
+from scriptorium.core.redaction import redact, redact_uri
+from scriptorium.core.spec import InputSpec, RenderSpec, StorageSpec
+from scriptorium.pipeline.render.stage import pages_of
 from tests.conftest import make_image, make_pdf, read_rows, run_cli
 
 SECRETS = {

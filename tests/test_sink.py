@@ -9,10 +9,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 
-from connectors.ledger import read_ledger
-from connectors.parquet_sink import ParquetSink, ParquetStore
-from connectors.sink_guard import SinkGuard
-from core.schema import RESULT_SCHEMA, table_from_rows
+from scriptorium.connectors.ledger import read_ledger
+from scriptorium.connectors.parquet_sink import ParquetSink, ParquetStore
+from scriptorium.connectors.sink_guard import SinkGuard
+from scriptorium.core.schema import RESULT_SCHEMA, table_from_rows
 
 PART_1, PART_2, PART_3 = (f"part-run1-{n:06d}-0000000{n}.parquet" for n in (1, 2, 3))  # as the sink names files
 

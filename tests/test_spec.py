@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import SpecError
-from core.spec import load_spec, spec_from_dict
-from jobs.cli import build_parser, spec_from_args
+from scriptorium.core.errors import SpecError
+from scriptorium.core.spec import load_spec, spec_from_dict
+from scriptorium.jobs.cli import build_parser, spec_from_args
 
 
 def test_toml_spec_loads_into_typed_sections(tmp_path):

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from connectors.listing import LIST_PAGE, list_inputs
-from connectors.storage import filesystem_for, fsspec_options, read_bytes
-from core.spec import InputSpec, StorageSpec, spec_from_dict
-from jobs.runner import run_job
+from scriptorium.connectors.listing import LIST_PAGE, list_inputs
+from scriptorium.connectors.storage import filesystem_for, fsspec_options, read_bytes
+from scriptorium.core.spec import InputSpec, StorageSpec, spec_from_dict
+from scriptorium.jobs.runner import run_job
 from tests.conftest import make_image, make_pdf, read_rows, small_ocr_job
 from tests.fake_gcs import FakeGcs
 from tests.test_listing import GLOB_CASES

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from connectors.parquet_sink import ParquetStore
-from connectors.storage import filesystem_for, fsspec_options, read_bytes, uri_for
-from core.errors import OutputError
-from core.spec import StorageSpec
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.connectors.storage import filesystem_for, fsspec_options, read_bytes, uri_for
+from scriptorium.core.errors import OutputError
+from scriptorium.core.spec import StorageSpec
 from tests.conftest import StoreProxy, make_image, make_pdf, one_line_error, run_cli
 
 SLOW_DOWN = (503, b'<?xml version="1.0" encoding="UTF-8"?>\n'

@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from core.errors import SpecError
-from jobs.cli import build_parser
-from jobs.submit import prepare_submission
+from scriptorium.core.errors import SpecError
+from scriptorium.jobs.cli import build_parser
+from scriptorium.jobs.submit import prepare_submission
 from tests.conftest import free_port, make_image, one_line_error, read_rows, run_cli
 from tests.local_cluster import LocalCluster
 

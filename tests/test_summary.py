@@ -17,8 +17,8 @@ from tests.conftest import make_image, make_pdf, read_rows
 @pytest.fixture(scope="module")
 def known_run(tmp_path_factory, tiny_model, ray_local):
     """Two PDFs (3 pages), an image, a corrupt PDF and a text file; OCR plus QA with two questions."""
-    from core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, TaskSpec
-    from jobs.runner import run_job
+    from scriptorium.core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, ResourceSpec, TaskSpec
+    from scriptorium.jobs.runner import run_job
 
     inputs = tmp_path_factory.mktemp("summary-in")
     make_pdf(inputs / "report.pdf", ["First page.", "Second page."])
@@ -95,8 +95,8 @@ def test_progress_was_logged_while_running(known_run):
 
 def test_gpu_hours_and_cost_per_million_pages(known_run):
     """The same published rows, summarized as if the run had held 2 replicas x 1 GPU for 1.5 hours."""
-    from connectors.parquet_sink import ParquetStore
-    from jobs.summary import build_run_summary
+    from scriptorium.connectors.parquet_sink import ParquetStore
+    from scriptorium.jobs.summary import build_run_summary
 
     result = known_run["first"]
     spec = known_run["spec"].updated(resources={"num_replicas": 2})
@@ -109,7 +109,7 @@ def test_gpu_hours_and_cost_per_million_pages(known_run):
 
 
 def test_summary_command_prints_the_latest_run_and_the_output(known_run, capsys):
-    from jobs.cli import main
+    from scriptorium.jobs.cli import main
 
     assert main(["summary", str(known_run["output"])]) == 0
     text = capsys.readouterr().out
@@ -126,7 +126,7 @@ def test_summary_command_prints_the_latest_run_and_the_output(known_run, capsys)
 
 
 def test_error_reasons_group_errors_that_differ_only_in_details():
-    from jobs.summary import error_reason
+    from scriptorium.jobs.summary import error_reason
 
     assert error_reason("render", "rendering page 3 took longer than 60 s") == "render: rendering page N took longer than N s"
     assert error_reason("read", "cannot read: no such object: s3://b/x.pdf") == "read: cannot read"
@@ -138,7 +138,7 @@ def test_error_reasons_group_errors_that_differ_only_in_details():
 def test_progress_line_counts_pages_documents_and_rates():
     import pyarrow as pa
 
-    from jobs.progress import Progress
+    from scriptorium.jobs.progress import Progress
 
     now = [100.0]
     progress = Progress(documents=3, skipped_documents=1, done_pages={"b.pdf": 1}, live=False, clock=lambda: now[0])
@@ -164,7 +164,7 @@ def test_progress_redraws_one_line_on_a_terminal():
 
     import pyarrow as pa
 
-    from jobs.progress import Progress
+    from scriptorium.jobs.progress import Progress
 
     stream, now = io.StringIO(), [0.0]
     with Progress(documents=2, stream=stream, live=True, clock=lambda: now[0]) as progress:
@@ -178,8 +178,8 @@ def test_progress_redraws_one_line_on_a_terminal():
 
 
 def test_whole_document_rows_count_for_documents_but_not_as_pages():
-    from core.schema import DOCUMENT_PAGE, RESULT_SCHEMA, table_from_rows
-    from jobs.summary import SUMMARY_COLUMNS, RowTally
+    from scriptorium.core.schema import DOCUMENT_PAGE, RESULT_SCHEMA, table_from_rows
+    from scriptorium.jobs.summary import SUMMARY_COLUMNS, RowTally
 
     rows = [
         {"source_uri": "a.pdf", "page": 0, "task": "ocr", "status": "ok", "n_output_tokens": 5, "truncated": False},
@@ -202,8 +202,8 @@ def test_attempts_of_one_run_id_add_up_in_its_summary(known_run, tmp_path):
     attempt keeps its own figures."""
     import shutil
 
-    from connectors.parquet_sink import ParquetStore
-    from jobs.summary import format_summary, write_run_summary
+    from scriptorium.connectors.parquet_sink import ParquetStore
+    from scriptorium.jobs.summary import format_summary, write_run_summary
 
     output = tmp_path / "copy"
     shutil.copytree(known_run["output"], output)
@@ -226,8 +226,8 @@ def test_attempts_of_one_run_id_add_up_in_its_summary(known_run, tmp_path):
 def test_a_resumed_run_id_keeps_the_attempt_before_it(tiny_model, tmp_path, ray_local):
     """`run_id = "nightly"` run, then run again after a new file arrived: one run of two attempts,
     counting the rows of both, its wall time the sum of theirs."""
-    from core.spec import JobSpec, spec_from_dict
-    from jobs.runner import run_job
+    from scriptorium.core.spec import JobSpec, spec_from_dict
+    from scriptorium.jobs.runner import run_job
 
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -8,17 +8,17 @@ import json
 
 import pytest
 
-import pipeline.preprocess
-import pipeline.render.stage
-from connectors.ledger import read_ledger
-from connectors.listing import list_inputs
-from connectors.parquet_sink import ParquetStore
-from core.errors import SpecError
-from core.schema import RESULT_SCHEMA, table_from_rows
-from core.spec import InputSpec, JobSpec, OutputSpec, StorageSpec, TaskSpec
-from core.units import work_units
-from pipeline.model.loading import load_processor
-from pipeline.model.outputs import generated_output
+from scriptorium.pipeline import preprocess
+from scriptorium.pipeline.render import stage as render_stage
+from scriptorium.connectors.ledger import read_ledger
+from scriptorium.connectors.listing import list_inputs
+from scriptorium.connectors.parquet_sink import ParquetStore
+from scriptorium.core.errors import SpecError
+from scriptorium.core.schema import RESULT_SCHEMA, table_from_rows
+from scriptorium.core.spec import InputSpec, JobSpec, OutputSpec, StorageSpec, TaskSpec
+from scriptorium.core.units import work_units
+from scriptorium.pipeline.model.loading import load_processor
+from scriptorium.pipeline.model.outputs import generated_output
 from tests.conftest import job, make_pdf, plan_row, run_stages
 
 
@@ -48,8 +48,8 @@ def test_every_task_kind_in_one_pass(tiny_model, two_pages, monkeypatch):
         TaskSpec(kind="qa", questions=["What is the total?", "Who signed?"], max_new_tokens=4),
         TaskSpec(kind="custom", name="keywords", prompt="List three keywords for this page.", max_new_tokens=4),
     ]
-    reads = counting(monkeypatch, pipeline.render.stage, "pages_of")
-    resizes = counting(monkeypatch, pipeline.preprocess, "model_crops")
+    reads = counting(monkeypatch, render_stage, "pages_of")
+    resizes = counting(monkeypatch, preprocess, "model_crops")
     rows = run_stages(job(tiny_model, tasks), [plan_row(two_pages)])
 
     # Read and rendered once, preprocessed once per page, six rows per page.

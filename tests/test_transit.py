@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.schema import PAGE_SCHEMA, rows_of, table_from_rows
-from core.spec import RenderSpec
-from pipeline.render.sandbox import RenderSandbox, SharedPixels
-from pipeline.render.sources import source_frames
+from scriptorium.core.schema import PAGE_SCHEMA, rows_of, table_from_rows
+from scriptorium.core.spec import RenderSpec
+from scriptorium.pipeline.render.sandbox import RenderSandbox, SharedPixels
+from scriptorium.pipeline.render.sources import source_frames
 
 
 def page_rows() -> list[dict]:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from core.image_settings import ImageSettings
+from scriptorium.core.image_settings import ImageSettings
 
 T = TypeVar("T")
 

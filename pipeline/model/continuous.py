@@ -43,9 +43,9 @@ import torch
 from transformers import GenerationConfig, MistralForCausalLM
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from pipeline.model.budget import KV_CACHE_MEMORY_FRACTION
-from pipeline.model.logprobs import sampling_top_k
-from pipeline.model.outputs import generated_output
+from scriptorium.pipeline.model.budget import KV_CACHE_MEMORY_FRACTION
+from scriptorium.pipeline.model.logprobs import sampling_top_k
+from scriptorium.pipeline.model.outputs import generated_output
 
 log = logging.getLogger("scriptorium")
 

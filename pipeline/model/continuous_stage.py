@@ -28,10 +28,10 @@ from typing import AsyncIterator
 import pyarrow as pa
 import torch
 
-from core.schema import table_from_rows
-from pipeline.model.budget import automatic_token_budget
-from pipeline.model.continuous import ContinuousEngine, EngineRequest, until_stop
-from pipeline.model.stage import GenerateAnswers, Sequence
+from scriptorium.core.schema import table_from_rows
+from scriptorium.pipeline.model.budget import automatic_token_budget
+from scriptorium.pipeline.model.continuous import ContinuousEngine, EngineRequest, until_stop
+from scriptorium.pipeline.model.stage import GenerateAnswers, Sequence
 
 log = logging.getLogger("scriptorium")
 

@@ -19,8 +19,8 @@ import inspect
 import numpy as np
 import torch
 
-from core.image_settings import ImageSettings
-from pipeline.model.collate import collate_pixels
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.pipeline.model.collate import collate_pixels
 
 # Pixels per vision-tower call: bounds its activations (e.g. 64 crops of 980x980 at once) however large
 # the text batch is, so the decode batch can grow without the vision tower running out of memory.

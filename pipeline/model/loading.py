@@ -10,10 +10,10 @@ import re
 
 import torch
 
-from core.errors import SpecError
-from core.image_settings import ImageSettings
-from core.spec import ModelSpec
-from pipeline.model.journal import ray_context
+from scriptorium.core.errors import SpecError
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.core.spec import ModelSpec
+from scriptorium.pipeline.model.journal import ray_context
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

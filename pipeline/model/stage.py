@@ -28,23 +28,23 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
-from core.image_settings import ImageSettings
-from core.pixels import decompress_crops
-from core.schema import PREPROCESSED_SCHEMA
-from core.spec import ModelSpec, ResourceSpec, TaskSpec
-from core.units import unit_key
-from pipeline.model.budget import automatic_token_budget, kv_cache_options
-from pipeline.model.collate import batch_by_shape
-from pipeline.model.degenerate import is_degenerate
-from pipeline.model.features import VisionStream, encode_crops, generate_kwargs
-from pipeline.model.journal import journal_for_this_replica, ray_context
-from pipeline.model.loading import load_model, load_processor, resolve_device, resolve_dtype
-from pipeline.model.logprobs import TokenLogprobs, confidence, recording_processors
-from pipeline.model.outputs import generated_output
-from pipeline.model.recovery import BatchSize, Failure, FittingBatch, end_process, is_fatal_cuda_error, release_memory
-from pipeline.prompts import PromptBook, PromptPlan
-from pipeline.results import page_result
-from pipeline.steps import AnswerStep
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.core.pixels import decompress_crops
+from scriptorium.core.schema import PREPROCESSED_SCHEMA
+from scriptorium.core.spec import ModelSpec, ResourceSpec, TaskSpec
+from scriptorium.core.units import unit_key
+from scriptorium.pipeline.model.budget import automatic_token_budget, kv_cache_options
+from scriptorium.pipeline.model.collate import batch_by_shape
+from scriptorium.pipeline.model.degenerate import is_degenerate
+from scriptorium.pipeline.model.features import VisionStream, encode_crops, generate_kwargs
+from scriptorium.pipeline.model.journal import journal_for_this_replica, ray_context
+from scriptorium.pipeline.model.loading import load_model, load_processor, resolve_device, resolve_dtype
+from scriptorium.pipeline.model.logprobs import TokenLogprobs, confidence, recording_processors
+from scriptorium.pipeline.model.outputs import generated_output
+from scriptorium.pipeline.model.recovery import BatchSize, Failure, FittingBatch, end_process, is_fatal_cuda_error, release_memory
+from scriptorium.pipeline.prompts import PromptBook, PromptPlan
+from scriptorium.pipeline.results import page_result
+from scriptorium.pipeline.steps import AnswerStep
 
 log = logging.getLogger("scriptorium")
 

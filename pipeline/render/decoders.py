@@ -23,10 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
-from core.errors import PageError
-from core.spec import RenderSpec
-from pipeline.render.jpeg_scans import decode_scan
-from pipeline.render.size import PageContents, page_pixel_size
+from scriptorium.core.errors import PageError
+from scriptorium.core.spec import RenderSpec
+from scriptorium.pipeline.render.jpeg_scans import decode_scan
+from scriptorium.pipeline.render.size import PageContents, page_pixel_size
 
 
 @contextmanager

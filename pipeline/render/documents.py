@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from core.schema import DOCUMENT_PAGE, SOURCE_COLUMNS
-from core.units import units_by_page
+from scriptorium.core.schema import DOCUMENT_PAGE, SOURCE_COLUMNS
+from scriptorium.core.units import units_by_page
 
 
 def with_document_row(

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.crops import bilinear_by_torch
-from pipeline.render.size import PageContents
+from scriptorium.pipeline.crops import bilinear_by_torch
+from scriptorium.pipeline.render.size import PageContents
 
 COLORSPACES = {"DeviceRGB": ("RGB",), "DeviceGray": ("L",), "ICCBased": ("RGB", "L")}
 ALIGNMENT_PT = 0.5  # how far the image's box may be from the page box, in points

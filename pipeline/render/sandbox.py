@@ -41,9 +41,9 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Iterator
 
-from core.errors import PageError
-from core.spec import RenderSpec
-from pipeline.render import decoders, sources
+from scriptorium.core.errors import PageError
+from scriptorium.core.spec import RenderSpec
+from scriptorium.pipeline.render import decoders, sources
 
 MAX_LOST_PAGES = 3  # pages of one document that may hang or crash the child before the rest is given up
 STARTUP_LIMIT_S = 300.0  # importing PyMuPDF and Pillow on a busy node
@@ -143,7 +143,7 @@ class RenderSandbox:
         self._pixels = SharedPixels.create()
         shared = [self._pixels.fd] if self._pixels else []
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.render.sandbox", str(theirs.fileno()), str(os.getpid()),
+            [sys.executable, "-m", "scriptorium.pipeline.render.sandbox", str(theirs.fileno()), str(os.getpid()),
              *map(str, shared)],
             pass_fds=[theirs.fileno(), *shared],
             stdin=subprocess.DEVNULL,

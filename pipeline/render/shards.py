@@ -36,10 +36,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.errors import PageError
-from core.kinds import kind_of
-from core.spec import RenderSpec
-from pipeline.render.decoders import ImageDocument, describe
+from scriptorium.core.errors import PageError
+from scriptorium.core.kinds import kind_of
+from scriptorium.core.spec import RenderSpec
+from scriptorium.pipeline.render.decoders import ImageDocument, describe
 
 # Binary columns taken for images when no column is a Hugging Face `Image` struct.
 IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp")

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from core.errors import PageError
-from core.image_settings import ImageSettings
-from core.spec import RenderSpec
-from pipeline.crops import target_size
+from scriptorium.core.errors import PageError
+from scriptorium.core.image_settings import ImageSettings
+from scriptorium.core.spec import RenderSpec
+from scriptorium.pipeline.crops import target_size
 
 POINTS_PER_INCH = 72
 # A page is a scan when raster images cover this share of it and it shows little else: at most this many

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from core.errors import PageError
-from core.kinds import SHARD_KINDS
-from core.spec import RenderSpec
-from pipeline.render.decoders import frames_of, open_document, time_limit
+from scriptorium.core.errors import PageError
+from scriptorium.core.kinds import SHARD_KINDS
+from scriptorium.core.spec import RenderSpec
+from scriptorium.pipeline.render.decoders import frames_of, open_document, time_limit
 
 
 def open_source(kind: str, data: bytes, settings: RenderSpec):
@@ -18,7 +18,7 @@ def open_source(kind: str, data: bytes, settings: RenderSpec):
         return open_document(kind, data, settings)
     if not data:
         raise PageError("file is empty (0 bytes)")
-    from pipeline.render.shards import ShardImages  # pyarrow: imported only where a shard is opened
+    from scriptorium.pipeline.render.shards import ShardImages  # pyarrow: imported only where a shard is opened
 
     with time_limit(settings.timeout_s, "opening the file"):
         return ShardImages(kind, data, settings)

@@ -14,16 +14,16 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from connectors.storage import read_bytes, redact
-from core.errors import PageError
-from core.kinds import IMAGE_EXTENSIONS, KINDS
-from core.schema import PAGE_SCHEMA, PLAN_SCHEMA, SOURCE_COLUMNS, table_from_rows
-from core.spec import RenderSpec, StorageSpec
-from core.units import units_by_page
-from pipeline.render.decoders import describe
-from pipeline.render.documents import with_document_row
-from pipeline.render.sandbox import SandboxUnavailable, sandbox_for_this_thread
-from pipeline.render.sources import source_frames
+from scriptorium.connectors.storage import read_bytes, redact
+from scriptorium.core.errors import PageError
+from scriptorium.core.kinds import IMAGE_EXTENSIONS, KINDS
+from scriptorium.core.schema import PAGE_SCHEMA, PLAN_SCHEMA, SOURCE_COLUMNS, table_from_rows
+from scriptorium.core.spec import RenderSpec, StorageSpec
+from scriptorium.core.units import units_by_page
+from scriptorium.pipeline.render.decoders import describe
+from scriptorium.pipeline.render.documents import with_document_row
+from scriptorium.pipeline.render.sandbox import SandboxUnavailable, sandbox_for_this_thread
+from scriptorium.pipeline.render.sources import source_frames
 
 log = logging.getLogger("scriptorium")
 

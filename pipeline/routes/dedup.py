@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from core.schema import RESULT_SCHEMA, table_from_rows
-from core.spec import RoutingSpec
-from pipeline.results import routed
+from scriptorium.core.schema import RESULT_SCHEMA, table_from_rows
+from scriptorium.core.spec import RoutingSpec
+from scriptorium.pipeline.results import routed
 
 RESULT_FIELDS = ("status", "text", "error", "stage", "model", "prompt", "generation", "max_new_tokens",
                  "n_input_tokens", "n_output_tokens", "truncated")

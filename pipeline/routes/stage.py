@@ -9,14 +9,14 @@ preprocessing and the model. Everything else goes on to the model.
 
 from __future__ import annotations
 
-from core.schema import DOCUMENT_PAGE
-from core.spec import RoutingSpec, TaskSpec
-from core.units import open_units
-from pipeline.results import page_result
-from pipeline.routes.dedup import route_duplicates
-from pipeline.routes.tesseract import route_tesseract
-from pipeline.routes.text_layer import route_text_layer
-from pipeline.steps import AnswerStep, PageStep
+from scriptorium.core.schema import DOCUMENT_PAGE
+from scriptorium.core.spec import RoutingSpec, TaskSpec
+from scriptorium.core.units import open_units
+from scriptorium.pipeline.results import page_result
+from scriptorium.pipeline.routes.dedup import route_duplicates
+from scriptorium.pipeline.routes.tesseract import route_tesseract
+from scriptorium.pipeline.routes.text_layer import route_text_layer
+from scriptorium.pipeline.steps import AnswerStep, PageStep
 
 
 class RoutePages(PageStep):

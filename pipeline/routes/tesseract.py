@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from core.pixels import page_image
-from core.spec import RoutingSpec, TaskSpec
-from pipeline.results import routed
+from scriptorium.core.pixels import page_image
+from scriptorium.core.spec import RoutingSpec, TaskSpec
+from scriptorium.pipeline.results import routed
 
 
 def tesseract_ocr(image: np.ndarray, language: str = "eng") -> str:

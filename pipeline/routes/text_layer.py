@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import unicodedata
 
-from core.spec import RoutingSpec, TaskSpec
-from pipeline.results import routed
+from scriptorium.core.spec import RoutingSpec, TaskSpec
+from scriptorium.pipeline.results import routed
 
 
 def text_layer_problem(text: str | None, min_chars: int = 40) -> str | None:
