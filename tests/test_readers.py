@@ -5,7 +5,7 @@ float32, and nulls where a row has no value.
 
 An output folder also holds bookkeeping (`_summary.json`, `_runs/`, `_work/`), which pyarrow skips by its
 `_` prefix but these readers do not: they are given the Parquet files by pattern (`*.parquet` in one
-output, `*/*.parquet` in a parent of runs), as README says.
+output, `*/*.parquet` in a parent of runs), as docs/output.md says.
 """
 
 from __future__ import annotations

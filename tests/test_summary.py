@@ -1,6 +1,6 @@
 """Run summaries against a known run: the counts, pages and tokens in `_runs/<id>/summary.json` are the
 ones the published Parquet rows hold, a resumed run adds nothing, `scriptorium summary` prints them again,
-and the GPU-hour and cost arithmetic is the one the README states."""
+and the GPU-hour and cost arithmetic is the one docs/operations.md states."""
 
 from __future__ import annotations
 
