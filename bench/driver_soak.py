@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/driver_soak.py [--rows 1000000] [--batch-rows 128]
 
-What `jobs.runner._run_pipeline` does with every batch that comes out of Ray Data, in the same order,
+What `jobs.streaming.run_stages` does with every batch that comes out of Ray Data, in the same order,
 after planning against an earlier output of 10^6 units (as `run_job` does): the progress line
 (`Progress.update`), the safety net (`SinkGuard.drop_done`, whose ledger checks the rows of partly
 done sources against that output), the row counters and the Parquet sink; then the
@@ -86,7 +86,7 @@ def soak(side: str, n_rows: int, batch_rows: int, earlier: Path, earlier_units: 
     from scriptorium.connectors.parquet_sink import ParquetSink, ParquetStore
     from scriptorium.connectors.sink_guard import SinkGuard
     from scriptorium.jobs.progress import Progress
-    from scriptorium.jobs.summary import tally_files
+    from scriptorium.jobs.tally import tally_files
     from scriptorium.core.units import work_units
 
     from ledger import plan_spec
@@ -97,11 +97,11 @@ def soak(side: str, n_rows: int, batch_rows: int, earlier: Path, earlier_units: 
     store = ParquetStore(str(output))
     ledger = read_ledger(store, work_units(spec.tasks))
     if side == "new":  # planned first, as run_job does: the ledger learns which sources are partly done
-        import scriptorium.jobs.runner as runner
+        import scriptorium.jobs.planning as planning
         from _archive_output import listing
 
-        runner.list_inputs = lambda _input, _storage, skip=None: listing(earlier_units)
-        runner.write_plan(spec, store, ledger)
+        planning.list_inputs = lambda _input, _storage, skip=None: listing(earlier_units)
+        planning.write_plan(spec, store, ledger)
         shutil.rmtree(output / "_work")
         guard = SinkGuard(ledger)
         drop_done = guard.drop_done

@@ -10,7 +10,7 @@ with error rows; the listing has changed and new documents too). It is built onc
 and reused (the 1e8 one takes ~3 GB and several minutes to build).
 
 Planning is measured as `run_job` does it, in a fresh process per size: `read_ledger` over the output,
-then `jobs.runner.write_plan` over the listing (the listing itself is synthetic, yielded as
+then `jobs.planning.write_plan` over the listing (the listing itself is synthetic, yielded as
 `list_inputs` would yield it, so listing the input store is not part of the figure), writing the
 plan files. The figure is that process's wall time and peak RSS (`ru_maxrss`: the interpreter,
 pyarrow and DuckDB included); its CPU time is printed beside them. The baseline is the same against the ledger as it was before issue
@@ -56,13 +56,13 @@ def measure(side: str, folder: Path, units: int, retry_failed: bool) -> dict:
     store = ParquetStore(str(folder))
     work = store.work_folder(spec.run_id)
     if side == "new":  # imported before the clock starts: a driver has them loaded before it plans
-        import scriptorium.jobs.runner as runner
+        import scriptorium.jobs.planning as planning
         from scriptorium.connectors.ledger import read_ledger
     started, cpu_started = time.perf_counter(), cpu_seconds()
     if side == "new":
-        runner.list_inputs = lambda _input, _storage, skip=None: listing(units)  # the input store's listing, synthetic
+        planning.list_inputs = lambda _input, _storage, skip=None: listing(units)  # the input store's listing, synthetic
         ledger = read_ledger(store, work_units(spec.tasks), errors_done=not retry_failed)
-        plan = runner.write_plan(spec, store, ledger)
+        plan = planning.write_plan(spec, store, ledger)
         counts = {"planned": plan.planned, "skipped": plan.skipped, "stale": len(plan.stale),
                   "retried": len(plan.retried)}
     else:

@@ -127,7 +127,8 @@ def run(n_pages: int, model: str, workdir: str, args) -> dict:
         ResourceSpec,
         TaskSpec,
     )
-    from scriptorium.jobs.runner import init_ray, run_job
+    from scriptorium.jobs.ray_setup import init_ray
+    from scriptorium.jobs.runner import run_job
 
     spec = JobSpec(
         run_id=f"memory-{n_pages}",
@@ -141,7 +142,7 @@ def run(n_pages: int, model: str, workdir: str, args) -> dict:
     )
     started = time.perf_counter()
     if args.address:
-        init_ray(spec)
+        init_ray(spec.resources)
         samplers = start_node_samplers()
         with PeakSampler(lambda: tree_memory(psutil.Process())) as driver:
             result = run_job(spec)
@@ -150,7 +151,7 @@ def run(n_pages: int, model: str, workdir: str, args) -> dict:
         peak_rss = driver.peak_rss + sum(r for _, r in node_peaks)
     else:
         with PeakSampler(lambda: tree_memory(psutil.Process())) as driver:
-            init_ray(spec)
+            init_ray(spec.resources)
             result = run_job(spec)
         peak_pss, peak_rss = driver.peak_pss, driver.peak_rss
         ray.shutdown()  # the next run starts a fresh local Ray

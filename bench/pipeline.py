@@ -47,7 +47,8 @@ def run_pipeline(model: Path, folder: Path, out: Path, args) -> tuple[float, flo
         ResourceSpec,
         TaskSpec,
     )
-    from scriptorium.jobs.runner import init_ray, run_job
+    from scriptorium.jobs.ray_setup import init_ray
+    from scriptorium.jobs.runner import run_job
 
     spec = JobSpec(
         run_id="bench",
@@ -58,7 +59,7 @@ def run_pipeline(model: Path, folder: Path, out: Path, args) -> tuple[float, flo
         resources=ResourceSpec(num_replicas=args.replicas, batch_size=args.batch_size),
     )
     started = time.perf_counter()
-    init_ray(spec)
+    init_ray(spec.resources)
     ray_s = time.perf_counter() - started
     started = time.perf_counter()
     run_job(spec)

@@ -33,7 +33,7 @@ import time
 import tomllib
 import uuid
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Mapping, get_args
 
 from pydantic import (
     BaseModel,
@@ -343,8 +343,13 @@ class RoutingSpec(Section):
 
 
 class ResourceSpec(Section):
+    """Where and how big a run is. Two settings may also come from the driver's environment, read once
+    by `scriptorium run` (`with_environment`): SCRIPTORIUM_RAY_ADDRESS for `address`, and
+    SCRIPTORIUM_RAY_PROGRESS=1 for `ray_progress`."""
+
     address: str = ""
-    """Ray address: "" starts a local Ray, "auto" joins the cluster this runs in"""
+    """Ray address: "" starts a local Ray, "auto" joins the cluster this runs in. Left empty (here and by
+    --address): SCRIPTORIUM_RAY_ADDRESS, if set"""
     num_replicas: int = 1
     """Model replicas (actors); one per GPU on a GPU cluster"""
     gpus_per_replica: float | None = None
@@ -364,6 +369,9 @@ class ResourceSpec(Section):
     """Logical CPUs for a local Ray (0: max(4, cores)); see README on small machines"""
     gpu_price_per_hour: float = 0.0
     """For the run summary's cost figures"""
+    ray_progress: bool = False
+    """Keep Ray Data's own progress bars and per-operator log blocks, which the run's progress line
+    otherwise replaces: for looking into a stalled operator. SCRIPTORIUM_RAY_PROGRESS=1 sets it too"""
 
     @field_validator("num_replicas")
     @classmethod
@@ -384,6 +392,12 @@ class ResourceSpec(Section):
         if self.batch_size:
             return self.batch_size
         return GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
+
+    def with_environment(self, environ: Mapping[str, str]) -> ResourceSpec:
+        """These settings with the driver's environment filled in: SCRIPTORIUM_RAY_ADDRESS where no
+        address is set, SCRIPTORIUM_RAY_PROGRESS=1 turns `ray_progress` on."""
+        return self.updated(address=self.address or environ.get("SCRIPTORIUM_RAY_ADDRESS", ""),
+                            ray_progress=self.ray_progress or environ.get("SCRIPTORIUM_RAY_PROGRESS") == "1")
 
 
 class JobSpec(Section):

@@ -4,7 +4,8 @@ offers exactly the values the spec accepts (read off the spec's own types)."""
 from __future__ import annotations
 
 import argparse
-from typing import get_args
+import os
+from typing import Mapping, get_args
 
 from scriptorium.core.spec import JobSpec, Section, StorageSpec, TaskSpec, choices, load_spec
 
@@ -113,8 +114,10 @@ def storage_from_args(args: argparse.Namespace) -> StorageSpec:
     return StorageSpec().updated(**overrides(args, STORAGE_FLAGS).get("storage", {}))
 
 
-def spec_from_args(args: argparse.Namespace) -> JobSpec:
-    """The job file's spec (or an empty one) with the flags given applied on top."""
+def spec_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> JobSpec:
+    """The job file's spec (or an empty one) with the flags given applied on top, then the SCRIPTORIUM_*
+    environment variables for what neither set (`ResourceSpec.with_environment`): the one place a run
+    reads its environment, so the runner and the stages see only the spec."""
     spec = load_spec(args.job) if args.job else JobSpec()
     changes = overrides(args, RUN_FLAGS + STORAGE_FLAGS)
     tasks = [task.model_dump() for task in spec.tasks]
@@ -124,4 +127,5 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         tasks = [{**task, "questions": args.question} if task["kind"] == "qa" else task for task in tasks]
     if args.max_new_tokens is not None:
         tasks = [{**task, "max_new_tokens": args.max_new_tokens} for task in tasks]
-    return spec.updated(**changes, tasks=tasks)
+    spec = spec.updated(**changes, tasks=tasks)
+    return spec.updated(resources=spec.resources.with_environment(environ).model_dump())

@@ -51,7 +51,8 @@ from scriptorium.jobs.inspect_input import (
 )
 from scriptorium.jobs.report import build_report
 from scriptorium.jobs.submit import add_submit_arguments, cmd_submit
-from scriptorium.jobs.summary import format_summary, load_summary
+from scriptorium.jobs.summary_files import load_summary
+from scriptorium.jobs.summary_text import format_summary, summary_json
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -86,7 +87,7 @@ def _open_output(args: argparse.Namespace) -> ParquetStore:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     summary = load_summary(_open_output(args), args.run_id)
-    print(redact(json.dumps(summary, indent=2) if args.json else format_summary(summary)))
+    print(redact(summary_json(summary) if args.json else format_summary(summary)))
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Mapping, TextIO
 
 import pyarrow as pa
 
-from scriptorium.jobs.summary import format_duration
+from scriptorium.jobs.summary_text import format_duration
 
 log = logging.getLogger("scriptorium.progress")
 

@@ -91,9 +91,9 @@ def test_the_demo_report_shows_thumbnails_beside_real_text(demo_report, tmp_path
         assert all(row["textLeft"] >= card["thumbnailRight"] for row in card["rows"])
         assert [row["route"] for row in card["rows"] if row["task"] == "caption"] == ["model"]
 
-    def ocr_of(name: str, page: int = 0) -> dict:
+    def ocr_of(name: str, page: int = 0) -> dict:  # `page` as the column counts it; the title counts from 1
         card = next(c for c in cards
-                    if c["title"].split(" · ")[0].endswith("/" + name) and f"page {page} " in c["title"])
+                    if c["title"].split(" · ")[0].endswith("/" + name) and f"page {page + 1} " in c["title"])
         return next(row for row in card["rows"] if row["task"] == "ocr")
 
     born_digital = ocr_of("report.pdf")

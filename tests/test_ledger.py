@@ -20,8 +20,8 @@ from scriptorium.connectors.sink_guard import SinkGuard
 from scriptorium.core.schema import DOCUMENT_PAGE, RESULT_SCHEMA, table_from_rows
 from scriptorium.core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, StorageSpec, TaskSpec
 from scriptorium.core.units import work_units
-from scriptorium.jobs.runner import write_plan
-from scriptorium.jobs.summary import tally_files
+from scriptorium.jobs.planning import write_plan
+from scriptorium.jobs.tally import tally_files
 from tests.conftest import REPO, read_rows
 
 OCR_AND_CAPTION = [TaskSpec(kind="ocr"), TaskSpec(kind="caption")]

@@ -126,7 +126,7 @@ def test_summary_command_prints_the_latest_run_and_the_output(known_run, capsys)
 
 
 def test_error_reasons_group_errors_that_differ_only_in_details():
-    from scriptorium.jobs.summary import error_reason
+    from scriptorium.jobs.tally import error_reason
 
     assert error_reason("render", "rendering page 3 took longer than 60 s") == "render: rendering page N took longer than N s"
     assert error_reason("read", "cannot read: no such object: s3://b/x.pdf") == "read: cannot read"
@@ -179,7 +179,7 @@ def test_progress_redraws_one_line_on_a_terminal():
 
 def test_whole_document_rows_count_for_documents_but_not_as_pages():
     from scriptorium.core.schema import DOCUMENT_PAGE, RESULT_SCHEMA, table_from_rows
-    from scriptorium.jobs.summary import SUMMARY_COLUMNS, RowTally
+    from scriptorium.jobs.tally import SUMMARY_COLUMNS, RowTally
 
     rows = [
         {"source_uri": "a.pdf", "page": 0, "task": "ocr", "status": "ok", "n_output_tokens": 5, "truncated": False},
@@ -203,7 +203,8 @@ def test_attempts_of_one_run_id_add_up_in_its_summary(known_run, tmp_path):
     import shutil
 
     from scriptorium.connectors.parquet_sink import ParquetStore
-    from scriptorium.jobs.summary import format_summary, write_run_summary
+    from scriptorium.jobs.summary_files import write_run_summary
+    from scriptorium.jobs.summary_text import format_summary
 
     output = tmp_path / "copy"
     shutil.copytree(known_run["output"], output)

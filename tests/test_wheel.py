@@ -58,7 +58,7 @@ def fresh_env(wheel, tmp_path_factory) -> Path:
     return env
 
 
-def test_the_wheel_holds_scriptorium_alone_with_every_subpackage_and_the_job_specs(wheel):
+def test_the_wheel_holds_scriptorium_alone_with_every_subpackage_its_job_specs_and_templates(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names}
     (metadata,) = top_level - {"scriptorium"}
@@ -70,10 +70,12 @@ def test_the_wheel_holds_scriptorium_alone_with_every_subpackage_and_the_job_spe
         if "__pycache__" not in init.parts
     }
     assert packaged == in_checkout, "a subpackage is missing from pyproject.toml's packages list"
-    assert {f"scriptorium/jobs/{p.name}" for p in (REPO / "jobs").glob("*.toml")} <= set(names)
+    data_files = [*(REPO / "jobs").glob("*.toml"), *(REPO / "jobs" / "templates").iterdir()]
+    missing = {f"scriptorium/{p.relative_to(REPO).as_posix()}" for p in data_files} - set(names)
+    assert not missing, "data files missing from the wheel (pyproject.toml's package-data)"
 
 
-def test_the_installed_wheel_makes_the_tiny_model_and_runs_a_job_from_another_folder(fresh_env, tmp_path):
+def test_the_installed_wheel_makes_the_tiny_model_runs_a_job_and_reports_it_from_another_folder(fresh_env, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     python, scriptorium = fresh_env / "bin" / "python", fresh_env / "bin" / "scriptorium"
@@ -95,3 +97,6 @@ def test_the_installed_wheel_makes_the_tiny_model_and_runs_a_job_from_another_fo
     rows = ds.dataset(elsewhere / "out", format="parquet").to_table(columns=["source_uri", "status"]).to_pylist()
     assert {Path(r["source_uri"]).name for r in rows} == {"memo.pdf", "receipt.png"}, done.stdout[-2000:]
     assert {r["status"] for r in rows} == {"ok"}
+
+    run(scriptorium, "report", "out", "--html", "review.html", cwd=elsewhere)  # its template, from the wheel
+    assert (elsewhere / "review.html").read_text().count('<section class="page"') == 2  # memo.pdf's page, the receipt
