@@ -2,8 +2,9 @@
 
 `document_pdf` writes a multi-page PDF with PyMuPDF (vector text, table rules, a bar chart and an
 embedded raster photo), so rendering costs what a real report page costs. `page_images` returns the
-pages as HWC uint8 arrays rendered at a given longest edge; where PyMuPDF is not installed (a bare GPU
-machine), it draws the same layout with Pillow instead.
+pages as HWC uint8 arrays, each at the size the pipeline renders it under a resolved render spec
+(`pipeline.render.size`); where PyMuPDF is not installed (a bare GPU machine), it draws the same layout
+with Pillow instead, at the spec's page edge.
 """
 
 from __future__ import annotations
@@ -118,30 +119,32 @@ def _draw_figure(page, rng, x0, y0, width, Image) -> float:
     return y0 + fig_h + 18
 
 
-def render_pdf(data: bytes, longest_edge: int) -> list[np.ndarray]:
-    """Render every page so its longest edge is `longest_edge` (the rule of pipeline/pages.py, which
-    needs the full stack; this copy only needs PyMuPDF)."""
+def render_pdf(data: bytes, render) -> list[np.ndarray]:
+    """Every page, rendered at the size the pipeline renders it at under `render`, a RenderSpec the driver
+    resolved (`resolved_render`): the pipeline's own `page_pixel_size`, with PyMuPDF alone (no sandbox)."""
     import pymupdf
+
+    from scriptorium.pipeline.render.size import page_pixel_size
 
     pages = []
     with pymupdf.open(stream=data, filetype="pdf") as doc:
         for page in doc:
             rect = page.rect
-            zoom = longest_edge / max(rect.width, rect.height)
-            width, height = max(1, round(rect.width * zoom)), max(1, round(rect.height * zoom))
+            width, height = page_pixel_size(page, render)
             matrix = pymupdf.Matrix(width / rect.width, height / rect.height)
             pix = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
             pages.append(np.frombuffer(pix.samples, dtype=np.uint8).reshape(pix.height, pix.width, 3))
     return pages
 
 
-def page_images(n_pages: int, longest_edge: int = 980, seed: int = 0) -> list[np.ndarray]:
-    """`n_pages` document pages as HWC uint8 arrays: PyMuPDF-rendered, or Pillow-drawn without PyMuPDF."""
+def page_images(n_pages: int, render, seed: int = 0) -> list[np.ndarray]:
+    """`n_pages` document pages as HWC uint8 arrays: PyMuPDF-rendered under `render` (a resolved RenderSpec),
+    or Pillow-drawn at its page edge without PyMuPDF."""
     try:
         import pymupdf  # noqa: F401
     except ImportError:
-        return [_drawn_page(i, longest_edge, random.Random(seed * 100_003 + i)) for i in range(n_pages)]
-    return render_pdf(document_pdf(n_pages, seed), longest_edge)
+        return [_drawn_page(i, render.page_edge, random.Random(seed * 100_003 + i)) for i in range(n_pages)]
+    return render_pdf(document_pdf(n_pages, seed), render)
 
 
 def _drawn_page(number: int, longest_edge: int, rng: random.Random) -> np.ndarray:

@@ -60,9 +60,9 @@ RECORDED_MIX_TOKENS = [
 ]
 
 
-def length_mix(pdfs: list[str], max_new_tokens: int, longest_edge: int, n_pages: int = 0):
+def length_mix(pdfs: list[str], max_new_tokens: int, render, n_pages: int = 0):
     """(target new tokens, page image) per page of `pdfs`: its text layer's length in tokens, capped at
-    `max_new_tokens`. Without PDFs (or PyMuPDF), the recorded mix on generated report pages. `n_pages`: repeat or cut
+    `max_new_tokens`, and the page rendered under `render` (a resolved RenderSpec, documents.render_pdf). Without PDFs (or PyMuPDF), the recorded mix on generated report pages. `n_pages`: repeat or cut
     the mix to that many pages (0: as it is)."""
     try:
         import pymupdf
@@ -75,12 +75,12 @@ def length_mix(pdfs: list[str], max_new_tokens: int, longest_edge: int, n_pages:
             data = open(path, "rb").read()
             with pymupdf.open(stream=data) as document:
                 lengths += [round(len(page.get_text()) / CHARS_PER_TOKEN) for page in document]
-            images += render_pdf(data, longest_edge)
+            images += render_pdf(data, render)
     else:
         from documents import page_images
 
         lengths = RECORDED_MIX_TOKENS
-        images = page_images(len(lengths), longest_edge=longest_edge)
+        images = page_images(len(lengths), render)
     n = n_pages or len(lengths)
     targets = [max(1, min(max_new_tokens, lengths[i % len(lengths)])) for i in range(n)]
     return targets, [images[i % len(images)] for i in range(n)]
@@ -188,10 +188,11 @@ def main() -> None:
     from scriptorium.pipeline.model.continuous_stage import CPU_CACHE_TOKENS_PER_PAGE
 
     from scriptorium.core.image_settings import ImageSettings
-    from scriptorium.core.spec import ModelSpec
+    from scriptorium.core.spec import ModelSpec, RenderSpec
     from scriptorium.pipeline.crops import model_crops
     from scriptorium.pipeline.model.loading import load_model, load_processor
     from scriptorium.pipeline.model.tiny import build_tiny_idefics2
+    from scriptorium.pipeline.render.size import resolved_render
 
     pdfs = args.pdf or real_pdfs()
     with tempfile.TemporaryDirectory() as folder:
@@ -199,7 +200,7 @@ def main() -> None:
         processor = load_processor(str(path))
         model = load_model(ModelSpec(id=str(path), device="cpu", dtype="fp32"), "cpu")
     settings = ImageSettings.from_processor(processor)
-    targets, pages = length_mix(pdfs, args.max_new_tokens, args.longest_edge, args.pages)
+    targets, pages = length_mix(pdfs, args.max_new_tokens, resolved_render(RenderSpec(), settings), args.pages)
     crops = [model_crops(page, settings) for page in pages]
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]}], add_generation_prompt=True)

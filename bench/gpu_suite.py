@@ -62,12 +62,13 @@ from documents import page_images  # noqa: E402
 from engine import continuous_engine, length_mix, real_pdfs, run_continuous, run_static  # noqa: E402
 
 from scriptorium.core.image_settings import ImageSettings  # noqa: E402
-from scriptorium.core.spec import ResourceSpec  # noqa: E402
+from scriptorium.core.spec import RenderSpec, ResourceSpec  # noqa: E402
 from scriptorium.pipeline.crops import model_crops  # noqa: E402
 from scriptorium.pipeline.model.budget import automatic_token_budget, kv_cache_bytes_per_token, kv_cache_options  # noqa: E402
 from scriptorium.pipeline.model.collate import batch_by_shape  # noqa: E402
 from scriptorium.pipeline.model.features import VisionStream, encode_crops, generate_kwargs  # noqa: E402
 from scriptorium.pipeline.model.tiny import IDEFICS2_CHAT_TEMPLATE, build_tokenizer  # noqa: E402
+from scriptorium.pipeline.render.size import resolved_render  # noqa: E402
 
 # HuggingFaceM4/idefics2-8b's config.json: SigLIP-so400m vision tower at 980, Mistral-7B text model
 # (the keys its config leaves out are MistralConfig's defaults, written out here), perceiver defaults.
@@ -304,7 +305,8 @@ def check_correctness(report: Report, device: str, n_pages: int) -> None:
         path = build_tiny_idefics2(folder, do_image_splitting=True, longest_edge=490, shortest_edge=378)
         spec = ModelSpec(id=str(path), device="cpu", dtype="fp32")
         _, settings = open_model_config(spec)
-        pages = PreprocessPages(settings)(page_rows(page_images(n_pages, longest_edge=settings.render_edge, seed=7)))
+        images = page_images(n_pages, resolved_render(RenderSpec(), settings), seed=7)
+        pages = PreprocessPages(settings)(page_rows(images))
         preprocessed = next(iter(pages))
         book = PromptBook(tasks)
         on_cpu = stage_rows(GenerateAnswers(spec, settings, book, batch_size=4), preprocessed)
@@ -363,7 +365,7 @@ class Bench:
         self.prompt_ids = self.processor(text=self.prompt, return_tensors="pt")["input_ids"][0]
         # A few distinct pages, repeated: every length is forced, so their content changes no time, and the
         # lease's minutes go to the GPU rather than to drawing and cropping hundreds of pages on one core.
-        distinct = page_images(min(args.pages, args.distinct_pages), longest_edge=self.settings.render_edge)
+        distinct = page_images(min(args.pages, args.distinct_pages), resolved_render(RenderSpec(), self.settings))
         started = time.perf_counter()
         distinct_crops = [model_crops(page, self.settings) for page in distinct]
         self.cpu_s = (time.perf_counter() - started) / len(distinct)
@@ -561,7 +563,8 @@ def where_time_goes(report: Report, bench: Bench) -> None:
 
 def length_mix_runs(report: Report, bench: Bench) -> None:
     args, model, device, dtype = bench.args, bench.model, bench.device, bench.dtype
-    targets, _ = length_mix(real_pdfs(), args.new_tokens, 64, n_pages=len(bench.crops))
+    targets, _ = length_mix(real_pdfs(), args.new_tokens, resolved_render(RenderSpec(page_edge=64), bench.settings),
+                            n_pages=len(bench.crops))
     eos_id = bench.processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     n = len(bench.crops)
     static_s, _, static_tokens = timed(device, run_static, model, bench.prompt_ids, bench.crops, targets, bench.settings,

@@ -136,7 +136,7 @@ def run(n_pages: int, model: str, workdir: str, args) -> dict:
         output=OutputSpec(uri=f"{workdir.rstrip('/')}/out-{n_pages}", overwrite=True),
         model=ModelSpec(id=model, device="cpu", dtype="fp32", do_image_splitting=False,
                         longest_edge=args.longest_edge, shortest_edge=args.longest_edge // 2),
-        render=RenderSpec(longest_edge=args.longest_edge),
+        render=RenderSpec(page_edge=args.longest_edge),
         tasks=[TaskSpec(kind="ocr", max_new_tokens=2)],
         resources=ResourceSpec(address=args.address, num_replicas=args.replicas, batch_size=args.batch_size),
     )

@@ -73,18 +73,21 @@ def run_loop(model: Path, folder: Path, out: Path, prompt: str, max_new_tokens: 
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-    from documents import render_pdf  # PyMuPDF, at the pipeline's size rule
-    from scriptorium.core.image_settings import ImageSettings
+    from documents import render_pdf  # PyMuPDF, at the pipeline's own page sizes
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from scriptorium.core.image_settings import ImageSettings
+    from scriptorium.core.spec import RenderSpec
+    from scriptorium.pipeline.render.size import resolved_render
 
     started = time.perf_counter()
     processor = AutoProcessor.from_pretrained(model, backend="pil")
     net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32).eval()
-    longest_edge = ImageSettings.from_processor(processor).render_edge  # born-digital pages: no scans
+    render = resolved_render(RenderSpec(), ImageSettings.from_processor(processor))  # as the job's driver does
     rows = []
     for path in sorted(folder.glob("*.pdf")):
-        for number, pixels in enumerate(render_pdf(path.read_bytes(), longest_edge)):
+        for number, pixels in enumerate(render_pdf(path.read_bytes(), render)):
             inputs = processor(text=prompt, images=[Image.fromarray(pixels)], return_tensors="pt")
             with torch.inference_mode():
                 generated = net.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

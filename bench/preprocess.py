@@ -3,11 +3,11 @@ born-digital pages, scanned pages and photos, against the transformers reference
 
     .venv/bin/python bench/preprocess.py [--pages 120] [--render-edge 0]
 
-Ours is the pipeline's own CPU steps, as Ray runs them, at the default settings: `RenderPages` (read
-the file; a PDF page rendered at what the model can use, pipeline/render/size.py: 1960 px with
-idefics2-8b's splitting at 980, a scan at no more than its own resolution; an image decoded as it is)
-then `PreprocessPages` (4 quadrants + the whole page, each resized to the processor's rule, compressed
-losslessly: core/pixels.py). The reference gets the same page images (the processor has no
+Ours is an OCR job's own CPU stages (`job_stages` up to "preprocess"), walked with the rows per call Ray
+gives them, at the default settings: render (read the file; a PDF page rendered at what the model can
+use, pipeline/render/size.py: 1960 px with idefics2-8b's splitting at 980, a scan at no more than its
+own resolution; an image decoded as it is) then preprocess (4 quadrants + the whole page, each resized
+to the processor's rule, compressed losslessly: core/pixels.py). The reference gets the same page images (the processor has no
 renderer) and runs `processor.image_processor` with do_image_splitting=True on each, as the model card
 does: float32 pixel_values and an int64 mask. Bytes per page are what each ships to the model stage:
 our whole Arrow row, the reference's two tensors. The mix is bench/mix.py: a third of each kind.
@@ -63,18 +63,24 @@ def cpu_seconds() -> float:
     return seconds
 
 
-def run_ours(paths, render, settings):
-    """The pipeline's CPU steps on every file; returns (seconds, CPU seconds, preprocessed tables)."""
-    from scriptorium.core.spec import StorageSpec
-    from scriptorium.pipeline.preprocess import PreprocessPages
-    from scriptorium.pipeline.render.stage import RenderPages
+def cpu_job(checkpoint: Path, render_edge: int):
+    """(the CPU stages, the derived settings) of an OCR job on `checkpoint`, PDF pages at `render_edge` px
+    (0: the render rule)."""
+    from scriptorium.core.spec import JobSpec, ModelSpec, RenderSpec, TaskSpec
+    from scriptorium.pipeline.stages import derive, job_stages, stages_until
 
-    render_step, preprocess_step = RenderPages(render, StorageSpec()), PreprocessPages(settings)
-    tables = []
+    spec = JobSpec(model=ModelSpec(id=str(checkpoint), device="cpu"), tasks=[TaskSpec(kind="ocr")],
+                   render=RenderSpec(page_edge=render_edge))
+    derived = derive(spec)
+    return stages_until(job_stages(spec, derived), "preprocess"), derived
+
+
+def run_ours(paths, cpu_stages):
+    """The job's CPU stages on every file; returns (seconds, CPU seconds, preprocessed tables)."""
+    from scriptorium.pipeline.local import walk
+
     started, started_cpu = time.perf_counter(), cpu_seconds()
-    for path in paths:
-        for pages in render_step(plan_of(path)):
-            tables.extend(preprocess_step(pages))
+    tables = list(walk(cpu_stages, (plan_of(path) for path in paths)))
     return time.perf_counter() - started, cpu_seconds() - started_cpu, tables
 
 
@@ -120,28 +126,22 @@ def main() -> None:
                         "(0: the pipeline's rule)")
     args = parser.parse_args()
 
-    from transformers import AutoProcessor
-
-    from scriptorium.core.image_settings import ImageSettings
-    from scriptorium.core.spec import RenderSpec
     from scriptorium.pipeline.model.tiny import build_tiny_idefics2
-    from scriptorium.pipeline.stages import resolved_render
 
     core = pin_to_one_core()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # The idefics2-8b processor settings (980 / 378, mean = std = 0.5), with image splitting on.
         checkpoint = build_tiny_idefics2(tmp / "model", do_image_splitting=True)
-        processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
-        settings = ImageSettings.from_processor(processor)
-        render = resolved_render(RenderSpec(longest_edge=args.render_edge), settings)
+        cpu_stages, derived = cpu_job(checkpoint, args.render_edge)
+        settings, render = derived.image_settings, derived.render
         by_kind = write_mix(tmp / "mix", args.pages, PAGES_PER_DOCUMENT)
 
         # Warm-up, one file of each kind: imports (torch's, in the renderer, comes with the first scan that
         # needs a resize), first-call costs; a worker pays them once for all the pages it ever renders.
-        run_ours([paths[0] for paths in by_kind.values()], render, settings)
-        measured = {kind: run_ours(paths, render, settings) for kind, paths in by_kind.items()}
-        reference = {kind: run_reference(paths, render, processor.image_processor, FIDELITY_PAGES_PER_KIND)
+        run_ours([paths[0] for paths in by_kind.values()], cpu_stages)
+        measured = {kind: run_ours(paths, cpu_stages) for kind, paths in by_kind.items()}
+        reference = {kind: run_reference(paths, render, derived.processor.image_processor, FIDELITY_PAGES_PER_KIND)
                      for kind, paths in by_kind.items()}
 
     exact = all(check_fidelity(tables, reference[kind][2], settings) for kind, (_, _, tables) in measured.items())
@@ -154,7 +154,7 @@ def main() -> None:
                     for kind, (_, per_page, _) in reference.items()) / n_pages
     ours_rate, ref_rate = n_pages / ours_s, n_pages / ref_s
 
-    edge = f"at longest edge {render.longest_edge}" if args.render_edge else "by the render rule"
+    edge = f"at longest edge {render.page_edge}" if args.render_edge else "by the render rule"
     print(f"pages: {n_pages} ({', '.join(f'{sum(t.num_rows for t in tables)} {kind}' for kind, (_, _, tables) in measured.items())}), "
           f"PDF pages rendered {edge}, splitting on ({settings.images_per_page} crops per page); "
           f"one process pinned to CPU core {core}")

@@ -13,7 +13,7 @@ TOML layout (every key optional except where a run needs it):
     [output]     uri = "s3://bucket/results/"           rows_per_file = 2000
     [storage]    endpoint_url = "http://minio:9000"     region = "us-east-1"  profile = "..."  anon = false
     [model]      id = "HuggingFaceM4/idefics2-8b"       dtype = "bf16"  attn_implementation = "sdpa"
-    [render]     longest_edge = 0 (automatic) or dpi    timeout_s = 60
+    [render]     page_edge = 0 (automatic) or dpi       timeout_s = 60
     [resources]  num_replicas = 1                       gpus_per_replica = 1  batch_size = 0 (auto)
     [[tasks]]    kind = "ocr"                           max_new_tokens = 512
     [[tasks]]    kind = "qa"  questions = ["What is the title?"]
@@ -38,6 +38,7 @@ from typing import Any, Literal, Mapping, get_args
 from pydantic import (
     BaseModel,
     ConfigDict,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -210,20 +211,16 @@ class ModelSpec(Section):
 
 
 class RenderSpec(Section):
-    longest_edge: int = 0
+    page_edge: int = 0
     """PDF pages are rendered so their longest edge is this many pixels. 0 (automatic): at what the model
-    can use, twice the processor's longest_edge with image splitting, its longest_edge without
-    (pipeline/render/size.py). Images are never resized here."""
+    can use, twice the processor's longest_edge ([model] longest_edge) with image splitting, that edge
+    without (pipeline/render/size.py). Images are never resized here."""
     dpi: float = 0
-    """Instead of longest_edge: PDF pages are rendered at this many pixels per inch of their page box."""
+    """Instead of page_edge: PDF pages are rendered at this many pixels per inch of their page box."""
     scans_at_own_resolution: bool = True
     """With the automatic size, a scanned page (raster images cover it, no visible text) is rendered at no
-    more than its scan's own resolution: never upscaled. A longest_edge or dpi of your own applies to
+    more than its scan's own resolution: never upscaled. A page_edge or dpi of your own applies to
     scans too."""
-    halvable: bool = False
-    """Set by the driver with the automatic size and image splitting: a PDF page rendered at the full
-    longest_edge gets even edges that halve to exactly the model's size (pipeline/render/size.py), so its
-    four quadrants are alike and its whole-page crop is a 2:1 reduction, the fast resize (pipeline/crops.py)."""
     max_pixels: int = 40_000_000
     """Decoded images larger than this are refused (decompression bombs)"""
     max_pages: int = 5000
@@ -240,6 +237,17 @@ class RenderSpec(Section):
     sandbox: bool = True
     """Render in a child process that is killed when a page overruns its time limit or crashes it
     (render/sandbox.py); false renders in the worker itself, where only the soft time limit applies."""
+    # Derived by the driver, never read from a job file (so not in the JSON Schema): `with_halvable_pages`.
+    _halvable: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _page_edge_not_longest_edge(cls, data):
+        if isinstance(data, dict) and "longest_edge" in data:
+            raise ValueError(f"[render] longest_edge is named page_edge: write [render] page_edge = "
+                             f"{data['longest_edge']!r} (the longest edge of a rendered PDF page, in pixels; "
+                             "[model] longest_edge is the processor's image size)")
+        return data
 
     @model_validator(mode="after")
     def _caps_positive(self):
@@ -248,7 +256,7 @@ class RenderSpec(Section):
                              "(0: no limit)")
         return self
 
-    @field_validator("longest_edge", "dpi")
+    @field_validator("page_edge", "dpi")
     @classmethod
     def _not_negative(cls, value, info):
         if value < 0:
@@ -257,14 +265,28 @@ class RenderSpec(Section):
 
     @model_validator(mode="after")
     def _one_size(self):
-        if self.longest_edge and self.dpi:
-            raise ValueError(f"render.longest_edge = {self.longest_edge} and render.dpi = {self.dpi:g} both size "
+        if self.page_edge and self.dpi:
+            raise ValueError(f"render.page_edge = {self.page_edge} and render.dpi = {self.dpi:g} both size "
                              "PDF pages: set one of them")
         return self
 
     @property
     def automatic_size(self) -> bool:
-        return not (self.longest_edge or self.dpi)
+        return not (self.page_edge or self.dpi)
+
+    @property
+    def halvable(self) -> bool:
+        """A PDF page rendered at the full page_edge gets even edges that halve to exactly the model's size
+        (pipeline/render/size.py), so its four quadrants are alike and its whole-page crop is a 2:1
+        reduction, the fast resize (pipeline/crops.py). Only the driver turns it on, for the automatic
+        size with image splitting (`with_halvable_pages`), last: a copy made by `updated` has it off."""
+        return self._halvable
+
+    def with_halvable_pages(self) -> RenderSpec:
+        """A copy whose `halvable` is on."""
+        copy = self.model_copy()
+        copy._halvable = True
+        return copy
 
 
 class TaskSpec(Section):

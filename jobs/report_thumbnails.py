@@ -29,7 +29,7 @@ THUMB_EDGE = 256
 def thumbnail_settings(limits: dict, edge: int = THUMB_EDGE) -> RenderSpec:
     """The run's render limits (from its summary; the defaults for a run that kept none), at `edge` px."""
     kept = {key: value for key, value in (limits.get("render") or {}).items() if key in RenderSpec.model_fields}
-    return RenderSpec().updated(**{**kept, "longest_edge": edge})
+    return RenderSpec().updated(**{**kept, "page_edge": edge})
 
 
 def thumbnails(sources: dict[str, dict], storage: StorageSpec, settings: RenderSpec) -> dict:
@@ -51,7 +51,7 @@ def _source_thumbnails(source: str, wanted_source: dict, storage: StorageSpec, s
             if row["status"] != "ok":
                 problem = f"!{row['error']}"
             if row["page"] in wanted:
-                found[(source, row["page"])] = _data_uri(row, settings.longest_edge) if row["status"] == "ok" else problem
+                found[(source, row["page"])] = _data_uri(row, settings.page_edge) if row["status"] == "ok" else problem
             if len(found) == len(wanted):
                 break  # the rest of the document is not needed
     except Exception as exc:  # a preview must never stop the report

@@ -5,6 +5,7 @@
 
 `job_stages(spec, derived)` builds the list from the spec's sections and from what the driver derives
 from them once (`derive`: the checkpoint's image settings, the render size, the prompt book, resources).
+A caller that wants some of the stages takes them by name (`stage_named`, `stages_until`), never by place.
 Two walkers use the same list: the Ray Data processor (processor.py), which maps each stage over a
 dataset with its resources, and the in-process runner (local.py), which the tests use, so a test runs
 exactly the chain a job runs. Each stage's step declares the schemas it takes and gives (steps.py).
@@ -26,6 +27,7 @@ from scriptorium.pipeline.model.continuous_stage import GenerateAnswersContinuou
 from scriptorium.pipeline.model.stage import GenerateAnswers
 from scriptorium.pipeline.preprocess import PreprocessPages
 from scriptorium.pipeline.prompts import PromptBook, resolve_prompt_format
+from scriptorium.pipeline.render.size import resolved_render
 from scriptorium.pipeline.render.stage import RenderPages
 from scriptorium.pipeline.routes.stage import AnswerWithoutModel, RoutePages
 from scriptorium.pipeline.routes.tesseract import tessdata_path
@@ -129,16 +131,6 @@ def automatic_device(gpus_per_replica: float | None, cluster_gpus: Callable[[], 
     return "cpu"
 
 
-def resolved_render(render: RenderSpec, image_settings: ImageSettings) -> RenderSpec:
-    """The render spec PDF pages are rendered by: the one place the render size is decided. The spec's
-    own longest_edge or dpi, for every page; else what the model can use (twice the processor's longest
-    edge with splitting, ImageSettings.render_edge, in even pixels that halve to the model's size), and
-    scans at no more than their own resolution."""
-    if not render.automatic_size:
-        return render.updated(scans_at_own_resolution=False)
-    return render.updated(longest_edge=image_settings.render_edge, halvable=image_settings.do_image_splitting)
-
-
 def needs_routes(spec: JobSpec) -> bool:
     routing = spec.routing
     return routing.text_layer or routing.ocr_engine == "tesseract" or routing.dedup
@@ -184,3 +176,18 @@ def job_stages(spec: JobSpec, derived: Derived, dedup_registry=None) -> list[Sta
             rows_per_block=batch,
         ),
     ]
+
+
+def stage_named(stages: list[Stage], name: str) -> Stage:
+    """The stage called `name` in a job's `stages`: render, route, preprocess, generate or answer."""
+    for stage in stages:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"no stage {name!r} in this job's stages: {', '.join(s.name for s in stages)}")
+
+
+def stages_until(stages: list[Stage], name: str) -> list[Stage]:
+    """The stages of a job up to and including the one called `name` (up to "preprocess": what runs on CPUs
+    before the model)."""
+    last = stage_named(stages, name)
+    return stages[: next(i for i, stage in enumerate(stages) if stage is last) + 1]

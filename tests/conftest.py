@@ -167,7 +167,7 @@ def driver_job_toml(rows_per_file: int) -> str:
     in tests: small pages on CPU, small batches, a file published every `rows_per_file` rows."""
     return f"""
 [render]
-longest_edge = 64
+page_edge = 64
 [model]
 longest_edge = 56
 shortest_edge = 28
@@ -185,7 +185,7 @@ def small_ocr_job(input_uri, output_uri, model, max_new_tokens: int = 4) -> dict
         "input": {"uri": str(input_uri)},
         "output": {"uri": str(output_uri)},
         "model": {"id": str(model), "device": "cpu", "longest_edge": 56, "shortest_edge": 28},
-        "render": {"longest_edge": 64},
+        "render": {"page_edge": 64},
         "tasks": [{"kind": "ocr", "max_new_tokens": max_new_tokens}],
         "resources": {"batch_size": 4},
     }
@@ -217,14 +217,14 @@ def run_stages(spec, plan_rows: list[dict], registry=None) -> list[dict]:
 
 
 def preprocessed(spec, plan_rows: list[dict]):
-    """Page rows of `plan_rows` as the model stage receives them: the job's stages before the model."""
+    """Page rows of `plan_rows` as the model stage receives them: the job's stages up to preprocessing."""
     import pyarrow as pa
 
     from scriptorium.core.schema import PLAN_SCHEMA, table_from_rows
     from scriptorium.pipeline.local import walk
-    from scriptorium.pipeline.stages import derive, job_stages
+    from scriptorium.pipeline.stages import derive, job_stages, stages_until
 
-    *before_model, _model = job_stages(spec, derive(spec))
+    before_model = stages_until(job_stages(spec, derive(spec)), "preprocess")
     return pa.concat_tables(walk(before_model, [table_from_rows(plan_rows, PLAN_SCHEMA)]))
 
 

@@ -28,7 +28,7 @@ from scriptorium.pipeline.render.stage import pages_of
 from tests.conftest import REPO, draw_image, make_image, make_pdf, read_rows
 from tests.hostile_corpus import DICTIONARY_VALUE, SPARSE_CLAIM, TIFF_FRAMES, write_bomb_corpus
 
-SETTINGS = RenderSpec(longest_edge=64, timeout_s=10)  # in the render sandbox, as a run renders
+SETTINGS = RenderSpec(page_edge=64, timeout_s=10)  # in the render sandbox, as a run renders
 # The whole job (driver, Ray's processes, render workers and their sandboxes, the model actor) stays under
 # this. Measured on a shared 2-core box: 2.2 GiB of proportional set size at the peak with the caps; without
 # them the sparse member alone expands to 8 GiB and the dictionary bomb to 2 GiB in one worker.
@@ -85,7 +85,7 @@ def test_a_tar_with_more_images_than_max_pages_is_one_error_row(tmp_path):
             info = tarfile.TarInfo(f"{number:06d}.png")
             info.size = len(png.getvalue())
             tar.addfile(info, io.BytesIO(png.getvalue()))
-    rows = list(pages_of(plan_row(tmp_path / "many.tar"), RenderSpec(longest_edge=64, max_pages=10), StorageSpec()))
+    rows = list(pages_of(plan_row(tmp_path / "many.tar"), RenderSpec(page_edge=64, max_pages=10), StorageSpec()))
     assert [(r["page"], r["status"], r["error"]) for r in rows] == [
         (0, "error", "tar holds more than render.max_pages=10 images")]
 
@@ -95,7 +95,7 @@ def test_a_shard_image_over_max_image_mb_is_refused_from_its_size_alone(tmp_path
     with tarfile.open(tmp_path / "one.tar", "w") as tar:
         tar.add(big, arcname="000000.png")
     pq.write_table(pa.table({"png": [big.read_bytes()]}), tmp_path / "one.parquet", use_dictionary=False)  # no dictionary: the cell's own length
-    settings = RenderSpec(longest_edge=64, max_image_mb=0.001)
+    settings = RenderSpec(page_edge=64, max_image_mb=0.001)
     size = big.stat().st_size
     (from_tar,) = pages_of(plan_row(tmp_path / "one.tar"), settings, StorageSpec())
     (from_table,) = pages_of(plan_row(tmp_path / "one.parquet"), settings, StorageSpec())
@@ -105,7 +105,7 @@ def test_a_shard_image_over_max_image_mb_is_refused_from_its_size_alone(tmp_path
 
 def test_a_parquet_row_group_too_large_for_the_memory_limit_is_refused_before_it_is_read(bombs):
     folder, expected = bombs
-    settings = RenderSpec(longest_edge=64, max_memory_mb=512)  # 256 MiB would take about 1 GiB to read
+    settings = RenderSpec(page_edge=64, max_memory_mb=512)  # 256 MiB would take about 1 GiB to read
     rows = list(pages_of(plan_row(folder / "dictionary_bomb.parquet"), settings, StorageSpec()))
     assert len(rows) == expected["dictionary_bomb.parquet"].pages
     assert all(r["error"].startswith("row group 0 holds") and "render.max_memory_mb=512" in r["error"] for r in rows)
@@ -118,7 +118,7 @@ def test_a_page_over_the_renderers_memory_limit_is_an_error_row_and_rendering_go
 
     Image.new("RGB", (6000, 6000), "white").save(tmp_path / "large.png")
     small = make_image(tmp_path / "small.png")
-    settings = RenderSpec(longest_edge=64, max_memory_mb=64)
+    settings = RenderSpec(page_edge=64, max_memory_mb=64)
     rows = []  # rendered in a thread of its own, so in a fresh sandbox
     worker = threading.Thread(target=lambda: rows.extend(
         [*pages_of(plan_row(tmp_path / "large.png"), settings, StorageSpec()),
@@ -128,14 +128,14 @@ def test_a_page_over_the_renderers_memory_limit_is_an_error_row_and_rendering_go
     large, after = rows
     assert large["status"] == "error" and "out of memory" in large["error"], large["error"]
     assert after["status"] == "ok"
-    (unlimited,) = pages_of(plan_row(tmp_path / "large.png"), RenderSpec(longest_edge=64), StorageSpec())
+    (unlimited,) = pages_of(plan_row(tmp_path / "large.png"), RenderSpec(page_edge=64), StorageSpec())
     assert unlimited["status"] == "ok"
 
 
 def test_a_file_larger_than_the_renderers_memory_is_not_read(tmp_path):
     path = make_pdf(tmp_path / "doc.pdf", ["a page"])
     row = {**plan_row(path), "size": 5 * 2**30}  # what the listing said about it
-    (error,) = pages_of(row, RenderSpec(longest_edge=64, max_memory_mb=4096), StorageSpec())
+    (error,) = pages_of(row, RenderSpec(page_edge=64, max_memory_mb=4096), StorageSpec())
     assert (error["stage"], error["error"]) == (
         "read", f"file is {5 * 2**30} bytes, more than render.max_memory_mb=4096: too large to render")
 
@@ -202,7 +202,7 @@ def test_a_run_over_bombs_beside_good_files_finishes_with_bounded_memory(bombs, 
     pages = good_files(folder)
     output = tmp_path / "out"
     job = tmp_path / "job.toml"
-    job.write_text("[render]\nlongest_edge = 64\ntimeout_s = 10\n"
+    job.write_text("[render]\npage_edge = 64\ntimeout_s = 10\n"
                    "[model]\nlongest_edge = 56\nshortest_edge = 28\ndevice = \"cpu\"\n"
                    "[resources]\nbatch_size = 4\n")
     command = [sys.executable, "-m", "scriptorium.jobs.cli", "run", "--job", str(job), "--input", str(folder), "--output",

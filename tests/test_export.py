@@ -64,7 +64,7 @@ def mixed_output(tmp_path_factory, tiny_model, ray_local) -> Path:
         "run_id": "export-test",
         "input": {"uri": str(inputs)}, "output": {"uri": str(output)},
         "model": {"id": str(tiny_model), "device": "cpu", "longest_edge": 56, "shortest_edge": 28},
-        "render": {"longest_edge": 64}, "routing": {"text_layer": True}, "resources": {"batch_size": 4},
+        "render": {"page_edge": 64}, "routing": {"text_layer": True}, "resources": {"batch_size": 4},
         "tasks": [{"kind": "ocr", "max_new_tokens": 4}, {"kind": "caption", "max_new_tokens": 4},
                   {"kind": "qa", "questions": QUESTIONS, "max_new_tokens": 4},
                   {"kind": "qa", "name": "summary", "scope": "document", "document_pages": 2,

@@ -28,7 +28,7 @@ from scriptorium.core.schema import DOCUMENT_PAGE
 from scriptorium.core.spec import InputSpec, JobSpec, ModelSpec, OutputSpec, RenderSpec, ResourceSpec, StorageSpec, TaskSpec
 from scriptorium.jobs.runner import run_job
 from scriptorium.pipeline.render.stage import pages_of
-from scriptorium.pipeline.stages import derive, job_stages
+from scriptorium.pipeline.stages import derive, job_stages, stage_named
 from tests.conftest import job, make_image, make_pdf, make_scan_pdf, plan_row, preprocessed, read_rows
 
 MAX_NEW_TOKENS = 12
@@ -82,8 +82,9 @@ def mixed_folder(tmp_path_factory) -> Path:
 def rendered_page(source: str, page: int, width: int, height: int) -> Image.Image:
     """A PDF page rendered at the size its row reports (the pipeline's own renderer). Even edges: the page
     was rendered for splitting, its short edge rounded to an even number (pipeline/render/size.py)."""
-    render = RenderSpec(longest_edge=max(width, height), scans_at_own_resolution=False,
-                        halvable=width % 2 == height % 2 == 0)
+    render = RenderSpec(page_edge=max(width, height), scans_at_own_resolution=False)
+    if width % 2 == height % 2 == 0:
+        render = render.with_halvable_pages()
     row = next(r for r in pages_of(plan_row(Path(source)), render, StorageSpec()) if r["page"] == page)
     assert (row["width"], row["height"]) == (width, height)
     return Image.fromarray(page_image(row))
@@ -165,7 +166,7 @@ def test_a_mix_up_inside_a_batch_is_caught(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(stage, "encode_crops", shifted)
     # The three pages in one block to the model stage, as Ray Data hands a replica one batch of pages.
     spec = job(tiny_model, [TASKS[0]])
-    *_, model_stage = job_stages(spec, derive(spec))
+    model_stage = stage_named(job_stages(spec, derive(spec)), "generate")
     answer = model_stage.step(**model_stage.kwargs)
     rows = pa.concat_tables(answer(preprocessed(spec, [plan_row(p) for p in paths]))).to_pylist()
 

@@ -34,7 +34,7 @@ from tests.hostile_corpus import (
 
 STAGES = {"list", "read", "render", "decode", "preprocess", "generate", "write"}
 # Small pages keep the test fast; a short limit keeps the rendering bomb's cost to seconds.
-SETTINGS = RenderSpec(longest_edge=64, timeout_s=1.0)
+SETTINGS = RenderSpec(page_edge=64, timeout_s=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_pdf_pages_are_rendered_at_the_capped_size_whatever_their_page_box_says(
     folder, _ = corpus
     for name in ("giant_page.pdf", "tiny_page.pdf", "extreme_aspect_page.pdf"):
         (row,) = rows_of(folder / name)
-        assert row["status"] == "ok" and max(row["width"], row["height"]) == SETTINGS.longest_edge, name
+        assert row["status"] == "ok" and max(row["width"], row["height"]) == SETTINGS.page_edge, name
 
 
 def test_every_frame_of_a_multi_frame_tiff_is_a_page_with_its_own_size(corpus):
@@ -95,7 +95,7 @@ def test_a_jpeg_2000_master_scan_decodes_to_its_exact_pixels(corpus):
     from PIL import Image
 
     folder, _ = corpus
-    row = rows_of(folder / "master_scan.jp2", RenderSpec(longest_edge=64, sandbox=False))[0]
+    row = rows_of(folder / "master_scan.jp2", RenderSpec(page_edge=64, sandbox=False))[0]
     assert np.array_equal(page_image(row), np.asarray(_photo(Image, 200, 150).convert("RGB")))  # lossless
 
 
@@ -153,7 +153,7 @@ def test_the_page_limit_does_not_run_on_while_the_consumer_holds_a_page(tmp_path
     """The limit covers rendering a page, not the time the caller spends with the page it was given."""
     path = make_pdf(tmp_path / "three.pdf", ["a", "b", "c"])
     rows = []
-    for frame in local_frames("pdf", path.read_bytes(), RenderSpec(longest_edge=64, timeout_s=0.3), set()):
+    for frame in local_frames("pdf", path.read_bytes(), RenderSpec(page_edge=64, timeout_s=0.3), set()):
         time.sleep(0.5)
         rows.append(frame)
     assert [("error" in r, r["page"]) for r in rows] == [(False, 0), (False, 1), (False, 2)]
@@ -165,7 +165,7 @@ def test_a_page_that_never_returns_from_mupdf_is_killed_at_the_hard_limit(tmp_pa
     cannot interrupt it, so the sandbox kills the renderer; the next page renders in a fresh one."""
     path = tmp_path / "bomb.pdf"
     path.write_bytes(_xobject_bomb_pdf(BOMB_DEPTH))
-    settings = RenderSpec(longest_edge=64, timeout_s=0.5)
+    settings = RenderSpec(page_edge=64, timeout_s=0.5)
     started = time.monotonic()
     rows = rows_of(path, settings)
     assert time.monotonic() - started < sandbox.hard_limit_s(settings) + 30
@@ -180,7 +180,7 @@ def test_a_renderer_that_crashes_costs_one_page(tmp_path):
     path = tmp_path / "bomb.pdf"
     path.write_bytes(_xobject_bomb_pdf(BOMB_DEPTH))
     box = sandbox.sandbox_for_this_thread()
-    pages = pages_of(plan_row(path), RenderSpec(longest_edge=64, timeout_s=60), StorageSpec())
+    pages = pages_of(plan_row(path), RenderSpec(page_edge=64, timeout_s=60), StorageSpec())
     rows = [next(pages)]  # page 0; the renderer is asked for the bomb page only when we ask for the next
 
     def kill_the_renderer_soon(pid=box.pid):
@@ -198,7 +198,7 @@ def test_a_file_that_keeps_stalling_the_renderer_is_given_up_with_a_row_per_page
     monkeypatch.setattr(sandbox, "MAX_LOST_PAGES", 1)
     path = tmp_path / "bomb.pdf"
     path.write_bytes(_xobject_bomb_pdf(BOMB_DEPTH))
-    rows = rows_of(path, RenderSpec(longest_edge=64, timeout_s=0.2))
+    rows = rows_of(path, RenderSpec(page_edge=64, timeout_s=0.2))
     assert [(r["page"], r["status"]) for r in rows] == [(0, "ok"), (1, "error"), (2, "error")]
     assert rows[2]["error"] == "not rendered: 1 pages of this file hung or crashed the renderer"
 
@@ -212,7 +212,7 @@ def test_a_run_over_the_hostile_corpus_exits_zero_and_accounts_for_every_page(co
     output = tmp_path / "out"
     job = tmp_path / "hostile.toml"
     job.write_text(
-        "[render]\nlongest_edge = 64\ntimeout_s = 2\n"
+        "[render]\npage_edge = 64\ntimeout_s = 2\n"
         "[model]\nlongest_edge = 56\nshortest_edge = 28\ndevice = \"cpu\"\n"
         "[resources]\nbatch_size = 16\n"
         "[output]\nrows_per_file = 100\n"

@@ -22,7 +22,7 @@ from scriptorium.pipeline.render.decoders import PdfDocument
 from scriptorium.pipeline.render.jpeg_scans import decode_scan
 from scriptorium.pipeline.render.size import page_pixel_size
 
-SETTINGS = RenderSpec(longest_edge=600)
+SETTINGS = RenderSpec(page_edge=600)
 
 
 def scan_jpeg(size=(850, 1100), mode="RGB", seed=0, **save) -> bytes:

@@ -122,7 +122,7 @@ def test_missing_manifest_entry_becomes_a_read_error_row(s3_server, documents):
     options = StorageSpec(endpoint_url=s3_server.endpoint)
     plan = list(list_inputs(InputSpec(uri=f"s3://{bucket}/lists/mixed.txt", manifest=True), options))
 
-    pages = [page for row in plan for page in pages_of(row, RenderSpec(longest_edge=64), options)]
+    pages = [page for row in plan for page in pages_of(row, RenderSpec(page_edge=64), options)]
 
     assert [(p["source_uri"].rsplit("/", 1)[-1], p["page"], p["status"], p["stage"]) for p in pages] == [
         ("b.pdf", 0, "ok", None),

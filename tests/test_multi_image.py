@@ -16,8 +16,8 @@ from scriptorium.core.image_settings import ImageSettings
 from scriptorium.core.pixels import page_image
 from scriptorium.core.schema import DOCUMENT_PAGE
 from scriptorium.core.spec import RenderSpec, StorageSpec, TaskSpec
+from scriptorium.pipeline.render.size import resolved_render
 from scriptorium.pipeline.render.stage import pages_of
-from scriptorium.pipeline.stages import resolved_render
 from tests.conftest import job, make_image, make_pdf, plan_row, run_stages
 
 

@@ -12,7 +12,7 @@ from scriptorium.core.spec import TaskSpec
 from scriptorium.pipeline.model.loading import open_model_config
 from scriptorium.pipeline.model.stage import GenerateAnswers
 from scriptorium.pipeline.prompts import PromptBook
-from scriptorium.pipeline.stages import derive, job_stages
+from scriptorium.pipeline.stages import derive, job_stages, stage_named
 from tests.conftest import job, make_image, plan_row, preprocessed
 
 TASKS = [TaskSpec(kind="ocr", max_new_tokens=12), TaskSpec(kind="caption", max_new_tokens=12)]
@@ -62,5 +62,5 @@ def test_two_blocks_at_once_give_the_rows_of_one_block_after_the_other(tiny_mode
 def test_the_model_stage_takes_two_blocks_at_once_in_both_engines(tiny_model):
     for engine in ("static", "continuous"):
         spec = job(tiny_model, TASKS).updated(model={"engine": engine})
-        *_, model_stage = job_stages(spec, derive(spec))
+        model_stage = stage_named(job_stages(spec, derive(spec)), "generate")
         assert (model_stage.name, model_stage.concurrent_calls) == ("generate", 2), engine

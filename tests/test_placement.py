@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scriptorium.core.errors import SpecError
 from scriptorium.core.spec import JobSpec, ModelSpec, ResourceSpec, TaskSpec, spec_from_dict
-from scriptorium.pipeline.stages import Stage, derive, job_stages
+from scriptorium.pipeline.stages import Stage, derive, job_stages, stage_named
 from tests.conftest import REPO, make_pdf, read_rows, run_cli
 from tests.local_cluster import LocalCluster
 
@@ -37,8 +37,7 @@ def model_stage(model, device: str, **resources) -> Stage:
     """The model stage of an OCR job on `model` with `device`, as the driver declares it."""
     spec = JobSpec(model=ModelSpec(id=str(model), device=device, dtype="fp32"), tasks=[TaskSpec(kind="ocr")],
                    resources=ResourceSpec(num_replicas=REPLICAS, **resources), run_id="placement")
-    *_, generate = job_stages(spec, derive(spec))
-    return generate
+    return stage_named(job_stages(spec, derive(spec)), "generate")
 
 
 class Replica:
@@ -137,7 +136,7 @@ def test_a_job_left_on_auto_without_gpus_runs_on_cpu_and_says_so_once(tmp_path, 
     documents.mkdir()
     make_pdf(documents / "letter.pdf", ["Dear reader,", "Yours faithfully."])
     job = tmp_path / "job.toml"
-    job.write_text(f'[model]\nid = "{tiny_model}"\nlongest_edge = 56\nshortest_edge = 28\n[render]\nlongest_edge = 64\n'
+    job.write_text(f'[model]\nid = "{tiny_model}"\nlongest_edge = 56\nshortest_edge = 28\n[render]\npage_edge = 64\n'
                    '[resources]\nbatch_size = 2\n[[tasks]]\nkind = "ocr"\nmax_new_tokens = 2\n')  # no device: "auto"
     done = run_cli("run", "--job", str(job), "--input", str(documents), "--output", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr[-3000:]

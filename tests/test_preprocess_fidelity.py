@@ -22,7 +22,7 @@ from scriptorium.core.spec import TaskSpec
 from scriptorium.pipeline.crops import model_crops
 from scriptorium.pipeline.local import walk
 from scriptorium.pipeline.model.collate import collate_pixels
-from scriptorium.pipeline.stages import derive, job_stages
+from scriptorium.pipeline.stages import derive, job_stages, stage_named
 from tests.conftest import job, make_pdf, make_scan_pdf, plan_row
 
 # (height, width): taller and wider than longest_edge, in between, smaller than shortest_edge, a
@@ -110,10 +110,11 @@ def test_the_cpu_stages_ship_compressed_crops_that_collate_to_the_reference(proc
     photo = tmp_path / "noise.png"
     Image.fromarray(noise_image(480, 640, 7)).save(photo)  # incompressible: the worst case
     spec = job(tiny_model_split, [TaskSpec(kind="ocr")])
-    render, preprocess, _generate = job_stages(spec, derive(spec))
+    stages = job_stages(spec, derive(spec))
 
-    pages = pa.concat_tables(walk([render], [table_from_rows([plan_row(p) for p in (pdf, scan, photo)], PLAN_SCHEMA)]))
-    out = pa.concat_tables(walk([preprocess], [pages]))
+    plans = table_from_rows([plan_row(p) for p in (pdf, scan, photo)], PLAN_SCHEMA)
+    pages = pa.concat_tables(walk([stage_named(stages, "render")], [plans]))
+    out = pa.concat_tables(walk([stage_named(stages, "preprocess")], [pages]))
 
     images = [page_image(row) for row in pages.to_pylist()]
     assert [image.shape[:2] for image in images] == [(1960, 1386), (1960, 1386), (1100, 850), (480, 640)]
@@ -144,7 +145,7 @@ def test_compressed_crops_come_back_exactly(shape):
 
 
 def test_crops_encoded_at_their_own_size_give_the_models_features_and_tokens(processor, tiny_model_split):
-    """The model stage encodes each crop unpadded (image_features.py); the model itself pads them all to
+    """The model stage encodes each crop unpadded (pipeline/model/features.py); the model itself pads them all to
     the batch's largest. Same features up to rounding, same greedy tokens."""
     from transformers import AutoModelForImageTextToText
 

@@ -35,7 +35,7 @@ def outputs(tmp_path_factory, tiny_model, ray_local) -> Path:
             "run_id": run_id,
             "input": {"uri": str(inputs)}, "output": {"uri": f"{parent}/run_id={{run_id}}"},
             "model": {"id": str(tiny_model), "device": "cpu", "longest_edge": 56, "shortest_edge": 28},
-            "render": {"longest_edge": 64}, "resources": {"batch_size": 4},
+            "render": {"page_edge": 64}, "resources": {"batch_size": 4},
             "tasks": [{"kind": "ocr", "max_new_tokens": 4}, {"kind": "qa", "questions": ["Who wrote it?"],
                                                             "max_new_tokens": 4}],
         }))

@@ -1,6 +1,6 @@
 """PDF pages are rendered at what the model can use: twice the processor's longest edge when it splits
 pages (each quadrant then carries real detail), the longest edge when it does not, and a scan at no more
-than its own resolution. `[render] longest_edge` or `[render] dpi` override the rule; the `width` and
+than its own resolution. `[render] page_edge` or `[render] dpi` override the rule; the `width` and
 `height` columns say what was rendered.
 """
 
@@ -11,8 +11,8 @@ import pytest
 from scriptorium.core.errors import SpecError
 from scriptorium.core.image_settings import ImageSettings
 from scriptorium.core.spec import RenderSpec, StorageSpec, TaskSpec, load_spec
+from scriptorium.pipeline.render.size import resolved_render
 from scriptorium.pipeline.render.stage import pages_of
-from scriptorium.pipeline.stages import resolved_render
 from tests.conftest import job, make_image, make_pdf, make_scan_pdf, plan_row, run_stages
 
 LETTER = (612, 792)  # points: 8.5 x 11 inches
@@ -26,15 +26,15 @@ def rendered_size(path, render: RenderSpec = RenderSpec(), image: ImageSettings 
     return row["width"], row["height"]
 
 
-@pytest.mark.parametrize("checkpoint, longest_edge", [("tiny_model_split", 1960), ("tiny_model", 980)],
+@pytest.mark.parametrize("checkpoint, page_edge", [("tiny_model_split", 1960), ("tiny_model", 980)],
                          ids=["split", "not-split"])
-def test_a_pdf_pages_row_reports_the_size_the_model_can_use(checkpoint, longest_edge, request, tmp_path):
+def test_a_pdf_pages_row_reports_the_size_the_model_can_use(checkpoint, page_edge, request, tmp_path):
     model = request.getfixturevalue(checkpoint)
     pdf = make_pdf(tmp_path / "letter.pdf", ["Dear reader, small print follows."], size=LETTER)
     [row] = run_stages(job(model, [TaskSpec(kind="ocr", max_new_tokens=1)]), [plan_row(pdf)])
     assert row["status"] == "ok"
-    assert max(row["width"], row["height"]) == longest_edge
-    width = LETTER[0] * longest_edge / LETTER[1]  # 1514.5 at 1960, 757.3 at 980
+    assert max(row["width"], row["height"]) == page_edge
+    width = LETTER[0] * page_edge / LETTER[1]  # 1514.5 at 1960, 757.3 at 980
     # With splitting the short edge is the nearest even number: the whole page then halves exactly.
     assert row["width"] == (2 * round(width / 2) if checkpoint == "tiny_model_split" else round(width))
 
@@ -85,8 +85,8 @@ def test_render_overrides_apply_to_every_page(tmp_path):
     scan = make_scan_pdf(tmp_path / "scan.pdf", dpi=100)
     assert rendered_size(letter, RenderSpec(dpi=50)) == (425, 550)
     assert rendered_size(scan, RenderSpec(dpi=200)) == (1700, 2200)  # asked for: upscaled
-    assert rendered_size(letter, RenderSpec(longest_edge=640)) == (495, 640)
-    assert rendered_size(scan, RenderSpec(longest_edge=1960)) == (1515, 1960)  # your own edge: no even rounding
+    assert rendered_size(letter, RenderSpec(page_edge=640)) == (495, 640)
+    assert rendered_size(scan, RenderSpec(page_edge=1960)) == (1515, 1960)  # your own edge: no even rounding
     assert rendered_size(letter, image=ImageSettings(do_image_splitting=False, longest_edge=490)) == (379, 490)
 
 
@@ -97,11 +97,11 @@ def test_a_dpi_too_large_for_max_pixels_is_an_error_row(tmp_path):
     assert "more than render.max_pixels=40000000" in row["error"]
 
 
-def test_dpi_and_longest_edge_are_alternatives(tmp_path):
+def test_dpi_and_page_edge_are_alternatives(tmp_path):
     spec_file = tmp_path / "job.toml"
     spec_file.write_text("[render]\ndpi = 300\n")
     assert load_spec(spec_file).render.dpi == 300
-    spec_file.write_text("[render]\ndpi = 300\nlongest_edge = 1960\n")
+    spec_file.write_text("[render]\ndpi = 300\npage_edge = 1960\n")
     with pytest.raises(SpecError, match="set one of them"):
         load_spec(spec_file)
     with pytest.raises(SpecError, match="render.dpi must be >= 0"):

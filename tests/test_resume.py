@@ -197,7 +197,7 @@ def test_a_partly_done_document_that_became_unreadable_owes_an_error_row_per_mis
 
     gone = {"source_uri": str(tmp_path / "gone.pdf"), "kind": "pdf", "etag": "e1", "size": 100,
             "done_pages": [0, 1, 2], "known_pages": 6}
-    rows = list(pages_of(gone, RenderSpec(longest_edge=64, sandbox=False), StorageSpec()))
+    rows = list(pages_of(gone, RenderSpec(page_edge=64, sandbox=False), StorageSpec()))
     assert [(r["page"], r["status"], r["stage"]) for r in rows] == [(3, "error", "read"), (4, "error", "read"),
                                                                      (5, "error", "read")]
     assert all("cannot read" in r["error"] for r in rows)
@@ -263,5 +263,5 @@ def test_each_page_row_carries_only_its_own_pages_published_units(small_folder):
 
     on_page = [{"page": p, "task": "ocr", "question": None} for p in (0, 1)]
     rows = list(pages_of({**plan_row(small_folder / "a.pdf"), "done_units": on_page},
-                         RenderSpec(longest_edge=64, sandbox=False), StorageSpec()))
+                         RenderSpec(page_edge=64, sandbox=False), StorageSpec()))
     assert [(r["page"], r["done_units"]) for r in rows] == [(0, [on_page[0]]), (1, [on_page[1]])]

@@ -104,7 +104,7 @@ def test_born_digital_pages_are_read_from_their_text_layer_scans_go_to_the_model
 def test_pages_answered_before_the_model_skip_preprocessing(documents):
     born, scan = documents
     plans = table_from_rows([plan_row(born), plan_row(scan)], PLAN_SCHEMA)
-    pages = next(RenderPages(RenderSpec(longest_edge=980), StorageSpec())(plans))
+    pages = next(RenderPages(RenderSpec(page_edge=980), StorageSpec())(plans))
     routed = next(RoutePages([TaskSpec(kind="ocr")], RoutingSpec(text_layer=True))(pages)).to_pylist()
     assert routed[0]["image"] is None and [r["route"] for r in routed[0]["routed"]] == ["text_layer"]
     assert routed[1]["image"] is not None and routed[1]["routed"] == []
@@ -166,7 +166,7 @@ def test_identical_pages_are_generated_once(tiny_model, ray_local, tmp_path):
     later = tmp_path / "copy.pdf"
     shutil.copy(pdf, later)
     plans = table_from_rows([plan_row(later)], PLAN_SCHEMA)
-    routed = next(RoutePages(tasks, spec.routing, registry)(next(RenderPages(RenderSpec(longest_edge=980), StorageSpec())(plans))))
+    routed = next(RoutePages(tasks, spec.routing, registry)(next(RenderPages(RenderSpec(page_edge=980), StorageSpec())(plans))))
     first = routed.to_pylist()[0]
     assert first["image"] is None  # nothing left for the model
     assert {(r["task"], r["route"], r["text"]) for r in first["routed"]} == {

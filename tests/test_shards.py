@@ -22,7 +22,7 @@ from scriptorium.jobs.runner import run_job
 from scriptorium.pipeline.render.stage import pages_of
 from tests.conftest import make_image, read_rows
 
-SETTINGS = RenderSpec(longest_edge=980, sandbox=False)
+SETTINGS = RenderSpec(page_edge=980, sandbox=False)
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -81,7 +81,7 @@ def test_each_image_member_is_a_page_decoded_as_the_image_file_would_be(samples,
 def test_a_bad_member_is_an_error_row_for_its_page_only(samples, tmp_path):
     shard = make_shard(tmp_path / "shard-001.tar", samples, {"000003.jpg": b"\xff\xd8 not really a jpeg",
                                                              "000004.png": b""})
-    rows = list(pages_of(plan(shard), RenderSpec(longest_edge=980), StorageSpec()))  # in the sandbox
+    rows = list(pages_of(plan(shard), RenderSpec(page_edge=980), StorageSpec()))  # in the sandbox
 
     assert [(r["member"], r["status"]) for r in rows] == [
         ("000000.jpg", "ok"), ("000001.png", "ok"), ("000002.webp", "ok"), ("000003.jpg", "error"), ("000004.png", "error")]

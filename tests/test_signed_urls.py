@@ -133,7 +133,7 @@ def test_a_manifest_of_signed_urls_leaks_no_secret_anywhere(tiny_model, tmp_path
     serve_documents(served)
     output, report = tmp_path / "out", tmp_path / "review.html"
     job = tmp_path / "job.toml"
-    job.write_text("[render]\nlongest_edge = 64\n[model]\nlongest_edge = 56\nshortest_edge = 28\ndevice = \"cpu\"\n"
+    job.write_text("[render]\npage_edge = 64\n[model]\nlongest_edge = 56\nshortest_edge = 28\ndevice = \"cpu\"\n"
                    "[resources]\nbatch_size = 4\n")
     with FileServer(served) as server:
         urls = signed_urls(server.origin)
@@ -202,7 +202,7 @@ def test_by_default_a_manifest_reads_only_beside_itself_and_public_hosts(tmp_pat
         allowed = planned(manifest, allow=[f"{server.origin}/", f"{tmp_path}/"])
         assert allowed[str(outside)] is None and allowed[f"{server.origin}/outside.pdf"] is None
         assert allowed[f"http://localhost:{port}/outside.pdf"] is not None  # another host than the allowed one
-        (page,) = pages_of({"source_uri": f"{server.origin}/outside.pdf", "kind": "pdf"}, RenderSpec(longest_edge=64),
+        (page,) = pages_of({"source_uri": f"{server.origin}/outside.pdf", "kind": "pdf"}, RenderSpec(page_edge=64),
                            StorageSpec(http_allow=(f"{server.origin}/",)))
         assert page["status"] == "ok"
 
@@ -213,7 +213,7 @@ def test_a_fetch_is_checked_again_redirects_and_resolved_addresses_included(tmp_
         other_port = other.origin.rsplit(":", 1)[1]
         allowed_host.redirects["/moved.pdf"] = f"http://localhost:{other_port}/doc.pdf"
         options = StorageSpec(http_allow=(f"{allowed_host.origin}/",))
-        settings = RenderSpec(longest_edge=64)
+        settings = RenderSpec(page_edge=64)
 
         (page,) = pages_of({"source_uri": f"{allowed_host.origin}/moved.pdf", "kind": "pdf"}, settings, options)
         assert page["stage"] == "read" and f"localhost:{other_port}/doc.pdf is not read: localhost is a local" in page["error"]

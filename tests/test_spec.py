@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from scriptorium.core.errors import SpecError
 from scriptorium.core.spec import load_spec, spec_from_dict
 from scriptorium.jobs.cli import build_parser, spec_from_args
+from tests.conftest import one_line_error, run_cli
+
+JOB = '[input]\nuri = "in"\n[output]\nuri = "out"\n[model]\nid = "m"\n[[tasks]]\nkind = "ocr"\n'
 
 
 def test_toml_spec_loads_into_typed_sections(tmp_path):
@@ -67,3 +72,27 @@ def test_routing_and_batch_budgets_are_flags_too(tmp_path):
     assert (spec.routing.text_layer, spec.routing.ocr_engine, spec.routing.dedup) == (True, "tesseract", False)
     assert (spec.resources.batch_size, spec.resources.max_batch_tokens) == (32, 50000)  # the file's, and the flag's
     assert not spec.needs_model  # Tesseract answers every OCR page: no model, no GPU
+
+
+def test_what_the_driver_derives_is_not_a_setting(tmp_path):
+    """Whether PDF pages get even edges that halve to the model's size is the driver's to decide, from the
+    checkpoint (pipeline/render/size.py): a job file cannot set it, and the JSON Schema does not offer it."""
+    job = tmp_path / "job.toml"
+    job.write_text(JOB + "[render]\nhalvable = true\n")
+    one_line_error(run_cli("run", "--job", str(job)), "unknown setting(s) in [render]: halvable")
+    schema = run_cli("schema")
+    assert schema.returncode == 0, schema.stderr[-2000:]
+    assert "page_edge" in json.loads(schema.stdout)["$defs"]["RenderSpec"]["properties"]
+    assert "halvable" not in schema.stdout
+
+
+def test_each_edge_setting_has_one_name(tmp_path):
+    """`[render] page_edge` is a rendered page's size, `[model] longest_edge` the processor's image size: a
+    job file that still says `[render] longest_edge` fails, naming the key to write instead."""
+    job = tmp_path / "job.toml"
+    job.write_text(JOB + "[render]\nlongest_edge = 1960\n")
+    one_line_error(run_cli("run", "--job", str(job)), "[render] longest_edge is named page_edge",
+                   "[render] page_edge = 1960")
+    job.write_text(JOB.replace('id = "m"', 'id = "m"\nlongest_edge = 490') + "[render]\npage_edge = 1960\n")
+    spec = load_spec(job)
+    assert (spec.model.longest_edge, spec.render.page_edge) == (490, 1960)

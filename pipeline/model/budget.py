@@ -5,7 +5,7 @@
 tokens) with 512 new tokens each need 27 GiB, which fits an 80 GB H100 but not a 24 GB A10G beside the
 model's 16 GiB of weights. The automatic budget is a fraction of the memory free after loading the
 model; the rest is left to the prefill's activations and the vision tower. A batch that still runs
-out of memory is halved by the model stage (`GenerateAnswers._generate_or_split` in stage.py), so the budget
+out of memory is halved by the model stage (`GenerateAnswers.generate_static` in stage.py), so the budget
 decides speed, never whether a page is done.
 """
 

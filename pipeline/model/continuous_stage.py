@@ -8,7 +8,7 @@ decode beside it. A block's table is yielded when its last sequence ends (Ray Da
 generator's output per block); the engine never waits for a block, only for free cache.
 
 Every task setting keeps its meaning. Sequences the engine cannot run go to the static engine
-(`GenerateAnswers._generate_or_split`, in a worker thread, beside the engine), each reason logged once
+(`GenerateAnswers.generate_static`, in a worker thread, beside the engine), each reason logged once
 per task: a repetition penalty (the engine has none), sampling in an engine that decodes greedily or the
 other way round (transformers decides that per engine), a sequence that does not fit the feature buffer.
 So do the crash journal's suspects (the static path isolates them as before), sequences the engine
@@ -127,9 +127,9 @@ class GenerateAnswersContinuously(GenerateAnswers):
                 log.warning("continuous engine failed %s (%s): generating it on the static engine", seq.key, result.error)
                 failed.append(seq)
                 continue
-            tokens = until_stop(result.tokens, self.eos_ids, seq.plan.stop_strings, self._decode)
+            tokens = until_stop(result.tokens, self.eos_ids, seq.plan.stop_strings, self.text_of)
             done.append(seq)
-            rows.append(self._result_row(seq, tokens, result.logprobs[: len(tokens)],
+            rows.append(self.result_row(seq, tokens, result.logprobs[: len(tokens)],
                                          len(self.prompt_ids(seq.plan.prompt)), generate_s))
         retried = await asyncio.to_thread(self._retry_by_plan, done, rows)
         return retried + await asyncio.to_thread(self.generate_static, failed)
@@ -158,7 +158,7 @@ class GenerateAnswersContinuously(GenerateAnswers):
             by_plan.setdefault(seq.plan.generation_key, []).append(i)
         out = []
         for indices in by_plan.values():
-            out.extend(self._retry_degenerate([batch[i] for i in indices], [rows[i] for i in indices]))
+            out.extend(self.retry_degenerate([batch[i] for i in indices], [rows[i] for i in indices]))
         return out
 
     def close(self) -> None:

@@ -1,12 +1,15 @@
 """Loading the model and its processor: the model card's code (`AutoProcessor`,
 `AutoModelForImageTextToText.from_pretrained` on a hub id or a local path) with the job's device, dtype,
-attention and quantization options, and the driver's one-time check that a checkpoint is usable. Also
-which GPUs there are: the cluster's, for the driver's placement, and the one Ray gave a replica."""
+attention and quantization options; what a replica generates with (`load_for_generation`: the model on
+its device, its processor, the tokens that end an answer); and the driver's one-time check that a
+checkpoint is usable. Also which GPUs there are: the cluster's, for the driver's placement, and the one
+Ray gave a replica."""
 
 from __future__ import annotations
 
 import os
 import re
+from typing import NamedTuple
 
 import torch
 
@@ -16,6 +19,47 @@ from scriptorium.core.spec import ModelSpec
 from scriptorium.pipeline.model.journal import ray_context
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+END_OF_UTTERANCE = "<end_of_utterance>"  # how an instruct checkpoint's answers end
+
+
+class LoadedModel(NamedTuple):
+    """What a model replica generates with."""
+
+    model: object  # the checkpoint, on `device`, in eval mode
+    processor: object  # its processor, at the job's image settings
+    device: str  # "cuda" or "cpu"
+    dtype: torch.dtype
+    eos_ids: frozenset[int]  # the token ids that end an answer (`end_of_answer_ids`)
+
+
+def load_for_generation(spec: ModelSpec, image_settings: ImageSettings) -> LoadedModel:
+    """The model of `spec` on this replica's device with its processor, checked to agree with each other."""
+    device = resolve_device(spec.device)
+    processor = load_processor(spec.id, image_settings)
+    model = load_model(spec, device)
+    check_image_tokens(processor, model)
+    return LoadedModel(model, processor, device, resolve_dtype(spec.dtype, device),
+                       end_of_answer_ids(model, processor.tokenizer))
+
+
+def end_of_answer_ids(model, tokenizer) -> frozenset[int]:
+    """The generation config's end-of-sequence ids and `<end_of_utterance>`. Instruct answers end with the
+    latter, and a checkpoint's generation config may list only `</s>`: without it every answer would run
+    on to max_new_tokens."""
+    configured = model.generation_config.eos_token_id  # None, an id or a list of ids
+    ids = set(configured) if isinstance(configured, (list, tuple)) else {configured} - {None}
+    end_of_utterance = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
+    if isinstance(end_of_utterance, int) and end_of_utterance != tokenizer.unk_token_id:
+        ids.add(end_of_utterance)
+    return frozenset(ids)
+
+
+def check_image_tokens(processor, model) -> None:
+    """The processor expands each `<image>` into `image_seq_len` tokens, and the model puts one perceiver
+    latent in each: a checkpoint whose two configs disagree would misplace every image feature."""
+    n_latents = model.config.perceiver_config.resampler_n_latents
+    if processor.image_seq_len != n_latents:
+        raise ValueError(f"processor image_seq_len={processor.image_seq_len} != perceiver latents {n_latents}")
 
 
 def resolve_device(requested: str) -> str:

@@ -1,17 +1,21 @@
-"""The model stage: one Idefics2 replica per actor, batched generation of pages that share a prompt (so
-their text is never padded).
+"""The model stage: one Idefics2 replica per actor, batched generation of pages that share a prompt. A
+batch's input ids are its prompt's, one row repeated with a mask of ones: no sequence is padded on the
+way in, and the tokens `generate` appends to a sequence after its end are cut off (outputs.py).
 
-`GenerateAnswers` is the callable class Ray Data's actor pool runs (one per replica, loaded once):
-preprocessed page rows in, one result row per (page, task, question) unit out. Units answered before the
-model and units of failed pages become rows by the answer steps' one rule (`pipeline/steps.py`); the
-rest are grouped into batches (collate.py) under the replica's count, pixel and KV-cache token budgets
-(budget.py), their crops encoded at their own sizes (features.py), and generated with `generate`. A
-replica takes two blocks at once: one block's crops are decompressed and encoded, on a CUDA stream of
-their own, while the other block's batches decode (`answer`). A batch
-that fails is halved until it runs or the failing unit is alone; out of memory, the replica frees the
-failed call's memory before it retries and cuts its next batches to the largest that ran, and a fatal
-CUDA error ends the replica for Ray to restart (recovery.py). A unit that keeps killing the replica is
-found through the crash journal (journal.py); degenerate outputs are retried by sampling (degenerate.py).
+`GenerateAnswers` is the callable class Ray Data's actor pool runs (one per replica, loaded once by
+loading.py): preprocessed page rows in, one result row per (page, task, question) unit out. Units
+answered before the model and units of failed pages become rows by the answer steps' one rule
+(`pipeline/steps.py`); the rest are grouped into batches (collate.py) under the replica's count, pixel
+and KV-cache token budgets (budget.py), their crops encoded at their own sizes (features.py), and
+generated with `generate`. A replica takes two blocks at once: one block's crops are decompressed and
+encoded, on a CUDA stream of their own, while the other block's batches decode (`answer`). A batch that
+fails is halved until it runs or the failing unit is alone; out of memory, the replica frees the failed
+call's memory before it retries and cuts its next batches to the largest that ran, and a fatal CUDA
+error ends the replica for Ray to restart (recovery.py). A unit that keeps killing the replica is found
+through the crash journal (journal.py); degenerate outputs are retried by sampling (degenerate.py).
+
+The continuous stage (continuous_stage.py) builds on this one: it hands the sequences its engine cannot
+run to `generate_static`, and makes its rows with `result_row`, `text_of` and `retry_degenerate`.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from scriptorium.pipeline.model.collate import batch_by_shape
 from scriptorium.pipeline.model.degenerate import is_degenerate
 from scriptorium.pipeline.model.features import VisionStream, encode_crops, generate_kwargs
 from scriptorium.pipeline.model.journal import journal_for_this_replica, ray_context
-from scriptorium.pipeline.model.loading import load_model, load_processor, resolve_device, resolve_dtype
+from scriptorium.pipeline.model.loading import load_for_generation
 from scriptorium.pipeline.model.logprobs import TokenLogprobs, confidence, recording_processors
 from scriptorium.pipeline.model.outputs import generated_output
 from scriptorium.pipeline.model.recovery import BatchSize, Failure, FittingBatch, end_process, is_fatal_cuda_error, release_memory
@@ -99,22 +103,10 @@ class GenerateAnswers(AnswerStep):
         self.batch_size = batch_size  # pages per batch, resolved for this replica's device (stages.py)
         self.resources = resources
         self.max_batch_pixels = resources.max_batch_pixels
-        self.device = resolve_device(model.device)
-        self.dtype = resolve_dtype(model.dtype, self.device)
-        self.processor = load_processor(model.id, image_settings)
+        self.model, self.processor, self.device, self.dtype, self.eos_ids = load_for_generation(model, image_settings)
         self.tokenizer = self.processor.tokenizer
-        self.model = load_model(model, self.device)
         # Measured after loading, so the weights are already on the GPU (0 off GPU: no token budget).
         self.max_batch_tokens = resources.max_batch_tokens or automatic_token_budget(self.model, self.device, self.dtype)
-        # Instruct answers end with <end_of_utterance>: stop there even if a checkpoint's generation
-        # config lists only </s>, or every answer would run to max_new_tokens.
-        self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id))
-        end_of_utterance = self.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-        if isinstance(end_of_utterance, int) and end_of_utterance != self.tokenizer.unk_token_id:
-            self.eos_ids.add(end_of_utterance)
-        n_latents = self.model.config.perceiver_config.resampler_n_latents
-        if self.processor.image_seq_len != n_latents:
-            raise ValueError(f"processor image_seq_len={self.processor.image_seq_len} != perceiver latents {n_latents}")
         self.replica, self.node = _replica_identity()
         self._prompt_ids: dict[str, torch.Tensor] = {}
         self.journal = journal_for_this_replica(run_id)  # finds a page that kills the replica (journal.py)
@@ -179,8 +171,9 @@ class GenerateAnswers(AnswerStep):
         return rows, sequences
 
     def generate_static(self, sequences: list[Sequence]) -> list[dict]:
-        """Rows of `sequences`, generated in batches with `generate`. The batches are cut afresh after each
-        one, so an out-of-memory error caps the rest of the block too (`FittingBatch`)."""
+        """Rows of `sequences`, generated in batches with `generate`: a batch that fails is halved until its
+        halves run or the failing unit is alone (`_generate_or_split`). The batches are cut afresh after
+        each one, so an out-of-memory error caps the rest of the block too (`FittingBatch`)."""
         rows, waiting = [], list(sequences)
         while waiting:
             batch = next(self._batches(waiting))
@@ -225,7 +218,7 @@ class GenerateAnswers(AnswerStep):
             if len(batch) > 1 and any(journal.is_suspect(s.key) for s in batch):
                 return self._split(batch)
         rows, failure = self.attempt([s.key for s in batch],
-                                     lambda: self._retry_degenerate(batch, self._generate(batch)))
+                                     lambda: self.retry_degenerate(batch, self._generate(batch)))
         if failure is None:
             size = self._size(batch)
             if self.fitting.worked(size):
@@ -279,7 +272,7 @@ class GenerateAnswers(AnswerStep):
             self._prompt_ids[prompt] = encoded["input_ids"][0]
         return self._prompt_ids[prompt]
 
-    def _retry_degenerate(self, batch: list[Sequence], rows: list[dict]) -> list[dict]:
+    def retry_degenerate(self, batch: list[Sequence], rows: list[dict]) -> list[dict]:
         """Generate degenerate rows again by sampling, at each temperature of the task's ramp in turn;
         a retry replaces a row only if it is not degenerate itself."""
         for temperature in batch[0].plan.spec.temperature_ramp:
@@ -329,15 +322,15 @@ class GenerateAnswers(AnswerStep):
         )
         elapsed = time.perf_counter() - started
         new_tokens = output[:, input_ids.shape[1]:].cpu()
-        return [self._result_row(seq, tokens, logprobs, len(ids), elapsed / len(batch), temperature)
+        return [self.result_row(seq, tokens, logprobs, len(ids), elapsed / len(batch), temperature)
                 for seq, tokens, logprobs in zip(batch, new_tokens.tolist(), recorder.per_sequence(new_tokens))]
 
-    def _result_row(self, seq: Sequence, tokens: list[int], logprobs: list[float], n_input_tokens: int,
-                    generate_s: float, temperature: float | None = None) -> dict:
+    def result_row(self, seq: Sequence, tokens: list[int], logprobs: list[float], n_input_tokens: int,
+                   generate_s: float, temperature: float | None = None) -> dict:
         """The result row of a generated sequence: `tokens` as the engine returned them (they may run on
         past its end), `logprobs` one per token."""
         plan = seq.plan
-        n_out, finished, text = generated_output(tokens, self.eos_ids, plan.stop_strings, self._decode)
+        n_out, finished, text = generated_output(tokens, self.eos_ids, plan.stop_strings, self.text_of)
         truncated = not finished and n_out >= plan.max_new_tokens
         row = self._row(seq.page, plan, status="ok", text=text, n_input_tokens=n_input_tokens, n_output_tokens=n_out,
                         truncated=truncated, degenerate=is_degenerate(tokens[:n_out], finished), route="model",
@@ -346,7 +339,8 @@ class GenerateAnswers(AnswerStep):
             row["generation"] = json.dumps({**plan.settings, "do_sample": True, "temperature": temperature})
         return row
 
-    def _decode(self, tokens: list[int]) -> str:
+    def text_of(self, tokens: list[int]) -> str:
+        """The answer text of generated `tokens`, special tokens left out."""
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     # -- rows ----------------------------------------------------------------------------------------
@@ -372,9 +366,3 @@ class GenerateAnswers(AnswerStep):
 def batch_features(batch: list[Sequence]) -> torch.Tensor:
     """The features encoded ahead for `batch`, in the order of its `<image>` tokens."""
     return torch.cat([seq.features for seq in batch])
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]

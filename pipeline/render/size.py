@@ -1,21 +1,22 @@
-"""How many pixels a PDF page is rendered at, page by page, under the render spec the driver resolved
-(`pipeline.stages.resolved_render`, the one place the size is decided).
+"""How many pixels a PDF page is rendered at: the render spec the driver resolves once for a job
+(`resolved_render`), then each page's size under it (`page_pixel_size`).
 
-The model sees each image at most `longest_edge` pixels long. Without image splitting the image is the
-page, so the page is rendered at `longest_edge`. With splitting the model sees four quadrants plus the
-whole page, each brought to at most `longest_edge`, so the page is rendered at twice that: each quadrant
-then carries up to `longest_edge` pixels of real detail instead of half as many stretched (at idefics2-8b's
-980, small print is legible at 1960 and lost at 980: bench/legibility.py). A scanned page (essentially one
-embedded raster image) holds no more detail than its scan, so it is rendered at the scan's own resolution
-when that is lower: a scan is never upscaled. A page rendered at the full twice-the-model's size gets
-even edges, the short one rounded to the nearest even number that halves to exactly the model's size
-(at most 2 pixels from its aspect ratio): its quadrants are then alike, and its whole-page crop is an
-exact 2:1 reduction, which the preprocess stage does 3-5x faster than any other resize, with the same
-bytes (pipeline/crops.py). `[render] longest_edge` or `[render] dpi` override the rule for every page.
-Images (PNG, JPEG, ...) are not rendered: the preprocess stage splits and resizes them
-exactly as the reference processor does.
+The model sees each image at most the processor's `longest_edge` pixels long (`[model] longest_edge`).
+Without image splitting the image is the page, so the page is rendered at `longest_edge`. With splitting
+the model sees four quadrants plus the whole page, each brought to at most `longest_edge`, so the page is
+rendered at twice that: each quadrant then carries up to `longest_edge` pixels of real detail instead of
+half as many stretched (at idefics2-8b's 980, small print is legible at 1960 and lost at 980:
+bench/legibility.py). A scanned page (essentially one embedded raster image) holds no more detail than
+its scan, so it is rendered at the scan's own resolution when that is lower: a scan is never upscaled. A
+page rendered at the full twice-the-model's size gets even edges, the short one rounded to the nearest
+even number that halves to exactly the model's size (at most 2 pixels from its aspect ratio): its
+quadrants are then alike, and its whole-page crop is an exact 2:1 reduction, which the preprocess stage
+does 3-5x faster than any other resize, with the same bytes (pipeline/crops.py). `[render] page_edge` or
+`[render] dpi` override the rule for every page. Images (PNG, JPEG, ...) are not rendered: the
+preprocess stage splits and resizes them exactly as the reference processor does.
 
-This module runs in the render sandbox's child process, with the decoders: PyMuPDF (and crops.target_size, plain arithmetic).
+`resolved_render` runs in the driver; `page_pixel_size` in the render sandbox's child process, with the
+decoders: PyMuPDF (and crops.target_size, plain arithmetic).
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ class PageContents:
         return len(self.page.get_cdrawings())
 
 
+def resolved_render(render: RenderSpec, image_settings: ImageSettings) -> RenderSpec:
+    """The render spec PDF pages are rendered by: the one place the render size is decided. The spec's
+    own page_edge or dpi, for every page; else what the model can use (twice the processor's longest
+    edge with splitting, ImageSettings.render_edge, in even pixels that halve to the model's size), and
+    scans at no more than their own resolution."""
+    if not render.automatic_size:
+        return render.updated(scans_at_own_resolution=False)
+    resolved = render.updated(page_edge=image_settings.render_edge)
+    return resolved.with_halvable_pages() if image_settings.do_image_splitting else resolved
+
+
 def page_pixel_size(page, settings: RenderSpec, contents: PageContents | None = None) -> tuple[int, int]:
     """(width, height) in pixels to render a PyMuPDF page at; raises PageError past `max_pixels`.
 
@@ -66,14 +78,14 @@ def page_pixel_size(page, settings: RenderSpec, contents: PageContents | None = 
     in inches times the dpi, and a page box too large for `max_pixels` at that dpi is refused.
     """
     rect = page.rect
-    edge = settings.longest_edge
+    edge = settings.page_edge
     if settings.dpi:
         zoom = settings.dpi / POINTS_PER_INCH
     else:
         if settings.scans_at_own_resolution:
             edge = min(edge, scan_longest_edge(page, contents) or edge)
         zoom = edge / max(rect.width, rect.height)
-    if settings.halvable and not settings.dpi and edge == settings.longest_edge:
+    if settings.halvable and not settings.dpi and edge == settings.page_edge:
         width, height = halvable_size(rect.width * zoom, rect.height * zoom, edge)
     else:
         width, height = max(1, round(rect.width * zoom)), max(1, round(rect.height * zoom))
@@ -82,12 +94,12 @@ def page_pixel_size(page, settings: RenderSpec, contents: PageContents | None = 
     return width, height
 
 
-def halvable_size(width: float, height: float, longest_edge: int) -> tuple[int, int]:
+def halvable_size(width: float, height: float, page_edge: int) -> tuple[int, int]:
     """(width, height) near these, with even edges that the processor's resize rule (crops.target_size, at
-    half of `longest_edge`) brings to exactly half: the nearest even edges, or the next even short edge
+    half of `page_edge`) brings to exactly half: the nearest even edges, or the next even short edge
     where the rule's truncation would take a pixel off. The shortest-edge rule is left out: a page that
     narrow is enlarged to the model's minimum whatever its size."""
-    half = ImageSettings(longest_edge=longest_edge // 2, shortest_edge=0)
+    half = ImageSettings(longest_edge=page_edge // 2, shortest_edge=0)
     even_width, even_height = 2 * max(1, round(width / 2)), 2 * max(1, round(height / 2))
     for step in (0, -2, 2):
         candidate = (even_width + step, even_height) if width <= height else (even_width, even_height + step)
