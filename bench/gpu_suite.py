@@ -28,10 +28,10 @@ batches from `batch_by_shape` sized as the pipeline sizes them, crops encoded pe
 `[model] kv_cache` asks for.
 
 On the lent machine (torch and transformers of its own, no Ray, no pydantic, no network) the suite needs our
-pinned pure-Python wheels: transformers 5.23.0 (the machine's 5.17 switches the shared text config to
-paged attention in the continuous engine and does not switch it back), pydantic and its needs, regex and
-typing-extensions (transformers 5.23's minimums). Download them here into `.whl/` (ignored by git) with
-DEVELOPERS.md's `pip download` line, carry `.whl`, and run:
+pinned wheels: transformers 5.23.0 (the machine's 5.17 switches the shared text config to paged attention
+in the continuous engine and does not switch it back), pydantic and its needs, regex and typing-extensions
+(transformers 5.23's minimums). Download them into `.whl/` (kept out of git by .git/info/exclude) with the
+`pip download` line of docs/development.md ("The GPU suite"), carry `.whl`, and run:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
     PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py --deadline-s 450 --log $OUT/gpu_suite.log

@@ -4,7 +4,7 @@ A spec comes from a TOML file (`--job FILE.toml`), from command-line flags, or b
 tree of frozen pydantic models, one per section; each stage receives only the section it needs: the
 lister gets `InputSpec`, the renderer `RenderSpec`, the model stage `ModelSpec` and the tasks, the sink
 `OutputSpec`, every reader and writer `StorageSpec`. `scriptorium schema` prints the JSON Schema of a job
-file, which editors use to complete and check `job.toml` (see README).
+file, which editors use to complete and check `job.toml` (docs/job-spec.md#editor-support).
 
 TOML layout (every key optional except where a run needs it):
 
@@ -388,7 +388,7 @@ class ResourceSpec(Section):
     the KV cache in half the GPU memory left after loading the model (pipeline/model/budget.py); no budget
     on CPU."""
     ray_num_cpus: int = 0
-    """Logical CPUs for a local Ray (0: max(4, cores)); see README on small machines"""
+    """Logical CPUs for a local Ray (0: max(4, cores)); docs/job-spec.md#resources says why at least 4"""
     gpu_price_per_hour: float = 0.0
     """For the run summary's cost figures"""
     ray_progress: bool = False

@@ -41,7 +41,7 @@ RUN_FLAGS = INPUT_FILTER_FLAGS + [
     ("--attn-implementation", "model.attn_implementation", {}),
     ("--quantization", "model.quantization", {}),
     ("--prompt-format", "model.prompt_format", {}),
-    ("--engine", "model.engine", dict(help="how the model stage batches generation (see README)")),
+    ("--engine", "model.engine", dict(help="how the model stage batches generation (docs/data-path.md#engines)")),
     ("--image-splitting", "model.do_image_splitting", dict(action=BOOLEAN, default=None)),
     ("--longest-edge", "model.longest_edge", dict(type=int)),
     ("--shortest-edge", "model.shortest_edge", dict(type=int)),
