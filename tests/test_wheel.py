@@ -26,7 +26,9 @@ FOLDERS = PYPROJECT["tool"]["setuptools"]["package-dir"]  # {"scriptorium.core":
 
 
 def run(*command, **options) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600, **options)
+    """`command` in an environment without PYTHONPATH: what the fresh venv imports is its own alone."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600, env=env, **options)
     assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-3000:])
     return done
 
