@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv, install, build the tiny model, run the demo job on samples/, write its report
-#   make test   create .venv, install, run the tests
+#   make test   create .venv, install, run the whole suite (about 20 minutes on 2 cores)
+# After each edit, `make test-fast`: the suite without the tests marked slow, the ones that start a process
+# (Ray, a storage server, a browser, `scriptorium` itself), in about a minute; `make test` before a commit.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install tesseract system-deps clean
+.PHONY: demo test test-fast install tesseract system-deps clean
 
 $(BIN)/scriptorium: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +49,9 @@ system-deps: tesseract
 
 test: install system-deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
+test-fast: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 clean:
 	rm -rf $(VENV) models out

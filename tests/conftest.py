@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random-weight Idefics2 checkpoint, a local Ray, and document factories.
+"""Shared fixtures: a tiny random-weight Idefics2 checkpoint, a local Ray, and document factories; and the
+hooks that order the tests over pytest-xdist's workers and keep processes out of the fast tier.
 
 Tests use the real pieces: a real checkpoint saved with save_pretrained and loaded by from_pretrained,
 a real Ray runtime, real PDFs made with PyMuPDF and real images made with Pillow.
@@ -6,9 +7,12 @@ a real Ray runtime, real PDFs made with PyMuPDF and real images made with Pillow
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,57 +26,164 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 REPO = Path(__file__).resolve().parents[1]
 
 
-# `make test` runs two pytest-xdist workers with `--dist loadgroup`, scheduled here (the hook below):
-# - the tests of each module in SHARED_RUN_MODULES go to one worker together: most of them share a module
-#   fixture that makes a whole run (a Ray job, a browser), which two workers would each make again;
-# - every other test goes alone to whichever worker is free, the slowest first (SLOWEST_FIRST): a long
-#   test begun last would leave the other worker idle at the end of the suite.
+# -- the order of `make test` ----------------------------------------------------------------------------
+# `make test` runs two pytest-xdist workers with `--dist loadgroup`, scheduled by the hooks below:
+# - the tests of a module that uses a module-scoped fixture (a whole run, a server, a browser) go to one
+#   worker together, as one unit: two workers would each make the fixture again;
+# - every other test is a unit of its own;
+# - units go to whichever worker is free, the longest first: a long unit begun last would leave the other
+#   worker idle at the end. A unit takes what its tests took the last time they passed, recorded in
+#   pytest's cache (.pytest_cache) at the end of every run; a test with no record there (a fresh clone, a
+#   new test) counts UNTIMED_S, so the slow tests go first, the modules with more of them first.
+# The workers do the sorting, with the same records (pytest_configure_node hands the controller's to
+# them), and tell the controller the units in a file: it sees nothing of the tests but their ids.
 # (pytest-xdist's own `xdist_group` marks do nothing under pytest 9: the worker renames `item._nodeid`,
 # which pytest 9 no longer reads.)
-SHARED_RUN_MODULES = {
-    "tests/test_demo.py",  # demo_report
-    "tests/test_end_to_end.py",  # finished_run
-    "tests/test_export.py",  # mixed_output
-    "tests/test_fidelity.py",  # pipeline_run, one run per checkpoint
-    "tests/test_model_options.py",  # results
-    "tests/test_placement.py",  # on_the_cluster
-    "tests/test_readers.py",  # outputs
-    "tests/test_report_browser.py",  # reviewed_output, browser
-    "tests/test_resume.py",  # first_run
-    "tests/test_summary.py",  # known_run
-}
-SLOWEST_FIRST = (  # seconds each took in `make test` before this order
-    "tests/test_submit.py::test_submitted_job_finishes_on_the_cluster_after_the_laptop_left",  # 234
-    "tests/test_lease.py::test_a_driver_killed_mid_run_on_s3_is_taken_over_by_the_rerun_which_resumes",  # 158
-    "tests/test_lease.py::test_two_drivers_with_wait_on_s3_run_one_after_the_other",  # 143
-    "tests/test_routing.py::test_a_later_run_reuses_earlier_results_for_identical_images_with_the_same_settings",  # 131
-    "tests/test_storage_s3.py::test_run_from_s3_to_s3_publishes_every_page_once",  # 130
-    "tests/test_storage_s3.py::test_manifest_run_records_missing_and_forbidden_objects_as_error_rows",  # 109
-    "tests/test_lease.py::test_two_drivers_on_one_folder_one_writes_and_the_other_refuses_at_once",  # 83
-    "tests/test_signed_urls.py::test_a_manifest_of_signed_urls_leaks_no_secret_anywhere",  # 79
-)
+DURATIONS = "scriptorium/durations"  # the cache's {test id: seconds} of each test's last passing run
+UNTIMED_S = {"slow": 30.0, "fast": 1.0}
+TO_WORKERS = pytest.StashKey[dict]()
 
 
-def pytest_collection_modifyitems(items):
-    first = {nodeid: rank for rank, nodeid in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: first.get(item.nodeid, len(first)))  # stable: the others keep their order
+class Durations:
+    """Records how long each test took, setup and teardown included, into the cache at the end of the run.
+    Runs where the reports arrive: the one pytest process, or the controller of the xdist workers."""
+
+    def __init__(self, cache):
+        self.cache, self.seconds, self.failed = cache, {}, set()
+
+    def pytest_runtest_logreport(self, report):
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+        if report.failed:  # it stopped early: its time says nothing of the next run's
+            self.failed.add(report.nodeid)
+
+    def pytest_sessionfinish(self):
+        known = self.cache.get(DURATIONS, {})
+        known.update({test: round(s, 2) for test, s in self.seconds.items() if test not in self.failed})
+        self.cache.set(DURATIONS, known)
 
 
-@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it (-p no:xdist)
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):
+        # The workers share the machine's cores, where torch would give each of them all the cores: the
+        # tiny model's small matrices then cost more in handing work between threads than in computing.
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workerinput["workercount"]))
+    elif getattr(config, "cache", None) is not None:
+        config.pluginmanager.register(Durations(config.cache), "scriptorium-durations")
+
+
+@pytest.hookimpl(optionalhook=True)  # hooks of pytest-xdist: unknown without it (-p no:xdist)
+def pytest_configure_node(node):
+    """Each worker gets the same records (read once: the workers must sort alike) and where to put the units."""
+    config = node.config
+    if TO_WORKERS not in config.stash:
+        cache = getattr(config, "cache", None)
+        config.stash[TO_WORKERS] = {
+            "scriptorium_durations": cache.get(DURATIONS, {}) if cache is not None else {},
+            "scriptorium_units": str(Path(tempfile.mkdtemp(prefix="scriptorium-units-")) / "units.json"),
+        }
+    node.workerinput.update(config.stash[TO_WORKERS])
+
+
+def pytest_unconfigure(config):
+    if TO_WORKERS in config.stash:
+        shutil.rmtree(Path(config.stash[TO_WORKERS]["scriptorium_units"]).parent, ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected and pytest has grouped fixture parameters
+def pytest_collection_modifyitems(config, items):
+    """In an xdist worker: the tests in units, the longest unit first; the units go to the controller."""
+    if "scriptorium_units" not in getattr(config, "workerinput", {}):
+        return
+    known = config.workerinput["scriptorium_durations"]
+    shared = {module_of(item) for item in items if uses_a_module_fixture(item)}
+    units: dict[str, list] = {}
+    for item in items:
+        units.setdefault(module_of(item) if module_of(item) in shared else item.nodeid, []).append(item)
+
+    def seconds(item):
+        return known.get(item.nodeid, UNTIMED_S["slow" if item.get_closest_marker("slow") else "fast"])
+
+    ordered = sorted(units.items(), key=lambda unit: -sum(map(seconds, unit[1])))  # stable: ties keep their order
+    items[:] = [item for _, tests in ordered for item in tests]
+    path = Path(config.workerinput["scriptorium_units"])
+    written = path.with_name(f"{config.workerinput['workerid']}.json")
+    written.write_text(json.dumps({item.nodeid: unit for unit, tests in ordered for item in tests}))
+    os.replace(written, path)  # both workers write the same units; a reader sees one whole file
+
+
+def module_of(item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+def uses_a_module_fixture(item) -> bool:
+    return any(defs[-1].scope in ("class", "module") for defs in item._fixtureinfo.name2fixturedefs.values())
+
+
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadgroup`: one work unit per module of SHARED_RUN_MODULES, one per test otherwise. Units
-    are handed out as workers free up: the modules first (the most tests first), then the single tests
-    in collection order."""
+    """`--dist loadgroup`: the workers' units, handed out in the workers' order as workers free up."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class SharedRunScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return module if module in SHARED_RUN_MODULES else nodeid
+    config.option.loadscopereorder = False  # (pytest-xdist 3.6) else it puts the units with the most tests first
 
-    return SharedRunScheduling(config, log)
+    class UnitScheduling(LoadScopeScheduling):
+        units: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.units is None:  # first asked once every worker has collected, so has written the file
+                path = Path(config.stash[TO_WORKERS]["scriptorium_units"])
+                self.units = json.loads(path.read_text()) if path.exists() else {}
+            return self.units.get(nodeid, nodeid)
+
+    return UnitScheduling(config, log)
+
+
+# -- the fast tier ----------------------------------------------------------------------------------------
+# `make test-fast` runs the tests not marked `slow` (`-m "not slow"`). A test is slow when it starts a
+# process: Ray (a local runtime or a cluster), a storage server, a browser, `scriptorium` on the command
+# line. Every unmarked test runs with process starts refused, so one that lacks the mark fails at once,
+# saying so, instead of quietly making the fast tier slow. Refused at `subprocess.Popen.__init__`, which
+# subprocess.run, Ray's own node processes and asyncio's all go through. The render sandbox's child is let
+# through: every page is rendered in one, started once per thread and kept.
+RENDERER = "scriptorium.pipeline.render.sandbox"
+REFUSED = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.get_closest_marker("slow"):
+        return (yield)
+    refused = item.stash[REFUSED] = []
+    start = subprocess.Popen.__init__
+
+    def refuse(popen, args, *rest, **options):
+        command = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        if RENDERER in map(str, command):
+            return start(popen, args, *rest, **options)
+        refused.append(f"{item.nodeid} starts a process ({' '.join(map(str, command))[:200]}) but is not "
+                       "marked slow: mark it @pytest.mark.slow (a whole module: pytestmark = pytest.mark.slow)")
+        pytest.fail(refused[-1], pytrace=False)
+
+    subprocess.Popen.__init__ = refuse
+    try:
+        return (yield)
+    finally:
+        subprocess.Popen.__init__ = start
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A refused start fails its test even where the code under test caught the failure and went on."""
+    report = yield
+    refused = item.stash.get(REFUSED, [])
+    if refused and report.passed:
+        report.outcome, report.longrepr = "failed", refused[0]
+    refused.clear()
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -87,6 +87,7 @@ def rows_by_page(output: Path) -> dict[tuple[str, int], list[dict]]:
     return {(Path(r["source_uri"]).name, r["page"]): r for r in rows}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_replica_killed_mid_batch_is_restarted_and_nothing_is_lost(documents, tiny_model, tmp_path, ray_local):
     run_id = f"crash-once-{os.getpid()}"
@@ -106,6 +107,7 @@ def test_a_replica_killed_mid_batch_is_restarted_and_nothing_is_lost(documents, 
     assert not journal_folder(run_id).exists()  # the run cleared its replicas' notes when it finished
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_page_that_kills_its_replica_every_time_becomes_an_error_row(documents, tiny_model, tmp_path, ray_local):
     run_id = f"crash-poison-{os.getpid()}"
@@ -128,6 +130,7 @@ def test_a_page_that_kills_its_replica_every_time_becomes_an_error_row(documents
 
 
 # -- a lost CUDA context: the replica's process ends and Ray restarts it ------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("engine", ["static", "continuous"])
 def test_a_lost_cuda_context_ends_the_replica_which_restarts_and_nothing_is_lost(engine, documents, tiny_model,

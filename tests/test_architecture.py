@@ -14,12 +14,15 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 PACKAGES = ("core", "connectors", "pipeline", "jobs")
 WINDOW = 6  # lines: a block this long found twice is a copy worth replacing by one piece of code
 
 
+@pytest.mark.slow
 def test_the_import_contracts_hold():
     lint_imports = Path(sys.executable).with_name("lint-imports")
     proc = subprocess.run([str(lint_imports), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)

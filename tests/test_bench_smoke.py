@@ -15,6 +15,8 @@ import torch
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 RESULT = re.compile(r"^RESULT (\w+) (\d+(?:\.\d+)?) (\S+) target (>=|<=) (\d+(?:\.\d+)?)$", re.MULTILINE)
 
 

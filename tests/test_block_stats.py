@@ -8,6 +8,8 @@ import pytest
 
 from scriptorium.jobs import block_stats
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def data_context(ray_local):

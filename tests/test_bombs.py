@@ -195,6 +195,7 @@ class TreeMemory:
         self._thread.join()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_run_over_bombs_beside_good_files_finishes_with_bounded_memory(bombs, tiny_model, tmp_path):
     folder, expected = tmp_path / "in", bombs[1]

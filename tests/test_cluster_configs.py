@@ -125,6 +125,7 @@ def test_rayjob_runs_an_existing_job_spec_on_its_own_gpu_cluster():
     assert gpus >= job_spec.resources.num_replicas * job_spec.resources.gpus_per_replica
 
 
+@pytest.mark.slow
 def test_rayjob_submitter_submits_the_entrypoint_and_stops_the_job_when_its_deadline_passes(tmp_path):
     spec = documents("kuberay-rayjob.yaml")["RayJob"]["spec"]
     container = spec["submitterPodTemplate"]["spec"]["containers"][0]
@@ -174,6 +175,7 @@ def test_cronjob_submits_an_existing_job_spec_to_the_rayclusters_head(tmp_path):
     assert (tmp_path / Path(args.job).name).is_file()
 
 
+@pytest.mark.slow
 def test_cronjob_stops_the_ray_job_it_submitted_when_its_deadline_passes(tmp_path):
     cron, script = cronjob_script()
     backstop = cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]

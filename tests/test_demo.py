@@ -31,6 +31,7 @@ def tesseract_missing() -> str | None:
 
 TESSERACT_PROBLEM = tesseract_missing()
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)"),
     pytest.mark.skipif(TESSERACT_PROBLEM is not None, reason=str(TESSERACT_PROBLEM)),
 ]

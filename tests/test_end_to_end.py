@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import make_image, make_pdf, read_rows, run_cli
 
+pytestmark = pytest.mark.slow
+
 REQUIRED_COLUMNS = {
     "source_uri", "page", "task", "question", "prompt", "text", "status", "error", "model",
     "max_new_tokens", "n_input_tokens", "n_output_tokens", "width", "height",

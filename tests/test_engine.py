@@ -190,6 +190,7 @@ def test_the_engine_decodes_requests_of_different_lengths_together(tiny_model):
     assert all(r.error is None for r in results)
 
 
+@pytest.mark.slow
 def test_the_continuous_actor_runs_under_ray(tiny_model, mixed_pages, ray_local, tmp_path):
     """Through Ray Data: the async actor, two blocks in flight, rows equal to the static engine's."""
     spec = JobSpec(run_id="engine", input=InputSpec(uri=str(mixed_pages[0].parent)),

@@ -118,6 +118,7 @@ def markdown_sections(text: str) -> list[dict]:
     return sections
 
 
+@pytest.mark.slow
 def test_markdown_has_a_file_per_document_with_pages_in_order(mixed_output, tmp_path):
     target = exported(mixed_output, tmp_path, "markdown")
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*.md"))
@@ -160,6 +161,7 @@ def test_markdown_has_a_file_per_document_with_pages_in_order(mixed_output, tmp_
     assert "cannot decode image" in bad_image[2]["blocks"][0][1]
 
 
+@pytest.mark.slow
 def test_text_has_page_markers_errors_and_missing_results(mixed_output, tmp_path):
     target = exported(mixed_output, tmp_path, "text")
     letter = (target / "letter.pdf.txt").read_text()
@@ -173,6 +175,7 @@ def test_text_has_page_markers_errors_and_missing_results(mixed_output, tmp_path
         "000001.jpg.txt", "000002.png.txt", "000003.jpg.txt"]
 
 
+@pytest.mark.slow
 def test_jsonl_holds_every_result_once_with_provenance(mixed_output, tmp_path):
     target = exported(mixed_output, tmp_path, "jsonl")
     [part] = list(target.iterdir())
@@ -202,6 +205,7 @@ def test_jsonl_holds_every_result_once_with_provenance(mixed_output, tmp_path):
     assert image["pages"][0]["page"] == 2 and {u["status"] for u in image["pages"][0]["units"]} == {"error"}
 
 
+@pytest.mark.slow
 def test_dolma_documents_as_olmocr_writes_them(mixed_output, tmp_path):
     target = exported(mixed_output, tmp_path, "dolma")
     [part] = list((target / "documents").iterdir())
@@ -228,6 +232,7 @@ def test_dolma_documents_as_olmocr_writes_them(mixed_output, tmp_path):
     assert broken["text"] == "" and broken["metadata"]["error-pages"] == [1]  # kept, and says why it is empty
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_export_to_gcs(mixed_output, tmp_path):
     from tests.fake_gcs import FakeGcs
@@ -250,6 +255,7 @@ def test_export_to_gcs(mixed_output, tmp_path):
         gcs.close()
 
 
+@pytest.mark.slow
 def test_export_refuses_what_it_cannot_do(mixed_output, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("someone's file")

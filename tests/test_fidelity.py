@@ -118,6 +118,7 @@ def pipeline_run(request, mixed_folder, ray_local, tmp_path_factory):
     return model_path, rows, sizes
 
 
+@pytest.mark.slow
 def test_pipeline_tokens_equal_the_model_card_snippet(pipeline_run):
     model_path, rows, sizes = pipeline_run
     n_pages, n_documents = 4 + 3 + 1, 4 + 2
@@ -129,6 +130,7 @@ def test_pipeline_tokens_equal_the_model_card_snippet(pipeline_run):
             (row["source_uri"], row["page"], row["task"])
 
 
+@pytest.mark.slow
 def test_pdf_pages_are_rendered_at_what_the_model_can_use(pipeline_run, mixed_folder):
     model_path, _, sizes = pipeline_run
     split = load_reference(model_path)[0].image_processor.do_image_splitting
@@ -137,6 +139,7 @@ def test_pdf_pages_are_rendered_at_what_the_model_can_use(pipeline_run, mixed_fo
     assert sizes[(str(mixed_folder / "scan.pdf"), 0)] == (510, 660)  # never upscaled
 
 
+@pytest.mark.slow
 def test_rows_sharing_a_prompt_would_tell_their_images_apart(pipeline_run):
     """Rows that share a prompt are the ones batched together. Their snippets all differ, so a row given
     a batch neighbour's image would produce that neighbour's snippet, not its own, and fail above."""

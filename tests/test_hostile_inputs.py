@@ -204,6 +204,7 @@ def test_a_file_that_keeps_stalling_the_renderer_is_given_up_with_a_row_per_page
 
 
 # -- the whole corpus through `scriptorium run` ----------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(720)
 def test_a_run_over_the_hostile_corpus_exits_zero_and_accounts_for_every_page(corpus, tiny_model, tmp_path):
     """Then `scriptorium report` over it renders every error page's thumbnail under the run's limits: the

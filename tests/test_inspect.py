@@ -98,6 +98,7 @@ def test_inspect_of_a_missing_input_is_one_line(tmp_path, capsys):
     assert err.strip() == f"scriptorium: error: input {tmp_path / 'nowhere'} does not exist"
 
 
+@pytest.mark.slow
 def test_inspect_an_s3_prefix(s3_server, mixed_folder, capsys):
     bucket = s3_server.new_bucket("inspect")
     for name in ("report.pdf", "receipt.png", "scan.tiff", "broken.pdf"):

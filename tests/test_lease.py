@@ -38,7 +38,8 @@ def gcs():
     server.close()
 
 
-@pytest.fixture(params=["local", "s3", "gcs"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow),  # s3 and gcs start a server
+                        pytest.param("gcs", marks=pytest.mark.slow)])
 def store(request, tmp_path) -> ParquetStore:
     """An empty output on each kind of store we write to."""
     if request.param == "local":
@@ -110,6 +111,7 @@ def test_of_runs_racing_to_take_over_a_stale_lease_exactly_one_wins(store, caplo
             lease.release()
 
 
+@pytest.mark.slow
 def test_a_live_lease_of_another_host_is_respected_and_one_of_a_dead_process_here_is_not(store):
     plant(store)  # another host, heartbeat just now: it may well be running
     with pytest.raises(LeaseHeld, match=r"by run elsewhere-run \(host elsewhere, pid 4242, heartbeat \d s ago\): "
@@ -164,6 +166,7 @@ def test_a_waiting_run_takes_the_lease_once_the_holder_releases_it(store):
     waiter.release()
 
 
+@pytest.mark.slow
 def test_a_store_that_ignores_conditional_writes_is_refused_rather_than_trusted(s3_server):
     bucket = s3_server.new_bucket("noconditions")
     with StoreProxy(s3_server.endpoint, drop_headers=("If-None-Match", "If-Match")) as careless:
@@ -241,6 +244,7 @@ def units_written(rows: list[dict]) -> Counter:
     return Counter((Path(r["source_uri"]).name, r["page"]) for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_drivers_on_one_folder_one_writes_and_the_other_refuses_at_once(documents, tiny_model, tmp_path):
     job, output = tmp_path / "job.toml", tmp_path / "out"
@@ -265,6 +269,7 @@ def test_two_drivers_on_one_folder_one_writes_and_the_other_refuses_at_once(docu
     assert not (output / LEASE_FILE).exists()  # released at the end
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_two_drivers_with_wait_on_s3_run_one_after_the_other(documents, tiny_model, tmp_path, s3_server):
     bucket = s3_server.new_bucket("wait")
@@ -286,6 +291,7 @@ def test_two_drivers_with_wait_on_s3_run_one_after_the_other(documents, tiny_mod
     assert {r["run_id"] for r in rows} == set(drivers) - set(waited)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_driver_killed_mid_run_on_s3_is_taken_over_by_the_rerun_which_resumes(documents, tiny_model, tmp_path,
                                                                                s3_server):
@@ -329,6 +335,7 @@ def test_a_run_that_fails_after_taking_the_lease_releases_it(tiny_model, tmp_pat
     assert (output / "_scriptorium" / "files.json").exists() and not (output / LEASE_FILE).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_run_stopped_with_sigterm_releases_its_lease(documents, tiny_model, tmp_path):
     """What `ray job stop`, a deadline's `timeout` and Kubernetes send."""
@@ -346,6 +353,7 @@ def test_a_run_stopped_with_sigterm_releases_its_lease(documents, tiny_model, tm
     assert not (output / LEASE_FILE).exists(), (tmp_path / "run.log").read_text()[-3000:]
 
 
+@pytest.mark.slow
 def test_a_run_refused_by_a_live_lease_says_who_holds_it_in_one_line(documents, tiny_model, tmp_path):
     output = tmp_path / "out"
     plant(ParquetStore(str(output)), run_id="nightly-20261201", host="ray-head-7f9c")

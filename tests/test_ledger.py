@@ -244,6 +244,7 @@ def test_the_summary_counts_each_page_once_across_files_and_past_64_pages(tmp_pa
     assert counts["errors_by_reason"] == {"unknown: boom": 1}
 
 
+@pytest.mark.slow
 def test_an_output_on_s3_is_read_by_duckdb_from_its_own_files_only(s3_server):
     from scriptorium.core.spec import StorageSpec
 

@@ -35,6 +35,7 @@ def listed(uri: str, s3_server, **input_settings) -> list[dict]:
     return list(list_inputs(InputSpec(uri=uri, **input_settings), StorageSpec(endpoint_url=s3_server.endpoint)))
 
 
+@pytest.mark.slow
 def test_prefix_lists_every_object_below_it_with_size_and_etag(archive, s3_server):
     rows = listed(f"s3://{archive}/archive/", s3_server)
 
@@ -57,12 +58,14 @@ GLOB_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern, expected", GLOB_CASES)
 def test_glob_selects_matching_keys(archive, s3_server, pattern, expected):
     rows = listed(f"s3://{archive}/{pattern}", s3_server)
     assert [r["source_uri"] for r in rows] == [f"s3://{archive}/{key}" for key in expected]
 
 
+@pytest.mark.slow
 def test_include_exclude_and_size_limit(archive, s3_server):
     rows = listed(f"s3://{archive}/archive", s3_server, include=["*.pdf", "*.png"], exclude=["sub/*.png"])
     assert [r["source_uri"] for r in rows] == [f"s3://{archive}/archive/a.pdf", f"s3://{archive}/archive/sub/b.pdf"]
@@ -74,11 +77,13 @@ def test_include_exclude_and_size_limit(archive, s3_server):
     assert too_large["c.png"].startswith("file is 7 bytes, more than input.max_size_mb=")
 
 
+@pytest.mark.slow
 def test_missing_prefix_is_reported_not_an_empty_job(archive, s3_server):
     with pytest.raises(FileNotFoundError):
         listed(f"s3://{archive}/no-such-prefix/", s3_server)
 
 
+@pytest.mark.slow
 def test_listing_streams_a_large_prefix_one_page_at_a_time(s3_server):
     bucket = s3_server.new_bucket("stream")
     keys = [f"many/doc-{i:05d}.pdf" for i in range(LIST_PAGE + 1)]  # two ListObjectsV2 pages

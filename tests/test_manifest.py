@@ -97,6 +97,7 @@ def documents(s3_server, tmp_path_factory) -> str:
     return bucket
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_s3_manifest_plans_listed_objects_with_their_questions(s3_server, documents, fmt):
     bucket = documents
@@ -116,6 +117,7 @@ def test_s3_manifest_plans_listed_objects_with_their_questions(s3_server, docume
     assert (rows[2]["size"], rows[2]["etag"], rows[2]["error"]) == (None, None, None)
 
 
+@pytest.mark.slow
 def test_missing_manifest_entry_becomes_a_read_error_row(s3_server, documents):
     bucket = documents
     s3_server.put(bucket, "lists/mixed.txt", b"../docs/b.pdf\n../docs/missing.pdf\n")
@@ -131,6 +133,7 @@ def test_missing_manifest_entry_becomes_a_read_error_row(s3_server, documents):
     assert pages[1]["error"] == f"cannot read: no such object: s3://{bucket}/docs/missing.pdf"
 
 
+@pytest.mark.slow
 def test_include_exclude_apply_to_manifest_entries(s3_server, documents):
     bucket = documents
     s3_server.put(bucket, "lists/all.txt", b"../docs/a.pdf\n../docs/b.pdf\n../docs/c.png\n")
@@ -139,6 +142,7 @@ def test_include_exclude_apply_to_manifest_entries(s3_server, documents):
     assert [r["source_uri"] for r in rows] == [f"s3://{bucket}/docs/b.pdf"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, content, message", [
     ("latin1.txt", "caf\xe9/menu.pdf\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 3): save it as UTF-8"),
     ("huge_field.csv", b"uri,question\na.pdf,\"" + b"?" * 200_000 + b"\"\n", "cannot be read: Error: field larger than"),

@@ -87,6 +87,7 @@ def test_splitting_and_edges_shape_the_crops(tiny_model, name):
     assert min(min(s) for s in shapes) >= settings.shortest_edge
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["checkpoint", "split-490-300"])  # each a pipeline run: keep them few
 def test_input_tokens_follow_the_settings_as_the_checkpoints_processor_counts_them(tiny_model, pages_folder, results, name):
     overrides = SETTINGS[name][0]
@@ -100,12 +101,14 @@ def test_input_tokens_follow_the_settings_as_the_checkpoints_processor_counts_th
         assert row["n_input_tokens"] == expected
 
 
+@pytest.mark.slow
 def test_splitting_sends_five_images_worth_of_tokens(results):
     whole, split = results("checkpoint")[0], results("split-490-300", **SETTINGS["split-490-300"][0])[0]
     image_seq_len = 64  # each of the 4 extra crops brings its <image> tokens and one <fake_token_around_image>
     assert split["n_input_tokens"] - whole["n_input_tokens"] == 4 * (image_seq_len + 1)
 
 
+@pytest.mark.slow
 def test_the_preallocated_kv_cache_generates_the_dynamic_caches_text(results):
     preallocated, dynamic = results("checkpoint"), results("dynamic-cache", kv_cache="dynamic")
     assert [r["text"] for r in preallocated] == [r["text"] for r in dynamic]

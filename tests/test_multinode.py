@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import make_image, make_pdf, read_rows, run_cli
 from tests.local_cluster import LocalCluster
 
+pytestmark = pytest.mark.slow
+
 N_PDFS, PAGES_PER_PDF, N_IMAGES = 6, 3, 6
 
 

@@ -17,6 +17,8 @@ from scriptorium.core.spec import spec_from_dict
 from scriptorium.jobs.runner import run_job
 from tests.conftest import make_image, make_pdf, read_rows, small_ocr_job
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def documents(tmp_path_factory) -> Path:

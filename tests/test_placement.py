@@ -99,6 +99,7 @@ def on_the_cluster(tiny_model):
         return {**seen, "gpu_nodes": set(cluster.workers[:2]), "cpu_node": cluster.workers[2]}
 
 
+@pytest.mark.slow
 def test_auto_gives_each_replica_one_gpu_and_none_runs_on_the_cpu_only_node(on_the_cluster):
     auto = on_the_cluster["auto"]
     replicas = auto["replicas"]
@@ -110,6 +111,7 @@ def test_auto_gives_each_replica_one_gpu_and_none_runs_on_the_cpu_only_node(on_t
     assert auto["device"] == "cuda" and auto["num_gpus"] == 1  # decided by the driver, not by each replica
 
 
+@pytest.mark.slow
 def test_a_replica_ray_gave_no_gpu_runs_on_cpu_and_cannot_reach_a_gpu(on_the_cluster):
     replica = on_the_cluster["cpu_replica"]
     assert replica["node"] in on_the_cluster["gpu_nodes"] and replica["gpus"] == []
@@ -118,6 +120,7 @@ def test_a_replica_ray_gave_no_gpu_runs_on_cpu_and_cannot_reach_a_gpu(on_the_clu
     assert replica["cuda_visible_devices"] == "" and not replica["cuda_initialized"]
 
 
+@pytest.mark.slow
 def test_a_replica_told_cuda_that_ray_gave_no_gpu_fails_saying_so(on_the_cluster):
     replica = on_the_cluster["cuda_replica"]
     assert replica["node"] in on_the_cluster["gpu_nodes"] and replica["gpus"] == []
@@ -126,11 +129,13 @@ def test_a_replica_told_cuda_that_ray_gave_no_gpu_fails_saying_so(on_the_cluster
     assert not replica["cuda_initialized"]
 
 
+@pytest.mark.slow
 def test_auto_on_a_ray_without_gpus_declares_cpu_replicas_holding_no_gpu(ray_local, tiny_model):
     stage = model_stage(tiny_model, "auto")
     assert stage.kwargs["model"].device == "cpu" and stage.num_gpus == 0  # the replicas are never told "auto"
 
 
+@pytest.mark.slow
 def test_a_job_left_on_auto_without_gpus_runs_on_cpu_and_says_so_once(tmp_path, tiny_model):
     documents = tmp_path / "in"
     documents.mkdir()

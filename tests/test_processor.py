@@ -16,6 +16,7 @@ def processor_spec(model, **extra) -> dict:
             "tasks": [{"kind": "ocr", "max_new_tokens": 3}, {"kind": "caption", "max_new_tokens": 3}], **extra}
 
 
+@pytest.mark.slow
 def test_documents_by_uri_and_by_bytes_become_result_rows(ray_local, tiny_model, tmp_path):
     import ray
 

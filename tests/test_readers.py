@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import make_pdf, read_rows
 
+pytestmark = pytest.mark.slow
+
 RUNS = ("monday", "tuesday")
 COMPARED = ("source_uri", "page", "task", "question", "status", "error", "text", "truncated", "run_id")
 

@@ -26,9 +26,11 @@ import pytest
 from tests.conftest import make_image, make_pdf, read_rows, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (CI installs it: apt-get install -y chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None,
+                       reason="Debian's chromium is not installed (CI installs it: apt-get install -y chromium)"),
+]
 
 XSS_TEXT = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">&amp; "quoted"'
 

@@ -65,6 +65,7 @@ def alive(pids: set[int]) -> set[int]:
     return living
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_a_run_killed_with_sigkill_resumes_to_every_page_exactly_once(documents, tiny_model, tmp_path):
     output = tmp_path / "out"
@@ -149,6 +150,7 @@ def pages_and_status(output: Path) -> list[tuple[str, int, str]]:
     return sorted((Path(r["source_uri"]).name, r["page"], r["status"]) for r in read_rows(output))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_retry_failed_redoes_only_the_error_rows_and_replaces_them(first_run, small_folder, tiny_model, tmp_path):
     first_id, first_output = first_run
@@ -170,6 +172,7 @@ def test_retry_failed_redoes_only_the_error_rows_and_replaces_them(first_run, sm
     assert {r["run_id"] for r in rows if r["source_uri"].endswith(".png")} == {retry.run_id}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_retry_failed_keeps_the_error_rows_of_sources_it_does_not_list(first_run, small_folder, tiny_model, tmp_path):
     _, first_output = first_run
@@ -182,6 +185,7 @@ def test_retry_failed_keeps_the_error_rows_of_sources_it_does_not_list(first_run
     assert ("big.png", 0, "error") in pages_and_status(output)
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_says_so(first_run, small_folder, tiny_model, tmp_path, caplog):
     _, first_output = first_run
     output = copy_of(first_output, tmp_path)
@@ -203,6 +207,7 @@ def test_a_partly_done_document_that_became_unreadable_owes_an_error_row_per_mis
     assert all("cannot read" in r["error"] for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_overwrite_starts_fresh(first_run, small_folder, tiny_model, tmp_path):
     _, first_output = first_run
@@ -217,6 +222,7 @@ def test_overwrite_starts_fresh(first_run, small_folder, tiny_model, tmp_path):
 
 
 # -- a task added to a finished output -------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_task_added_to_a_finished_output_runs_only_the_new_task(first_run, small_folder, tiny_model, tmp_path,
                                                                    caplog):

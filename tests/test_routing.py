@@ -110,6 +110,7 @@ def test_pages_answered_before_the_model_skip_preprocessing(documents):
     assert routed[1]["image"] is not None and routed[1]["routed"] == []
 
 
+@pytest.mark.slow
 @needs_tesseract
 def test_tesseract_transcribes_a_clean_page_without_a_model(documents, tmp_path):
     _, scan = documents
@@ -124,6 +125,7 @@ def test_tesseract_transcribes_a_clean_page_without_a_model(documents, tmp_path)
     assert error_rate < 0.02
 
 
+@pytest.mark.slow
 @needs_tesseract
 def test_tesseract_ocr_next_to_a_model_task(tiny_model, documents):
     _, scan = documents
@@ -144,6 +146,7 @@ def test_dedup_registry_leads_waits_and_reuses():
     assert registry.bytes <= 10_000 and "k1" not in registry.results  # least recently used went first
 
 
+@pytest.mark.slow
 def test_identical_pages_are_generated_once(tiny_model, ray_local, tmp_path):
     from scriptorium.pipeline.routes.dedup import start_registry
 
@@ -173,6 +176,7 @@ def test_identical_pages_are_generated_once(tiny_model, ray_local, tmp_path):
         (task, "dedup", page[0, task]["text"]) for task in ("ocr", "caption")}
 
 
+@pytest.mark.slow
 @needs_tesseract
 def test_routes_through_ray(tiny_model, ray_local, documents, tmp_path):
     """The whole graph on Ray: text layer, model and dedup rows; no pending row reaches the output; a
@@ -214,6 +218,7 @@ def test_routes_through_ray(tiny_model, ray_local, documents, tmp_path):
     assert all(r["route"] == "tesseract" and cer(r["text"], LETTER) < 0.02 for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_later_run_reuses_earlier_results_for_identical_images_with_the_same_settings(tiny_model, ray_local, tmp_path):
     """An incremental run over a grown corpus: a new copy of an image captioned before is not generated

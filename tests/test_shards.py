@@ -150,6 +150,7 @@ def test_a_binary_image_column_works_too_and_a_table_without_one_is_an_error_row
     assert rows[0]["error"].startswith("Parquet table has no image column")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_captions_of_a_shard_join_back_to_its_samples(samples, tiny_model, tmp_path, ray_local):
     inputs = tmp_path / "corpus"

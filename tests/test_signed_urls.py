@@ -126,6 +126,7 @@ def every_string_in(folder: Path) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_manifest_of_signed_urls_leaks_no_secret_anywhere(tiny_model, tmp_path):
     served = tmp_path / "served"

@@ -16,6 +16,8 @@ from tests.conftest import make_image, make_pdf, read_rows, small_ocr_job
 from tests.fake_gcs import FakeGcs
 from tests.test_listing import GLOB_CASES
 
+pytestmark = pytest.mark.slow
+
 ARCHIVE = {
     "archive/a.pdf": b"%PDF a",
     "archive/sub/b.pdf": b"%PDF bb",

@@ -49,6 +49,7 @@ def test_plain_relative_path_is_made_absolute(tmp_path, monkeypatch):
     assert filesystem_for("scans/a.pdf")[1] == str(tmp_path / "scans" / "a.pdf")
 
 
+@pytest.mark.slow
 def test_endpoint_and_region_come_from_the_environment_unless_the_job_sets_them(s3_server, monkeypatch):
     bucket = s3_server.new_bucket("env")
     s3_server.put(bucket, "a.txt", b"from the environment")
@@ -62,6 +63,7 @@ def test_endpoint_and_region_come_from_the_environment_unless_the_job_sets_them(
     assert fsspec_options("s3", StorageSpec())["client_kwargs"]["region_name"] == "eu-west-3"
 
 
+@pytest.mark.slow
 def test_throttled_reads_are_retried_and_missing_objects_are_not(s3_server):
     bucket = s3_server.new_bucket("retry")
     s3_server.put(bucket, "scan.pdf", b"%PDF-1.7 bytes")
@@ -81,6 +83,7 @@ def test_throttled_reads_are_retried_and_missing_objects_are_not(s3_server):
         assert len(set(proxy.requests)) == len(proxy.requests)  # a permanent error is never asked again
 
 
+@pytest.mark.slow
 def test_stores_without_their_own_retries_get_the_generic_one(s3_server):
     """Plain HTTPS inputs (e.g. in a manifest) have no client-side retries; read_bytes adds them."""
     bucket = s3_server.new_bucket("http")
@@ -155,6 +158,7 @@ def everything_stored_under(s3_server, bucket: str) -> bytes:
     return b"".join(fs.cat_file(path) for path in fs.find(bucket))
 
 
+@pytest.mark.slow
 def test_run_from_s3_to_s3_publishes_every_page_once(s3_server, tiny_model, tmp_path):
     source, target = s3_server.new_bucket("archive"), s3_server.new_bucket("results")
     s3_server.put(source, "scans/2024/letter.pdf", make_pdf(tmp_path / "letter.pdf", ["Dear reader,", "Yours."]))
@@ -186,6 +190,7 @@ def test_run_from_s3_to_s3_publishes_every_page_once(s3_server, tiny_model, tmp_
     assert read_results(s3_server, f"s3://{target}/ocr").num_rows == len(rows)
 
 
+@pytest.mark.slow
 def test_manifest_run_records_missing_and_forbidden_objects_as_error_rows(moto_server, tiny_model, tmp_path):
     bucket = moto_server.new_bucket("manifest-run")
     moto_server.put(bucket, "docs/a.pdf", make_pdf(tmp_path / "a.pdf", ["Minutes of the meeting"]))
@@ -224,6 +229,7 @@ max_new_tokens = 4
     assert secret not in json.dumps(list(rows.values()), default=str)
 
 
+@pytest.mark.slow
 def test_missing_output_bucket_stops_the_job_with_one_clear_line(moto_server, tiny_model, tmp_path):
     """AWS answers a write to a missing bucket with NoSuchBucket, as moto does (SeaweedFS: AccessDenied)."""
     source = moto_server.new_bucket("input")

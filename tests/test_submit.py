@@ -91,6 +91,7 @@ def test_working_dir_upload_names_the_spec_by_its_path_inside_it(tmp_path):
                            fresh_dir(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_bad_spec_fails_on_the_laptop_before_anything_is_sent(tmp_path):
     spec = tmp_path / "typo.toml"
     spec.write_text('[input]\nuri = "s3://b/in"\n[output]\nuri = "s3://b/out"\n[model]\nid = "a/b"\ndevice = "tpu"\n'
@@ -103,6 +104,7 @@ def test_a_bad_spec_fails_on_the_laptop_before_anything_is_sent(tmp_path):
     assert done.returncode == 2 and "does not exist" in done.stderr
 
 
+@pytest.mark.slow
 def test_an_unreachable_cluster_is_one_line_naming_the_address(tmp_path):
     spec = write_spec(tmp_path / "ok.toml", tmp_path, tmp_path, tmp_path, run_id="r1")
     done = run_cli("submit", "--address", f"http://127.0.0.1:{free_port()}", "--job", str(spec))
@@ -110,6 +112,7 @@ def test_an_unreachable_cluster_is_one_line_naming_the_address(tmp_path):
     assert "cannot submit to the Ray cluster at http://127.0.0.1:" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_ray_client_address_is_refused_with_the_way_that_works(tmp_path):
     # Ray Data cannot run through Ray Client; the job must be driven from inside the cluster.
     spec = write_spec(tmp_path / "ok.toml", tmp_path, tmp_path / "out", tmp_path, run_id="r1")
@@ -120,6 +123,7 @@ def test_a_ray_client_address_is_refused_with_the_way_that_works(tmp_path):
 
 # -- against a real Ray head with the Jobs API ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_submitted_job_finishes_on_the_cluster_after_the_laptop_left(tmp_path, tiny_model):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -160,6 +164,7 @@ def test_submitted_job_finishes_on_the_cluster_after_the_laptop_left(tmp_path, t
         assert pads.dataset(output / "run_id=corpus-1", format="parquet").count_rows() == len(rows)
 
 
+@pytest.mark.slow
 def test_a_head_with_token_auth_refuses_a_submission_without_the_token_and_runs_one_with_it(tmp_path, tiny_model):
     from ray.job_submission import JobStatus, JobSubmissionClient
 

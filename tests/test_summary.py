@@ -52,6 +52,7 @@ def known_run(tmp_path_factory, tiny_model, ray_local):
             "progress_lines": progress_lines}
 
 
+@pytest.mark.slow
 def test_run_summary_matches_the_published_rows(known_run):
     rows, output = known_run["rows"], known_run["output"]
     saved = json.loads((output / "_runs" / "first" / "summary.json").read_text())
@@ -77,6 +78,7 @@ def test_run_summary_matches_the_published_rows(known_run):
     assert saved["gpu"]["gpu_hours"] == 0 and saved["gpu"]["cost"] is None  # a CPU run holds no GPUs
 
 
+@pytest.mark.slow
 def test_a_resume_that_finds_everything_done_counts_nothing_new(known_run):
     second = known_run["second"].summary
     assert second["run"]["rows"]["total"] == 0
@@ -87,12 +89,14 @@ def test_a_resume_that_finds_everything_done_counts_nothing_new(known_run):
     assert second["output"]["tokens"] == known_run["first"].summary["run"]["tokens"]
 
 
+@pytest.mark.slow
 def test_progress_was_logged_while_running(known_run):
     lines = known_run["progress_lines"]
     assert lines[0].startswith("progress: docs 0/5 | pages 0 |")
     assert lines[-1].startswith("progress: docs 5/5 (2 failed) | pages 6 (2 failed) |") and "ETA 0:00" in lines[-1]
 
 
+@pytest.mark.slow
 def test_gpu_hours_and_cost_per_million_pages(known_run):
     """The same published rows, summarized as if the run had held 2 replicas x 1 GPU for 1.5 hours."""
     from scriptorium.connectors.parquet_sink import ParquetStore
@@ -108,6 +112,7 @@ def test_gpu_hours_and_cost_per_million_pages(known_run):
     assert summary["gpu"]["cost_per_million_pages"] == pytest.approx(9.0 / pages * 1e6, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_summary_command_prints_the_latest_run_and_the_output(known_run, capsys):
     from scriptorium.jobs.cli import main
 
@@ -196,6 +201,7 @@ def test_whole_document_rows_count_for_documents_but_not_as_pages():
     assert counts["errors_by_reason"] == {"generate: generate failed: OutOfMemoryError": 1}
 
 
+@pytest.mark.slow
 def test_attempts_of_one_run_id_add_up_in_its_summary(known_run, tmp_path):
     """The known run's rows summarized as two attempts of one run id, as if the first held 2 GPUs for
     1.5 hours and the resumed one for half an hour: wall time, GPU-hours and cost are the sums, and each
@@ -224,6 +230,7 @@ def test_attempts_of_one_run_id_add_up_in_its_summary(known_run, tmp_path):
     assert "over 2 attempts" in format_summary(latest)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_id_keeps_the_attempt_before_it(tiny_model, tmp_path, ray_local):
     """`run_id = "nightly"` run, then run again after a new file arrived: one run of two attempts,
     counting the rows of both, its wall time the sum of theirs."""

@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import free_port, make_image, one_line_error, run_cli
 
+pytestmark = pytest.mark.slow
+
 FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "AKIAUSERERRORTEST000", "AWS_SECRET_ACCESS_KEY": "user-error-test-fake-secret",
              "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
              "AWS_EC2_METADATA_DISABLED": "true"}
