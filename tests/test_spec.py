@@ -74,6 +74,7 @@ def test_routing_and_batch_budgets_are_flags_too(tmp_path):
     assert not spec.needs_model  # Tesseract answers every OCR page: no model, no GPU
 
 
+@pytest.mark.slow
 def test_what_the_driver_derives_is_not_a_setting(tmp_path):
     """Whether PDF pages get even edges that halve to the model's size is the driver's to decide, from the
     checkpoint (pipeline/render/size.py): a job file cannot set it, and the JSON Schema does not offer it."""
@@ -86,6 +87,7 @@ def test_what_the_driver_derives_is_not_a_setting(tmp_path):
     assert "halvable" not in schema.stdout
 
 
+@pytest.mark.slow
 def test_each_edge_setting_has_one_name(tmp_path):
     """`[render] page_edge` is a rendered page's size, `[model] longest_edge` the processor's image size: a
     job file that still says `[render] longest_edge` fails, naming the key to write instead."""
