@@ -538,7 +538,7 @@ def vision_compiled(report: Report, bench: Bench) -> None:
 
 def where_time_goes(report: Report, bench: Bench) -> None:
     """Vision, prefill and decode per page; decode step time by batch and cache."""
-    args, device = bench.args, bench.device
+    args = bench.args
     vision_s = vision_seconds_per_page(report, bench, "vision")
     report.result("gpu_vision_ms_per_page", vision_s * 1e3, "ms")
 

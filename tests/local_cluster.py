@@ -18,9 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Runs in the child: start the nodes, report them on stdout, stay up until stdin closes.
 _CLUSTER_MAIN = r"""

@@ -166,7 +166,7 @@ def test_submitted_job_finishes_on_the_cluster_after_the_laptop_left(tmp_path, t
 
 @pytest.mark.slow
 def test_a_head_with_token_auth_refuses_a_submission_without_the_token_and_runs_one_with_it(tmp_path, tiny_model):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     inputs = tmp_path / "corpus"
     inputs.mkdir()
