@@ -99,6 +99,24 @@ class ParquetStore:
         own = self.own_files()
         return sorted(f"{self.root}/{name}" for name in self._names_in_folder() if own.owns(name))
 
+    def check_columns(self, schema: pa.Schema) -> None:
+        """Raise OutputError if a published file holds a column of `schema` under another type (an extract
+        task's schema changed between runs): one output reads as one dataset with one type per column.
+        One footer per run is read: a run's files share its schema."""
+        first_of_run: dict[str, str] = {}
+        for path in self.data_files():
+            match = namespace.DATA_FILE.fullmatch(posixpath.basename(path))
+            first_of_run.setdefault(match["run"] if match else path, path)
+        for path in first_of_run.values():
+            with self.fs.open(path, "rb") as handle:
+                published = pq.read_schema(handle)
+            for field in published:
+                if field.name in schema.names and not schema.field(field.name).type.equals(field.type):
+                    raise OutputError(
+                        f"output {self.uri} holds column {field.name} as {field.type} ({posixpath.basename(path)}), "
+                        f"and this job would write it as {schema.field(field.name).type}: keep the schema, or "
+                        "write to a new output (e.g. a {run_id} partition)")
+
     def record_own_files(self, run_id: str = "") -> None:
         """Rewrite the file list (atomically) from the own files that exist, adding `run_id` to its runs."""
         own = self.own_files()

@@ -17,6 +17,7 @@ TOML layout (every key optional except where a run needs it):
     [resources]  num_replicas = 1                       gpus_per_replica = 1  batch_size = 0 (auto)
     [[tasks]]    kind = "ocr"                           max_new_tokens = 512
     [[tasks]]    kind = "qa"  questions = ["What is the title?"]
+    [[tasks]]    kind = "extract"  name = "invoice"  schema = "invoice.schema.json" (or an inline table)
     [routing]    text_layer = true                      ocr_engine = "idefics2"  dedup = true
 
 Types and choices are checked when a spec is built (`spec_from_dict`, `load_spec`, the models' own
@@ -38,6 +39,7 @@ from typing import Any, Literal, Mapping, get_args
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     PrivateAttr,
     ValidationError,
     field_validator,
@@ -48,7 +50,7 @@ from pydantic.json_schema import SkipJsonSchema
 from scriptorium.core.errors import SpecError
 from scriptorium.core.redaction import redact_uri
 
-TaskKind = Literal["ocr", "caption", "qa", "custom"]
+TaskKind = Literal["ocr", "caption", "qa", "custom", "extract"]
 CaptionDetail = Literal["short", "detailed"]
 TaskScope = Literal["page", "document"]
 OcrEngine = Literal["idefics2", "tesseract"]
@@ -290,6 +292,10 @@ class RenderSpec(Section):
 
 
 class TaskSpec(Section):
+    # `schema` is the TOML key; the attribute is `json_schema` (pydantic's BaseModel has a `schema` method).
+    model_config = ConfigDict(**Section.model_config, validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
+
     kind: TaskKind = "ocr"
     name: str = ""
     """Defaults to kind; the `task` column"""
@@ -315,6 +321,9 @@ class TaskSpec(Section):
     top_p: float = 1.0
     stop_strings: list[str] = []
     """Generation stops at the first of these; the answer ends before it."""
+    json_schema: str | dict[str, Any] = Field(default="", alias="schema")
+    """Kind = "extract": the JSON Schema every answer follows, as a path or URI of a .json file (local,
+    s3://, gs://) or an inline table; the answer's value lands in the typed column `extract_<name>`."""
     temperature_ramp: list[float] = []
     """A degenerate generation (one phrase repeated until max_new_tokens; flagged in the `degenerate` column)
     is generated again by sampling at each of these temperatures in turn, e.g. [0.4, 0.8], until one is not
@@ -329,6 +338,20 @@ class TaskSpec(Section):
         name = self.task_name
         if self.kind == "custom" and not self.prompt:
             raise ValueError("task 'custom' needs prompt = \"...\" in its [[tasks]] table")
+        if self.kind == "extract":
+            if not self.json_schema:
+                raise ValueError(f"task {name!r}: kind = \"extract\" needs schema = \"PATH.json\" (or an inline "
+                                 "table) in its [[tasks]] table")
+            if not self.name:
+                raise ValueError("an extract task needs a name (its column is extract_<name>): name = \"invoice\"")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
+                raise ValueError(f"extract task {self.name!r}: its name becomes the column extract_{self.name}: "
+                                 "use letters, digits and _ only")
+            if self.stop_strings:
+                raise ValueError(f"task {name!r}: stop_strings cannot cut an extract answer (the schema's "
+                                 "grammar decides where the JSON ends)")
+        elif self.json_schema:
+            raise ValueError(f"task {name!r}: schema is for kind = \"extract\" only")
         if self.document_pages < 1:
             raise ValueError(f"task {name!r}: document_pages must be >= 1")
         if self.max_new_tokens < 1:
@@ -461,7 +484,7 @@ class JobSpec(Section):
         _check_model_options(self.model)
         _check_gpus(self.model, self.resources)
         if not self.tasks:
-            raise SpecError("no task: pass --task ocr|caption|qa|custom or add a [[tasks]] table")
+            raise SpecError("no task: pass --task ocr|caption|qa|custom or add a [[tasks]] table (kind = \"extract\" too)")
         for task in self.tasks:
             if task.kind == "qa" and not task.questions and not self.input.manifest:
                 raise SpecError("task 'qa' needs a question: pass --question TEXT or set questions = [...]")

@@ -26,7 +26,7 @@ from scriptorium.jobs.ray_setup import init_ray, joined_cluster_gpus, ray_addres
 from scriptorium.jobs.streaming import run_stages
 from scriptorium.jobs.summary_files import write_run_summary
 from scriptorium.pipeline.model.journal import journal_folder
-from scriptorium.pipeline.stages import Derived, derive
+from scriptorium.pipeline.stages import Derived, derive, results_schema
 
 
 @dataclass
@@ -82,6 +82,7 @@ def run_holding_the_lease(spec: JobSpec, derived: Derived, store: ParquetStore, 
     if spec.output.overwrite:
         store.delete_all()
     store.recover()
+    store.check_columns(results_schema(spec, derived))  # one type per column across runs (extract tasks)
     # --retry-failed: error rows do not count as done, so planning redoes their units.
     ledger = read_ledger(store, work_units(spec.tasks), errors_done=not spec.output.retry_failed)
     plan = plan_run(spec, store, ledger, output_template)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scriptorium.core.spec import TaskSpec
+from scriptorium.pipeline.extraction import schema_digest
 
 # The built-in instructions per (kind, detail), for instruct and base checkpoints.
 INSTRUCT_TEXT = {
@@ -32,6 +33,9 @@ BASE_TEXT = {
     ("caption", "detailed"): "A detailed description of this image:",
 }
 QA_BASE_TEXT = "Question: {question} Answer:"
+# Extract tasks show their schema (compact JSON) in the built-in instruction; the grammar enforces it.
+EXTRACT_INSTRUCT_TEXT = "Extract the information in this {what} as JSON that follows this JSON Schema: {schema}"
+EXTRACT_BASE_TEXT = "JSON Schema: {schema}\nThe information in this {what} as JSON that follows the schema:"
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class PromptPlan:
     spec: TaskSpec
     question: str | None
     prompt: str
+    schema: dict | None = None  # an extract task's JSON Schema: its answers are decoded under its grammar
 
     @property
     def task(self) -> str:
@@ -60,9 +65,12 @@ class PromptPlan:
     def settings(self) -> dict:
         """The generation settings, as the `generation` column records them."""
         task = self.spec
-        return {"max_new_tokens": task.max_new_tokens, "repetition_penalty": task.repetition_penalty,
-                "do_sample": task.do_sample, "temperature": task.temperature, "top_p": task.top_p,
-                "stop_strings": list(task.stop_strings)}
+        settings = {"max_new_tokens": task.max_new_tokens, "repetition_penalty": task.repetition_penalty,
+                    "do_sample": task.do_sample, "temperature": task.temperature, "top_p": task.top_p,
+                    "stop_strings": list(task.stop_strings)}
+        if self.schema is not None:  # an answer made under another schema is another answer
+            settings["json_schema"] = schema_digest(self.schema)
+        return settings
 
     @property
     def generation(self) -> str:
@@ -72,7 +80,7 @@ class PromptPlan:
     @property
     def generation_key(self) -> tuple:
         """Plans with the same key can share one `generate` call: the same prompt and settings."""
-        return (self.prompt, self.generation)
+        return (self.prompt, self.generation, self.task if self.schema is not None else None)
 
 
 @dataclass
@@ -95,12 +103,16 @@ def resolve_prompt_format(processor, requested: str) -> str:
     return "instruct" if has_chat_template(processor) else "base"
 
 
-def instruction_for(task: TaskSpec, question: str | None, prompt_format: str) -> str:
+def instruction_for(task: TaskSpec, question: str | None, prompt_format: str, schema: dict | None = None) -> str:
     if task.prompt:
         # str.replace, not str.format: a custom prompt may contain braces (JSON, LaTeX).
         return task.prompt.replace("{question}", question or "")
     if task.kind == "qa":
         return question if prompt_format == "instruct" else QA_BASE_TEXT.format(question=question)
+    if task.kind == "extract":
+        text = EXTRACT_INSTRUCT_TEXT if prompt_format == "instruct" else EXTRACT_BASE_TEXT
+        return text.replace("{what}", "document" if task.scope == "document" else "page").replace(
+            "{schema}", json.dumps(schema, separators=(",", ":"), ensure_ascii=False))
     table = INSTRUCT_TEXT if prompt_format == "instruct" else BASE_TEXT
     return table[(task.kind, task.detail if task.kind == "caption" else "short")]
 
@@ -131,6 +143,7 @@ class PromptBook:
     tasks: list[TaskSpec]
     prompt_format: str = "instruct"
     examples: dict[str, list[Example]] = field(default_factory=dict)  # task name -> few-shot examples
+    schemas: dict[str, dict] = field(default_factory=dict)  # extract task name -> its JSON Schema
     _plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     def example_crops(self, task: TaskSpec) -> list[np.ndarray]:
@@ -140,7 +153,8 @@ class PromptBook:
     def plan(self, processor, task: TaskSpec, question: str | None, n_page_images: int = 1) -> PromptPlan:
         key = (task.task_name, question, n_page_images)
         if key not in self._plans:
-            instruction = instruction_for(task, question, self.prompt_format)
+            schema = self.schemas.get(task.task_name) if task.kind == "extract" else None
+            instruction = instruction_for(task, question, self.prompt_format, schema)
             examples = self.examples.get(task.task_name, [])
             if self.prompt_format == "instruct":
                 shots = [(ex.prompt or instruction, ex.text) for ex in examples]
@@ -149,5 +163,5 @@ class PromptBook:
                           ex.text) for ex in examples]
             self._plans[key] = PromptPlan(
                 spec=task, question=question,
-                prompt=build_prompt(processor, instruction, self.prompt_format, n_page_images, shots))
+                prompt=build_prompt(processor, instruction, self.prompt_format, n_page_images, shots), schema=schema)
         return self._plans[key]

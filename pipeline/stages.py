@@ -2,6 +2,7 @@
 
     planned inputs -> RenderPages -> RoutePages (when a route is on) -> PreprocessPages -> GenerateAnswers
                                                                   or AnswerWithoutModel (no model needed)
+                   -> ParseExtractions (when a task is kind = "extract": answers into typed columns)
 
 `job_stages(spec, derived)` builds the list from the spec's sections and from what the driver derives
 from them once (`derive`: the checkpoint's image settings, the render size, the prompt book, resources).
@@ -17,11 +18,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
+import pyarrow as pa
+
 from scriptorium.core.errors import SpecError
 from scriptorium.core.image_settings import ImageSettings
 from scriptorium.core.spec import JobSpec, ModelSpec, RenderSpec, ResourceSpec
 from scriptorium.core.units import document_window
 from scriptorium.pipeline.examples import load_examples
+from scriptorium.pipeline.extraction import ExtractionTypes, ParseExtractions, load_schemas
 from scriptorium.pipeline.model.loading import gpus_in_cluster, open_model_config
 from scriptorium.pipeline.model.continuous_stage import GenerateAnswersContinuously
 from scriptorium.pipeline.model.stage import GenerateAnswers
@@ -52,6 +56,7 @@ class Stage:
     replicas: int = 0  # > 0: a pool of this many long-lived actors (the model); 0: stateless tasks
     concurrent_calls: int = 1  # blocks one actor works on at once (an async step feeds them to one engine)
     rows_per_block: int = 0  # > 0: cut the stream into blocks of this many rows before the stage
+    schema: pa.Schema | None = None  # the step's output schema where the job decides it (extract columns)
 
     @property
     def input_schema(self):
@@ -59,7 +64,7 @@ class Stage:
 
     @property
     def output_schema(self):
-        return self.step.output_schema
+        return self.schema if self.schema is not None else self.step.output_schema
 
     @property
     def resources(self) -> dict:
@@ -93,7 +98,7 @@ def derive(spec: JobSpec, cluster_gpus: Callable[[], float] = gpus_in_cluster) -
         except RuntimeError as exc:
             raise SpecError(f"routing.ocr_engine = \"tesseract\": {exc}") from None
     prompts = PromptBook(spec.tasks, resolve_prompt_format(processor, spec.model.prompt_format),
-                         load_examples(spec.tasks, image_settings, spec.storage))
+                         load_examples(spec.tasks, image_settings, spec.storage), load_schemas(spec.tasks, spec.storage))
     device, gpus = "cpu", 0.0  # a job without the model has no replicas to place
     if spec.needs_model:
         device, gpus = replica_placement(spec.model, spec.resources, cluster_gpus)
@@ -156,7 +161,7 @@ def job_stages(spec: JobSpec, derived: Derived, dedup_registry=None) -> list[Sta
         return stages + [Stage("answer", AnswerWithoutModel, dict(tasks=spec.tasks, run_id=spec.run_id), num_cpus=cpus)]
     batch = derived.pages_per_batch
     continuous = spec.model.engine == "continuous"
-    return stages + [
+    stages += [
         Stage("preprocess", PreprocessPages, dict(settings=derived.image_settings), num_cpus=cpus),
         Stage(
             "generate", GenerateAnswersContinuously if continuous else GenerateAnswers,
@@ -176,10 +181,19 @@ def job_stages(spec: JobSpec, derived: Derived, dedup_registry=None) -> list[Sta
             rows_per_block=batch,
         ),
     ]
+    if derived.prompts.schemas:
+        stages.append(Stage("extract", ParseExtractions, dict(tasks=spec.tasks, schemas=derived.prompts.schemas),
+                            rows_per_call=batch, num_cpus=cpus, schema=results_schema(spec, derived)))
+    return stages
+
+
+def results_schema(spec: JobSpec, derived: Derived) -> pa.Schema:
+    """The schema of the rows a job writes: the result columns, and an extract task's typed column each."""
+    return ExtractionTypes.of(spec.tasks, derived.prompts.schemas).result_schema()
 
 
 def stage_named(stages: list[Stage], name: str) -> Stage:
-    """The stage called `name` in a job's `stages`: render, route, preprocess, generate or answer."""
+    """The stage called `name` in a job's `stages`: render, route, preprocess, generate or answer, extract."""
     for stage in stages:
         if stage.name == name:
             return stage

@@ -211,7 +211,7 @@ def test_dockerfile_installs_the_wheel_built_from_every_package_folder():
     assert not re.search(r"^COPY .*(core|connectors|pipeline) ", image, re.M)
 
 
-@pytest.mark.parametrize("name", ["digitize_archive", "caption_corpus", "document_qa"])
+@pytest.mark.parametrize("name", ["digitize_archive", "caption_corpus", "document_qa", "extract_invoices"])
 def test_ready_made_job_specs_load_validate_and_partition_output_by_run(name):
     spec = load_spec(REPO / "jobs" / f"{name}.toml").check_runnable()
     assert spec.run_id

@@ -9,7 +9,8 @@ generator's output per block); the engine never waits for a block, only for free
 
 Every task setting keeps its meaning. Sequences the engine cannot run go to the static engine
 (`GenerateAnswers.generate_static`, in a worker thread, beside the engine), each reason logged once
-per task: a repetition penalty (the engine has none), sampling in an engine that decodes greedily or the
+per task: an extract task (its grammar masks each sequence's tokens, and the engine takes no per-request
+mask), a repetition penalty (the engine has none), sampling in an engine that decodes greedily or the
 other way round (transformers decides that per engine), a sequence that does not fit the feature buffer.
 So do the crash journal's suspects (the static path isolates them as before), sequences the engine
 failed (out of memory: they are halved there until they fit or are alone), and `temperature_ramp`
@@ -64,7 +65,7 @@ class GenerateAnswersContinuously(GenerateAnswers):
     # -- which engine ------------------------------------------------------------------------------------
     def _engine(self) -> ContinuousEngine:
         """The replica's engine: greedy if any task it can serve decodes greedily, else sampling."""
-        served = [t for t in self.book.tasks if t.repetition_penalty == 1.0]
+        served = [t for t in self.book.tasks if t.repetition_penalty == 1.0 and t.kind != "extract"]
         samples = bool(served) and all(t.do_sample for t in served)
         if self.engine is not None and samples == self._engine_samples:
             return self.engine
@@ -91,6 +92,9 @@ class GenerateAnswersContinuously(GenerateAnswers):
         plan = seq.plan
         if self.journal is not None and (self.journal.is_suspect(seq.key) or self.journal.is_poison(seq.key)):
             return False  # isolated by the static path, as after any crash
+        if plan.schema is not None:
+            return self._static_because(plan.task, "an extract task decodes under its schema's grammar, a mask per "
+                                        "sequence that transformers' continuous batching cannot apply")
         if plan.spec.repetition_penalty != 1.0:
             return self._static_because(plan.task, f"repetition_penalty = {plan.spec.repetition_penalty} (transformers' "
                                         "continuous batching has no per-request repetition penalty)")

@@ -46,14 +46,15 @@ class TokenLogprobs(LogitsProcessor):
 
 
 def recording_processors(generation_config, do_sample: bool, temperature: float, top_p: float,
-                         recorder: TokenLogprobs) -> tuple[LogitsProcessorList, dict]:
-    """(logits_processor, generation overrides) for `generate` with `recorder` last.
+                         recorder: TokenLogprobs, constraints: tuple = ()) -> tuple[LogitsProcessorList, dict]:
+    """(logits_processor, generation overrides) for `generate` with `constraints` first (a grammar's
+    mask, grammar.py) and `recorder` last.
 
     `generate` puts custom processors before its sampling warpers, so when sampling the warpers are
     passed here instead, in `generate`'s own order (temperature, top-k, top-p) and with its own values,
     and switched off in the generation settings: the same distribution, the same samples, recorded."""
     if not do_sample:
-        return LogitsProcessorList([recorder]), {}
+        return LogitsProcessorList([*constraints, recorder]), {}
     warpers = []
     if temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(temperature))
@@ -62,7 +63,7 @@ def recording_processors(generation_config, do_sample: bool, temperature: float,
         warpers.append(TopKLogitsWarper(top_k=top_k))
     if top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=top_p))
-    return LogitsProcessorList([*warpers, recorder]), {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    return LogitsProcessorList([*constraints, *warpers, recorder]), {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 def sampling_top_k(generation_config) -> int:

@@ -41,6 +41,7 @@ from scriptorium.pipeline.model.budget import automatic_token_budget, kv_cache_o
 from scriptorium.pipeline.model.collate import batch_by_shape
 from scriptorium.pipeline.model.degenerate import is_degenerate
 from scriptorium.pipeline.model.features import VisionStream, encode_crops, generate_kwargs
+from scriptorium.pipeline.model.grammar import Grammars
 from scriptorium.pipeline.model.journal import journal_for_this_replica, ray_context
 from scriptorium.pipeline.model.loading import load_for_generation
 from scriptorium.pipeline.model.logprobs import TokenLogprobs, confidence, recording_processors
@@ -105,6 +106,9 @@ class GenerateAnswers(AnswerStep):
         self.max_batch_pixels = resources.max_batch_pixels
         self.model, self.processor, self.device, self.dtype, self.eos_ids = load_for_generation(model, image_settings)
         self.tokenizer = self.processor.tokenizer
+        # Extract tasks decode under their schema's grammar (grammar.py), over the model's whole vocabulary.
+        self.grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().out_features, self.eos_ids,
+                                 prompts.schemas) if prompts.schemas else None
         # Measured after loading, so the weights are already on the GPU (0 off GPU: no token budget).
         self.max_batch_tokens = resources.max_batch_tokens or automatic_token_budget(self.model, self.device, self.dtype)
         self.replica, self.node = _replica_identity()
@@ -304,9 +308,10 @@ class GenerateAnswers(AnswerStep):
         if task.stop_strings:
             generation.update(stop_strings=list(task.stop_strings), tokenizer=self.tokenizer)
         recorder = TokenLogprobs()  # each token's log-probability, for the confidence columns
+        grammar = (self.grammars.mask(plan.task, len(batch)),) if plan.schema is not None else ()
         processors, overrides = recording_processors(self.model.generation_config, generation["do_sample"],
                                                      generation.get("temperature", 1.0), generation.get("top_p", 1.0),
-                                                     recorder)
+                                                     recorder, constraints=grammar)
         started = time.perf_counter()
         # Each crop through the vision tower at its own size, not padded to its neighbours (features.py).
         features = batch_features(batch) if all(s.features is not None for s in batch) else encode_crops(

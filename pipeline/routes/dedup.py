@@ -34,6 +34,7 @@ import ray
 
 from scriptorium.core.schema import RESULT_SCHEMA, table_from_rows
 from scriptorium.core.spec import RoutingSpec
+from scriptorium.pipeline.extraction import COLUMN_PREFIX as EXTRACT_PREFIX
 from scriptorium.pipeline.results import routed
 
 RESULT_FIELDS = ("status", "text", "error", "stage", "model", "prompt", "generation", "max_new_tokens",
@@ -150,7 +151,9 @@ def start_registry(routing: RoutingSpec, run_id: str):
 
 
 def _shared_result(row: dict) -> dict:
-    return {"dedup_of": page_id(row), **{k: row.get(k) for k in RESULT_FIELDS}}
+    """What a duplicate copies from its original: the result columns and any typed extract column."""
+    extracted = {k: v for k, v in row.items() if k.startswith(EXTRACT_PREFIX)}
+    return {"dedup_of": page_id(row), **{k: row.get(k) for k in RESULT_FIELDS}, **extracted}
 
 
 class DedupJoin:
@@ -160,8 +163,10 @@ class DedupJoin:
         self.registry = registry
         self.originals: dict[str, list] = {}  # key -> [original's shared result, followers still to fill]
         self.pending: dict[str, list[dict]] = defaultdict(list)
+        self.schema = RESULT_SCHEMA
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.schema = batch.schema  # the results' (with a job's extract columns)
         out, settle = [], []
         for row in batch.to_pylist():
             key = dedup_key(row["content_hash"], row["task"], row["question"]) if row.get("content_hash") else None
@@ -183,7 +188,7 @@ class DedupJoin:
                 original[1] -= 1
             if original[1] <= 0:
                 del self.originals[key]
-        return table_from_rows(out, RESULT_SCHEMA)
+        return table_from_rows(out, self.schema)
 
     def join(self, batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
         for batch in batches:
@@ -196,7 +201,7 @@ class DedupJoin:
                  "error": f"duplicate of {row.get('dedup_of')}, whose result never arrived"}
                 for rows in self.pending.values() for row in rows]
         self.pending.clear()
-        return table_from_rows(rows, RESULT_SCHEMA)
+        return table_from_rows(rows, self.schema)
 
 
 def fill_duplicate(row: dict, shared: dict) -> dict:
