@@ -41,7 +41,7 @@ from scriptorium.jobs.arguments import (
     spec_from_args,
     storage_from_args,
 )
-from scriptorium.jobs.export import export
+from scriptorium.jobs.export import TABLE_FORMATS, export
 from scriptorium.jobs.export_formats import FORMATS
 from scriptorium.jobs.inspect_input import (
     DEFAULT_PAGES_PER_SECOND,
@@ -104,7 +104,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     unreachable = unreachable_reason(args.to, storage)
     if unreachable:
         raise SpecError(f"cannot reach {args.to}: {unreachable}")
-    counts = export(args.output, args.to, args.format, storage, text_task=args.text_task, run_id=args.run_id)
+    counts = export(args.output, args.to, args.format, storage, text_task=args.text_task, run_id=args.run_id,
+                    task=args.task)
+    if args.format in TABLE_FORMATS:
+        print(f"exported {counts['rows']} records of task {args.task} ({counts['ok']} ok, the others error rows "
+              f"with their reason) to {args.to} as {args.format}")
+        return 0
     print(f"exported {counts['documents']} documents ({counts['pages']} pages) to {args.to} as {args.format} "
           f"in {counts['files']} files; {counts['error_units']} error and {counts['missing_units']} missing "
           "results are marked as such")
@@ -187,11 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     export_parser = sub.add_parser("export", help="write an output's results as documents: Markdown, text, "
-                                   "JSONL or Dolma")
+                                   "JSONL or Dolma; or an extract task's records as CSV")
     export_parser.add_argument("output", help="the --output of a run")
     export_parser.add_argument("--to", required=True,
                                help="folder or prefix to write to (local, s3://, gs://); must be empty")
-    export_parser.add_argument("--format", required=True, choices=FORMATS)
+    export_parser.add_argument("--format", required=True, choices=FORMATS + TABLE_FORMATS)
+    export_parser.add_argument("--task", help="--format csv: the extract task whose records to export")
     export_parser.add_argument("--text-task", default="ocr",
                                help="the task whose text is each page's text (default ocr); other tasks become "
                                     "sections")

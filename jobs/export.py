@@ -1,4 +1,5 @@
-"""`scriptorium export OUTPUT --to URI --format {markdown,text,jsonl,dolma}`: an output's rows as documents.
+"""`scriptorium export OUTPUT --to URI --format {markdown,text,jsonl,dolma}`: an output's rows as documents
+(and `--format csv --task NAME`: an extract task's records as a table, jobs/export_table.py).
 
 An output holds one row per page, task and question; what people hand on is documents. The rows of one
 document may lie in many files written by several runs; jobs/export_rows.py groups them in bounded memory
@@ -44,6 +45,9 @@ from scriptorium.core.errors import SpecError
 from scriptorium.core.spec import StorageSpec
 from scriptorium.jobs.export_formats import FORMATS, to_dolma, to_markdown, to_record, to_text
 from scriptorium.jobs.export_rows import Document, bucket_count, documents, sorted_rows, spill
+from scriptorium.jobs.export_table import export_table
+
+TABLE_FORMATS = ("csv",)  # one extract task's records as a table (jobs/export_table.py)
 
 DOCUMENTS_PER_FILE = 10_000  # jsonl and dolma: documents per part file
 
@@ -101,17 +105,23 @@ def _counted(documents_: Iterator[Document], counts: dict) -> Iterator[Document]
 
 
 def export(output: str, to: str, fmt: str, storage: StorageSpec | None = None, text_task: str = "ocr",
-           run_id: str | None = None, bucket_mb: int = 64) -> dict:
-    """Write the documents of `output` to `to` as `fmt`; returns counts (documents, pages, files, error
-    units, missing units). Raises SpecError when there is nothing to export or `to` cannot take it."""
-    if fmt not in FORMATS:
-        raise SpecError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+           run_id: str | None = None, bucket_mb: int = 64, task: str | None = None) -> dict:
+    """Write the documents of `output` to `to` as `fmt` (or, as csv, extract task `task`'s records:
+    jobs/export_table.py); returns counts (documents, pages, files, error units, missing units; rows for
+    csv). Raises SpecError when there is nothing to export or `to` cannot take it."""
+    if fmt not in FORMATS + TABLE_FORMATS:
+        raise SpecError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS + TABLE_FORMATS)}")
     storage = storage or StorageSpec()
     store = ParquetStore(output, storage)
     files = store.data_files()
     if not files:
         raise SpecError(f"no results in {output}: nothing to export")
+    if fmt == "csv" and not task:
+        raise SpecError("--format csv exports one extract task's records: name it with --task NAME")
     target = _check_target(output, to, storage)
+    if fmt == "csv":
+        return {"documents": 0, "pages": 0, "error_units": 0, "missing_units": 0,
+                **export_table(store, target, task, run_id)}
     counts = {"documents": 0, "pages": 0, "files": 0, "error_units": 0, "missing_units": 0}
     with tempfile.TemporaryDirectory(prefix="scriptorium-export-") as spill_dir:
         buckets, layout = spill(store, files, run_id, bucket_count(store, files, bucket_mb), spill_dir)

@@ -9,6 +9,7 @@ run script or load anything.
 from __future__ import annotations
 
 import base64
+import json
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -89,9 +90,20 @@ def shown_row(row: dict) -> dict:
     return {
         "task": row["task"], "question": row["question"], "status": row["status"], "route": row["route"],
         "text": row["text"] if row["status"] == "ok" else f"[{row['stage']}] {row['error']}",
+        # An extract task's answer as a small table of its fields (the JSON is valid: an ok row).
+        "fields": extracted_fields(json.loads(row["text"])) if row.get("extracted") and row["status"] == "ok" else [],
         "tokens": "" if tokens is None else f"{tokens}{' (truncated)' if row['truncated'] else ''}",
         "confidence": _confidence(row),
     }
+
+
+def extracted_fields(value, name: str = "") -> list[tuple[str, str]]:
+    """(field, value) pairs of an extracted record: nested objects' fields dotted, lists and scalars as
+    compact JSON (strings as they are)."""
+    if isinstance(value, dict) and value:
+        return [pair for key, sub in value.items() for pair in extracted_fields(sub, f"{name}.{key}" if name else key)]
+    shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+    return [(name or "value", shown)]
 
 
 def _confidence(row: dict) -> str:
