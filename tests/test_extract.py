@@ -315,3 +315,22 @@ def test_extract_tasks_run_on_the_static_engine_of_a_continuous_job(tiny_model, 
         jsonschema.validate(json.loads(row["text"]), RECORD)
     else:
         assert row["stage"] == "extract" and row["truncated"]
+
+
+@pytest.mark.slow
+def test_the_ray_data_processor_gives_typed_records(ray_local, tiny_model, mixed):
+    import ray
+
+    from scriptorium.pipeline.processor import build_processor
+
+    spec = spec_from_dict({"model": {"id": str(tiny_model), "device": "cpu", "dtype": "fp32"},
+                           "render": {"page_edge": 128}, "tasks": [TASKS[0].model_dump()]})
+    documents = ray.data.from_items([{"source_uri": str(mixed[2])}, {"source_uri": str(mixed[3])}])
+    results = build_processor(spec)(documents).materialize()
+    assert results.schema().base_schema.field("extract_record").type == arrow_typed(RECORD).type
+    rows = results.take_all()
+    assert len(rows) == 2 and any(r["status"] == "ok" for r in rows)
+    for row in rows:
+        if row["status"] == "ok":
+            jsonschema.validate(json.loads(row["text"]), RECORD)
+            assert matches(row["extract_record"], json.loads(row["text"]))
