@@ -5,6 +5,7 @@
     scriptorium submit --address http://HEAD:8265 --job FILE.toml [--run-id ID] [--wait] [-- RUN FLAGS]
     scriptorium tiny-model DIR
     scriptorium summary OUTPUT [--run-id ID] [--json]
+    scriptorium status OUTPUT [--json]
     scriptorium report OUTPUT --html FILE [--sample N] [--run-id ID]
     scriptorium export OUTPUT --to URI --format {markdown,text,jsonl,dolma} [--text-task NAME] [--run-id ID]
     scriptorium inspect INPUT [--job FILE.toml] [--pages-per-second X] [--files] [--json]
@@ -12,7 +13,8 @@
 
 Exit status: 0 when the run finished (inputs that failed are error rows in the output), 2 when the job
 itself cannot run (bad spec, missing model, unusable output, an output another run is writing to), with
-one line saying what to fix.
+one line saying what to fix. `scriptorium status` exits 0 (finished), 3 (running), 4 (stale lease) or
+5 (stopped), see jobs/status.py.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from scriptorium.jobs.inspect_input import (
     summarize_inspection,
 )
 from scriptorium.jobs.report import build_report
+from scriptorium.jobs.status import format_status, output_status
 from scriptorium.jobs.submit import add_submit_arguments, cmd_submit
 from scriptorium.jobs.summary_files import load_summary
 from scriptorium.jobs.summary_text import format_summary, summary_json
@@ -89,6 +92,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
     summary = load_summary(_open_output(args), args.run_id)
     print(redact(summary_json(summary) if args.json else format_summary(summary)))
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = output_status(_open_output(args), args.lease_timeout_s)
+    print(redact(json.dumps(status, indent=2) if args.json else format_status(status)))
+    return status["exit_code"]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -177,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_storage_arguments(summary)
     summary.set_defaults(func=cmd_summary)
+
+    status = sub.add_parser("status", help="whether a run is writing to an output, what it has done, its rate "
+                            "and ETA (exit 0 finished, 3 running, 4 stale lease, 5 stopped)")
+    status.add_argument("output", help="the --output of a run")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.add_argument("--lease-timeout-s", type=float,
+                        help="judge a lease stale after this long without a heartbeat, when the lease does not "
+                             "say (one written by an older Scriptorium; default 120)")
+    add_storage_arguments(status)
+    status.set_defaults(func=cmd_status)
 
     report = sub.add_parser("report", help="write an HTML page to review results next to page thumbnails")
     report.add_argument("output", help="the --output of a run")

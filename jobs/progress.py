@@ -129,10 +129,7 @@ class Progress:
     @property
     def eta_s(self) -> float | None:
         """Seconds left at the pace so far; None until a document is done."""
-        if not self.docs_done:
-            return None
-        left = max(self.documents - self.docs_done, 0)
-        return self.elapsed_s * left / self.docs_done
+        return eta_seconds(self.elapsed_s, self.docs_done, self.documents)
 
     def line(self) -> str:
         docs = f"docs {self.docs_done}/{self.documents}"
@@ -176,6 +173,14 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def eta_seconds(elapsed_s: float, done: int, total: int) -> float | None:
+    """Seconds left to do `total` documents at the pace of the `done` ones so far; None until one is done.
+    The progress line's ETA, and `scriptorium status`'s (jobs/status.py)."""
+    if done <= 0:
+        return None
+    return elapsed_s * max(total - done, 0) / done
 
 
 def _is_terminal(stream: TextIO) -> bool:
