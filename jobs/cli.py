@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -32,7 +31,7 @@ from scriptorium.connectors.parquet_sink import ParquetStore
 from scriptorium.connectors.storage import unreachable_reason
 from scriptorium.core.errors import OutputError, SpecError
 from scriptorium.core.redaction import redact
-from scriptorium.core.spec import JobSpec, json_schema, load_spec
+from scriptorium.core.spec import JobSpec, json_schema, load_spec, new_run_id
 from scriptorium.jobs.arguments import (
     INPUT_FILTER_FLAGS,
     STORAGE_FLAGS,
@@ -45,6 +44,7 @@ from scriptorium.jobs.arguments import (
 )
 from scriptorium.jobs.export import export
 from scriptorium.jobs.export_formats import FORMATS
+from scriptorium.jobs.logs import configure_logging, event_line, json_active
 from scriptorium.jobs.inspect_input import (
     DEFAULT_PAGES_PER_SECOND,
     format_inspection,
@@ -59,8 +59,12 @@ from scriptorium.jobs.summary_text import format_summary, summary_json
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    # The run id is fixed first, so that every log line of the run carries it (jobs/logs.py).
+    spec = spec.updated(run_id=spec.run_id or new_run_id())
+    configure_logging(spec.logging.format, spec.run_id)
     # A spec that cannot run fails first, in a second, without loading what a run needs.
-    spec = spec_from_args(args).check_runnable()
+    spec.check_runnable()
     # Imported here: torch, transformers and Ray (~8 s) load only for the commands that use them.
     from scriptorium.jobs.runner import run_job
 
@@ -69,11 +73,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result = run_job(spec)
-    print(redact(
-        f"run {result.run_id}: {result.planned_inputs} inputs processed, {result.skipped_inputs} already done; "
-        f"{result.rows_written} rows written ({result.ok_rows} ok, {result.error_rows} error) "
-        f"to {result.output} in {result.wall_s:.1f} s"
-    ))
+    line = (f"run {result.run_id}: {result.planned_inputs} inputs processed, {result.skipped_inputs} already done; "
+            f"{result.rows_written} rows written ({result.ok_rows} ok, {result.error_rows} error) "
+            f"to {result.output} in {result.wall_s:.1f} s")
+    if json_active():
+        print(event_line("run.finished", line, planned_inputs=result.planned_inputs,
+                         skipped_inputs=result.skipped_inputs, rows_written=result.rows_written,
+                         ok_rows=result.ok_rows, error_rows=result.error_rows, output=result.output,
+                         wall_s=round(result.wall_s, 3), summary=result.summary), flush=True)
+        return 0
+    print(redact(line))
     if result.summary:
         print(redact(format_summary(result.summary)))
     return 0
@@ -235,24 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class RedactingFormatter(logging.Formatter):
-    """Log lines without credentials or signed-URL secrets, whatever logged them (core/redaction.py)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    configure_logging("text")
     args = build_parser().parse_args(argv)
+    if getattr(args, "log_format", None) == "json":  # before the spec loads: its errors are JSON lines too
+        configure_logging("json", args.run_id)
     try:
         return args.func(args)
     except (SpecError, OutputError) as exc:
-        print(f"scriptorium: error: {redact(str(exc))}", file=sys.stderr)
+        if json_active():
+            print(event_line("error", str(exc), level="ERROR", exit_code=2), file=sys.stderr, flush=True)
+        else:
+            print(f"scriptorium: error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -157,8 +157,14 @@ class Progress:
             self.stream.write("\r\x1b[K" + self.line()[: width - 1])
             self.stream.flush()
             self._drawn = True
-        else:
-            log.info("progress: %s", self.line())
+        else:  # with JSON logs (jobs/logs.py), an event with the figures as fields
+            eta = self.eta_s
+            log.info("progress: %s", self.line(), extra={"event": "progress", "fields": {
+                "documents_done": self.docs_done, "documents": self.documents, "documents_failed": self.docs_failed,
+                "documents_skipped": self.skipped_documents, "pages_done": self.pages_done,
+                "pages_failed": self.pages_failed, "pages_per_s": round(self.pages_per_s, 4),
+                "output_tokens_per_s": round(self.tokens_per_s, 2), "elapsed_s": round(self.elapsed_s, 1),
+                "eta_s": None if eta is None else round(eta, 1)}})
 
     def close(self) -> None:
         """Show the final numbers (and end the status line, so later output starts on a new line)."""

@@ -134,11 +134,12 @@ def test_an_output_without_results_is_an_error_naming_the_fix(tmp_path):
 
 
 # -- real runs ------------------------------------------------------------------------------------------
+DOCUMENTS, PAGES = 3, 4
 @pytest.fixture(scope="module")
 def documents(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("status-inputs")
-    for number in range(3):
-        make_pdf(folder / f"doc{number}.pdf", [f"document {number}, page {p}" for p in range(4)], size=(200, 260))
+    for number in range(DOCUMENTS):
+        make_pdf(folder / f"doc{number}.pdf", [f"document {number}, page {p}" for p in range(PAGES)], size=(200, 260))
     return folder
 
 
@@ -167,6 +168,16 @@ def wait_for_published_rows(published, driver: subprocess.Popen, log: Path) -> N
         time.sleep(0.2)
 
 
+def status_while_paused(driver: subprocess.Popen, output: str, *flags: str) -> tuple[int, dict, str]:
+    """The status of a run caught mid-way: its driver is paused (SIGSTOP, the driver alone: Ray's
+    processes go on) while both statuses are taken, so a quick run cannot end in between."""
+    os.kill(driver.pid, signal.SIGSTOP)
+    try:
+        return status_of(output, *flags)
+    finally:
+        os.kill(driver.pid, signal.SIGCONT)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_status_of_a_local_run_while_it_runs_and_once_it_finished(documents, tiny_model, tmp_path):
@@ -175,8 +186,7 @@ def test_status_of_a_local_run_while_it_runs_and_once_it_finished(documents, tin
     driver = start_driver(job, str(documents), str(output), tiny_model, tmp_path / "run.log", "--run-id", "watched")
     try:
         wait_for_published_rows(lambda: list(output.glob("part-*.parquet")), driver, tmp_path / "run.log")
-        code, running, text = status_of(str(output))
-        assert driver.poll() is None, "the run ended before its status was taken: slow it down"
+        code, running, text = status_while_paused(driver, str(output))
     finally:
         finished_code = driver.wait(timeout=600)
     assert finished_code == 0, (tmp_path / "run.log").read_text()[-3000:]
@@ -186,15 +196,15 @@ def test_status_of_a_local_run_while_it_runs_and_once_it_finished(documents, tin
     assert (lease["run_id"], lease["host"], lease["pid"]) == ("watched", socket.gethostname(), driver.pid)
     assert lease["heartbeat_age_s"] < lease["timeout_s"] / 2 and lease["stale_reason"] is None
     run = running["run"]
-    assert run["run_id"] == "watched" and run["plan"]["documents"] == {"planned": 3, "skipped_complete": 0}
-    assert 2 <= run["pages"]["total"] < 12 and run["rows"]["by_status"]["ok"] >= 2  # partial: published so far
-    assert run["attempt"]["pages_per_s"] > 0 and run["attempt"]["documents_planned"] == 3
+    assert run["run_id"] == "watched" and run["plan"]["documents"] == {"planned": DOCUMENTS, "skipped_complete": 0}
+    assert 2 <= run["pages"]["total"] < DOCUMENTS * PAGES and run["rows"]["by_status"]["ok"] >= 2  # partial: published so far
+    assert run["attempt"]["pages_per_s"] > 0 and run["attempt"]["documents_planned"] == DOCUMENTS
     assert text.startswith(f"output {output}: running, run watched (host {socket.gethostname()}, pid {driver.pid}")
 
     code, finished, text = status_of(str(output))
     assert code == 0 and finished["state"] == "finished" and finished["lease"] is None
-    assert finished["run"]["pages"] == {"total": 12, "ok": 12, "error": 0}
-    assert finished["run"]["rows"]["total"] == 12 and finished["run"]["summary"]["wall_s"] > 0
+    assert finished["run"]["pages"] == {"total": DOCUMENTS * PAGES, "ok": DOCUMENTS * PAGES, "error": 0}
+    assert finished["run"]["rows"]["total"] == DOCUMENTS * PAGES and finished["run"]["summary"]["wall_s"] > 0
     assert text.startswith(f"output {output}: finished, run watched finished ")
 
 
@@ -211,14 +221,13 @@ def test_status_on_s3_while_a_run_runs_and_after_it_was_killed(documents, tiny_m
     try:
         wait_for_published_rows(lambda: s3_server.client.list_objects_v2(Bucket=bucket, Prefix="out/part-")
                                 .get("KeyCount"), driver, tmp_path / "run.log")
-        code, running, _ = status_of(output, "--endpoint-url", s3_server.endpoint)
-        assert driver.poll() is None, "the run ended before its status was taken: slow it down"
+        code, running, _ = status_while_paused(driver, output, "--endpoint-url", s3_server.endpoint)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started: the lease stays
         driver.wait()
 
     assert code == 3 and running["state"] == "running" and running["lease"]["run_id"] == "on-s3", running
-    assert running["run"]["plan"]["documents"]["planned"] == 3 and running["run"]["pages"]["total"] >= 2
+    assert running["run"]["plan"]["documents"]["planned"] == DOCUMENTS and running["run"]["pages"]["total"] >= 2
 
     code, stale, text = status_of(output, "--endpoint-url", s3_server.endpoint)
     assert code == 4 and stale["state"] == "stale", stale
