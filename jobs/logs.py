@@ -214,13 +214,21 @@ class _LinesAsJson:
         self.thread.join(timeout=2)
 
 
+AUTOSCALER_EVENT = ":event_summary:"  # the autoscaler lines Ray itself shows (its status dumps it does not)
+
+
 def worker_lines_as_json(data: dict) -> None:
     """A batch of lines Ray forwards from a worker's stdout or stderr (what Ray would print prefixed with
     "(ActorName pid=...)"), written to stderr as JSON objects: a worker's JSON log line with its pid and
-    name added, any other line wrapped."""
+    name added to its fields, any other line wrapped. Of the autoscaler's, only its events, as Ray does."""
     worker = {"pid": data.get("pid"), "ip": data.get("ip"),
               "worker": data.get("actor_name") or data.get("task_name") or None}
     for text in data.get("lines", []):
+        if worker["pid"] == "autoscaler":
+            if AUTOSCALER_EVENT not in text:
+                continue
+            text = text.split(AUTOSCALER_EVENT, 1)[1]
+        text = text.split("\r")[-1]  # a progress bar's last state
         if not text.strip():
             continue
         entry = None
@@ -231,7 +239,8 @@ def worker_lines_as_json(data: dict) -> None:
                 entry = None
         if isinstance(entry, dict):
             entry.setdefault("run_id", _state["run_id"])
-            entry.update({key: value for key, value in worker.items() if value is not None})
+            fields = entry.get("fields") if isinstance(entry.get("fields"), dict) else {}
+            entry["fields"] = {**fields, **{key: value for key, value in worker.items() if value is not None}}
             line = json_line(entry)
         else:
             line = event_line("worker.output", text, level="WARNING" if data.get("is_err") else "INFO",

@@ -44,12 +44,14 @@ def test_lines_forwarded_from_a_worker_become_json_objects_with_the_worker_named
                               "message": f"retrying {url}"})
     logs.worker_lines_as_json({"pid": 4242, "ip": "10.0.0.7", "actor_name": "MapWorker(Generate)", "is_err": True,
                                "lines": [worker_line, f"Traceback of {url}", ""]})
+    logs.worker_lines_as_json({"pid": "autoscaler", "ip": "10.0.0.7", "is_err": False,
+                               "lines": ["======== Autoscaler status ========", " 2.0/4.0 CPU"]})
 
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and leaked("\n".join(lines)) == []
     logged, wrapped = (json.loads(line) for line in lines)
-    assert logged["message"] == "retrying http://127.0.0.1:9/d.png" and logged["pid"] == 4242
-    assert logged["worker"] == "MapWorker(Generate)" and logged["ip"] == "10.0.0.7"
+    assert logged["message"] == "retrying http://127.0.0.1:9/d.png"
+    assert logged["fields"] == {"pid": 4242, "ip": "10.0.0.7", "worker": "MapWorker(Generate)"}
     assert wrapped["event"] == "worker.output" and wrapped["level"] == "WARNING" and wrapped["run_id"] == "nightly-7"
     assert wrapped["message"] == "Traceback of http://127.0.0.1:9/d.png" and wrapped["fields"]["pid"] == 4242
 
@@ -92,4 +94,5 @@ def test_every_line_of_a_json_logging_run_parses_carries_its_run_id_and_no_secre
     assert run_id and {e["run_id"] for e in entries} == {run_id}
     assert any(e["event"] == "progress" and e["fields"]["documents"] == 8 for e in entries)
     retried = [e for e in entries if "transient storage error" in e.get("message", "")]
-    assert retried and retried[0]["level"] == "WARNING" and retried[0]["pid"], retried  # from a Ray worker
+    assert retried and retried[0]["level"] == "WARNING" and retried[0]["fields"]["pid"], retried  # from a Ray worker
+    assert not any(e["fields"]["pid"] == "autoscaler" for e in entries if e["event"] == "worker.output")
