@@ -3,7 +3,8 @@
 A run writes to an output only while it holds the output's lease, the object `_scriptorium/lease.json`:
 
     {"run_id": "nightly-20261201", "host": "head-7f9c", "pid": 4242, "machine": "<boot id>/pid:[4026531836]",
-     "pid_start": "81234567", "started": 1764554400.0, "heartbeat": 1764558000.0, "token": "3f2a9c0d1e4b"}
+     "pid_start": "81234567", "started": 1764554400.0, "heartbeat": 1764558000.0, "token": "3f2a9c0d1e4b",
+     "timeout_s": 120.0}
 
 - Taking it is an atomic create that fails when the object exists: S3 `PutObject` with
   `If-None-Match: *`, GCS `ifGenerationMatch=0`, a local `open(O_CREAT | O_EXCL)`.
@@ -77,6 +78,7 @@ class LeaseRecord:
     started: float  # wall-clock seconds
     heartbeat: float
     token: str  # new for every taking of the lease
+    timeout_s: float = 0.0  # the holder's output.lease_timeout_s, for readers (0: not recorded, an older run)
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -88,7 +90,7 @@ class LeaseRecord:
             fields = json.loads(data)
             return cls(str(fields["run_id"]), str(fields["host"]), int(fields["pid"]), str(fields["machine"]),
                        str(fields["pid_start"]), float(fields["started"]), float(fields["heartbeat"]),
-                       str(fields["token"]))
+                       str(fields["token"]), float(fields.get("timeout_s") or 0.0))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -141,6 +143,24 @@ def gone_reason(holder: LeaseRecord | None, timeout_s: float, now: float) -> str
     if age > timeout_s:
         return f"its last heartbeat is {age:.0f} s old (output.lease_timeout_s = {timeout_s:g})"
     return ""
+
+
+def read_lease(fs, root: str, attempts: int = 3) -> tuple[bool, LeaseRecord | None]:
+    """For readers that never write (`scriptorium status`): (whether the output has a lease, its record or
+    None when it cannot be read as one). A plain read, no lock: a local lease caught between its create and
+    its write reads empty, so an unreadable one is read again a moment later before it counts as such."""
+    path = f"{root}/{LEASE_FILE}"
+    record = None
+    for attempt in range(attempts):
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            return False, None
+        record = LeaseRecord.from_bytes(data)
+        if record is not None:
+            return True, record
+        time.sleep(RACE_PAUSE_S * (attempt + 1))
+    return True, record
 
 
 # -- the lease object on each store: atomic create, read, compare-and-replace, compare-and-delete -----
@@ -374,7 +394,7 @@ class OutputLease:
         while True:
             now = time.time()
             record = LeaseRecord(self.run_id, socket.gethostname(), os.getpid(), this_machine(),
-                                 start_time_of(os.getpid()) or "", now, now, self.token)
+                                 start_time_of(os.getpid()) or "", now, now, self.token, self.timeout_s)
             version = self._write(record.to_bytes(), None)
             if version is not None:
                 self._refuse_a_store_without_conditions(record.to_bytes())

@@ -387,6 +387,14 @@ class RoutingSpec(Section):
     """With dedup: also reuse results earlier runs published to this output"""
 
 
+class LoggingSpec(Section):
+    """How the driver logs (jobs/logs.py)."""
+
+    format: Literal["text", "json"] = "text"
+    """text: lines for people; json: one JSON object per line (level, time, run id, event, fields), the
+    stages' warnings and errors on Ray workers included, for log collectors"""
+
+
 class ResourceSpec(Section):
     """Where and how big a run is. Two settings may also come from the driver's environment, read once
     by `scriptorium run` (`with_environment`): SCRIPTORIUM_RAY_ADDRESS for `address`, and
@@ -455,6 +463,7 @@ class JobSpec(Section):
     tasks: list[TaskSpec] = []
     routing: RoutingSpec = RoutingSpec()
     resources: ResourceSpec = ResourceSpec()
+    logging: LoggingSpec = LoggingSpec()
 
     @field_validator("tasks")
     @classmethod

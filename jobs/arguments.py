@@ -57,6 +57,7 @@ RUN_FLAGS = INPUT_FILTER_FLAGS + [
     ("--dedup", "routing.dedup", dict(action=BOOLEAN, default=None,
                                       help="process pixel-identical pages once per run and reuse the result")),
     ("--run-id", "run_id", {}),
+    ("--log-format", "logging.format", dict(help="text (default) or json: one JSON object per line, for log collectors")),
 ]
 
 

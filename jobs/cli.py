@@ -5,6 +5,7 @@
     scriptorium submit --address http://HEAD:8265 --job FILE.toml [--run-id ID] [--wait] [-- RUN FLAGS]
     scriptorium tiny-model DIR
     scriptorium summary OUTPUT [--run-id ID] [--json]
+    scriptorium status OUTPUT [--json]
     scriptorium report OUTPUT --html FILE [--sample N] [--run-id ID]
     scriptorium export OUTPUT --to URI --format {markdown,text,jsonl,dolma} [--text-task NAME] [--run-id ID]
     scriptorium inspect INPUT [--job FILE.toml] [--pages-per-second X] [--files] [--json]
@@ -12,14 +13,14 @@
 
 Exit status: 0 when the run finished (inputs that failed are error rows in the output), 2 when the job
 itself cannot run (bad spec, missing model, unusable output, an output another run is writing to), with
-one line saying what to fix.
+one line saying what to fix. `scriptorium status` exits 0 (finished), 3 (running), 4 (stale lease) or
+5 (stopped), see jobs/status.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -30,7 +31,7 @@ from scriptorium.connectors.parquet_sink import ParquetStore
 from scriptorium.connectors.storage import unreachable_reason
 from scriptorium.core.errors import OutputError, SpecError
 from scriptorium.core.redaction import redact
-from scriptorium.core.spec import JobSpec, json_schema, load_spec
+from scriptorium.core.spec import JobSpec, json_schema, load_spec, new_run_id
 from scriptorium.jobs.arguments import (
     INPUT_FILTER_FLAGS,
     STORAGE_FLAGS,
@@ -43,6 +44,7 @@ from scriptorium.jobs.arguments import (
 )
 from scriptorium.jobs.export import TABLE_FORMATS, export
 from scriptorium.jobs.export_formats import FORMATS
+from scriptorium.jobs.logs import configure_logging, event_line, json_active
 from scriptorium.jobs.inspect_input import (
     DEFAULT_PAGES_PER_SECOND,
     format_inspection,
@@ -50,14 +52,19 @@ from scriptorium.jobs.inspect_input import (
     summarize_inspection,
 )
 from scriptorium.jobs.report import build_report
+from scriptorium.jobs.status import format_status, output_status
 from scriptorium.jobs.submit import add_submit_arguments, cmd_submit
 from scriptorium.jobs.summary_files import load_summary
 from scriptorium.jobs.summary_text import format_summary, summary_json
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    # The run id is fixed first, so that every log line of the run carries it (jobs/logs.py).
+    spec = spec.updated(run_id=spec.run_id or new_run_id())
+    configure_logging(spec.logging.format, spec.run_id)
     # A spec that cannot run fails first, in a second, without loading what a run needs.
-    spec = spec_from_args(args).check_runnable()
+    spec.check_runnable()
     # Imported here: torch, transformers and Ray (~8 s) load only for the commands that use them.
     from scriptorium.jobs.runner import run_job
 
@@ -66,11 +73,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result = run_job(spec)
-    print(redact(
-        f"run {result.run_id}: {result.planned_inputs} inputs processed, {result.skipped_inputs} already done; "
-        f"{result.rows_written} rows written ({result.ok_rows} ok, {result.error_rows} error) "
-        f"to {result.output} in {result.wall_s:.1f} s"
-    ))
+    line = (f"run {result.run_id}: {result.planned_inputs} inputs processed, {result.skipped_inputs} already done; "
+            f"{result.rows_written} rows written ({result.ok_rows} ok, {result.error_rows} error) "
+            f"to {result.output} in {result.wall_s:.1f} s")
+    if json_active():
+        print(event_line("run.finished", line, planned_inputs=result.planned_inputs,
+                         skipped_inputs=result.skipped_inputs, rows_written=result.rows_written,
+                         ok_rows=result.ok_rows, error_rows=result.error_rows, output=result.output,
+                         wall_s=round(result.wall_s, 3), summary=result.summary), flush=True)
+        return 0
+    print(redact(line))
     if result.summary:
         print(redact(format_summary(result.summary)))
     return 0
@@ -89,6 +101,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
     summary = load_summary(_open_output(args), args.run_id)
     print(redact(summary_json(summary) if args.json else format_summary(summary)))
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = output_status(_open_output(args), args.lease_timeout_s)
+    print(redact(json.dumps(status, indent=2) if args.json else format_status(status)))
+    return status["exit_code"]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -183,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_arguments(summary)
     summary.set_defaults(func=cmd_summary)
 
+    status = sub.add_parser("status", help="whether a run is writing to an output, what it has done, its rate "
+                            "and ETA (exit 0 finished, 3 running, 4 stale lease, 5 stopped)")
+    status.add_argument("output", help="the --output of a run")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.add_argument("--lease-timeout-s", type=float,
+                        help="judge a lease stale after this long without a heartbeat, when the lease does not "
+                             "say (one written by an older Scriptorium; default 120)")
+    add_storage_arguments(status)
+    status.set_defaults(func=cmd_status)
+
     report = sub.add_parser("report", help="write an HTML page to review results next to page thumbnails")
     report.add_argument("output", help="the --output of a run")
     report.add_argument("--html", required=True, help="file to write")
@@ -222,24 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class RedactingFormatter(logging.Formatter):
-    """Log lines without credentials or signed-URL secrets, whatever logged them (core/redaction.py)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    configure_logging("text")
     args = build_parser().parse_args(argv)
+    if getattr(args, "log_format", None) == "json":  # before the spec loads: its errors are JSON lines too
+        configure_logging("json", args.run_id)
     try:
         return args.func(args)
     except (SpecError, OutputError) as exc:
-        print(f"scriptorium: error: {redact(str(exc))}", file=sys.stderr)
+        if json_active():
+            print(event_line("error", str(exc), level="ERROR", exit_code=2), file=sys.stderr, flush=True)
+        else:
+            print(f"scriptorium: error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -129,10 +129,7 @@ class Progress:
     @property
     def eta_s(self) -> float | None:
         """Seconds left at the pace so far; None until a document is done."""
-        if not self.docs_done:
-            return None
-        left = max(self.documents - self.docs_done, 0)
-        return self.elapsed_s * left / self.docs_done
+        return eta_seconds(self.elapsed_s, self.docs_done, self.documents)
 
     def line(self) -> str:
         docs = f"docs {self.docs_done}/{self.documents}"
@@ -160,8 +157,14 @@ class Progress:
             self.stream.write("\r\x1b[K" + self.line()[: width - 1])
             self.stream.flush()
             self._drawn = True
-        else:
-            log.info("progress: %s", self.line())
+        else:  # with JSON logs (jobs/logs.py), an event with the figures as fields
+            eta = self.eta_s
+            log.info("progress: %s", self.line(), extra={"event": "progress", "fields": {
+                "documents_done": self.docs_done, "documents": self.documents, "documents_failed": self.docs_failed,
+                "documents_skipped": self.skipped_documents, "pages_done": self.pages_done,
+                "pages_failed": self.pages_failed, "pages_per_s": round(self.pages_per_s, 4),
+                "output_tokens_per_s": round(self.tokens_per_s, 2), "elapsed_s": round(self.elapsed_s, 1),
+                "eta_s": None if eta is None else round(eta, 1)}})
 
     def close(self) -> None:
         """Show the final numbers (and end the status line, so later output starts on a new line)."""
@@ -176,6 +179,14 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def eta_seconds(elapsed_s: float, done: int, total: int) -> float | None:
+    """Seconds left to do `total` documents at the pace of the `done` ones so far; None until one is done.
+    The progress line's ETA, and `scriptorium status`'s (jobs/status.py)."""
+    if done <= 0:
+        return None
+    return elapsed_s * max(total - done, 0) / done
 
 
 def _is_terminal(stream: TextIO) -> bool:

@@ -15,6 +15,13 @@ import ray
 from scriptorium.core.errors import SpecError
 from scriptorium.core.spec import ResourceSpec
 from scriptorium.jobs.block_stats import bound_block_stats
+from scriptorium.jobs.logs import (
+    adopt_stream_handlers,
+    current_run_id,
+    json_active,
+    worker_lines_as_json,
+    worker_setup_hook,
+)
 from scriptorium.pipeline.model.loading import gpus_in_cluster
 
 UNSCHEDULABLE = "scriptorium-never-scheduled"  # a resource no node has: an actor asking for it never starts
@@ -37,8 +44,10 @@ def init_ray(resources: ResourceSpec) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = ray_address(resources)
+    json_logs = worker_logging()
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, **json_logs)
+        forward_worker_logs_as_json()
         return
     # Ray schedules by logical CPUs. With as many as cores, one model actor plus render tasks can
     # leave no CPU for Ray Data's own read/write tasks on a 2-core machine and the job stalls, so a
@@ -47,9 +56,33 @@ def init_ray(resources: ResourceSpec) -> None:
     # address="local": a Ray of our own, never one found on the machine (a plain ray.init() joins the
     # cluster `ray start` recorded in /tmp/ray). Its processes die with this driver (Ray ties them to
     # it), so a killed run leaves nothing behind that could disturb its rerun.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=True, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=True,
+             logging_level=logging.WARNING, **json_logs)
+    forward_worker_logs_as_json()
     spend_actor_restart_warning()  # a false alarm Ray would print in the middle of the progress lines
+
+
+def worker_logging() -> dict:
+    """ray.init's options for the workers' output. Text logs (the default): the workers' output stays in
+    Ray's log files (`/tmp/ray/session_latest/logs`), out of the progress line. JSON logs (jobs/logs.py):
+    each worker logs its warnings and errors as JSON lines, and Ray forwards them to the driver."""
+    if not json_active():
+        return {"log_to_driver": False}
+    return {"log_to_driver": True,
+            "runtime_env": {"worker_process_setup_hook": worker_setup_hook(current_run_id())}}
+
+
+def forward_worker_logs_as_json() -> None:
+    """With JSON logs, the lines Ray forwards from the workers are written as JSON objects
+    (`worker_lines_as_json`) instead of Ray's "(pid=...)" prefixed lines; the libraries' console handlers
+    Ray set up format as JSON too."""
+    if not json_active():
+        return
+    from ray._private.worker import global_worker_stdstream_dispatcher  # Ray's own hook for the lines
+
+    global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    global_worker_stdstream_dispatcher.add_handler("scriptorium_json", worker_lines_as_json)
+    adopt_stream_handlers()
 
 
 def joined_cluster_gpus(resources: ResourceSpec) -> float:
@@ -71,7 +104,7 @@ def tune_ray_data(ctx, resources: ResourceSpec) -> None:
     # most two batches (pipeline/processor.py). Ordered output would have to buffer every page finished
     # behind a slow one, so results leave in completion order (the Parquet keys say where rows belong).
     ctx.execution_options.preserve_order = False
-    if not resources.ray_progress:
+    if not resources.ray_progress or json_active():  # the bars are no JSON lines
         quiet_ray_data_progress(ctx)
 
 

@@ -24,7 +24,7 @@ from scriptorium.core.units import work_units
 from scriptorium.jobs.planning import plan_run
 from scriptorium.jobs.ray_setup import init_ray, joined_cluster_gpus, ray_address
 from scriptorium.jobs.streaming import run_stages
-from scriptorium.jobs.summary_files import write_run_summary
+from scriptorium.jobs.summary_files import write_run_plan, write_run_summary
 from scriptorium.pipeline.model.journal import journal_folder
 from scriptorium.pipeline.stages import Derived, derive, results_schema
 
@@ -86,6 +86,7 @@ def run_holding_the_lease(spec: JobSpec, derived: Derived, store: ParquetStore, 
     # --retry-failed: error rows do not count as done, so planning redoes their units.
     ledger = read_ledger(store, work_units(spec.tasks), errors_done=not spec.output.retry_failed)
     plan = plan_run(spec, store, ledger, output_template)
+    write_run_plan(store, spec, plan, started=time.time() - (time.monotonic() - started))  # for `status`
 
     result = RunResult(run_id=spec.run_id, output=spec.output.uri, skipped_inputs=plan.skipped, planned_inputs=plan.planned)
     sink = ParquetSink(store, spec.run_id, spec.output.rows_per_file, spec.output.seconds_per_file)

@@ -20,7 +20,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  model       {run['model']}  tasks: {', '.join(run['tasks'])}")
         inputs = run["inputs"]
         lines.append(f"  inputs      {inputs['planned']} processed, {inputs['skipped_complete']} already complete")
-        lines += _count_lines(run)
+        lines += count_lines(run)
         throughput = run["throughput"]
         if throughput["pages_per_s"] is not None:
             lines.append(f"  throughput  {throughput['pages_per_s']:.3g} pages/s, "
@@ -30,7 +30,7 @@ def format_summary(summary: dict) -> str:
         runs = output["runs"]
         lines.append(f"output {output['output']}  {output['n_files']} files from {len(runs)} run(s)"
                      + (f", {format_duration(output['wall_s_total'])} in all" if runs else ""))
-        lines += _count_lines(output)
+        lines += count_lines(output)
         if output["gpu_hours_total"]:
             cost = output["cost_total"]
             lines.append(f"  GPU         {output['gpu_hours_total']:.4g} GPU-hours in all"
@@ -38,7 +38,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _count_lines(view: dict) -> list[str]:
+def count_lines(view: dict) -> list[str]:
     docs, pages, rows, tokens = view["documents"], view["pages"], view["rows"], view["tokens"]
     lines = [
         f"  documents   {docs['total']} ({docs['with_errors']} with errors)",

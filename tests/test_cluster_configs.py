@@ -241,7 +241,8 @@ def test_kuberay_configs_turn_on_token_auth_with_the_token_from_a_secret(name):
     containers = [c for d in documents(name).values() for c in pod_containers(d)]
     assert containers
     for container in containers:
-        env = {e["name"]: e for e in container.get("env", [])}
+        env = {e["name"]: e for e in container.get("env", [])}  # the RayJob's and CronJob's submitters too
+        assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} <= set(env), f"{container['name']} has no Ray auth token"
         assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
         assert "value" not in env["RAY_AUTH_TOKEN"]  # never in the file
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"]

@@ -44,11 +44,13 @@ SECRETS = {
 
 class FileServer:
     """Serves a folder on 127.0.0.1, whatever the query string or credentials, recording each request
-    (method, path with query); `redirects` maps a path to where it sends the client."""
+    (method, path with query); `redirects` maps a path to where it sends the client; each path in
+    `unavailable_once` is answered 503 to its first GET (a busy server), then served."""
 
     def __init__(self, folder: Path):
         self.requests: list[tuple[str, str]] = []
         self.redirects: dict[str, str] = {}
+        self.unavailable_once: set[str] = set()
         server = self
 
         class Handler(SimpleHTTPRequestHandler):
@@ -57,6 +59,12 @@ class FileServer:
 
             def send_head(self):
                 server.requests.append((self.command, self.path))
+                if self.command == "GET" and self.path.split("?", 1)[0] in server.unavailable_once:
+                    server.unavailable_once.discard(self.path.split("?", 1)[0])
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
                 target = server.redirects.get(self.path.split("?", 1)[0])
                 if target:
                     self.send_response(302)
