@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -61,7 +60,8 @@ class Prometheus:
         deadline = time.monotonic() + 60
         while not self._ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus did not start: {Path(self.folder, 'prometheus.log').read_text()[-2000:]}")
+                log = Path(self.folder, "prometheus.log").read_text()
+                raise RuntimeError(f"prometheus did not start: {log[-2000:]}")
             time.sleep(0.5)
 
     def _ready(self) -> bool:
@@ -189,17 +189,19 @@ def test_rows_counters_equal_the_rows_the_job_wrote_by_task_and_status(observed)
     rows, prometheus = observed["rows"], observed["prometheus"]
     expected = Counter((r["task"], r["status"]) for r in rows)
     assert {status for _, status in expected} == {"ok", "error"}  # the job has both
-    counted = prometheus.by(f'sum by (task, status) (ray_scriptorium_rows_total{{run_id="{RUN_ID}"}})', "task", "status")
+    rows_total = f'ray_scriptorium_rows_total{{run_id="{RUN_ID}"}}'
+    counted = prometheus.by(f"sum by (task, status) ({rows_total})", "task", "status")
     assert counted == {key: float(n) for key, n in expected.items()}
     # By the stage that failed them and the route that answered them, too.
     by_stage = Counter((r["stage"] or "", r["route"] or "") for r in rows)
-    counted = prometheus.by(f'sum by (stage, route) (ray_scriptorium_rows_total{{run_id="{RUN_ID}"}})', "stage", "route")
+    counted = prometheus.by(f"sum by (stage, route) ({rows_total})", "stage", "route")
     assert counted == {key: float(n) for key, n in by_stage.items()}
 
 
 def test_stage_counters_agree_with_the_rows(observed):
     rows, prometheus = observed["rows"], observed["prometheus"]
-    pages = prometheus.by(f'sum by (stage, status) (ray_scriptorium_pages_total{{run_id="{RUN_ID}"}})', "stage", "status")
+    pages_total = f'ray_scriptorium_pages_total{{run_id="{RUN_ID}"}}'
+    pages = prometheus.by(f"sum by (stage, status) ({pages_total})", "stage", "status")
     page_rows = {(r["source_uri"], r["page"]) for r in rows}
     assert pages[("render", "ok")] + pages.get(("render", "error"), 0) == len(page_rows)
     assert pages[("render", "error")] == len({(r["source_uri"], r["page"]) for r in rows if r["stage"] == "render"})
