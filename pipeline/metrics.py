@@ -77,11 +77,14 @@ def _make_instruments() -> dict:
 
 
 def instruments() -> dict | None:
-    """This process's instruments, made on first use; None outside Ray (nothing records)."""
+    """This process's instruments, made on first use; None outside Ray (nothing records), and where Ray
+    is not installed at all (a bare checkout on a lent GPU machine: docs/development.md)."""
     global _instruments
     if _instruments is None:
-        import ray
-
+        try:
+            import ray
+        except ImportError:
+            return None
         if not ray.is_initialized():
             return None
         with _lock:
