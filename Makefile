@@ -31,8 +31,8 @@ demo: install tesseract models/tiny-idefics2/config.json
 	$(BIN)/scriptorium report out/demo --html out/demo-report.html
 	@echo "review the results: file://$(CURDIR)/out/demo-report.html"
 
-# Debian packages: Tesseract (the CPU OCR engine: the demo's scans, some tests) and Chromium (tests open
-# the HTML report in a real browser). Installed when missing and apt-get is usable (root); otherwise the
+# Debian packages: Tesseract (the CPU OCR engine: the demo's scans, some tests), Chromium (tests open
+# the HTML report in a real browser) and Prometheus (tests scrape a Ray cluster's metrics with it). Installed when missing and apt-get is usable (root); otherwise the
 # tests that need them skip, saying why, and the demo's scanned pages are error rows naming the fix.
 define apt_install
 	@command -v $(1) >/dev/null || \
@@ -46,6 +46,7 @@ tesseract:
 
 system-deps: tesseract
 	$(call apt_install,chromium,chromium,the tests of the HTML report in a browser skip)
+	$(call apt_install,prometheus,prometheus,the tests of the metrics against a Prometheus server skip)
 
 test: install system-deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup

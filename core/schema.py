@@ -96,6 +96,7 @@ PREPROCESSED_SCHEMA = pa.schema(
     + [
         ("pixels", pa.large_binary()),
         ("crop_shapes", pa.list_(pa.list_(pa.int32()))),  # [[h, w], ...] in the order of `pixels`
+        ("preprocessed_at", pa.float64()),  # when preprocessing finished (Unix time): a replica's wait metric
     ]
 )
 

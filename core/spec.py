@@ -422,6 +422,9 @@ class ResourceSpec(Section):
     """Logical CPUs for a local Ray (0: max(4, cores)); docs/job-spec.md#resources says why at least 4"""
     gpu_price_per_hour: float = 0.0
     """For the run summary's cost figures"""
+    metrics: bool = True
+    """Record the application metrics (pages, rows, tokens, batches: docs/operations.md#metrics) through
+    Ray's metrics system; false records none"""
     ray_progress: bool = False
     """Keep Ray Data's own progress bars and per-operator log blocks, which the run's progress line
     otherwise replaces: for looking into a stalled operator. SCRIPTORIUM_RAY_PROGRESS=1 sets it too"""

@@ -2,7 +2,8 @@
 
 Results leave Ray in completion order. Each batch goes to the progress line, then through the dedup
 join (duplicates' placeholders filled) and the sink guard (a unit published before, or delivered twice
-by Ray, is written once) into the Parquet sink.
+by Ray, is written once) into the Parquet sink; the rows written are counted in the metrics
+(pipeline/metrics.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from scriptorium.core.spec import JobSpec
 from scriptorium.jobs.planning import Plan
 from scriptorium.jobs.progress import Progress
 from scriptorium.jobs.ray_setup import tune_ray_data
+from scriptorium.pipeline.metrics import Meter
 from scriptorium.pipeline.processor import build_processor
 from scriptorium.pipeline.routes.dedup import DedupJoin, earlier_results, seed_registry, start_registry
 from scriptorium.pipeline.stages import Derived
@@ -48,6 +50,7 @@ def run_stages(spec: JobSpec, derived: Derived, plan: Plan, store: ParquetStore,
     dataset = build_processor(spec, derived, registry)(plan_rows)
     guard = SinkGuard(ledger)
     counts = RowCounts()
+    meter = Meter(spec.run_id, spec.resources.metrics)  # rows counted where they are written
     with Progress(plan.planned, plan.skipped, ledger.done_page_counts()) as progress:
         batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
         if registry is not None:  # duplicates' placeholders are filled here and never reach the sink
@@ -59,4 +62,6 @@ def run_stages(spec: JobSpec, derived: Derived, plan: Plan, store: ParquetStore,
             counts.ok += statuses.count("ok")
             counts.error += statuses.count("error")
             sink.write(batch)
+            meter.rows(batch)
+            meter.progress(plan.planned, progress.docs_done, progress.eta_s)
     return counts

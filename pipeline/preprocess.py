@@ -13,10 +13,13 @@ The split and resize themselves are `crops.py`'s; this is the stage around them.
 
 from __future__ import annotations
 
+import time
+
 from scriptorium.core.image_settings import ImageSettings
 from scriptorium.core.pixels import compress_crops, page_images
 from scriptorium.core.schema import PAGE_SCHEMA, PREPROCESSED_SCHEMA
 from scriptorium.pipeline.crops import model_crops
+from scriptorium.pipeline.metrics import Meter
 from scriptorium.pipeline.steps import PageStep, fail
 
 
@@ -24,12 +27,15 @@ class PreprocessPages(PageStep):
     """Page rows in, rows with the model's uint8 crops compressed (`pixels`, `crop_shapes`; core/pixels.py) out."""
 
     input_schema, output_schema = PAGE_SCHEMA, PREPROCESSED_SCHEMA
+    stage_name = "preprocess"
 
-    def __init__(self, settings: ImageSettings):
+    def __init__(self, settings: ImageSettings, meter: Meter = Meter()):
         self.settings = settings
+        self.meter = meter
 
     def process(self, rows: list[dict]) -> None:
         for row in rows:
+            row["preprocessed_at"] = time.time()  # a replica measures from here how long the page waited
             if row["image"] is None:  # routes answered all its units without the model
                 continue
             try:

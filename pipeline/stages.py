@@ -26,6 +26,7 @@ from scriptorium.core.spec import JobSpec, ModelSpec, RenderSpec, ResourceSpec
 from scriptorium.core.units import document_window
 from scriptorium.pipeline.examples import load_examples
 from scriptorium.pipeline.extraction import ExtractionTypes, ParseExtractions, load_schemas
+from scriptorium.pipeline.metrics import Meter
 from scriptorium.pipeline.model.loading import gpus_in_cluster, open_model_config
 from scriptorium.pipeline.model.continuous_stage import GenerateAnswersContinuously
 from scriptorium.pipeline.model.stage import GenerateAnswers
@@ -147,22 +148,24 @@ def job_stages(spec: JobSpec, derived: Derived, dedup_registry=None) -> list[Sta
         raise SpecError("routing.dedup needs the run's dedup registry and the driver's join: run the job with "
                         "`scriptorium run`, or start one with pipeline.routes.dedup.start_registry")
     cpus = spec.resources.cpus_per_preprocess_task
+    meter = Meter(spec.run_id, spec.resources.metrics)  # the model stage makes its own from the same two
     stages = [Stage(
         "render", RenderPages,
         dict(render=derived.render, storage=spec.storage, document_window=document_window(spec.tasks),
-             page_rows=any(t.scope == "page" for t in spec.tasks)),
+             page_rows=any(t.scope == "page" for t in spec.tasks), meter=meter),
         rows_per_call=1,  # one document per call; its pages stream out a few at a time
         num_cpus=cpus, rows_per_block=DOCUMENTS_PER_RENDER_TASK,
     )]
     if needs_routes(spec):
-        stages.append(Stage("route", RoutePages, dict(tasks=spec.tasks, routing=spec.routing, registry=dedup_registry),
+        stages.append(Stage("route", RoutePages, dict(tasks=spec.tasks, routing=spec.routing, registry=dedup_registry,
+                                                      meter=meter),
                             num_cpus=cpus))
     if not spec.needs_model:
         return stages + [Stage("answer", AnswerWithoutModel, dict(tasks=spec.tasks, run_id=spec.run_id), num_cpus=cpus)]
     batch = derived.pages_per_batch
     continuous = spec.model.engine == "continuous"
     stages += [
-        Stage("preprocess", PreprocessPages, dict(settings=derived.image_settings), num_cpus=cpus),
+        Stage("preprocess", PreprocessPages, dict(settings=derived.image_settings, meter=meter), num_cpus=cpus),
         Stage(
             "generate", GenerateAnswersContinuously if continuous else GenerateAnswers,
             dict(model=derived.model, image_settings=derived.image_settings, prompts=derived.prompts,

@@ -15,12 +15,14 @@ in-process): a table in, tables out, with the schemas it declares (`input_schema
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Iterator
 
 import pyarrow as pa
 
 from scriptorium.core.schema import PAGE_SCHEMA, RESULT_SCHEMA, rows_of, table_from_rows
 from scriptorium.core.spec import TaskSpec
+from scriptorium.pipeline.metrics import Meter
 from scriptorium.pipeline.results import unit_rows
 
 
@@ -31,10 +33,14 @@ def fail(row: dict, stage: str, error: str) -> None:
 
 class PageStep:
     input_schema = output_schema = PAGE_SCHEMA
+    stage_name = ""  # its pages' stage label in the metrics (pipeline/metrics.py)
+    meter = Meter()  # off unless the stage is given the run's
 
     def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
         rows = rows_of(pages)  # pixels as zero-copy buffers, not copied into Python bytes
-        self.process([row for row in rows if row["status"] == "ok"])
+        ok = [row for row in rows if row["status"] == "ok"]
+        self.process(ok)
+        self.meter.pages(self.stage_name, ok)
         yield table_from_rows(rows, self.output_schema)
 
     def process(self, rows: list[dict]) -> None:
@@ -45,6 +51,8 @@ class PageStep:
 class AnswerStep:
     input_schema, output_schema = PAGE_SCHEMA, RESULT_SCHEMA
     tasks: list[TaskSpec]
+    meter = Meter()  # off unless the step is given the run's
+    replica = node = ""  # the model replica this step is, for its metrics' labels
 
     def __call__(self, pages: pa.Table) -> Iterator[pa.Table]:
         rows, wanted = self.split_units(pages)
@@ -52,6 +60,7 @@ class AnswerStep:
 
     def split_units(self, pages: pa.Table) -> tuple[list[dict], list[tuple[dict, TaskSpec, str | None]]]:
         """The rows of the units the one rule answers, and the (page, task, question) units left."""
+        self.meter.waited(self.replica, self.node, pages, time.time())  # preprocessed pages only
         rows, wanted = [], []
         for page in pages.to_pylist():
             def later(task, question, page=page):

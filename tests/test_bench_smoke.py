@@ -110,3 +110,10 @@ def test_driver_soak_streams_rows_through_the_driver_and_reports_growth(tmp_path
     done = run_bench("bench/driver_soak.py", "--rows", "20000", "--earlier-units", "1e4", "--scratch", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert results_of(done.stdout) == {"driver_growth_bytes_per_page": "B"}
+
+
+def test_metrics_bench_runs_the_job_with_metrics_on_and_off():
+    done = run_bench("bench/metrics.py", "--pages", "8", "--max-new-tokens", "4", "--repeats", "1", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "metrics on" in done.stdout and "metrics off" in done.stdout
+    assert results_of(done.stdout) == {"metrics_overhead": "x"}

@@ -253,3 +253,21 @@ def test_cluster_launcher_starts_every_node_with_token_auth_from_the_secret_stor
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         if "ray start" in command:
             assert "RAY_AUTH_MODE=token" in command and "secretsmanager get-secret-value" in command
+
+
+@pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"])
+def test_prometheus_scrapes_every_ray_pod_on_its_metrics_port(name):
+    """Every pod group, head and workers, exports its metrics (Ray's and ray_scriptorium_*) on the port
+    its container names `metrics`, and carries the labels the PodMonitor selects (kuberay-raycluster.yaml)."""
+    monitor = documents("kuberay-raycluster.yaml")["PodMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert [e["port"] for e in endpoints] == ["metrics"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    kinds = documents(name)
+    cluster = kinds["RayCluster"]["spec"] if "RayCluster" in kinds else kinds["RayJob"]["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for group in groups:
+        assert selector.items() <= group["template"]["metadata"]["labels"].items()
+        ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+        assert int(group["rayStartParams"]["metrics-export-port"]) == ports["metrics"]

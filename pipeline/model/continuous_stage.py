@@ -135,6 +135,7 @@ class GenerateAnswersContinuously(GenerateAnswers):
             done.append(seq)
             rows.append(self.result_row(seq, tokens, result.logprobs[: len(tokens)],
                                          len(self.prompt_ids(seq.plan.prompt)), generate_s))
+        self.meter.batch(self.replica, self.node, rows, generate_s * len(batch))  # the block, as one batch
         retried = await asyncio.to_thread(self._retry_by_plan, done, rows)
         return retried + await asyncio.to_thread(self.generate_static, failed)
 

@@ -37,6 +37,7 @@ from scriptorium.core.pixels import decompress_crops
 from scriptorium.core.schema import PREPROCESSED_SCHEMA
 from scriptorium.core.spec import ModelSpec, ResourceSpec, TaskSpec
 from scriptorium.core.units import unit_key
+from scriptorium.pipeline.metrics import Meter
 from scriptorium.pipeline.model.budget import automatic_token_budget, kv_cache_options
 from scriptorium.pipeline.model.collate import batch_by_shape
 from scriptorium.pipeline.model.degenerate import is_degenerate
@@ -112,6 +113,8 @@ class GenerateAnswers(AnswerStep):
         # Measured after loading, so the weights are already on the GPU (0 off GPU: no token budget).
         self.max_batch_tokens = resources.max_batch_tokens or automatic_token_budget(self.model, self.device, self.dtype)
         self.replica, self.node = _replica_identity()
+        self.meter = Meter(run_id, resources.metrics)  # pipeline/metrics.py: counted per batch
+        self.meter.replica_started(self.replica, self.node, batch_size, self.max_batch_tokens)
         self._prompt_ids: dict[str, torch.Tensor] = {}
         self.journal = journal_for_this_replica(run_id)  # finds a page that kills the replica (journal.py)
         self.vision = VisionStream(self.device)  # encodes a block's crops while another block decodes
@@ -237,6 +240,7 @@ class GenerateAnswers(AnswerStep):
             seq = batch[0]
             return [self._error_row(seq.page, seq.plan, f"generate failed: {failure.message}", "generate")]
         log.warning("a batch of %d pages failed (%s): generating it in halves", len(batch), failure.message)
+        self.meter.retried("failed_batch", len(batch))
         return self._split(batch)
 
     def _split(self, batch: list[Sequence]) -> list[dict]:
@@ -283,6 +287,7 @@ class GenerateAnswers(AnswerStep):
             again = [i for i, row in enumerate(rows) if row["degenerate"]]
             if not again:
                 break
+            self.meter.retried("degenerate", len(again))
             torch.manual_seed(len(again) * 1009 + round(temperature * 1000))  # reproducible retries
             for i, row in zip(again, self._generate([batch[i] for i in again], temperature)):
                 if not row["degenerate"]:
@@ -327,8 +332,10 @@ class GenerateAnswers(AnswerStep):
         )
         elapsed = time.perf_counter() - started
         new_tokens = output[:, input_ids.shape[1]:].cpu()
-        return [self.result_row(seq, tokens, logprobs, len(ids), elapsed / len(batch), temperature)
+        rows = [self.result_row(seq, tokens, logprobs, len(ids), elapsed / len(batch), temperature)
                 for seq, tokens, logprobs in zip(batch, new_tokens.tolist(), recorder.per_sequence(new_tokens))]
+        self.meter.batch(self.replica, self.node, rows, elapsed)
+        return rows
 
     def result_row(self, seq: Sequence, tokens: list[int], logprobs: list[float], n_input_tokens: int,
                    generate_s: float, temperature: float | None = None) -> dict:

@@ -20,6 +20,7 @@ from scriptorium.core.kinds import IMAGE_EXTENSIONS, KINDS
 from scriptorium.core.schema import PAGE_SCHEMA, PLAN_SCHEMA, SOURCE_COLUMNS, table_from_rows
 from scriptorium.core.spec import RenderSpec, StorageSpec
 from scriptorium.core.units import units_by_page
+from scriptorium.pipeline.metrics import Meter
 from scriptorium.pipeline.render.decoders import describe
 from scriptorium.pipeline.render.documents import with_document_row
 from scriptorium.pipeline.render.sandbox import SandboxUnavailable, sandbox_for_this_thread
@@ -117,7 +118,8 @@ class RenderPages:
     input_schema, output_schema = PLAN_SCHEMA, PAGE_SCHEMA
 
     def __init__(self, render: RenderSpec, storage: StorageSpec, document_window: int = 0,
-                 page_rows: bool = True, pages_per_block: int = 4):
+                 page_rows: bool = True, pages_per_block: int = 4, meter: Meter = Meter()):
+        self.meter = meter
         self.render = render
         self.storage = storage
         self.document_window = document_window  # > 0: also one document row of that many pages (documents.py)
@@ -134,11 +136,21 @@ class RenderPages:
 
     def __call__(self, plan: pa.Table) -> Iterator[pa.Table]:
         pending: list[dict] = []
+        read_bytes = 0
         for row in plan.to_pylist():
+            was_read = False  # some page got past reading the file: its bytes count as read
             for page in self.rows_of(row):
+                was_read = was_read or page["status"] == "ok" or page["stage"] not in ("list", "read")
                 pending.append(page)
                 if len(pending) >= self.pages_per_block:
-                    yield table_from_rows(pending, PAGE_SCHEMA)
+                    yield self._block(pending)
                     pending = []
+            if was_read:
+                read_bytes += row["size"] or len(row.get("data") or b"")
         if pending:
-            yield table_from_rows(pending, PAGE_SCHEMA)
+            yield self._block(pending)
+        self.meter.bytes_read(read_bytes)
+
+    def _block(self, pages: list[dict]) -> pa.Table:
+        self.meter.pages("render", pages)
+        return table_from_rows(pages, PAGE_SCHEMA)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from scriptorium.core.schema import DOCUMENT_PAGE
 from scriptorium.core.spec import RoutingSpec, TaskSpec
 from scriptorium.core.units import open_units
+from scriptorium.pipeline.metrics import Meter
 from scriptorium.pipeline.results import page_result
 from scriptorium.pipeline.routes.dedup import route_duplicates
 from scriptorium.pipeline.routes.tesseract import route_tesseract
@@ -22,10 +23,13 @@ from scriptorium.pipeline.steps import AnswerStep, PageStep
 class RoutePages(PageStep):
     """Page rows in, page rows with the units answered before the model (`routed`) out."""
 
-    def __init__(self, tasks: list[TaskSpec], routing: RoutingSpec, registry=None):
+    stage_name = "route"
+
+    def __init__(self, tasks: list[TaskSpec], routing: RoutingSpec, registry=None, meter: Meter = Meter()):
         self.tasks = tasks
         self.routing = routing
         self.registry = registry  # the run's dedup registry actor (None: routing.dedup is off)
+        self.meter = meter
 
     def process(self, rows: list[dict]) -> None:
         routable = [r for r in rows if r["page"] != DOCUMENT_PAGE]
@@ -39,6 +43,7 @@ class RoutePages(PageStep):
             still_open[id(row)] = route_tesseract(row, still_open[id(row)], self.routing)
             if not still_open[id(row)]:
                 row["image"] = None  # nothing left for the model: no preprocessing, lighter blocks
+        self.meter.routed(routable)  # by route: route="dedup" counts the dedup hits
 
 
 class AnswerWithoutModel(AnswerStep):
