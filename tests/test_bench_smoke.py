@@ -93,6 +93,14 @@ def test_legibility_bench_reads_the_models_crops_with_tesseract():
     assert results_of(done.stdout) == {"legibility_cer": "ratio"}
 
 
+def test_extract_bench_reports_the_mask_cost_and_the_keywords_enforced():
+    done = run_bench("bench/extract.py", "--steps", "4", "--vocab", "1000")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert results_of(done.stdout) == {"extract_mask_us_per_token": "us"}
+    assert re.search(r"uniqueItems +llguidance: refused at start", done.stdout)
+    assert re.search(r"maxLength +llguidance: 0/\d+ invalid", done.stdout)
+
+
 def test_export_bench_reports_its_peak_memory():
     done = run_bench("bench/export.py", "--rows", "2000", "--text-bytes", "200")
     assert done.returncode == 0, done.stderr[-3000:]

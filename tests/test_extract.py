@@ -334,3 +334,46 @@ def test_the_ray_data_processor_gives_typed_records(ray_local, tiny_model, mixed
         if row["status"] == "ok":
             jsonschema.validate(json.loads(row["text"]), RECORD)
             assert matches(row["extract_record"], json.loads(row["text"]))
+
+
+def test_each_steps_masks_start_before_its_forward(tiny_model):
+    # generate calls the stopping criterion as soon as a step's tokens are chosen: the masks of the next
+    # step start there, on the mask thread, and the processor finds them done.
+    import threading
+
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from scriptorium.pipeline.model.grammar import GrammarMask, Grammars
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    eos = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_utterance>")})
+    grammars = Grammars(tokenizer, model.get_output_embeddings().out_features, eos, {"summary": SUMMARY})
+    threads = []
+    advance = GrammarMask._advance
+    ids = torch.tensor([tokenizer.encode("User: Extract. Assistant:")] * 3)
+
+    def generated(ahead: bool) -> list[list[int]]:
+        mask, criterion = grammars.hooks("summary", 3)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=60,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=0, logits_processor=[mask],
+                                 stopping_criteria=[criterion] if ahead else None)
+        return out[:, ids.shape[1]:].tolist()
+
+    def recording(self, tokens):
+        threads.append(threading.current_thread().name)
+        return advance(self, tokens)
+
+    GrammarMask._advance = recording
+    try:
+        early, late = generated(ahead=True), generated(ahead=False)
+    finally:
+        GrammarMask._advance = advance
+    assert early == late  # the same tokens either way
+    steps = len(threads) // 2 + 1
+    assert threads[:steps].count(threading.main_thread().name) == 1  # only the first step's, in place
+    assert all(name.startswith("grammar-masks") for name in threads[1:steps - 1])
+    for row in early:
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        jsonschema.validate(json.loads(text), SUMMARY)

@@ -16,13 +16,20 @@ before sampling warpers and the log-probability recorder (logprobs.py), so greed
 confidence columns all see the constrained distribution. When a sequence's JSON is complete, its mask
 holds the end-of-answer tokens only; a sequence that has ended is left unmasked, as `generate` pads it
 from then on.
+
+The masks of a step depend only on the tokens chosen at the step before, so they need not wait for the
+step's forward: a stopping criterion (`MasksAhead`), which `generate` calls as soon as a step's tokens are
+chosen, starts them on a thread of their own, and the forward of the next step, queued on the GPU right
+after, runs while they compute. The processor then only waits for what is left and applies them.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, StoppingCriteria
 
 from scriptorium.pipeline.extraction import GRAMMAR_OPTIONS
 
@@ -45,6 +52,13 @@ class Grammars:
         self.grammars = {name: llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=GRAMMAR_OPTIONS)
                          for name, schema in schemas.items()}
         self.executor = llguidance.LLExecutor()
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")  # one generate at a time
+
+    def hooks(self, task: str, batch_size: int) -> tuple["GrammarMask", "MasksAhead"]:
+        """(logits processor, stopping criterion) for one `generate` call: the criterion only starts the
+        next step's masks early, it never stops anything."""
+        mask = self.mask(task, batch_size)
+        return mask, MasksAhead(mask)
 
     def mask(self, task: str, batch_size: int) -> "GrammarMask":
         """A fresh mask for one `generate` call of `batch_size` sequences of extract task `task`."""
@@ -67,17 +81,36 @@ class GrammarMask(LogitsProcessor):
         self._fill = llguidance.torch.fill_next_token_bitmask_par
         self.ended: set[int] = set()  # sequences that chose an end-of-answer token: `generate` pads them
         self._started = False
+        self._next: Future | None = None  # the next step's masks, being computed
         self._bits: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._started:  # the tokens chosen at the last step
-            for i, token in enumerate(input_ids[:, -1].tolist()):
-                if i in self.ended:
-                    continue
-                if token in self.grammars.eos_ids:
-                    self.ended.add(i)
-                else:
-                    self.matchers[i].consume_token(token)
+        if self._next is not None:  # computed while this step's forward ran (`ahead`)
+            self._next.result()
+            self._next = None
+        else:
+            self._advance(input_ids[:, -1].tolist() if self._started else None)
+        # torch.where, not masked_fill: on CPU the latter costs several times as much per element.
+        return torch.where(self.allowed(scores), scores, float("-inf"))
+
+    def ahead(self, input_ids: torch.LongTensor) -> None:
+        """Start the next step's masks from the tokens just chosen, on the replica's mask thread: `generate`
+        calls this (`MasksAhead`) before the next forward, which then runs on the GPU while they compute."""
+        self._next = self.grammars.thread.submit(self._advance_in_inference_mode, input_ids[:, -1].tolist())
+
+    @torch.inference_mode()  # as `generate` runs: the bitmask was made there (grad modes are per thread)
+    def _advance_in_inference_mode(self, tokens: list[int]) -> None:
+        self._advance(tokens)
+
+    def _advance(self, tokens: list[int] | None) -> None:
+        """Feed each sequence its last token (None: the first step) and compute the next masks."""
+        for i, token in enumerate(tokens or []):
+            if i in self.ended:
+                continue
+            if token in self.grammars.eos_ids:
+                self.ended.add(i)
+            else:
+                self.matchers[i].consume_token(token)
         self._started = True
         self.bitmask.fill_(ALL_TOKENS)  # ended sequences: anything (their tokens are padding)
         live = [(m, i) for i, m in enumerate(self.matchers) if i not in self.ended and not m.is_error()]
@@ -86,8 +119,6 @@ class GrammarMask(LogitsProcessor):
         for i, matcher in enumerate(self.matchers):
             if i not in self.ended and matcher.is_error():  # cannot happen with a checked grammar: end it there
                 self.bitmask[i] = self.grammars.end_only
-        # torch.where, not masked_fill: on CPU the latter costs several times as much per element.
-        return torch.where(self.allowed(scores), scores, float("-inf"))
 
     def allowed(self, scores: torch.Tensor) -> torch.Tensor:
         """The bitmask as booleans (batch, vocabulary) on the scores' device: unpacked by numpy on CPU,
@@ -104,3 +135,16 @@ class GrammarMask(LogitsProcessor):
         if allowed.shape[-1] < scores.shape[-1]:  # scores wider than the tokenizer's vocabulary: never allowed
             allowed = torch.nn.functional.pad(allowed, (0, scores.shape[-1] - allowed.shape[-1]), value=False)
         return allowed
+
+
+class MasksAhead(StoppingCriteria):
+    """`generate` calls its stopping criteria once a step's tokens are chosen, before it starts the next
+    step's forward: the moment to start that step's masks, so that on a GPU they compute while the forward
+    runs instead of after it. It stops nothing."""
+
+    def __init__(self, mask: GrammarMask):
+        self.mask = mask
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.mask.ahead(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
 import torch
+from transformers import StoppingCriteriaList
 
 from scriptorium.core.image_settings import ImageSettings
 from scriptorium.core.pixels import decompress_crops
@@ -313,10 +314,12 @@ class GenerateAnswers(AnswerStep):
         if task.stop_strings:
             generation.update(stop_strings=list(task.stop_strings), tokenizer=self.tokenizer)
         recorder = TokenLogprobs()  # each token's log-probability, for the confidence columns
-        grammar = (self.grammars.mask(plan.task, len(batch)),) if plan.schema is not None else ()
+        grammar = self.grammars.hooks(plan.task, len(batch)) if plan.schema is not None else ()
         processors, overrides = recording_processors(self.model.generation_config, generation["do_sample"],
                                                      generation.get("temperature", 1.0), generation.get("top_p", 1.0),
-                                                     recorder, constraints=grammar)
+                                                     recorder, constraints=grammar[:1])
+        if grammar:  # starts each step's masks while the GPU runs its forward (grammar.py)
+            generation["stopping_criteria"] = StoppingCriteriaList(grammar[1:])
         started = time.perf_counter()
         # Each crop through the vision tower at its own size, not padded to its neighbours (features.py).
         features = batch_features(batch) if all(s.features is not None for s in batch) else encode_crops(
