@@ -377,3 +377,15 @@ def test_each_steps_masks_start_before_its_forward(tiny_model):
     for row in early:
         text = tokenizer.decode(row, skip_special_tokens=True)
         jsonschema.validate(json.loads(text), SUMMARY)
+
+
+def test_sampled_answers_are_constrained_too(tiny_model, mixed):
+    tasks = [TaskSpec(kind="extract", name="summary", schema=SUMMARY, do_sample=True, temperature=1.5,
+                      top_p=0.95, max_new_tokens=MAX_NEW_TOKENS)]
+    rows = run_stages(job(tiny_model, tasks, render=RenderSpec(page_edge=128)), [plan_row(p) for p in mixed])
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) >= 3, [r["error"] for r in rows]
+    for row in ok:
+        assert json.loads(row["generation"])["do_sample"] is True
+        assert matches(row["extract_summary"], json.loads(row["text"]))
+        jsonschema.validate(json.loads(row["text"]), SUMMARY)
