@@ -18,9 +18,11 @@ whatever it measured by then is printed, the rest is said to be skipped. Section
 3. the vision tower under torch.compile (one graph per crop shape) against eager;
 4. where a page's time goes: vision / prefill / decode per page; decode step time by batch size with the
    dynamic and the preallocated (static) cache;
-5. the length mix of real documents through both engines (bench/engine.py), and the continuous engine's
+5. an extract task's grammar: the decode step at batch 64 and the largest batch, free and under the
+   grammar with its masks started ahead (`gpu_extract_step_ratio_b*`);
+6. the length mix of real documents through both engines (bench/engine.py), and the continuous engine's
    tokens/s by the number of requests in flight;
-6. the decode step under transformers' compile (static cache + torch.compile, warmed up at the shape).
+7. the decode step under transformers' compile (static cache + torch.compile, warmed up at the shape).
 
 Ours is the model stage's own code without Ray around it: uint8 crops from `pipeline.crops.model_crops`,
 batches from `batch_by_shape` sized as the pipeline sizes them, crops encoded per shape
@@ -30,7 +32,7 @@ batches from `batch_by_shape` sized as the pipeline sizes them, crops encoded pe
 On the lent machine (torch and transformers of its own, no Ray, no pydantic, no network) the suite needs our
 pinned wheels: transformers 5.23.0 (the machine's 5.17 switches the shared text config to paged attention
 in the continuous engine and does not switch it back), pydantic and its needs, regex and typing-extensions
-(transformers 5.23's minimums). Download them into `.whl/` (kept out of git by .git/info/exclude) with the
+(transformers 5.23's minimums), llguidance (the extract section). Download them into `.whl/` (kept out of git by .git/info/exclude) with the
 `pip download` line of docs/development.md ("The GPU suite"), carry `.whl`, and run:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
@@ -561,6 +563,44 @@ def where_time_goes(report: Report, bench: Bench) -> None:
                f"{step_ms / batch * args.new_tokens:.0f} ms (dynamic vs static: see the step times)")
 
 
+# An extract task's grammar with a string that never has to close: random weights keep it open, so every
+# step is masked inside a string (where a mask costs most) and `generate` runs exactly the steps it is told.
+EXTRACT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["text"],
+                  "properties": {"text": {"type": "string"}}}
+
+
+def extract_grammar(report: Report, bench: Bench) -> None:
+    """A decode step free and under an extract task's grammar (its masks started ahead, as the model stage
+    starts them), with a 32,000-token tokenizer (bench/extract.py's; the suite's own has 400 tokens)."""
+    from extract import train_tokenizer
+
+    from scriptorium.pipeline.model.grammar import Grammars
+
+    args = bench.args
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(32000 if args.device == "cuda" else 1000)
+    eos = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_utterance>")})
+    grammars = Grammars(tokenizer, bench.model.get_output_embeddings().out_features, eos, {"x": EXTRACT_SCHEMA})
+    report.say(f"grammar ready in {time.perf_counter() - started:.1f} s ({len(tokenizer)}-token tokenizer)")
+    features = features_of_one_page(bench)
+    steps = args.decode_steps
+    options = kv_cache_options(args.kv_cache)
+    for batch in sorted({min(64, args.decode_batches[-1]), args.decode_batches[-1]}):
+
+        def hooked(**extra):
+            mask, ahead = grammars.hooks("x", batch)
+            return dict(logits_processor=[mask], stopping_criteria=[ahead], **extra)
+
+        generate_seconds(bench, batch, 2, features, **options)  # warm-up at this shape
+        free = (generate_seconds(bench, batch, 1 + steps, features, **options)
+                - generate_seconds(bench, batch, 1, features, **options)) / steps
+        masked = (generate_seconds(bench, batch, 1 + steps, features, **hooked(**options))
+                  - generate_seconds(bench, batch, 1, features, **hooked(**options))) / steps
+        report.say(f"batch {batch:4d}: decode step {free * 1e3:6.2f} ms free, {masked * 1e3:6.2f} ms under the "
+                   f"grammar ({(masked - free) / batch * 1e6:.1f} us per token per sequence left after the overlap)")
+        report.result(f"gpu_extract_step_ratio_b{batch}", masked / free, "x")
+
+
 def length_mix_runs(report: Report, bench: Bench) -> None:
     args, model, device, dtype = bench.args, bench.model, bench.device, bench.dtype
     targets, _ = length_mix(real_pdfs(), args.new_tokens, resolved_render(RenderSpec(page_edge=64), bench.settings),
@@ -668,7 +708,8 @@ def main() -> None:
     parser.add_argument("--sweep-tokens", type=int, default=0, help="new tokens per page in the sweep")
     parser.add_argument("--correctness-pages", type=int, default=5)
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: "
-                                                   "correctness,end-to-end,time,mix,concurrency,compile,vision-compile")
+                                                   "correctness,end-to-end,time,extract,mix,concurrency,compile,"
+                                                   "vision-compile")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
@@ -697,7 +738,8 @@ def main() -> None:
         ceilings(report, args.device)
     if bench is not None:
         for name, run in (("end-to-end", end_to_end), ("vision-compile", vision_compiled), ("time", where_time_goes),
-                          ("mix", length_mix_runs), ("concurrency", engine_concurrency), ("compile", compile_runs)):
+                          ("extract", extract_grammar), ("mix", length_mix_runs), ("concurrency", engine_concurrency),
+                          ("compile", compile_runs)):
             if name not in skip:
                 with report.section(name):
                     run(report, bench)

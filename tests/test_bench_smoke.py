@@ -31,8 +31,8 @@ def results_of(output: str) -> dict[str, str]:
 def test_the_gpu_suite_runs_every_section_on_cpu_with_the_tiny_architecture():
     # The functions and branches the lent GPU runs: the model stage's classes against a CPU run (both
     # engines, a static fallback, an injected out-of-memory error), then the toy-size architecture
-    # through both engines, the model card's loop, the decode-step and cache measurements, the length
-    # mix, the continuous engine's concurrency and the compile checks (decode step, vision tower).
+    # through both engines, the model card's loop, the decode-step and cache measurements, an extract
+    # task's grammar, the length mix, the continuous engine's concurrency and the compile checks.
     # Pages at 490 instead of 980 only to keep the toy vision tower quick.
     done = run_bench("bench/gpu_suite.py", "--tiny", "--device", "cpu", "--pages", "3", "--longest-edge", "490")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -46,7 +46,7 @@ def test_the_gpu_suite_runs_every_section_on_cpu_with_the_tiny_architecture():
         "gpu_vs_snippet": "x", "gpu_mix_continuous_vs_static": "x"}
     for measured in ("gpu_vision_ms_per_page", "gpu_decode_step_ms_b2_dynamic", "gpu_decode_step_ms_b2_static",
                      "gpu_decode_step_ms_b2_static_compiled", "gpu_peak_memory", "gpu_mix_static_pages_per_s",
-                     "gpu_vision_compiled_vs_eager", "gpu_continuous_tokens_per_s_r2"):
+                     "gpu_vision_compiled_vs_eager", "gpu_continuous_tokens_per_s_r2", "gpu_extract_step_ratio_b4"):
         assert re.search(rf"^RESULT {measured} \S+ \S+$", done.stdout, re.MULTILINE), measured
 
 
