@@ -265,3 +265,17 @@ def test_the_model_stage_keeps_each_batch_within_its_token_budget(tiny_model, tm
 
     assert texts(budgeted) == expected and len(expected) == 5
     assert sorted(len(call["input_ids"]) for call in model_inputs) == [1, 2, 2]
+
+
+@pytest.mark.parametrize("family", ["idefics3", "llava"])
+def test_a_checkpoint_of_another_family_stops_the_job_naming_the_families_run(family, tmp_path, capsys):
+    from scriptorium.jobs.cli import main
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(f'{{"model_type": "{family}"}}')
+    (tmp_path / "in").mkdir()
+    code = main(["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--model", str(tmp_path / "model"), "--task", "ocr"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1, error
+    assert f"is a checkpoint of model type {family}: Scriptorium runs the idefics2 family" in error

@@ -20,6 +20,7 @@ from scriptorium.pipeline.model.journal import ray_context
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 END_OF_UTTERANCE = "<end_of_utterance>"  # how an instruct checkpoint's answers end
+SUPPORTED_FAMILIES = ("idefics2",)  # checkpoints' config model_type
 
 
 class LoadedModel(NamedTuple):
@@ -150,6 +151,20 @@ def load_model(spec: ModelSpec, device: str):
     return model
 
 
+def check_family(model_id: str) -> None:
+    """A checkpoint of another architecture stops the job here, in one line, not on a replica later. A
+    config that cannot be read is left to the processor's load, which says why."""
+    from transformers import AutoConfig
+
+    try:
+        family = AutoConfig.from_pretrained(model_id).model_type
+    except Exception:
+        return
+    if family not in SUPPORTED_FAMILIES:
+        raise SpecError(f"model {model_id} is a checkpoint of model type {family}: Scriptorium runs the "
+                        f"{', '.join(SUPPORTED_FAMILIES)} family (HuggingFaceM4/idefics2-8b, idefics2-8b-base)")
+
+
 def open_model_config(model: ModelSpec) -> tuple[object, ImageSettings]:
     """Load the checkpoint's processor in the driver: fails fast on a missing model, gives image settings."""
     model_id = model.id
@@ -158,6 +173,7 @@ def open_model_config(model: ModelSpec) -> tuple[object, ImageSettings]:
     if not os.path.isdir(os.path.expanduser(model_id)) and not is_hub_id:
         raise SpecError(f"model path {model_id} does not exist: build one with `scriptorium tiny-model DIR` "
                         "or pass a hub id such as HuggingFaceM4/idefics2-8b")
+    check_family(model_id)
     try:
         processor = load_processor(model_id)
     except Exception as exc:
