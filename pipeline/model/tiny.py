@@ -59,6 +59,15 @@ SMOLVLM_CHAT_TEMPLATE = (
 
 FAMILIES = ("idefics2", "idefics3", "smolvlm")
 
+# Every family's text model: tiny widths and depths, grouped-query attention as the real ones have.
+TINY_TEXT_MODEL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
 # A little English so the BPE learns real merges; the model's weights are random anyway.
 _TOKENIZER_CORPUS = [
     "User: Assistant: Transcribe the text of this page. Describe this image. What is the total?",
@@ -192,11 +201,7 @@ def build_tiny_idefics2(
         },
         text_config={
             "model_type": "mistral",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            **TINY_TEXT_MODEL,
             "vocab_size": len(tok),
             "max_position_embeddings": 4096,
             "pad_token_id": tok.pad_token_id,
@@ -272,11 +277,7 @@ def build_tiny_idefics3(
 
 
 def build_tiny_smolvlm(
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    do_image_splitting: bool = True,
-    longest_edge: int | None = None,
+    out_dir: str | Path, *, seed: int = 0, do_image_splitting: bool = True, longest_edge: int | None = None,
     image_sensitive: bool = True,
 ) -> Path:
     """Write a tiny random SmolVLM checkpoint (model + processor) to `out_dir` and return the path: as
@@ -327,11 +328,7 @@ def _idefics3_like_config(tok, tile: int, patch: int, scale: int) -> dict:
         },
         "text_config": {
             "model_type": "llama",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            **TINY_TEXT_MODEL,
             "vocab_size": len(tok),
             "max_position_embeddings": 8192,  # a split page: 13 tiles of 169 image tokens
             **ids,
