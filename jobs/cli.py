@@ -3,7 +3,7 @@
     scriptorium run --input URI --output URI --task {ocr,caption,qa,custom} --model ID_OR_PATH [--question TEXT]
                     [--max-new-tokens N] [--device {auto,cpu,cuda}] [--job FILE.toml] ...
     scriptorium submit --address http://HEAD:8265 --job FILE.toml [--run-id ID] [--wait] [-- RUN FLAGS]
-    scriptorium tiny-model DIR
+    scriptorium tiny-model DIR [--family {idefics2,idefics3,smolvlm}] [--image-splitting]
     scriptorium summary OUTPUT [--run-id ID] [--json]
     scriptorium status OUTPUT [--json]
     scriptorium report OUTPUT --html FILE [--sample N] [--run-id ID]
@@ -163,10 +163,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from scriptorium.pipeline.model.tiny import build_tiny_idefics2  # imported here: it loads torch and transformers
+    from scriptorium.pipeline.model.tiny import build_tiny  # imported here: it loads torch and transformers
 
-    path = build_tiny_idefics2(args.dir, do_image_splitting=args.image_splitting)
-    print(f"tiny random-weight Idefics2 checkpoint written to {path}")
+    options = {} if args.image_splitting is None else {"do_image_splitting": args.image_splitting}
+    path = build_tiny(args.dir, family=args.family, **options)
+    print(f"tiny random-weight {args.family} checkpoint written to {path}")
     return 0
 
 
@@ -189,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="run a job on a Ray cluster through the Ray Jobs API")
     add_submit_arguments(submit)
     submit.set_defaults(func=cmd_submit)
-    tiny = sub.add_parser("tiny-model", help="build a tiny random-weight Idefics2 checkpoint offline")
+    tiny = sub.add_parser("tiny-model", help="build a tiny random-weight Idefics2/Idefics3/SmolVLM checkpoint offline")
     tiny.add_argument("dir")
-    tiny.add_argument("--image-splitting", action=argparse.BooleanOptionalAction, default=False)
+    tiny.add_argument("--family", choices=("idefics2", "idefics3", "smolvlm"), default="idefics2")
+    # Default: the family's (Idefics2 off, Idefics3 and SmolVLM on, as their real checkpoints).
+    tiny.add_argument("--image-splitting", action=argparse.BooleanOptionalAction, default=None)
     tiny.set_defaults(func=cmd_tiny_model)
 
     summary = sub.add_parser("summary", help="print the summary of a finished run and its output folder")

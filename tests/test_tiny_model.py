@@ -1,4 +1,4 @@
-"""The tiny checkpoint is image-sensitive: different images give different greedy tokens.
+"""The tiny checkpoints are image-sensitive: different images give different greedy tokens (every family).
 
 Every equality test of model output (pipeline vs the model card snippet, one engine vs another) relies
 on this: with a checkpoint whose output ignores the image, a batch that handed page A's image to page
@@ -7,6 +7,7 @@ B's prompt would still "match".
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -41,3 +42,22 @@ def test_drawn_pictures_give_different_tokens_with_and_without_splitting(tiny_mo
     for checkpoint in (tiny_model, tiny_model_split):
         outputs = greedy_tokens(checkpoint, pictures)
         assert len(set(outputs)) == len(pictures), (checkpoint, outputs)
+
+
+@pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
+def tiny_family(request, tmp_path_factory):
+    """A tiny Idefics3 or SmolVLM checkpoint that splits images, into 2 x 2 tiles (and the global image)
+    for the pages below: the real checkpoints' 4 x 3 would make each generation several times slower."""
+    from scriptorium.pipeline.model.tiny import build_tiny
+
+    if request.param == "smolvlm":
+        pytest.importorskip("torchvision", reason="transformers' SmolVLMProcessor needs torchvision")
+    tile = {"idefics3": 364, "smolvlm": 512}[request.param]
+    return build_tiny(tmp_path_factory.mktemp("models") / request.param, family=request.param, longest_edge=2 * tile)
+
+
+def test_every_family_gives_different_tokens_for_different_pictures(tiny_family):
+    pages = [Image.new("RGB", (400, 300), colour) for colour in ("white", "black", "red")]
+    pictures = [draw_image((400, 300), (40 * i, 200 - 30 * i, 90), f"image {i}") for i in range(3)]
+    outputs = greedy_tokens(tiny_family, pages + pictures)
+    assert len(set(outputs)) == len(pages + pictures), outputs
