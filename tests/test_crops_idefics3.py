@@ -132,12 +132,14 @@ def documents(tmp_path_factory):
             make_image(tmp / "banner.jpg", size=(2001, 45), text="a banner")]
 
 
-def rendered_pages(paths, edge: int) -> list[np.ndarray]:
-    """The render stage's page images at `edge` (the render rule's size for the family), as the CPU stage
-    has them: PDF pages by PyMuPDF in the render sandbox, scans at their own resolution, images decoded."""
+def rendered_pages(paths, settings: ImageSettings) -> list[np.ndarray]:
+    """The render stage's page images by the render rule for the family, as the CPU stage has them: PDF
+    pages by PyMuPDF in the render sandbox at the longest edge, scans at their own resolution, images decoded."""
+    from scriptorium.pipeline.render.size import resolved_render
     from scriptorium.pipeline.render.stage import pages_of
 
-    render = RenderSpec(page_edge=edge)
+    render = resolved_render(RenderSpec(), settings)
+    assert render.page_edge == settings.longest_edge and not render.halvable  # nothing halves here
     return [page_image(row) for path in paths for row in pages_of(plan_row(path), render, StorageSpec())]
 
 
@@ -147,7 +149,7 @@ def test_pdf_pages_scans_and_photos_through_compression_equal_the_processor(name
     then collated: the processor's tensors on the same page images."""
     ip = image_processor(name)
     settings = ImageSettings.from_image_processor(ip)
-    images = rendered_pages(documents, settings.render_edge)
+    images = rendered_pages(documents, settings)
     assert len(images) == 7
     assert [max(i.shape[:2]) for i in images[:4]] == [settings.longest_edge] * 4  # born-digital PDF pages
     assert max(images[4].shape[:2]) < settings.longest_edge  # the scan, at its own resolution
