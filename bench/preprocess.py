@@ -128,7 +128,7 @@ def check_fidelity(tables, reference_outputs, settings) -> bool:
     return True
 
 
-FAMILY_TARGETS = {"idefics3": 5, "smolvlm": 3, "smolvlm-instruct": 5}  # pages/s per core
+FAMILY_TARGETS = {"idefics3": 10, "smolvlm": 5, "smolvlm-instruct": 8}  # pages/s per core
 
 
 def family_processor(family: str):
