@@ -68,7 +68,9 @@ def resolved_render(render: RenderSpec, image_settings: ImageSettings) -> Render
     if not render.automatic_size:
         return render.updated(scans_at_own_resolution=False)
     resolved = render.updated(page_edge=image_settings.render_edge)
-    return resolved.with_halvable_pages() if image_settings.do_image_splitting else resolved
+    # Halvable pages serve Idefics2's split; the Idefics3 family resizes every page's longest edge anyway.
+    halvable = image_settings.do_image_splitting and not image_settings.idefics3_rule
+    return resolved.with_halvable_pages() if halvable else resolved
 
 
 def page_pixel_size(page, settings: RenderSpec, contents: PageContents | None = None) -> tuple[int, int]:
