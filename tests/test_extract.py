@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor
 
-from scriptorium.core.errors import OutputError, SpecError
+from scriptorium.core.errors import OutputError
 from scriptorium.core.schema import DOCUMENT_PAGE
 from scriptorium.core.spec import RenderSpec, TaskSpec, spec_from_dict
 from scriptorium.jobs.cli import main
