@@ -194,14 +194,10 @@ class _LinesAsJson:
         text = raw.decode("utf-8", "replace").rstrip("\r")
         if not text.strip():
             return
-        line = None
-        if text.lstrip().startswith("{"):
-            try:
-                entry = json.loads(text)
-                line = json_line(entry) if isinstance(entry, dict) else None
-            except ValueError:
-                pass
-        if line is None:
+        entry = json_object(text)
+        if entry is not None:
+            line = json_line(entry)
+        else:
             stream = "stdout" if self.fd == 1 else "stderr"
             line = event_line("output", text.split("\r")[-1].strip(), level=self.level, stream=stream)
         data = (line + "\n").encode()
@@ -212,6 +208,17 @@ class _LinesAsJson:
         os.dup2(self.original, self.fd)  # this process's write end closes: the reader sees the end, unless
         self.closing.set()  # a child process still holds it, so it also stops once the pipe is quiet
         self.thread.join(timeout=2)
+
+
+def json_object(text: str) -> dict | None:
+    """The JSON object a line holds, or None when it holds something else."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        entry = json.loads(text)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 AUTOSCALER_EVENT = ":event_summary:"  # the autoscaler lines Ray itself shows (its status dumps it does not)
@@ -231,13 +238,8 @@ def worker_lines_as_json(data: dict) -> None:
         text = text.split("\r")[-1]  # a progress bar's last state
         if not text.strip():
             continue
-        entry = None
-        if text.lstrip().startswith("{"):
-            try:
-                entry = json.loads(text)
-            except ValueError:
-                entry = None
-        if isinstance(entry, dict):
+        entry = json_object(text)
+        if entry is not None:
             entry.setdefault("run_id", _state["run_id"])
             fields = entry.get("fields") if isinstance(entry.get("fields"), dict) else {}
             entry["fields"] = {**fields, **{key: value for key, value in worker.items() if value is not None}}

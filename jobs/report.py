@@ -14,12 +14,11 @@ import zlib
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from scriptorium.connectors.parquet_sink import ParquetStore
 from scriptorium.connectors.storage import redact
 from scriptorium.core.spec import StorageSpec
-from scriptorium.pipeline.extraction import COLUMN_PREFIX
+from scriptorium.pipeline.extraction import is_extract_answer
 from scriptorium.jobs.report_page import NO_PREVIEW, render_html
 from scriptorium.jobs.report_thumbnails import (
     THUMB_EDGE,
@@ -33,7 +32,8 @@ from scriptorium.jobs.summary_text import format_summary
 
 KEY_COLUMNS = ["source_uri", "page", "status", "run_id"]
 ROW_COLUMNS = ["source_uri", "page", "n_pages", "member", "task", "question", "text", "status", "error", "stage",
-               "n_output_tokens", "truncated", "route", "logprob_mean", "logprob_min", "run_id", "source_size"]
+               "n_output_tokens", "truncated", "route", "logprob_mean", "logprob_min", "run_id", "source_size",
+               "generation"]
 MAX_ERROR_PAGES = 500  # pages with errors shown (all of them up to this many; the summary counts the rest)
 
 
@@ -86,13 +86,6 @@ def choose_pages(store: ParquetStore, sample: int, run_id: str | None, seed: int
     return chosen, max(len(errors) - MAX_ERROR_PAGES, 0)
 
 
-def extract_tasks_of(store: ParquetStore, path: str) -> set[str]:
-    """The extract tasks of a published file: those with a typed column `extract_<task>` in it."""
-    with store.fs.open(path, "rb") as handle:
-        names = pq.read_schema(handle).names
-    return {name.removeprefix(COLUMN_PREFIX) for name in names if name.startswith(COLUMN_PREFIX)}
-
-
 def read_rows(store: ParquetStore, keys: set, run_id: str | None) -> list[dict]:
     """Every result row of the chosen pages."""
     sources = pa.array(sorted({source for source, _ in keys}), pa.string())
@@ -102,8 +95,7 @@ def read_rows(store: ParquetStore, keys: set, run_id: str | None) -> list[dict]:
         table = table.filter(pc.is_in(table["source_uri"], value_set=sources))
         if run_id:
             table = table.filter(pc.equal(table["run_id"], run_id))
-        extract_tasks = extract_tasks_of(store, path) if table.num_rows else set()
         for row in table.to_pylist():
             if (row["source_uri"], row["page"]) in keys:
-                rows.append({**row, "extracted": row["task"] in extract_tasks})
+                rows.append({**row, "extracted": is_extract_answer(row["generation"])})
     return sorted(rows, key=lambda r: (r["source_uri"], r["page"], r["task"] or "", r["question"] or ""))

@@ -41,6 +41,7 @@ INT64_RANGE = (-(2**63), 2**63 - 1)
 # How the JSON of an answer is laid out: compact (no whitespace between tokens). Whitespace carries
 # nothing, costs tokens, and a model free to emit it can spend every token of an answer on it.
 GRAMMAR_OPTIONS = {"whitespace_flexible": False}
+SCHEMA_SETTING = "json_schema"  # an extract task's generation settings name its schema by this key (its digest)
 
 
 def column_name(task: TaskSpec) -> str:
@@ -55,6 +56,12 @@ def schema_digest(schema: dict) -> str:
     """A short hash of a schema's canonical JSON: part of an extract task's generation settings, so an
     answer made under another schema is never reused for this one (dedup across runs)."""
     return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_extract_answer(generation: str | None) -> bool:
+    """Whether a row's generation settings (its `generation` column) are an extract task's: they name its
+    schema (`PromptPlan.settings`)."""
+    return bool(generation) and SCHEMA_SETTING in json.loads(generation)
 
 
 # -- the schemas, read and checked in the driver ------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scriptorium.core.spec import TaskSpec
-from scriptorium.pipeline.extraction import schema_digest
+from scriptorium.pipeline.extraction import SCHEMA_SETTING, schema_digest
 
 # The built-in instructions per (kind, detail), for instruct and base checkpoints.
 INSTRUCT_TEXT = {
@@ -69,7 +69,7 @@ class PromptPlan:
                     "do_sample": task.do_sample, "temperature": task.temperature, "top_p": task.top_p,
                     "stop_strings": list(task.stop_strings)}
         if self.schema is not None:  # an answer made under another schema is another answer
-            settings["json_schema"] = schema_digest(self.schema)
+            settings[SCHEMA_SETTING] = schema_digest(self.schema)
         return settings
 
     @property

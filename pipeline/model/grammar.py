@@ -131,10 +131,7 @@ class GrammarMask(LogitsProcessor):
                 self._bits = torch.arange(32, dtype=torch.int32, device=scores.device)
             words = self.bitmask.to(scores.device)  # synchronous: the next step refills this buffer
             allowed = ((words.unsqueeze(-1) >> self._bits) & 1).view(words.shape[0], -1).bool()
-        allowed = allowed[:, : scores.shape[-1]]
-        if allowed.shape[-1] < scores.shape[-1]:  # scores wider than the tokenizer's vocabulary: never allowed
-            allowed = torch.nn.functional.pad(allowed, (0, scores.shape[-1] - allowed.shape[-1]), value=False)
-        return allowed
+        return allowed[:, : scores.shape[-1]]  # the bitmask is whole 32-bit words: the vocabulary rounded up
 
 
 class MasksAhead(StoppingCriteria):

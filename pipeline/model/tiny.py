@@ -259,21 +259,11 @@ def build_tiny_idefics3(
         unk=None, bos="<|begin_of_text|>", eos="<|end_of_text|>", pad="<|reserved_special_token_0|>",
         extra_tokens=IDEFICS3_TILE_TOKENS,
     )
-    tile, patch, scale = 364, 14, 2
-    image_processor = Idefics3ImageProcessorPil(
-        do_image_splitting=do_image_splitting,
-        size={"longest_edge": longest_edge or 4 * tile},
-        max_image_size={"longest_edge": tile},
-    )
-    processor = Idefics3Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        image_seq_len=(tile // patch) ** 2 // scale**2,
-        chat_template=IDEFICS3_CHAT_TEMPLATE,
-    )
-    config = Idefics3Config(**_idefics3_like_config(processor.tokenizer, tile, patch, scale))
-    return _save(Idefics3ForConditionalGeneration, config, processor, _mkdir(out_dir), seed=seed,
-                 image_sensitive=image_sensitive)
+    return _build_tiled(out_dir, tokenizer, tile=364, patch=14, scale=2, chat_template=IDEFICS3_CHAT_TEMPLATE,
+                        classes=(Idefics3ImageProcessorPil, Idefics3Processor, Idefics3Config,
+                                 Idefics3ForConditionalGeneration),
+                        do_image_splitting=do_image_splitting, longest_edge=longest_edge, seed=seed,
+                        image_sensitive=image_sensitive)
 
 
 def build_tiny_smolvlm(
@@ -293,22 +283,35 @@ def build_tiny_smolvlm(
         unk="<|endoftext|>", bos="<|im_start|>", eos="<end_of_utterance>", pad="<|im_end|>", add_bos=False,
         extra_tokens=IDEFICS3_TILE_TOKENS,
     )
-    tile, patch, scale = 512, 16, 4
-    image_processor = SmolVLMImageProcessorPil(
+    return _build_tiled(out_dir, tokenizer, tile=512, patch=16, scale=4, chat_template=SMOLVLM_CHAT_TEMPLATE,
+                        classes=(SmolVLMImageProcessorPil, SmolVLMProcessor, SmolVLMConfig,
+                                 SmolVLMForConditionalGeneration),
+                        do_image_splitting=do_image_splitting, longest_edge=longest_edge, seed=seed,
+                        image_sensitive=image_sensitive, video_processor=SmolVLMVideoProcessor())
+
+
+def _build_tiled(out_dir, tokenizer, *, tile: int, patch: int, scale: int, chat_template: str, classes: tuple,
+                 do_image_splitting: bool, longest_edge: int | None, seed: int, image_sensitive: bool,
+                 **processor_extra) -> Path:
+    """An Idefics3-like checkpoint (Idefics3, SmolVLM): images resized to a longest edge of 4 tiles (or
+    `longest_edge`) and split into `tile`-pixel tiles of `patch`-pixel patches, pixel-shuffled by `scale`,
+    so (tile / patch)^2 / scale^2 image tokens a tile. `classes`: the family's image processor, processor,
+    config and model classes."""
+    image_processor_class, processor_class, config_class, model_class = classes
+    image_processor = image_processor_class(
         do_image_splitting=do_image_splitting,
         size={"longest_edge": longest_edge or 4 * tile},
         max_image_size={"longest_edge": tile},
     )
-    processor = SmolVLMProcessor(
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=SmolVLMVideoProcessor(),
         image_seq_len=(tile // patch) ** 2 // scale**2,
-        chat_template=SMOLVLM_CHAT_TEMPLATE,
+        chat_template=chat_template,
+        **processor_extra,
     )
-    config = SmolVLMConfig(**_idefics3_like_config(processor.tokenizer, tile, patch, scale))
-    return _save(SmolVLMForConditionalGeneration, config, processor, _mkdir(out_dir), seed=seed,
-                 image_sensitive=image_sensitive)
+    config = config_class(**_idefics3_like_config(processor.tokenizer, tile, patch, scale))
+    return _save(model_class, config, processor, _mkdir(out_dir), seed=seed, image_sensitive=image_sensitive)
 
 
 def _idefics3_like_config(tok, tile: int, patch: int, scale: int) -> dict:
