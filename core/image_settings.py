@@ -18,7 +18,7 @@ class ImageSettings:
     rescale_factor: float = 1 / 255
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_seq_len: int = 64  # <image> tokens per image; must equal the perceiver's resampler_n_latents
+    image_seq_len: int = 64  # <image> tokens per crop; must equal what the connector makes of one (pipeline/family.py)
     resample: int = 2  # PIL bilinear
     # The Idefics3 family (Idefics3, SmolVLM; pipeline/crops_idefics3.py): the processor's rule is "idefics3",
     # and `tile_edge` is its `max_image_size["longest_edge"]`, the side of every crop. Idefics2 ignores both.

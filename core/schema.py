@@ -96,6 +96,9 @@ PREPROCESSED_SCHEMA = pa.schema(
     + [
         ("pixels", pa.large_binary()),
         ("crop_shapes", pa.list_(pa.list_(pa.int32()))),  # [[h, w], ...] in the order of `pixels`
+        # [[rows, cols], ...] per image: the tile grid it was cut into ([0, 0]: none), which the Idefics3
+        # family's prompt spells out (pipeline/family.py)
+        ("image_grids", pa.list_(pa.list_(pa.int32()))),
         ("preprocessed_at", pa.float64()),  # when preprocessing finished (Unix time): a replica's wait metric
     ]
 )

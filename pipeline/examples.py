@@ -11,7 +11,7 @@ from scriptorium.core.errors import PageError, SpecError
 from scriptorium.core.image_settings import ImageSettings
 from scriptorium.core.pixels import page_image
 from scriptorium.core.spec import RenderSpec, StorageSpec, TaskSpec
-from scriptorium.pipeline.crops import model_crops
+from scriptorium.pipeline.family import family_named
 from scriptorium.pipeline.prompts import Example
 from scriptorium.pipeline.render.decoders import local_frames
 
@@ -21,6 +21,7 @@ def load_examples(tasks: list[TaskSpec], image_settings: ImageSettings,
     """Every task's few-shot examples, by task name. A missing or unreadable example image stops the
     job before any work starts (SpecError naming it)."""
     examples: dict[str, list[Example]] = {}
+    family = family_named(image_settings.family)
     for task in tasks:
         for spec in task.examples:
             try:
@@ -29,7 +30,7 @@ def load_examples(tasks: list[TaskSpec], image_settings: ImageSettings,
                     raise PageError(frame["error"])
             except Exception as exc:
                 raise SpecError(f"task {task.task_name!r}: example image {spec['image']} cannot be used: {exc}") from None
+            crops, grid = family.crops(page_image(frame), image_settings)
             examples.setdefault(task.task_name, []).append(
-                Example(crops=model_crops(page_image(frame), image_settings), prompt=spec.get("prompt", ""),
-                        text=spec["text"]))
+                Example(crops=crops, prompt=spec.get("prompt", ""), text=spec["text"], grid=grid))
     return examples

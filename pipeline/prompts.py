@@ -90,6 +90,7 @@ class Example:
     crops: list[np.ndarray]
     prompt: str
     text: str
+    grid: tuple[int, int] = (0, 0)  # the tile grid its image was cut into (pipeline/family.py)
 
 
 # -- prompt text ------------------------------------------------------------------------------------------
@@ -149,6 +150,10 @@ class PromptBook:
     def example_crops(self, task: TaskSpec) -> list[np.ndarray]:
         """The examples' crops, which come before the page's crops in the sequence (prompt order)."""
         return [crop for example in self.examples.get(task.task_name, []) for crop in example.crops]
+
+    def example_grids(self, task: TaskSpec) -> list[tuple[int, int]]:
+        """The examples' tile grids, in the order of `example_crops`."""
+        return [example.grid for example in self.examples.get(task.task_name, [])]
 
     def plan(self, processor, task: TaskSpec, question: str | None, n_page_images: int = 1) -> PromptPlan:
         key = (task.task_name, question, n_page_images)

@@ -267,7 +267,7 @@ def test_the_model_stage_keeps_each_batch_within_its_token_budget(tiny_model, tm
     assert sorted(len(call["input_ids"]) for call in model_inputs) == [1, 2, 2]
 
 
-@pytest.mark.parametrize("family", ["idefics3", "llava"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_a_checkpoint_of_another_family_stops_the_job_naming_the_families_run(family, tmp_path, capsys):
     from scriptorium.jobs.cli import main
 
@@ -278,4 +278,5 @@ def test_a_checkpoint_of_another_family_stops_the_job_naming_the_families_run(fa
                  "--model", str(tmp_path / "model"), "--task", "ocr"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and len(error.splitlines()) == 1, error
-    assert f"is a checkpoint of model type {family}: Scriptorium runs the idefics2 family" in error
+    assert f"is a checkpoint of model type {family}: Scriptorium runs these families: idefics2 " in error
+    assert "idefics3 (HuggingFaceM4/Idefics3-8B-Llama3); smolvlm (HuggingFaceTB/SmolVLM-256M-Instruct)" in error

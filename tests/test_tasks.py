@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from scriptorium.pipeline import preprocess
+from scriptorium.pipeline import family
 from scriptorium.pipeline.render import stage as render_stage
 from scriptorium.connectors.ledger import read_ledger
 from scriptorium.connectors.listing import list_inputs
@@ -49,7 +49,7 @@ def test_every_task_kind_in_one_pass(tiny_model, two_pages, monkeypatch):
         TaskSpec(kind="custom", name="keywords", prompt="List three keywords for this page.", max_new_tokens=4),
     ]
     reads = counting(monkeypatch, render_stage, "pages_of")
-    resizes = counting(monkeypatch, preprocess, "model_crops")
+    resizes = counting(monkeypatch, family, "model_crops")
     rows = run_stages(job(tiny_model, tasks), [plan_row(two_pages)])
 
     # Read and rendered once, preprocessed once per page, six rows per page.

@@ -1,16 +1,18 @@
-"""A continuous-batching engine for Idefics2: transformers' own engine, with each page's image features
-placed in the prefill where its `<image>` tokens stand.
+"""A continuous-batching engine for the Idefics family: transformers' own engine, with each page's image
+features placed in the prefill where its `<image>` tokens stand.
 
 transformers (`generation/continuous_batching/`) schedules requests over a paged KV cache: a request
 that ends frees its slot at once and a waiting one takes it, so a short page never waits for a long one.
 Its requests are token ids only, and it runs a causal language model's forward on them. Here that model
-is the Idefics2 checkpoint's own Mistral text model and LM head (the same modules, no copy), behind
-`FeatureReadingLM`, whose input embedding reads image features for *virtual* token ids:
+is the checkpoint's own text model and LM head (the same modules, no copy: Idefics2's Mistral, Idefics3's
+and SmolVLM's Llama), as the causal LM class transformers registers for that text model, made to read
+image features for *virtual* token ids (`feature_reading_lm`):
 
-- each crop's features (`pipeline.image_features.encode_crops`, 64 rows) take a slot of `FeatureSlots`, a
+- each crop's features (`features.encode_crops`, 64 rows for Idefics2) take a slot of `FeatureSlots`, a
   fixed buffer on the model's device, and the request's `<image>` tokens become the ids
-  `vocab_size + slot * 64 + row`, in the order the processor lays them out (the order in which
-  Idefics2's `inputs_merger` scatters features);
+  `vocab_size + slot * rows + row`, in the order the processor lays them out (the order in which
+  the model's `inputs_merger` scatters features; the Idefics3 family's tile tags between them are
+  ordinary tokens);
 - every other id reads the token embedding as usual, so the decoder sees exactly the embeddings that
   `generate` with `mm_encoder_outputs` gives it, at the same positions.
 
@@ -35,14 +37,17 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import functools
 import itertools
 import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, MistralForCausalLM
+from transformers import GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+from scriptorium.pipeline.family import family_named
 from scriptorium.pipeline.model.budget import KV_CACHE_MEMORY_FRACTION
 from scriptorium.pipeline.model.logprobs import sampling_top_k
 from scriptorium.pipeline.model.outputs import generated_output
@@ -146,9 +151,8 @@ class FeatureSlots:
         return torch.where(virtual[..., None], rows.to(tokens.dtype), tokens)
 
 
-class FeatureReadingLM(MistralForCausalLM):
-    """Idefics2's text model and LM head as the causal LM the engine drives, reading image features for
-    virtual token ids. Built around the loaded modules by `feature_reading_lm`, never from weights."""
+class ReadsFeatures:
+    """Mixed into a causal LM class: its input embedding reads image features for virtual token ids."""
 
     slots: FeatureSlots
 
@@ -156,10 +160,19 @@ class FeatureReadingLM(MistralForCausalLM):
         return super().forward(inputs_embeds=self.slots.embed(input_ids, self.model.embed_tokens), **kwargs)
 
 
-def feature_reading_lm(model, slots: FeatureSlots) -> FeatureReadingLM:
+@functools.cache
+def feature_reading_class(causal_lm_class: type) -> type:
+    """`causal_lm_class` (MistralForCausalLM, LlamaForCausalLM, ...) reading image features: one class per base."""
+    return type(f"FeatureReading{causal_lm_class.__name__}", (ReadsFeatures, causal_lm_class), {})
+
+
+def feature_reading_lm(model, slots: FeatureSlots):
+    """The checkpoint's text model and LM head as the causal LM the engine drives, reading image features
+    for virtual token ids. Built around the loaded modules, never from weights."""
     text_model = with_own_config(model.model.text_model)
+    causal_lm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_model.config)]
     with torch.device("meta"):  # no weights of its own: the checkpoint's modules are put in below
-        lm = FeatureReadingLM(text_model.config)
+        lm = feature_reading_class(causal_lm_class)(text_model.config)
     lm.model = text_model
     lm.lm_head = model.lm_head
     lm.slots = slots
@@ -226,7 +239,7 @@ class ContinuousEngine:
         self.eos_ids = sorted(eos_ids)
         self.image_token_id = image_token_id
         self.device = model.device
-        rows_per_image = model.config.perceiver_config.resampler_n_latents
+        rows_per_image = family_named(model.config.model_type).image_tokens_per_crop(model.config)
         self.slots = FeatureSlots(feature_slots or 1024, rows_per_image, text_config.hidden_size,
                                   text_config.vocab_size, model.device, model.dtype)
         self.lm = feature_reading_lm(model, self.slots)

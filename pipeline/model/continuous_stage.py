@@ -102,7 +102,7 @@ class GenerateAnswersContinuously(GenerateAnswers):
             mode = "samples" if plan.spec.do_sample else "decodes greedily"
             return self._static_because(plan.task, f"it {mode} and the continuous engine does not (transformers "
                                         "decides greedy or sampling per engine, and this job has both)")
-        if not engine.fits(self.prompt_ids(plan.prompt).tolist(), self._image_tokens(seq)):
+        if not engine.fits(self.prompt_ids(seq).tolist(), self._image_tokens(seq)):
             return self._static_because(plan.task, f"{len(seq.crops)} crops are more than the continuous "
                                         "engine's feature buffer holds")
         return True
@@ -134,7 +134,7 @@ class GenerateAnswersContinuously(GenerateAnswers):
             tokens = until_stop(result.tokens, self.eos_ids, seq.plan.stop_strings, self.text_of)
             done.append(seq)
             rows.append(self.result_row(seq, tokens, result.logprobs[: len(tokens)],
-                                         len(self.prompt_ids(seq.plan.prompt)), generate_s))
+                                         len(self.prompt_ids(seq)), generate_s))
         self.meter.batch(self.replica, self.node, rows, generate_s * len(batch))  # the block, as one batch
         retried = await asyncio.to_thread(self._retry_by_plan, done, rows)
         return retried + await asyncio.to_thread(self.generate_static, failed)
@@ -150,7 +150,7 @@ class GenerateAnswersContinuously(GenerateAnswers):
 
     def _request(self, seq: Sequence, features: torch.Tensor) -> EngineRequest:
         plan = seq.plan
-        return EngineRequest(self.prompt_ids(plan.prompt).tolist(), features, plan.max_new_tokens,
+        return EngineRequest(self.prompt_ids(seq).tolist(), features, plan.max_new_tokens,
                              temperature=plan.spec.temperature, top_p=plan.spec.top_p)
 
     def _image_tokens(self, seq: Sequence) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from scriptorium.core.image_settings import ImageSettings
+from scriptorium.pipeline.family import family_named
 from scriptorium.pipeline.model.collate import collate_pixels
 
 # Pixels per vision-tower call: bounds its activations (e.g. 64 crops of 980x980 at once) however large
@@ -69,14 +70,15 @@ class VisionStream:
 
 
 def encode_same_shape(model, pixels: torch.Tensor) -> torch.Tensor:
-    """(n, 3, h, w) crops of one shape -> (n, image_seq_len, hidden): the vision tower, then the connector
-    (modality projection and perceiver resampler), as `get_image_features` runs them, with every patch real."""
+    """(n, 3, h, w) crops of one shape -> (n, image_seq_len, hidden): the vision tower, then the family's
+    connector (Idefics2: modality projection and perceiver resampler; Idefics3: pixel shuffle and
+    projection), as `get_image_features` runs them, with every patch real."""
     inner = model.model
     patch = inner.config.vision_config.patch_size
     n, _, height, width = pixels.shape
     patch_mask = torch.ones((n, height // patch, width // patch), dtype=torch.bool, device=pixels.device)
     hidden = inner.vision_model(pixel_values=pixels.to(model.dtype), patch_attention_mask=patch_mask).last_hidden_state
-    return inner.connector(hidden, attention_mask=patch_mask.view(n, -1))
+    return family_named(model.config.model_type).connect(inner, hidden, patch_mask)
 
 
 def generate_kwargs(model, features: torch.Tensor) -> dict:

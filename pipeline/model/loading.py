@@ -16,11 +16,11 @@ import torch
 from scriptorium.core.errors import SpecError
 from scriptorium.core.image_settings import ImageSettings
 from scriptorium.core.spec import ModelSpec
+from scriptorium.pipeline.family import FAMILIES, family_named, supported_families_line
 from scriptorium.pipeline.model.journal import ray_context
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 END_OF_UTTERANCE = "<end_of_utterance>"  # how an instruct checkpoint's answers end
-SUPPORTED_FAMILIES = ("idefics2",)  # checkpoints' config model_type
 
 
 class LoadedModel(NamedTuple):
@@ -56,11 +56,13 @@ def end_of_answer_ids(model, tokenizer) -> frozenset[int]:
 
 
 def check_image_tokens(processor, model) -> None:
-    """The processor expands each `<image>` into `image_seq_len` tokens, and the model puts one perceiver
-    latent in each: a checkpoint whose two configs disagree would misplace every image feature."""
-    n_latents = model.config.perceiver_config.resampler_n_latents
-    if processor.image_seq_len != n_latents:
-        raise ValueError(f"processor image_seq_len={processor.image_seq_len} != perceiver latents {n_latents}")
+    """The processor expands each `<image>` into `image_seq_len` tokens per crop, and the model's connector
+    gives each crop its number of rows (pipeline/family.py): a checkpoint whose two configs disagree would
+    misplace every image feature."""
+    per_crop = family_named(model.config.model_type).image_tokens_per_crop(model.config)
+    if processor.image_seq_len != per_crop:
+        raise ValueError(f"processor image_seq_len={processor.image_seq_len} != {per_crop} image tokens a crop "
+                         f"takes in the {model.config.model_type} model")
 
 
 def resolve_device(requested: str) -> str:
@@ -124,7 +126,8 @@ def load_processor(model_id: str, image_settings: ImageSettings | None = None):
     if image_settings is not None:
         ip = processor.image_processor
         ip.do_image_splitting = image_settings.do_image_splitting
-        ip.size = {"longest_edge": image_settings.longest_edge, "shortest_edge": image_settings.shortest_edge}
+        ip.size = ({"longest_edge": image_settings.longest_edge} if image_settings.idefics3_rule else
+                   {"longest_edge": image_settings.longest_edge, "shortest_edge": image_settings.shortest_edge})
     return processor
 
 
@@ -160,9 +163,9 @@ def check_family(model_id: str) -> None:
         family = AutoConfig.from_pretrained(model_id).model_type
     except Exception:
         return
-    if family not in SUPPORTED_FAMILIES:
-        raise SpecError(f"model {model_id} is a checkpoint of model type {family}: Scriptorium runs the "
-                        f"{', '.join(SUPPORTED_FAMILIES)} family (HuggingFaceM4/idefics2-8b, idefics2-8b-base)")
+    if family not in FAMILIES:
+        raise SpecError(f"model {model_id} is a checkpoint of model type {family}: Scriptorium runs these "
+                        f"families: {supported_families_line()}")
 
 
 def open_model_config(model: ModelSpec) -> tuple[object, ImageSettings]:

@@ -1,6 +1,8 @@
-"""The model stage: one Idefics2 replica per actor, batched generation of pages that share a prompt. A
-batch's input ids are its prompt's, one row repeated with a mask of ones: no sequence is padded on the
-way in, and the tokens `generate` appends to a sequence after its end are cut off (outputs.py).
+"""The model stage: one model replica per actor (Idefics2, Idefics3 or SmolVLM), batched generation of pages
+that share a prompt. A batch's input ids are its prompt's, one row repeated with a mask of ones: no
+sequence is padded on the way in, and the tokens `generate` appends to a sequence after its end are cut
+off (outputs.py). For the Idefics3 family a prompt's ids also spell out each image's tile grid, so a
+batch's pages share their grids too (pipeline/family.py).
 
 `GenerateAnswers` is the callable class Ray Data's actor pool runs (one per replica, loaded once by
 loading.py): preprocessed page rows in, one result row per (page, task, question) unit out. Units
@@ -38,6 +40,7 @@ from scriptorium.core.pixels import decompress_crops
 from scriptorium.core.schema import PREPROCESSED_SCHEMA
 from scriptorium.core.spec import ModelSpec, ResourceSpec, TaskSpec
 from scriptorium.core.units import unit_key
+from scriptorium.pipeline.family import family_named
 from scriptorium.pipeline.metrics import Meter
 from scriptorium.pipeline.model.budget import automatic_token_budget, kv_cache_options
 from scriptorium.pipeline.model.collate import batch_by_shape
@@ -65,6 +68,7 @@ class Sequence:
     page: dict
     plan: PromptPlan
     crops: list
+    grids: tuple = ()  # each image's tile grid, in prompt order: what its prompt ids spell out
     features: torch.Tensor | None = None  # its crops' image features, when encoded ahead of its batch
 
     @property
@@ -108,6 +112,7 @@ class GenerateAnswers(AnswerStep):
         self.max_batch_pixels = resources.max_batch_pixels
         self.model, self.processor, self.device, self.dtype, self.eos_ids = load_for_generation(model, image_settings)
         self.tokenizer = self.processor.tokenizer
+        self.family = family_named(image_settings.family)
         # Extract tasks decode under their schema's grammar (grammar.py), over the model's whole vocabulary.
         self.grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().out_features, self.eos_ids,
                                  prompts.schemas) if prompts.schemas else None
@@ -116,7 +121,7 @@ class GenerateAnswers(AnswerStep):
         self.replica, self.node = _replica_identity()
         self.meter = Meter(run_id, resources.metrics)  # pipeline/metrics.py: counted per batch
         self.meter.replica_started(self.replica, self.node, batch_size, self.max_batch_tokens)
-        self._prompt_ids: dict[str, torch.Tensor] = {}
+        self._prompt_ids: dict[tuple, torch.Tensor] = {}
         self.journal = journal_for_this_replica(run_id)  # finds a page that kills the replica (journal.py)
         self.vision = VisionStream(self.device)  # encodes a block's crops while another block decodes
         self._decoding = threading.Lock()  # one block's batches on the GPU at a time
@@ -175,7 +180,8 @@ class GenerateAnswers(AnswerStep):
                 rows.append(self._error_row(page, plan, "page has no pixels for the model", "preprocess"))
                 continue
             # Few-shot example images come first, as in the prompt; then the page(s), in page order.
-            sequences.append(Sequence(page, plan, self.book.example_crops(task) + crops))
+            grids = self.book.example_grids(task) + [tuple(grid) for grid in page.get("image_grids") or []]
+            sequences.append(Sequence(page, plan, self.book.example_crops(task) + crops, tuple(grids)))
         return rows, sequences
 
     def generate_static(self, sequences: list[Sequence]) -> list[dict]:
@@ -191,23 +197,23 @@ class GenerateAnswers(AnswerStep):
         return rows
 
     def _batches(self, sequences: list[Sequence]) -> Iterator[list[Sequence]]:
-        """Group by prompt and generation settings, then by crop shape, then cut by count, pixel and
+        """Group by prompt ids and generation settings, then by crop shape, then cut by count, pixel and
         token budgets (capped by the largest batch that ran since an out-of-memory error).
 
-        Sequences in one batch share their prompt (so text needs no padding at all) and have similar
-        crop sizes (so little pixel padding). A sequence's tokens are its prompt's (images included)
+        Sequences in one batch share their prompt and image grids, so their ids (text needs no padding at
+        all), and have similar crop sizes (so little pixel padding). A sequence's tokens are its prompt's (images included)
         plus its max_new_tokens: a document-scope or few-shot prompt takes more of the KV-cache budget.
         """
         pages, tokens = self.fitting.limits(self.batch_size, self.max_batch_tokens)
         by_key: dict[tuple, list[Sequence]] = {}
         for seq in sequences:
-            by_key.setdefault(seq.plan.generation_key, []).append(seq)
+            by_key.setdefault((seq.plan.generation_key, seq.grids), []).append(seq)
         for group in by_key.values():
             yield from batch_by_shape(group, lambda s: s.crops, pages, self.max_batch_pixels,
                                       tokens_of=self.sequence_tokens, max_batch_tokens=tokens)
 
     def sequence_tokens(self, seq: Sequence) -> int:
-        return len(self.prompt_ids(seq.plan.prompt)) + seq.plan.max_new_tokens
+        return len(self.prompt_ids(seq)) + seq.plan.max_new_tokens
 
     def _size(self, batch: list[Sequence]) -> BatchSize:
         return BatchSize(tokens=sum(self.sequence_tokens(s) for s in batch), pages=len(batch))
@@ -274,12 +280,13 @@ class GenerateAnswers(AnswerStep):
             raise exc
         end_process(self.replica, f"{type(exc).__name__}: {exc}")
 
-    def prompt_ids(self, prompt: str) -> torch.Tensor:
-        """Token ids of a prompt with `<image>` expanded, exactly as the processor tokenizes it."""
-        if prompt not in self._prompt_ids:
-            encoded = self.processor(text=prompt, return_tensors="pt")
-            self._prompt_ids[prompt] = encoded["input_ids"][0]
-        return self._prompt_ids[prompt]
+    def prompt_ids(self, seq: Sequence) -> torch.Tensor:
+        """Token ids of a sequence's prompt with each `<image>` expanded, exactly as the processor tokenizes
+        it with the sequence's images (pipeline/family.py)."""
+        key = (seq.plan.prompt, seq.grids)
+        if key not in self._prompt_ids:
+            self._prompt_ids[key] = self.family.prompt_ids(self.processor, seq.plan.prompt, list(seq.grids))
+        return self._prompt_ids[key]
 
     def retry_degenerate(self, batch: list[Sequence], rows: list[dict]) -> list[dict]:
         """Generate degenerate rows again by sampling, at each temperature of the task's ramp in turn;
@@ -300,7 +307,7 @@ class GenerateAnswers(AnswerStep):
         """Greedy (or the task's sampling), or sampling at `temperature` for a degenerate retry."""
         plan = batch[0].plan
         task = plan.spec
-        ids = self.prompt_ids(plan.prompt)
+        ids = self.prompt_ids(batch[0])
         input_ids = ids.unsqueeze(0).expand(len(batch), -1).to(self.device)
         attention_mask = torch.ones_like(input_ids)
         generation = dict(max_new_tokens=task.max_new_tokens, do_sample=task.do_sample)

@@ -268,26 +268,39 @@ def build_tiny_idefics3(
 
 def build_tiny_smolvlm(
     out_dir: str | Path, *, seed: int = 0, do_image_splitting: bool = True, longest_edge: int | None = None,
-    image_sensitive: bool = True,
+    image_sensitive: bool = True, idefics3_processor: bool = False,
 ) -> Path:
     """Write a tiny random SmolVLM checkpoint (model + processor) to `out_dir` and return the path: as
     HuggingFaceTB/SmolVLM-256M-Instruct and -500M-Instruct, 512 px tiles of 16 px patches, pixel shuffle by
     4, so 64 image tokens a tile; images resized to a longest edge of 4 x 512 (`longest_edge`) and split
     into tiles; a SmolLM2 (Llama) text model whose tokenizer prepends nothing (the chat template starts
-    <|im_start|>) and whose eos is <end_of_utterance>."""
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+    <|im_start|>) and whose eos is <end_of_utterance>.
+
+    `idefics3_processor`: the SmolVLM model under Idefics3's processor classes, for where SmolVLM's own
+    cannot load (transformers' SmolVLMProcessor needs torchvision and num2words). Its image rule and its
+    image text (`get_image_prompt_string`) are Idefics3's, code for code, so the pixels and prompt ids are
+    the same: what differs is only which classes read the settings."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
     tokenizer = build_tokenizer(
         unk="<|endoftext|>", bos="<|im_start|>", eos="<end_of_utterance>", pad="<|im_end|>", add_bos=False,
         extra_tokens=IDEFICS3_TILE_TOKENS,
     )
+    if idefics3_processor:
+        from transformers import Idefics3Processor
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        processor_classes, extra = (Idefics3ImageProcessorPil, Idefics3Processor), {}
+    else:
+        from transformers import SmolVLMProcessor
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+        from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+        processor_classes, extra = (SmolVLMImageProcessorPil, SmolVLMProcessor), {"video_processor": SmolVLMVideoProcessor()}
     return _build_tiled(out_dir, tokenizer, tile=512, patch=16, scale=4, chat_template=SMOLVLM_CHAT_TEMPLATE,
-                        classes=(SmolVLMImageProcessorPil, SmolVLMProcessor, SmolVLMConfig,
-                                 SmolVLMForConditionalGeneration),
+                        classes=(*processor_classes, SmolVLMConfig, SmolVLMForConditionalGeneration),
                         do_image_splitting=do_image_splitting, longest_edge=longest_edge, seed=seed,
-                        image_sensitive=image_sensitive, video_processor=SmolVLMVideoProcessor())
+                        image_sensitive=image_sensitive, **extra)
 
 
 def _build_tiled(out_dir, tokenizer, *, tile: int, patch: int, scale: int, chat_template: str, classes: tuple,
