@@ -8,7 +8,7 @@
     scriptorium status OUTPUT [--json]
     scriptorium report OUTPUT --html FILE [--sample N] [--run-id ID]
     scriptorium export OUTPUT --to URI --format {markdown,text,jsonl,dolma} [--text-task NAME] [--run-id ID]
-    scriptorium inspect INPUT [--job FILE.toml] [--pages-per-second X] [--files] [--json]
+    scriptorium inspect INPUT [--job FILE.toml] [--model ID_OR_PATH] [--pages-per-second X] [--files] [--json]
     scriptorium schema [--output FILE]
 
 Exit status: 0 when the run finished (inputs that failed are error rows in the output), 2 when the job
@@ -34,6 +34,7 @@ from scriptorium.core.redaction import redact
 from scriptorium.core.spec import JobSpec, json_schema, load_spec, new_run_id
 from scriptorium.jobs.arguments import (
     INPUT_FILTER_FLAGS,
+    RUN_FLAGS,
     STORAGE_FLAGS,
     add_flags,
     add_run_arguments,
@@ -134,10 +135,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# `inspect` takes the flags that change what it lists, and those that name the model and its image settings:
+# a job's model decides its image tokens per page, and whether the default pages/s applies (inspect_input.py).
+INSPECT_MODEL_FLAGS = [flag for flag in RUN_FLAGS if flag[0] in ("--model", "--image-splitting", "--longest-edge")]
+INSPECT_FLAGS = INPUT_FILTER_FLAGS + STORAGE_FLAGS + INSPECT_MODEL_FLAGS
+
+
 def _inspect_spec(args: argparse.Namespace) -> JobSpec:
     """The spec `inspect` plans with: the --job file's, with INPUT and the flags given on top of it."""
     spec = load_spec(args.job) if args.job else JobSpec()
-    changes = overrides(args, INPUT_FILTER_FLAGS + STORAGE_FLAGS)
+    changes = overrides(args, INSPECT_FLAGS)
     if args.input:
         changes.setdefault("input", {})["uri"] = args.input
     spec = spec.updated(**changes)
@@ -148,7 +155,7 @@ def _inspect_spec(args: argparse.Namespace) -> JobSpec:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     spec = _inspect_spec(args)
-    if args.pages_per_second <= 0:
+    if args.pages_per_second is not None and args.pages_per_second <= 0:
         raise SpecError("--pages-per-second must be > 0")
     unreachable = unreachable_reason(spec.input.uri, spec.storage)
     if unreachable:
@@ -239,10 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="list what a job would process and estimate its GPU-hours (no model)")
     inspect.add_argument("input", nargs="?", help="folder, glob, file or manifest (default: the --job's input)")
     inspect.add_argument("--job", help="TOML job spec: its input filters, render limits, tasks and resources")
-    add_flags(inspect, INPUT_FILTER_FLAGS + STORAGE_FLAGS)
-    inspect.add_argument("--pages-per-second", type=float, default=DEFAULT_PAGES_PER_SECOND,
-                         help=f"pages per second per GPU and task (default {DEFAULT_PAGES_PER_SECOND}, "
-                              "measured on an H200 at 512 new tokens: use a pilot run's pages/s for yours)")
+    add_flags(inspect, INSPECT_FLAGS)
+    inspect.add_argument("--pages-per-second", type=float,
+                         help=f"pages per second per GPU and task (default, for Idefics2 only: "
+                              f"{DEFAULT_PAGES_PER_SECOND}, measured on an H200 at 512 new tokens; other families "
+                              "have none: use a pilot run's pages/s)")
     inspect.add_argument("--files", action="store_true", help="list every file")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=cmd_inspect)

@@ -5,33 +5,60 @@ with the run's own decoders just far enough to count its pages (PDF: PyMuPDF's p
 rendered; images: the header and frame count; tar shards: their image members; Parquet shards: the
 footer), and
 reports documents, pages and bytes by file type, the files a run would turn into error rows (and why),
-and an estimate of GPU-hours:
+the job's model as far as its files or its name tell without loading it (its family, and the crops and
+image tokens of a typical page), and an estimate of GPU-hours:
 
     GPU-hours = pages x (task units per page) / (pages per second per GPU) / 3600
 
 The throughput figure is an assumption until you measure it: run a pilot job on a sample of your
 documents and pass the `pages/s` that `scriptorium summary` reports (per GPU) as `--pages-per-second`.
+Without it, the default (DEFAULT_PAGES_PER_SECOND) is used for an Idefics2 checkpoint only, the family it
+was measured with. For any other family, or a model whose family cannot be told, there is no GPU-hour
+figure, and the estimate says why: no throughput of another family has been measured, and none can be
+derived from Idefics2's. Idefics2's time on the H200 went 52% to the vision tower, ~6% to prefill and
+~33% to decoding, whose steps were bound by the host, not the GPU (BENCHMARKS.md, "Where a static batch's
+time goes"). Each part changes differently in another family: the vision tower with its size and the
+tiles (a Letter page is 17 crops for Idefics3 and SmolVLM, 5 for Idefics2), prefill with the image tokens
+(320 for a split Letter page with Idefics2, 2873 with Idefics3-8B, 1088 with SmolVLM-256M), decoding
+hardly at all with the text model's size (8B, or 256M to 2.2B) while its steps wait on the host. A
+figure scaled by image tokens or parameters would look measured and could be wrong several times over,
+in either direction; a pilot run's pages/s is the figure to plan with.
+
+The family comes from a local checkpoint's config.json (`model_type`), or from a hub id's name (one of
+idefics2, idefics3, smolvlm in it); the image settings from the checkpoint's processor files, or for a hub
+id from the published checkpoint its name matches, then the job's [model] overrides. Crops and image
+tokens are given for a Letter and an A4 portrait page rendered by the run's own rule: inspect counts pages
+without opening them, so it does not know each page's size.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import posixpath
+import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from scriptorium.connectors.listing import list_inputs
 from scriptorium.connectors.storage import read_bytes, redact
 from scriptorium.core.errors import PageError
+from scriptorium.core.image_settings import ImageSettings
 from scriptorium.core.kinds import KINDS
-from scriptorium.core.spec import InputSpec, JobSpec, RenderSpec, StorageSpec
+from scriptorium.core.spec import InputSpec, JobSpec, ModelSpec, RenderSpec, StorageSpec
+from scriptorium.pipeline.crops_idefics3 import PUBLISHED, image_grid
+from scriptorium.pipeline.render.size import page_pixel_size, resolved_render
 from scriptorium.pipeline.render.sources import open_source
 
 # Planning default, per GPU and per task unit (one page through one prompt): the static engine's pages/s
-# on an H200 at 512 new tokens with splitting (BENCHMARKS.md, GPU). Replace it with a pilot run's figure
-# for other GPUs and lengths.
+# on an H200 at 512 new tokens with splitting (BENCHMARKS.md, GPU), with idefics2-8b. It stands for the
+# Idefics2 family only (MEASURED_FAMILY); replace it with a pilot run's figure for other GPUs and lengths.
 DEFAULT_PAGES_PER_SECOND = 6.3
+MEASURED_FAMILY = "idefics2"
 OPEN_WORKERS = 8  # files opened in parallel (object stores are latency-bound)
 
 
@@ -90,7 +117,159 @@ def task_units(spec: JobSpec) -> int:
     return max(units, 1)
 
 
-def summarize_inspection(entries: Iterable[dict], spec: JobSpec, pages_per_second: float) -> dict:
+# The job's model, without loading it ------------------------------------------------------------------
+
+FAMILIES = ("idefics2", "idefics3", "smolvlm")  # the config model_types of the checkpoints Scriptorium runs
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # "org/name", as the driver tells a hub id from a path (loading.py)
+
+# The pages crops and image tokens are given for: Letter and A4 portrait, width and height in points.
+TYPICAL_PAGES = {"letter": (612, 792), "a4": (595, 842)}
+PAGE_NAMES = {"letter": "Letter", "a4": "A4"}
+
+
+def _tiled(family: str, published: str, image_seq_len: int) -> ImageSettings:
+    """Image settings of the Idefics3 family: `published` names its sizes in crops_idefics3.PUBLISHED."""
+    sizes = PUBLISHED[published]
+    return ImageSettings(family=family, do_image_splitting=True, longest_edge=sizes["size"]["longest_edge"],
+                         tile_edge=sizes["max_image_size"]["longest_edge"], image_seq_len=image_seq_len, resample=1)
+
+
+# What transformers' processor classes take when a checkpoint's processor files leave a setting out.
+CLASS_DEFAULTS = {
+    "idefics2": ImageSettings(),  # 980 px, no splitting, 64 image tokens a crop
+    "idefics3": _tiled("idefics3", "idefics3", 169),
+    "smolvlm": _tiled("smolvlm", "idefics3", 169),  # SmolVLM's classes default to Idefics3-8B's settings
+}
+
+# The published checkpoints' settings, for a hub id (inspect reads no network): the first row whose words
+# all occur in the id, in lower case. Image tokens a crop: Idefics2's perceiver has 64 latents; the
+# others, (tile / patch)^2 / pixel shuffle^2: Idefics3-8B (364 / 14)^2 / 2^2 = 169, SmolVLM-256M and
+# -500M (512 / 16)^2 / 4^2 = 64, SmolVLM-Instruct and SmolVLM2-2.2B (384 / 14 = 27)^2 / 3^2 = 81.
+# Idefics2 splits as its model card says: the instruction-tuned checkpoints were trained with splitting,
+# the base one without; which is why inspect says "assumed" unless the job sets [model] do_image_splitting.
+PUBLISHED_CHECKPOINTS = [
+    (("idefics2", "base"), CLASS_DEFAULTS["idefics2"]),  # idefics2-8b-base
+    (("idefics2",), dataclasses.replace(CLASS_DEFAULTS["idefics2"], do_image_splitting=True)),  # idefics2-8b
+    (("idefics3",), _tiled("idefics3", "idefics3", 169)),  # Idefics3-8B-Llama3
+    (("smolvlm", "256m"), _tiled("smolvlm", "smolvlm", 64)),  # SmolVLM-256M-Instruct, SmolVLM2-256M-Video-...
+    (("smolvlm", "500m"), _tiled("smolvlm", "smolvlm", 64)),  # SmolVLM-500M-Instruct, SmolVLM2-500M-Video-...
+    (("smolvlm", "2.2b"), _tiled("smolvlm", "smolvlm-instruct", 81)),  # SmolVLM2-2.2B-Instruct
+    (("smolvlm-instruct",), _tiled("smolvlm", "smolvlm-instruct", 81)),  # SmolVLM-Instruct (2.2B)
+]
+
+
+def checkpoint_family(model_id: str) -> tuple[str | None, str]:
+    """(the checkpoint's family or model_type, where that was read); (None, why) when it cannot be told."""
+    if not model_id:
+        return None, "no model named (--model or --job)"
+    folder = Path(os.path.expanduser(model_id))
+    if folder.is_dir():
+        model_type = _read_json(folder / "config.json").get("model_type")
+        return (model_type, "config.json") if model_type else (None, "no model_type in its config.json")
+    if HUB_ID.fullmatch(model_id) and not model_id.startswith("."):
+        for family in FAMILIES:
+            if family in model_id.lower():
+                return family, "hub id"
+        return None, "its hub id names none of " + ", ".join(FAMILIES)
+    return None, "neither a checkpoint folder nor a hub id"
+
+
+def checkpoint_image_settings(model: ModelSpec, family: str | None) -> tuple[ImageSettings | None, str]:
+    """The image settings a run would resolve (from the checkpoint's processor files, or the published
+    checkpoint a hub id names), with the job's [model] overrides; (None, why) when they cannot be told."""
+    if family not in FAMILIES:
+        return None, ("not a family Scriptorium runs" if family else "unknown family")
+    folder = Path(os.path.expanduser(model.id))
+    if folder.is_dir():
+        settings, source = local_image_settings(folder, family), "processor files"
+    else:
+        name = model.id.lower()
+        settings = next((s for words, s in PUBLISHED_CHECKPOINTS if all(word in name for word in words)), None)
+        source = "published checkpoint"
+        if settings is None:
+            return None, "its hub id matches no published checkpoint: inspect a local copy"
+    overrides = {"do_image_splitting": model.do_image_splitting, "longest_edge": model.longest_edge}
+    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None}), source
+
+
+def local_image_settings(folder: Path, family: str) -> ImageSettings:
+    """A checkpoint folder's image settings, read as transformers reads them: transformers 5 nests the image
+    processor's in processor_config.json, earlier versions wrote preprocessor_config.json; a setting left
+    out takes the processor class's default."""
+    processor = _read_json(folder / "processor_config.json")
+    image_processor = processor.get("image_processor") or _read_json(folder / "preprocessor_config.json")
+    default = CLASS_DEFAULTS[family]
+    size, tile = image_processor.get("size") or {}, image_processor.get("max_image_size") or {}
+    return dataclasses.replace(
+        default,
+        do_image_splitting=bool(image_processor.get("do_image_splitting", default.do_image_splitting)),
+        longest_edge=int(size.get("longest_edge", default.longest_edge)),
+        tile_edge=int(tile.get("longest_edge", default.tile_edge)),
+        image_seq_len=int(processor.get("image_seq_len", default.image_seq_len)),
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def page_image_tokens(settings: ImageSettings, render: RenderSpec, width_pt: float, height_pt: float) -> dict:
+    """A PDF page of this size (points), rendered by the run's rule: its pixel size, crops and `<image>`
+    tokens, and the prompt's whole image part (`prompt_image_tokens`): those with the tags around them as the
+    processors write them, each tag and newline counted as one token."""
+    import pymupdf
+
+    document = pymupdf.open()
+    document.new_page(width=width_pt, height=height_pt)
+    width, height = page_pixel_size(document[0], resolved_render(render, settings))
+    if settings.idefics3_rule:
+        rows, cols = image_grid(height, width, settings)
+        crops = rows * cols + 1 if rows else 1
+        # Idefics3Processor.replace_image_token: <fake_token_around_image><row_i_col_j> before each tile, a
+        # newline after each row and one before the global image, itself <fake_token_around_image>
+        # <global-img>, its tokens, <fake_token_around_image>.
+        tags = 2 * rows * cols + rows + 1 + 3 if rows else 3
+    else:
+        crops = settings.images_per_page
+        tags = crops + 1  # Idefics2Processor: <fake_token_around_image> before each crop and after the last
+    tokens = crops * settings.image_seq_len
+    return {"width": width, "height": height, "crops": crops, "image_tokens": tokens,
+            "prompt_image_tokens": tokens + tags}
+
+
+def model_plan(spec: JobSpec) -> dict:
+    """What inspect tells of the job's model without loading it: its family, where that was read, and with
+    its image settings the crops and image tokens of TYPICAL_PAGES."""
+    family, family_from = checkpoint_family(spec.model.id)
+    plan = {"id": spec.model.id or None, "family": family, "family_from": family_from,
+            "supported": family in FAMILIES}
+    settings, settings_from = checkpoint_image_settings(spec.model, family)
+    plan["settings_from"] = settings_from
+    if settings is None:
+        return plan
+    plan["do_image_splitting"] = settings.do_image_splitting
+    plan["splitting_from"] = "job" if spec.model.do_image_splitting is not None else settings_from
+    plan["image_tokens_per_crop"] = settings.image_seq_len
+    plan["pages"] = {name: page_image_tokens(settings, spec.render, *size) for name, size in TYPICAL_PAGES.items()}
+    return plan
+
+
+def throughput(pages_per_second: float | None, family: str | None) -> tuple[float | None, str]:
+    """(pages/s per GPU the estimate uses, where it comes from); None when there is no figure to use: the
+    default was measured with Idefics2, and no other family's can be derived from it (module docstring)."""
+    if pages_per_second is not None:
+        return pages_per_second, "--pages-per-second"
+    if family == MEASURED_FAMILY:
+        return DEFAULT_PAGES_PER_SECOND, "measured with idefics2-8b on an H200 at 512 new tokens (BENCHMARKS.md)"
+    model = family or "an unknown model"
+    return None, f"not measured for {model} (the default, {DEFAULT_PAGES_PER_SECOND:g}, was measured with Idefics2)"
+
+
+def summarize_inspection(entries: Iterable[dict], spec: JobSpec, pages_per_second: float | None) -> dict:
     by_type: dict[str, dict] = defaultdict(lambda: {"documents": 0, "pages": 0, "bytes": 0, "unreadable": 0})
     unreadable, files = [], []
     for entry in entries:
@@ -103,6 +282,7 @@ def summarize_inspection(entries: Iterable[dict], spec: JobSpec, pages_per_secon
             kind["unreadable"] += 1
             unreadable.append({"source_uri": entry["source_uri"], "reason": entry["error"]})
     pages = sum(t["pages"] for t in by_type.values())
+    model = model_plan(spec)
     return {
         "input": spec.input.uri,
         "documents": len(files),
@@ -112,25 +292,29 @@ def summarize_inspection(entries: Iterable[dict], spec: JobSpec, pages_per_secon
         "by_type": dict(sorted(by_type.items())),
         "unreadable_files": unreadable,
         "files": files,
-        "estimate": estimate(pages, spec, pages_per_second),
+        "model": model,
+        "estimate": estimate(pages, spec, *throughput(pages_per_second, model["family"])),
     }
 
 
-def estimate(pages: int, spec: JobSpec, pages_per_second: float) -> dict:
-    """GPU-hours for `pages`, wall time on the spec's replicas, and cost at the spec's GPU price."""
+def estimate(pages: int, spec: JobSpec, pages_per_second: float | None, pages_per_second_from: str) -> dict:
+    """GPU-hours for `pages`, wall time on the spec's replicas, and cost at the spec's GPU price; all None
+    when there is no pages/s to plan with."""
     units = task_units(spec)
-    gpu_hours = pages * units / pages_per_second / 3600
     resources = spec.resources
     gpus = resources.num_replicas * (resources.gpus_per_replica if resources.gpus_per_replica is not None else 1.0)
     price = resources.gpu_price_per_hour
+    gpu_hours = pages * units / pages_per_second / 3600 if pages_per_second else None
+    known = gpu_hours is not None
     return {
         "units_per_page": units,
         "pages_per_second_per_gpu": pages_per_second,
-        "gpu_hours": round(gpu_hours, 4),
+        "pages_per_second_from": pages_per_second_from,
+        "gpu_hours": round(gpu_hours, 4) if known else None,
         "gpus": gpus,
-        "wall_hours": round(gpu_hours / gpus, 4) if gpus else None,
+        "wall_hours": round(gpu_hours / gpus, 4) if known and gpus else None,
         "price_per_hour": price or None,
-        "cost": round(gpu_hours * price, 2) if price else None,
+        "cost": round(gpu_hours * price, 2) if known and price else None,
     }
 
 
@@ -149,16 +333,39 @@ def format_inspection(report: dict, list_files: bool = False) -> str:
             lines.append(f"  unreadable  {f['source_uri']}: {f['reason']}")
         if len(report["unreadable_files"]) > 20:
             lines.append(f"  ... {len(report['unreadable_files']) - 20} more (--files lists every file)")
+    lines += format_model(report["model"])
     e = report["estimate"]
-    line = (f"estimate: {report['pages']} pages x {e['units_per_page']} task unit(s) at "
-            f"{e['pages_per_second_per_gpu']:g} pages/s per GPU = {e['gpu_hours']:.4g} GPU-hours")
+    line = f"estimate: {report['pages']} pages x {e['units_per_page']} task unit(s)"
+    if e["gpu_hours"] is None:
+        lines.append(line + f"; GPU-hours not estimated: pages/s {e['pages_per_second_from']}")
+        lines.append("  (run a pilot on a sample of the documents and pass its pages/s as --pages-per-second)")
+        return "\n".join(lines)
+    line += f" at {e['pages_per_second_per_gpu']:g} pages/s per GPU = {e['gpu_hours']:.4g} GPU-hours"
     if e["wall_hours"] is not None:
         line += f", about {e['wall_hours']:.3g} h on {e['gpus']:g} GPU(s)"
     if e["cost"] is not None:
         line += f", cost about {e['cost']:,.2f} at {e['price_per_hour']:g}/GPU-hour"
     lines.append(line)
-    lines.append("  (pages/s is a planning assumption: measure it with a pilot run and pass --pages-per-second)")
+    lines.append(f"  (pages/s {e['pages_per_second_from']}: a planning assumption until a pilot run measures "
+                 "it; pass that as --pages-per-second)")
     return "\n".join(lines)
+
+
+def format_model(model: dict) -> list[str]:
+    """The model's lines: its family and where that was read, then a typical page's crops and tokens."""
+    if model["family"] is None:
+        return [f"model {model['id'] or '(none)'}: family unknown: {model['family_from']}"]
+    line = f"model {model['id']}: {model['family']} (from its {model['family_from']})"
+    if "pages" not in model:
+        return [f"{line}: image tokens unknown: {model['settings_from']}"]
+    splitting = "on" if model["do_image_splitting"] else "off"
+    if model["splitting_from"] == "published checkpoint":  # a hub id, and the job does not say
+        splitting += " (assumed: the job leaves it to the checkpoint)"
+    lines = [f"{line}, settings of its {model['settings_from']}, image splitting {splitting}"]
+    for name, page in model["pages"].items():
+        lines.append(f"  {PAGE_NAMES[name]} page: {page['width']}x{page['height']} px, {page['crops']} crop(s), "
+                     f"{page['image_tokens']} image tokens ({page['prompt_image_tokens']} with their tags)")
+    return lines
 
 
 def _size(n: int) -> str:

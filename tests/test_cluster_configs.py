@@ -211,12 +211,27 @@ def test_dockerfile_installs_the_wheel_built_from_every_package_folder():
     assert not re.search(r"^COPY .*(core|connectors|pipeline) ", image, re.M)
 
 
-@pytest.mark.parametrize("name", ["digitize_archive", "caption_corpus", "document_qa", "extract_invoices"])
+# The ready-made cluster jobs (README), and the published checkpoint each runs.
+READY_MADE_JOBS = {
+    "digitize_archive": "HuggingFaceM4/idefics2-8b",
+    "caption_corpus": "HuggingFaceM4/idefics2-8b",
+    "caption_corpus_smolvlm": "HuggingFaceTB/SmolVLM-256M-Instruct",
+    "document_qa": "HuggingFaceM4/idefics2-8b",
+    "extract_invoices": "HuggingFaceM4/idefics2-8b",
+}
+
+
+def test_every_job_spec_in_jobs_is_checked():
+    """A spec added to jobs/ is one of the ready-made jobs checked below (or the laptop demo)."""
+    assert {path.stem for path in (REPO / "jobs").glob("*.toml")} == {*READY_MADE_JOBS, "demo"}
+
+
+@pytest.mark.parametrize("name", sorted(READY_MADE_JOBS))
 def test_ready_made_job_specs_load_validate_and_partition_output_by_run(name):
     spec = load_spec(REPO / "jobs" / f"{name}.toml").check_runnable()
     assert spec.run_id
     assert output_uri_for_run(spec.output.uri, "2026-11").endswith("/run_id=2026-11")  # a partition per run
-    assert spec.model.id == "HuggingFaceM4/idefics2-8b"
+    assert spec.model.id == READY_MADE_JOBS[name]
     assert spec.resources.address == "auto"  # joins a cluster, never starts a local Ray with GPU replicas
     assert spec.resources.num_replicas >= 1 and spec.resources.gpus_per_replica == 1
 
