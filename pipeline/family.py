@@ -15,8 +15,9 @@ rescale/normalize/pad of uint8 crops. What differs, and lives here:
   per image (`image_grids`), and pages share a batch only if their grids match;
 - **the connector** (`connect`): Idefics2's perceiver resampler reads the patch mask; Idefics3's pixel
   shuffle and projection read every patch;
-- **the image tokens a crop takes** (`image_tokens_per_crop`): the perceiver's latents, or the patches
-  left after the pixel shuffle: what the processor's `image_seq_len` must equal.
+- **the image tokens a crop takes** (`image_tokens_per_crop`, `crop_edge`): the perceiver's latents, or
+  the patches of a tile left after the pixel shuffle: what the processor's `image_seq_len` must equal,
+  with tiles of the size the vision tower was made for.
 
 The text model (Mistral or Llama) needs no entry: the continuous engine takes the causal LM class
 transformers registers for the checkpoint's text config (`pipeline/model/continuous.py`).
@@ -56,6 +57,10 @@ class Idefics2Family:
     def image_tokens_per_crop(self, config) -> int:
         return int(config.perceiver_config.resampler_n_latents)
 
+    def crop_edge(self, config) -> int | None:
+        """None: Idefics2's perceiver makes the same number of tokens of a crop of any size."""
+        return None
+
 
 class Idefics3Family(Idefics2Family):
     def __init__(self, name: str, checkpoints: tuple[str, ...]):
@@ -83,6 +88,11 @@ class Idefics3Family(Idefics2Family):
     def image_tokens_per_crop(self, config) -> int:
         patches = config.vision_config.image_size // config.vision_config.patch_size
         return int(patches**2 // config.scale_factor**2)
+
+    def crop_edge(self, config) -> int | None:
+        """The side of every crop the model was made for: the processor's tiles must be this size, or the
+        connector would make another number of image tokens of each."""
+        return int(config.vision_config.image_size)
 
 
 FAMILIES = {

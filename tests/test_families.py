@@ -14,6 +14,9 @@ tower, its pixel shuffle by 4, its Llama text model) behind the same image rule 
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
 from PIL import Image
 
@@ -130,3 +133,39 @@ def test_a_job_runs_through_scriptorium_run_and_the_processor(checkpoint, pages,
     documents = ray.data.from_items([{"source_uri": str(p)} for p in pages])
     processed = build_processor(spec)(documents).take_all()
     assert_same_generation(expected, sorted(processed, key=lambda r: (r["source_uri"], r["page"])))
+
+
+def test_a_base_prompt_and_an_extract_task_run_on_the_family(checkpoint, pages):
+    """Plain prompts (a base checkpoint's), and an answer under its schema's grammar, typed."""
+    _, model = checkpoint
+    base = job(model, [TaskSpec(kind="ocr", max_new_tokens=MAX_NEW_TOKENS)]).updated(model={"prompt_format": "base"})
+    [row] = run_stages(base, [plan_row(pages[1])])
+    assert row["prompt"] == "<image>Transcription of the text on this page:"
+    assert (row["text"], row["n_output_tokens"]) == snippet_generate(model, row["prompt"], [Image.open(pages[1])])
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["total", "paid"],
+              "properties": {"total": {"type": "integer", "minimum": 0, "maximum": 99}, "paid": {"type": "boolean"}}}
+    rows = run_stages(job(model, [TaskSpec(kind="extract", name="bill", schema=schema, max_new_tokens=60)]),
+                      [plan_row(p) for p in pages[1:]])
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) >= 3, [r["error"] for r in rows]  # random weights: only the grammar makes it JSON
+    for row in ok:
+        jsonschema.validate(json.loads(row["text"]), schema)
+        assert row["extract_bill"] == json.loads(row["text"])
+
+
+def test_a_processor_and_model_that_disagree_on_image_tokens_are_refused(checkpoint):
+    import copy
+
+    from scriptorium.pipeline.model.loading import check_image_tokens
+
+    processor, model = load_reference(str(checkpoint[1]))
+    check_image_tokens(processor, model)
+    fewer = copy.deepcopy(processor)
+    fewer.image_seq_len -= 1
+    with pytest.raises(ValueError, match="image tokens a crop takes"):
+        check_image_tokens(fewer, model)
+    smaller = copy.deepcopy(processor)
+    smaller.image_processor.max_image_size = {"longest_edge": 224}
+    with pytest.raises(ValueError, match="tiles of 224 px"):
+        check_image_tokens(smaller, model)

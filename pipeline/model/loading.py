@@ -59,10 +59,15 @@ def check_image_tokens(processor, model) -> None:
     """The processor expands each `<image>` into `image_seq_len` tokens per crop, and the model's connector
     gives each crop its number of rows (pipeline/family.py): a checkpoint whose two configs disagree would
     misplace every image feature."""
-    per_crop = family_named(model.config.model_type).image_tokens_per_crop(model.config)
+    family = family_named(model.config.model_type)
+    per_crop = family.image_tokens_per_crop(model.config)
     if processor.image_seq_len != per_crop:
         raise ValueError(f"processor image_seq_len={processor.image_seq_len} != {per_crop} image tokens a crop "
                          f"takes in the {model.config.model_type} model")
+    edge = family.crop_edge(model.config)
+    if edge is not None and processor.image_processor.max_image_size["longest_edge"] != edge:
+        raise ValueError(f"processor tiles of {processor.image_processor.max_image_size['longest_edge']} px != "
+                         f"the {edge} px the {model.config.model_type} vision tower takes")
 
 
 def resolve_device(requested: str) -> str:
