@@ -190,6 +190,20 @@ def test_the_engine_decodes_requests_of_different_lengths_together(tiny_model):
     assert all(r.error is None for r in results)
 
 
+def test_the_feature_buffer_stays_within_its_bytes(tiny_model, monkeypatch):
+    """However many crops are asked for, the buffer holds what FEATURE_BUFFER_BYTES allows (a request of
+    more crops than that goes to the static engine; requests beyond it wait)."""
+    from scriptorium.pipeline.model import continuous
+    from scriptorium.pipeline.model.loading import load_model
+
+    model = load_model(ModelSpec(id=str(tiny_model), device="cpu", dtype="fp32"), "cpu")
+    slot_bytes = 64 * model.config.text_config.hidden_size * 4  # 64 rows of fp32 features a crop
+    monkeypatch.setattr(continuous, "FEATURE_BUFFER_BYTES", 10 * slot_bytes + slot_bytes // 2)
+    engine = continuous.ContinuousEngine(model, set(), model.config.image_token_id, cache_tokens=1024, feature_slots=500)
+    assert engine.slots.capacity == 10 and engine.slots.rows.numel() * 4 <= continuous.FEATURE_BUFFER_BYTES
+    assert engine.fits([model.config.image_token_id] * 640, 640) and not engine.fits([model.config.image_token_id] * 704, 704)
+
+
 @pytest.mark.slow
 def test_the_continuous_actor_runs_under_ray(tiny_model, mixed_pages, ray_local, tmp_path):
     """Through Ray Data: the async actor, two blocks in flight, rows equal to the static engine's."""

@@ -67,6 +67,12 @@ CPU_STEP_TOKENS = 1024
 # most tokens per second near 60 requests. flash_attention_2's varlen path needs no mask: no cap there.
 SDPA_MAX_REQUESTS_ON_GPU = 64
 
+# The feature buffer's size at most. A slot holds one crop's features: 0.5 MB for Idefics2-8B (64 rows of
+# 4096 in bf16), 1.4 MB for Idefics3-8B (169 rows), so two blocks of 256 split Letter pages would take 1.3
+# and 12 GB; 2 GiB holds 91 such Idefics3 pages at once, more than the requests decoded together, and
+# leaves the rest of the GPU to the KV cache. Requests beyond it wait for slots to free.
+FEATURE_BUFFER_BYTES = 2 << 30
+
 # Tokens per page of the paged KV cache (`page_size`; `block_size` before transformers 5.18 or so).
 PAGE_TOKENS = getattr(ContinuousBatchingConfig, "page_size", None) or ContinuousBatchingConfig.block_size
 
@@ -234,13 +240,16 @@ class ContinuousEngine:
         """`sampling`: a (temperature, top_p) of the tasks it will serve (the engine builds a warper only
         for a value other than 1.0; per-request values then override it). `cache_tokens`: KV-cache size in
         tokens (0: `KV_CACHE_MEMORY_FRACTION` of the free GPU memory). `max_requests`: sequences decoded
-        together at most (0: the engine's default). `feature_slots`: crops in flight at most."""
+        together at most (0: the engine's default). `feature_slots`: crops in flight at most, within
+        FEATURE_BUFFER_BYTES."""
         text_config = model.config.text_config
         self.eos_ids = sorted(eos_ids)
         self.image_token_id = image_token_id
         self.device = model.device
         rows_per_image = family_named(model.config.model_type).image_tokens_per_crop(model.config)
-        self.slots = FeatureSlots(feature_slots or 1024, rows_per_image, text_config.hidden_size,
+        slot_bytes = rows_per_image * text_config.hidden_size * model.dtype.itemsize
+        self.slots = FeatureSlots(min(feature_slots or 1024, max(1, FEATURE_BUFFER_BYTES // slot_bytes)),
+                                  rows_per_image, text_config.hidden_size,
                                   text_config.vocab_size, model.device, model.dtype)
         self.lm = feature_reading_lm(model, self.slots)
         temperature, top_p = sampling
