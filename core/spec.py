@@ -18,7 +18,7 @@ TOML layout (every key optional except where a run needs it):
     [[tasks]]    kind = "ocr"                           max_new_tokens = 512
     [[tasks]]    kind = "qa"  questions = ["What is the title?"]
     [[tasks]]    kind = "extract"  name = "invoice"  schema = "invoice.schema.json" (or an inline table)
-    [routing]    text_layer = true                      ocr_engine = "idefics2"  dedup = true
+    [routing]    text_layer = true                      ocr_engine = "model"     dedup = true
 
 Types and choices are checked when a spec is built (`spec_from_dict`, `load_spec`, the models' own
 constructors); what a run needs besides (an input, an output, a model, a question for QA...) is checked
@@ -53,7 +53,7 @@ from scriptorium.core.redaction import redact_uri
 TaskKind = Literal["ocr", "caption", "qa", "custom", "extract"]
 CaptionDetail = Literal["short", "detailed"]
 TaskScope = Literal["page", "document"]
-OcrEngine = Literal["idefics2", "tesseract"]
+OcrEngine = Literal["model", "tesseract", "idefics2"]  # "idefics2": the model, by its first family's name
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
 Attention = Literal["sdpa", "flash_attention_2", "eager"]
@@ -375,8 +375,8 @@ class RoutingSpec(Section):
     """OCR tasks on PDF pages with a good embedded text layer use it as is"""
     text_layer_min_chars: int = 40
     """Fewer non-space characters than this: not a usable text layer"""
-    ocr_engine: OcrEngine = "idefics2"
-    """tesseract: OCR tasks run Tesseract (CPU) instead of the model."""
+    ocr_engine: OcrEngine = "model"
+    """tesseract: OCR tasks run Tesseract (CPU) instead of the model ("idefics2" is a synonym of "model")."""
     tesseract_language: str = "eng"
     """Tesseract language(s), e.g. eng+deu."""
     dedup: bool = False
