@@ -51,6 +51,7 @@ from scriptorium.core.image_settings import ImageSettings
 from scriptorium.core.kinds import KINDS
 from scriptorium.core.spec import InputSpec, JobSpec, ModelSpec, RenderSpec, StorageSpec
 from scriptorium.pipeline.crops_idefics3 import PUBLISHED, image_grid
+from scriptorium.pipeline.family import FAMILIES  # the config model_types of the checkpoints Scriptorium runs
 from scriptorium.pipeline.render.size import page_pixel_size, resolved_render
 from scriptorium.pipeline.render.sources import open_source
 
@@ -119,7 +120,6 @@ def task_units(spec: JobSpec) -> int:
 
 # The job's model, without loading it ------------------------------------------------------------------
 
-FAMILIES = ("idefics2", "idefics3", "smolvlm")  # the config model_types of the checkpoints Scriptorium runs
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # "org/name", as the driver tells a hub id from a path (loading.py)
 
 # The pages crops and image tokens are given for: Letter and A4 portrait, width and height in points.

@@ -22,7 +22,7 @@ rescale/normalize/pad of uint8 crops. What differs, and lives here:
 The text model (Mistral or Llama) needs no entry: the continuous engine takes the causal LM class
 transformers registers for the checkpoint's text config (`pipeline/model/continuous.py`).
 
-A family is chosen from the checkpoint's config `model_type` (`for_model_type`), and travels to workers as
+A family is chosen from the checkpoint's config `model_type` (`family_named`), and travels to workers as
 its name, in `ImageSettings.family`. Numpy and Pillow only: the preprocess workers import it.
 """
 
