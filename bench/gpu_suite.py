@@ -6,10 +6,13 @@
 It prints (and flushes) each `RESULT` line the moment it is measured, and stops cleanly at `--deadline-s`:
 whatever it measured by then is printed, the rest is said to be skipped. Sections, most valuable first:
 
-1. correctness: the tiny image-sensitive checkpoint (pipeline/model/tiny.py) through the model stage's own
-   classes (`GenerateAnswers`, `GenerateAnswersContinuously`) on the device, against the same rows made
-   on CPU; a repetition-penalty task beside a greedy one (the continuous stage's static fallback while an
-   engine session is open); an injected out-of-memory error above a batch size (recovered, every row ok);
+1. correctness: the tiny image-sensitive Idefics2 checkpoint (pipeline/model/tiny.py) through the model
+   stage's own classes (`GenerateAnswers`, `GenerateAnswersContinuously`) on the device, against the same
+   rows made on CPU; a repetition-penalty task beside a greedy one (the continuous stage's static fallback
+   while an engine session is open); an injected out-of-memory error above a batch size (recovered, every
+   row ok); then (`families`) the same rows, both engines, for the tiny Idefics3 checkpoint and SmolVLM's
+   model under Idefics3's processor classes, pages cut into grids of tiles whose prompts spell them out
+   (`suite_idefics3_*`, `suite_smolvlm_*`);
 2. end to end on the full idefics2-8b architecture (random weights, bf16, SDPA): `gpu_pages_per_s` of the
    static and continuous engines at `--new-tokens` with image splitting and the automatic batch (the next
    batch's crops encoded beside this one's decode, as replicas do; `--no-overlap`: in turn; `--both-orders`:
@@ -288,23 +291,40 @@ def differing_rows(a: list[dict], b: list[dict]) -> str:
                      for x, y in zip(a, b) if any(x[k] != y[k] for k in GENERATION_KEYS))
 
 
-def check_correctness(report: Report, device: str, n_pages: int) -> None:
-    """The model stage's classes on `device` against CPU, both engines, a static fallback, an injected OOM."""
+# The tiny image-sensitive checkpoints the correctness sections run (pipeline/model/tiny.py), each splitting
+# pages by its family's rule at a size quick on CPU: Idefics2's four quadrants and the page at 490; the
+# Idefics3 family's real tiles at a longest edge of two (a 2 x 2 grid and the global tile on a page).
+# SmolVLM's model runs under Idefics3's processor classes: transformers' SmolVLMProcessor needs torchvision
+# and num2words, and its image rule and prompt text are Idefics3's.
+CORRECTNESS_CHECKPOINTS = {
+    "idefics2": dict(do_image_splitting=True, longest_edge=490, shortest_edge=378),
+    "idefics3": dict(longest_edge=2 * 364),
+    "smolvlm": dict(longest_edge=2 * 512, idefics3_processor=True),
+}
+
+
+def check_correctness(report: Report, device: str, n_pages: int, family: str = "idefics2",
+                      inject_oom: bool = True) -> None:
+    """The model stage's classes on `device` against CPU, on `family`'s tiny checkpoint: both engines, a
+    static fallback, and with `inject_oom` an out-of-memory error (its recovery is the same for every
+    family, so one family checks it). Idefics2's RESULT lines are `suite_*`, another family's
+    `suite_<family>_*`."""
     from scriptorium.core.spec import ModelSpec, TaskSpec
     from scriptorium.pipeline.model.continuous_stage import GenerateAnswersContinuously
     from scriptorium.pipeline.model.loading import open_model_config
     from scriptorium.pipeline.model.stage import GenerateAnswers
-    from scriptorium.pipeline.model.tiny import build_tiny_idefics2
+    from scriptorium.pipeline.model.tiny import build_tiny
     from scriptorium.pipeline.preprocess import PreprocessPages
     from scriptorium.pipeline.prompts import PromptBook
 
+    metric = "suite_" if family == "idefics2" else f"suite_{family}_"
     # fp32 without TF32 on both devices: the same arithmetic up to kernel order, so greedy tokens agree.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     tasks = [TaskSpec(kind="ocr", max_new_tokens=24),
              TaskSpec(kind="caption", max_new_tokens=24, repetition_penalty=1.3)]
     with tempfile.TemporaryDirectory() as folder:
-        path = build_tiny_idefics2(folder, do_image_splitting=True, longest_edge=490, shortest_edge=378)
+        path = build_tiny(folder, family=family, **CORRECTNESS_CHECKPOINTS[family])
         spec = ModelSpec(id=str(path), device="cpu", dtype="fp32")
         _, settings = open_model_config(spec)
         images = page_images(n_pages, resolved_render(RenderSpec(), settings), seed=7)
@@ -314,40 +334,48 @@ def check_correctness(report: Report, device: str, n_pages: int) -> None:
         on_cpu = stage_rows(GenerateAnswers(spec, settings, book, batch_size=4), preprocessed)
         device_spec = spec.model_copy(update={"device": device})
         static = GenerateAnswers(device_spec, settings, book, batch_size=4)
-        on_device = stage_rows(static, preprocessed)
+        on_device = {"static": stage_rows(static, preprocessed)}
         n = len(on_cpu)
-        report.say(f"tiny checkpoint, {n_pages} split pages x {len(tasks)} tasks = {n} rows; "
-                   f"ok on {device}: {sum(r['status'] == 'ok' for r in on_device)}")
-        report.result("suite_static_rows_equal_to_cpu", same_generation(on_cpu, on_device) / n, "ratio", ">= 1")
+        report.say(f"tiny {family} checkpoint, {n_pages} split pages x {len(tasks)} tasks = {n} rows; "
+                   f"ok on {device}: {sum(r['status'] == 'ok' for r in on_device['static'])}")
+        report.result(f"{metric}static_rows_equal_to_cpu", same_generation(on_cpu, on_device["static"]) / n, "ratio",
+                      ">= 1")
 
         continuous = GenerateAnswersContinuously(device_spec, settings, book, batch_size=4)
         try:
-            engine_rows = stage_rows(continuous, preprocessed)
+            on_device["continuous"] = stage_rows(continuous, preprocessed)
         finally:
             continuous.close()
-        report.result("suite_continuous_rows_equal_to_cpu", same_generation(on_cpu, engine_rows) / n, "ratio", ">= 1")
+        report.result(f"{metric}continuous_rows_equal_to_cpu", same_generation(on_cpu, on_device["continuous"]) / n,
+                      "ratio", ">= 1")
 
-        # Out of memory above two pages per batch: the stage halves the batch, every row is still made.
-        real_generate = static.model.generate
-
-        def generate_within_two_pages(*args, **kwargs):
-            if kwargs["input_ids"].shape[0] > 2:
-                raise torch.OutOfMemoryError("injected: CUDA out of memory (more than 2 pages)")
-            return real_generate(*args, **kwargs)
-
-        static.model.generate = generate_within_two_pages
-        try:
-            recovered = stage_rows(static, preprocessed)
-        finally:
-            static.model.generate = real_generate
-        report.result("suite_oom_rows_recovered", same_generation(on_cpu, recovered) / n, "ratio", ">= 1")
-        unequal = {name: differing_rows(on_cpu, rows) for name, rows in (
-            ("static", on_device), ("continuous", engine_rows), ("out of memory", recovered))
-            if same_generation(on_cpu, rows) < n}
+        if inject_oom:
+            on_device["out of memory"] = rows_despite_out_of_memory(static, preprocessed)
+            report.result(f"{metric}oom_rows_recovered", same_generation(on_cpu, on_device["out of memory"]) / n,
+                          "ratio", ">= 1")
+        unequal = {name: differing_rows(on_cpu, rows) for name, rows in on_device.items()
+                   if same_generation(on_cpu, rows) < n}
         for name, rows in unequal.items():
             report.say(f"{name} rows that differ from the CPU run's: {rows}")
         if unequal:
             raise AssertionError(f"rows differ from the CPU run's: {', '.join(unequal)}")
+
+
+def rows_despite_out_of_memory(static, preprocessed) -> list[dict]:
+    """The static stage's rows with out of memory above two pages per batch: it halves the batch, and
+    every row is still made."""
+    real_generate = static.model.generate
+
+    def generate_within_two_pages(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory (more than 2 pages)")
+        return real_generate(*args, **kwargs)
+
+    static.model.generate = generate_within_two_pages
+    try:
+        return stage_rows(static, preprocessed)
+    finally:
+        static.model.generate = real_generate
 
 
 # -- 2-5. the full architecture ---------------------------------------------------------------------------
@@ -708,8 +736,8 @@ def main() -> None:
     parser.add_argument("--sweep-tokens", type=int, default=0, help="new tokens per page in the sweep")
     parser.add_argument("--correctness-pages", type=int, default=5)
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: "
-                                                   "correctness,end-to-end,time,extract,mix,concurrency,compile,"
-                                                   "vision-compile")
+                                                   "correctness,families,end-to-end,time,extract,mix,concurrency,"
+                                                   "compile,vision-compile")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
@@ -730,6 +758,11 @@ def main() -> None:
     if "correctness" not in skip:
         with report.section("correctness: the model stage's classes on the device against CPU"):
             check_correctness(report, args.device, args.correctness_pages)
+    for family in ("idefics3", "smolvlm"):  # the Idefics3 family: its grids of tiles and its prompts per grid
+        if "families" not in skip:
+            with report.section(f"families: the tiny {family} checkpoint through the model stage's classes on the "
+                                f"device against CPU"):
+                check_correctness(report, args.device, args.correctness_pages, family, inject_oom=False)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     bench = None
     with report.section("build the model"):

@@ -30,19 +30,22 @@ def results_of(output: str) -> dict[str, str]:
 
 def test_the_gpu_suite_runs_every_section_on_cpu_with_the_tiny_architecture():
     # The functions and branches the lent GPU runs: the model stage's classes against a CPU run (both
-    # engines, a static fallback, an injected out-of-memory error), then the toy-size architecture
+    # engines, a static fallback, an injected out-of-memory error), the same for the tiny Idefics3 and
+    # SmolVLM checkpoints (both engines), then the toy-size architecture
     # through both engines, the model card's loop, the decode-step and cache measurements, an extract
     # task's grammar, the length mix, the continuous engine's concurrency and the compile checks.
     # Pages at 490 instead of 980 only to keep the toy vision tower quick.
     done = run_bench("bench/gpu_suite.py", "--tiny", "--device", "cpu", "--pages", "3", "--longest-edge", "490")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "sections failed: none" in done.stdout
-    for check in ("suite_static_rows_equal_to_cpu", "suite_continuous_rows_equal_to_cpu", "suite_oom_rows_recovered"):
+    checks = ["suite_static_rows_equal_to_cpu", "suite_continuous_rows_equal_to_cpu", "suite_oom_rows_recovered",
+              "suite_idefics3_static_rows_equal_to_cpu", "suite_idefics3_continuous_rows_equal_to_cpu",
+              "suite_smolvlm_static_rows_equal_to_cpu", "suite_smolvlm_continuous_rows_equal_to_cpu"]
+    for check in checks:
         assert re.search(rf"^RESULT {check} 1 ratio target >= 1$", done.stdout, re.MULTILINE), check
     assert done.stdout.count("all exact: yes") == 4  # static, continuous, the card's loop, the length mix
     assert results_of(done.stdout) == {
-        "suite_static_rows_equal_to_cpu": "ratio", "suite_continuous_rows_equal_to_cpu": "ratio",
-        "suite_oom_rows_recovered": "ratio", "gpu_pages_per_s": "pages/s", "gpu_continuous_pages_per_s": "pages/s",
+        **dict.fromkeys(checks, "ratio"), "gpu_pages_per_s": "pages/s", "gpu_continuous_pages_per_s": "pages/s",
         "gpu_vs_snippet": "x", "gpu_mix_continuous_vs_static": "x"}
     for measured in ("gpu_vision_ms_per_page", "gpu_decode_step_ms_b2_dynamic", "gpu_decode_step_ms_b2_static",
                      "gpu_decode_step_ms_b2_static_compiled", "gpu_peak_memory", "gpu_mix_static_pages_per_s",
