@@ -27,10 +27,11 @@ whatever it measured by then is printed, the rest is said to be skipped. Section
    tokens/s by the number of requests in flight;
 7. the decode step under transformers' compile (static cache + torch.compile, warmed up at the shape).
 
-Ours is the model stage's own code without Ray around it: uint8 crops from `pipeline.crops.model_crops`,
-batches from `batch_by_shape` sized as the pipeline sizes them, crops encoded per shape
-(`pipeline.model.features.encode_crops`), one shared prompt per batch, `generate` with the KV cache that
-`[model] kv_cache` asks for.
+Ours is the model stage's own code without Ray around it: uint8 crops by the model family's rule
+(`pipeline/family.py`: Idefics2's quadrants and page, the Idefics3 family's grid of tiles), pages of one
+grid together (their prompt ids spell it out) in batches from `batch_by_shape` sized as the pipeline sizes
+them, crops encoded per shape (`pipeline.model.features.encode_crops`), one shared prompt per batch,
+`generate` with the KV cache that `[model] kv_cache` asks for.
 
 On the lent machine (torch and transformers of its own, no Ray, no pydantic, no network) the suite needs our
 pinned wheels: transformers 5.23.0 (the machine's 5.17 switches the shared text config to paged attention
@@ -57,6 +58,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import _setup  # noqa: F401  (the repository's packages first; see bench/_setup.py)
 
@@ -68,16 +70,47 @@ from engine import continuous_engine, length_mix, real_pdfs, run_continuous, run
 
 from scriptorium.core.image_settings import ImageSettings  # noqa: E402
 from scriptorium.core.spec import RenderSpec, ResourceSpec  # noqa: E402
-from scriptorium.pipeline.crops import model_crops  # noqa: E402
+from scriptorium.pipeline.crops_idefics3 import PUBLISHED  # noqa: E402
+from scriptorium.pipeline.family import family_named  # noqa: E402
 from scriptorium.pipeline.model.budget import automatic_token_budget, kv_cache_bytes_per_token, kv_cache_options  # noqa: E402
 from scriptorium.pipeline.model.collate import batch_by_shape  # noqa: E402
 from scriptorium.pipeline.model.features import VisionStream, encode_crops, generate_kwargs  # noqa: E402
-from scriptorium.pipeline.model.tiny import IDEFICS2_CHAT_TEMPLATE, build_tokenizer  # noqa: E402
+from scriptorium.pipeline.model.tiny import (  # noqa: E402
+    IDEFICS2_CHAT_TEMPLATE,
+    IDEFICS3_CHAT_TEMPLATE,
+    IDEFICS3_TILE_TOKENS,
+    SMOLVLM_CHAT_TEMPLATE,
+    TINY_TEXT_MODEL,
+    build_tokenizer,
+)
 from scriptorium.pipeline.render.size import resolved_render  # noqa: E402
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model the suite builds from its config with random weights: its family (pipeline/family.py) and
+    the sizes its config is made of, the published checkpoint's (`full`) and a toy's for --tiny runs."""
+
+    name: str  # what the report calls it, and the section that measures it
+    metric_suffix: str  # what its figures' RESULT metrics end with
+    family: str
+    full: dict
+    toy: dict
+
+
+# --tiny: a vision tower of toy width and depth (every family's; TINY_TEXT_MODEL is the text model's).
+TOY_VISION_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def toy_of(full: dict) -> dict:
+    """The Idefics3 family's `full` config at toy widths and depths: tiles, patches, pixel-shuffle scale and
+    vocabulary kept, so the processor, the crops and the prompts are the full model's."""
+    return {**full, "vision_config": {**full["vision_config"], **TOY_VISION_TOWER},
+            "text_config": {**full["text_config"], **TINY_TEXT_MODEL}}
+
 
 # HuggingFaceM4/idefics2-8b's config.json: SigLIP-so400m vision tower at 980, Mistral-7B text model
 # (the keys its config leaves out are MistralConfig's defaults, written out here), perceiver defaults.
-IDEFICS2_8B = dict(
+IDEFICS2_8B = Architecture("idefics2-8b", "", "idefics2", full=dict(
     vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                        patch_size=14, image_size=980),
     perceiver_config=dict(resampler_n_latents=64, resampler_depth=3, resampler_n_heads=16, resampler_head_dim=96,
@@ -86,22 +119,59 @@ IDEFICS2_8B = dict(
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=32003,
                      max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=4096),
     tie_word_embeddings=False,
-)
-# The same shapes at toy size, for --tiny (CPU smoke runs).
-TINY = dict(
-    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       patch_size=14, image_size=980),
+), toy=dict(
+    vision_config=dict(TOY_VISION_TOWER, patch_size=14, image_size=980),
     perceiver_config=dict(hidden_size=64, resampler_n_latents=64, resampler_depth=1, resampler_n_heads=2,
                           resampler_head_dim=16, num_key_value_heads=1),
-    text_config=dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, vocab_size=32003, max_position_embeddings=4096),
+    text_config=dict(model_type="mistral", **TINY_TEXT_MODEL, vocab_size=32003, max_position_embeddings=4096),
+    tie_word_embeddings=False,
+))
+# The Idefics3 family's published checkpoints, by the sizes that set the work (widths, depths, heads, tiles,
+# patches, the pixel shuffle's scale, the vocabulary); their rope and norm constants change no time.
+# HuggingFaceTB/SmolVLM-256M-Instruct: a SigLIP-base-like tower at 512 px tiles of 16 px patches, pixel
+# shuffle by 4 (64 image tokens a tile), SmolLM2-135M.
+SMOLVLM_256M_FULL = dict(
+    scale_factor=4,
+    vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       patch_size=16, image_size=512),
+    text_config=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, vocab_size=49280, max_position_embeddings=8192),
+)
+# HuggingFaceM4/Idefics3-8B-Llama3: SigLIP-so400m at 364 px tiles of 14 px patches, pixel shuffle by 2
+# (169 image tokens a tile), Llama-3-8B.
+IDEFICS3_8B_FULL = dict(
+    scale_factor=2,
+    vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                       patch_size=14, image_size=364),
+    text_config=dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128259,
+                     max_position_embeddings=8192),
     tie_word_embeddings=False,
 )
+SMOLVLM_256M = Architecture("smolvlm-256m", "_smolvlm256m", "smolvlm", SMOLVLM_256M_FULL, toy_of(SMOLVLM_256M_FULL))
+IDEFICS3_8B = Architecture("idefics3-8b", "_idefics3_8b", "idefics3", IDEFICS3_8B_FULL, toy_of(IDEFICS3_8B_FULL))
+
 INSTRUCTION = "Transcribe all the text on this page, in reading order."  # Scriptorium's OCR prompt
 
 
-def build_processor(longest_edge: int = 980):
-    """Idefics2's processor (980 / 378, splitting on, 64 image tokens) around the offline tokenizer."""
+def build_tokenizer_for(family: str):
+    """Scriptorium's tiny offline tokenizer; the Idefics3 family's has its tile tags as single tokens, as
+    the real ones do, so a page's prompt is as long as its grid makes it."""
+    return build_tokenizer(extra_tokens=() if family == "idefics2" else IDEFICS3_TILE_TOKENS)
+
+
+def build_processor(family: str, tokenizer, image_seq_len: int, longest_edge: int = 980):
+    """The family's processor around `tokenizer`, with the PIL image processor splitting pages: Idefics2's
+    at `longest_edge` (and 378); the Idefics3 family's at its published checkpoint's longest edge and
+    tile (crops_idefics3.PUBLISHED). SmolVLM's model gets Idefics3's processor classes: transformers'
+    SmolVLMProcessor needs torchvision and num2words, and its image rule and prompt text are Idefics3's."""
+    if family != "idefics2":
+        from transformers import Idefics3Processor
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        images = Idefics3ImageProcessorPil(do_image_splitting=True, **PUBLISHED[family])
+        return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=image_seq_len,
+                                 chat_template=CHAT_TEMPLATES[family])
     from transformers import Idefics2Processor
 
     try:  # transformers 5: the PIL backend (torchvision may be missing)
@@ -112,25 +182,32 @@ def build_processor(longest_edge: int = 980):
         from transformers import Idefics2ImageProcessor as Images
 
     images = Images(do_image_splitting=True, size={"longest_edge": longest_edge, "shortest_edge": min(378, longest_edge)})
-    return Idefics2Processor(image_processor=images, tokenizer=build_tokenizer(), image_seq_len=64,
+    return Idefics2Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=image_seq_len,
                              chat_template=IDEFICS2_CHAT_TEMPLATE)
 
 
-def build_model(processor, sizes: dict, device: str, dtype: torch.dtype, attention: str):
-    """Random weights, created on the device in `dtype` (no float32 copy, no download)."""
-    # The concrete class, which transformers 4.x (on lent GPU machines) and 5.x both have.
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+CHAT_TEMPLATES = {"idefics3": IDEFICS3_CHAT_TEMPLATE, "smolvlm": SMOLVLM_CHAT_TEMPLATE}
+# Each family's config and model class: the concrete classes, which transformers 4.x and 5.x both have.
+MODEL_CLASSES = {"idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration"),
+                 "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration"),
+                 "smolvlm": ("SmolVLMConfig", "SmolVLMForConditionalGeneration")}
 
-    tok = processor.tokenizer
-    config = Idefics2Config(image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
-                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **sizes)
+
+def build_model(family: str, tokenizer, sizes: dict, device: str, dtype: torch.dtype, attention: str):
+    """Random weights, created on the device in `dtype` (no float32 copy, no download)."""
+    import transformers
+
+    config_class, model_class = (getattr(transformers, name) for name in MODEL_CLASSES[family])
+    tok = tokenizer  # its special tokens' ids go into the config and the generation config
+    config = config_class(image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **sizes)
     config.text_config.pad_token_id = tok.pad_token_id
     config._attn_implementation = attention
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in `dtype` directly
     try:
         with torch.device(device):
-            model = Idefics2ForConditionalGeneration(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(default_dtype)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -150,20 +227,28 @@ def synchronize(device: str) -> None:
 
 
 @torch.inference_mode()
-def run_model_stage(model, processor, prompt, crops, settings, device, dtype, budget, gen, overlap=True):
-    """Scriptorium's model stage: shape-sorted batches, GPU collation, one prompt per batch, decode.
-    `budget` is (pages, pixels, tokens) per batch. With `overlap`, the next batch's crops are encoded on
-    the vision stream while this one decodes, as a replica does with its next block."""
-    prompt_ids = processor(text=prompt, return_tensors="pt")["input_ids"][0]
+def run_model_stage(bench: "Bench", budget, gen, overlap=True, n_pages: int = 0):
+    """Scriptorium's model stage on the bench's first `n_pages` pages (0: all): pages of one tile grid
+    together, as their prompt ids are the same (Idefics2's pages have no grid: one group), shape-sorted
+    batches within, GPU collation, one prompt per batch, decode. `budget` is (pages, pixels, tokens) per
+    batch. With `overlap`, the next batch's crops are encoded on the vision stream while this one
+    decodes, as a replica does with its next block."""
+    model, crops, grids, device = bench.model, bench.crops, bench.grids, bench.device
     batch_size, max_batch_pixels, max_batch_tokens = budget
-    tokens_per_page = len(prompt_ids) + gen["max_new_tokens"]
-    batches = list(batch_by_shape(list(range(len(crops))), lambda i: crops[i], batch_size, max_batch_pixels,
-                                  tokens_of=lambda i: tokens_per_page, max_batch_tokens=max_batch_tokens))
+
+    def tokens_of(i: int) -> int:  # what a page's KV cache holds
+        return len(bench.prompt_ids_by_grid[grids[i]]) + gen["max_new_tokens"]
+
+    batches = []
+    for grid in bench.prompt_ids_by_grid:
+        pages = [i for i in range(n_pages or len(crops)) if grids[i] == grid]
+        batches.extend(batch_by_shape(pages, lambda i: crops[i], batch_size, max_batch_pixels, tokens_of=tokens_of,
+                                      max_batch_tokens=max_batch_tokens))
     vision = VisionStream(device)
 
     def encode(k: int) -> torch.Tensor:
         with torch.inference_mode():  # a worker thread's own mode
-            return vision.encode(model, [crops[i] for i in batches[k]], settings, device, dtype)
+            return vision.encode(model, [crops[i] for i in batches[k]], bench.settings, device, bench.dtype)
 
     texts, new_tokens = [], []
     with ThreadPoolExecutor(1) as encoder:
@@ -172,12 +257,12 @@ def run_model_stage(model, processor, prompt, crops, settings, device, dtype, bu
             features = upcoming.result()
             if overlap and k + 1 < len(batches):
                 upcoming = encoder.submit(encode, k + 1)
-            input_ids = prompt_ids.unsqueeze(0).expand(len(batch), -1).to(device)
+            input_ids = bench.prompt_ids_by_grid[grids[batch[0]]].unsqueeze(0).expand(len(batch), -1).to(device)
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                     **generate_kwargs(model, features), **gen)
             generated = output[:, input_ids.shape[1]:].cpu()
             new_tokens.extend([generated.shape[1]] * len(batch))
-            texts.extend(processor.tokenizer.batch_decode(generated, skip_special_tokens=True))
+            texts.extend(bench.processor.tokenizer.batch_decode(generated, skip_special_tokens=True))
             if not overlap and k + 1 < len(batches):
                 upcoming = encoder.submit(encode, k + 1)
     synchronize(device)
@@ -380,27 +465,40 @@ def rows_despite_out_of_memory(static, preprocessed) -> list[dict]:
 
 # -- 2-5. the full architecture ---------------------------------------------------------------------------
 class Bench:
-    """The full-size model, its processor, pages and crops, built once for every measurement."""
+    """A full-size model (or its toy with --tiny), its processor, pages and crops, built once for every
+    measurement of it."""
 
-    def __init__(self, args, device: str, dtype: torch.dtype):
-        self.args, self.device, self.dtype = args, device, dtype
-        self.processor = build_processor(args.longest_edge)
-        self.settings = ImageSettings.from_processor(self.processor)
+    def __init__(self, args, device: str, dtype: torch.dtype, architecture: Architecture = IDEFICS2_8B,
+                 n_pages: int = 0):
+        self.args, self.device, self.dtype, self.architecture = args, device, dtype, architecture
+        n_pages = n_pages or args.pages
+        family = family_named(architecture.family)
+        tokenizer = build_tokenizer_for(architecture.family)
         started = time.perf_counter()
-        self.model = build_model(self.processor, TINY if args.tiny else IDEFICS2_8B, device, dtype, args.attn)
+        self.model = build_model(architecture.family, tokenizer, architecture.toy if args.tiny else architecture.full,
+                                 device, dtype, args.attn)
         self.build_s = time.perf_counter() - started
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.processor = build_processor(architecture.family, tokenizer, family.image_tokens_per_crop(self.model.config),
+                                         args.longest_edge)
+        self.settings = ImageSettings.from_processor(self.processor)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]}]
         self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        self.prompt_ids = self.processor(text=self.prompt, return_tensors="pt")["input_ids"][0]
         # A few distinct pages, repeated: every length is forced, so their content changes no time, and the
         # lease's minutes go to the GPU rather than to drawing and cropping hundreds of pages on one core.
-        distinct = page_images(min(args.pages, args.distinct_pages), resolved_render(RenderSpec(), self.settings))
+        distinct = page_images(min(n_pages, args.distinct_pages), resolved_render(RenderSpec(), self.settings))
         started = time.perf_counter()
-        distinct_crops = [model_crops(page, self.settings) for page in distinct]
+        distinct_crops = [family.crops(page, self.settings) for page in distinct]
         self.cpu_s = (time.perf_counter() - started) / len(distinct)
-        self.pages = [distinct[i % len(distinct)] for i in range(args.pages)]
-        self.crops = [distinct_crops[i % len(distinct)] for i in range(args.pages)]
+        self.pages = [distinct[i % len(distinct)] for i in range(n_pages)]
+        self.crops = [distinct_crops[i % len(distinct)][0] for i in range(n_pages)]
+        self.grids = [distinct_crops[i % len(distinct)][1] for i in range(n_pages)]
+        # A page's prompt ids spell out its grid of tiles (the Idefics3 family's; Idefics2's pages have none).
+        self.prompt_ids_by_grid = {grid: family.prompt_ids(self.processor, self.prompt, [grid])
+                                   for grid in sorted(set(self.grids))}
+        # The first page's, with which the measurements of one page's features (features_of_one_page) and
+        # the Idefics2 sections, whose pages all share it, make their batches.
+        self.prompt_ids = self.prompt_ids_by_grid[self.grids[0]]
         self.batch_pages = ResourceSpec(batch_size=args.batch_size).pages_per_batch(on_gpu=device == "cuda")
         self.token_budget = args.max_batch_tokens or automatic_token_budget(self.model, device, dtype)
         self.engine = None
@@ -416,22 +514,40 @@ class Bench:
             self.engine = continuous_engine(self.model, self.batch_pages, cache_tokens, self.settings.images_per_page)
         return self.engine
 
+    def close_engine(self) -> None:
+        """Frees the continuous engine's cache (sized for the whole token budget) for what comes next."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
-def describe(report: Report, bench: Bench) -> None:
-    args = bench.args
-    name = torch.cuda.get_device_name() if bench.device == "cuda" else "cpu"
+
+def describe_machine(report: Report, args) -> None:
     import transformers
 
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     report.say(f"device: {name}; torch {torch.__version__}, transformers {transformers.__version__}, CUDA "
-               f"{torch.version.cuda}; model: {'tiny' if args.tiny else 'idefics2-8b'} architecture, "
+               f"{torch.version.cuda}")
+    if args.tiny or args.device != "cuda":
+        report.say("NOTE: a toy model or no GPU: the RESULT lines below check the suite runs, they measure nothing")
+
+
+def describe(report: Report, bench: Bench) -> None:
+    args, settings = bench.args, bench.settings
+    report.say(f"model: {'toy ' if args.tiny else ''}{bench.architecture.name} architecture, "
                f"{bench.n_params / 1e9:.2f} B parameters, random weights, {str(bench.dtype).replace('torch.', '')}, "
                f"attention {args.attn}; built in {bench.build_s:.1f} s")
-    report.say(f"pages: {len(bench.pages)} rendered at {bench.settings.render_edge} with splitting "
-               f"({bench.settings.images_per_page} crops), prompt {len(bench.prompt_ids)} tokens; automatic batch "
-               f"up to {bench.batch_pages} pages within {bench.token_budget or 'no'} KV-cache tokens; CPU stage "
+    report.say(f"pages: {len(bench.pages)} rendered at {settings.render_edge} with splitting "
+               f"({span(len(crops) for crops in bench.crops)} crops), prompt "
+               f"{span(len(ids) for ids in bench.prompt_ids_by_grid.values())} tokens; automatic batch up to "
+               f"{bench.batch_pages} pages within {bench.token_budget or 'no'} KV-cache tokens; CPU stage "
                f"{1 / bench.cpu_s:.1f} pages/s on one core (not in the GPU times)")
-    if args.tiny or bench.device != "cuda":
-        report.say("NOTE: a toy model or no GPU: the RESULT lines below check the suite runs, they measure nothing")
+
+
+def span(values) -> str:
+    """"5" or "13-17": the smallest and the largest of `values`."""
+    values = list(values)
+    low, high = min(values), max(values)
+    return f"{low}" if low == high else f"{low}-{high}"
 
 
 def ceilings(report: Report, device: str) -> None:
@@ -454,30 +570,35 @@ def ceilings(report: Report, device: str) -> None:
     del a, b, source, target
 
 
+def static_engine(report: Report, bench: Bench) -> tuple[float, int]:
+    """The static engine on every page at exactly --new-tokens, the automatic batch, after a warm-up on two
+    pages: (seconds, peak device memory in bytes), and a line of its batches and memory."""
+    args, device = bench.args, bench.device
+    run_model_stage(bench, (2, 0, 0), generation_args(min(8, args.new_tokens), args.kv_cache), n_pages=2)
+    seconds, peak, (_, tokens, sizes) = timed(device, run_model_stage, bench, bench.budget,
+                                              generation_args(args.new_tokens, args.kv_cache),
+                                              overlap=not args.no_overlap)
+    exact = set(tokens) == {args.new_tokens}
+    per_token = kv_cache_bytes_per_token(bench.model.config.text_config, bench.dtype)
+    report.say(f"{bench.architecture.name}, static engine: {len(bench.crops)} pages in {seconds:.1f} s, batches "
+               f"{sizes} (vision {'in turn' if args.no_overlap else 'beside decode'}), {args.new_tokens} tokens "
+               f"each, all exact: {'yes' if exact else 'NO'}; peak {peak / 2**30:.1f} GiB (KV-cache budget "
+               f"{bench.token_budget * per_token / 2**30:.1f} GiB, total "
+               f"{torch.cuda.get_device_properties(0).total_memory / 2**30 if device == 'cuda' else 0:.0f} GiB)")
+    return seconds, peak
+
+
 def end_to_end(report: Report, bench: Bench) -> dict:
     """Both engines at exactly --new-tokens per page, the automatic batch; the model card's loop."""
     args, model, device, dtype = bench.args, bench.model, bench.device, bench.dtype
-    gen = generation_args(args.new_tokens, args.kv_cache)
-    warm = generation_args(min(8, args.new_tokens), args.kv_cache)
-    run_model_stage(model, bench.processor, bench.prompt, bench.crops[:2], bench.settings, device, dtype, (2, 0, 0),
-                    warm)
-    seconds, peak, (_, tokens, sizes) = timed(device, run_model_stage, model, bench.processor, bench.prompt, bench.crops,
-                                              bench.settings, device, dtype, bench.budget, gen,
-                                              overlap=not args.no_overlap)
+    seconds, peak = static_engine(report, bench)
     n = len(bench.crops)
-    exact = set(tokens) == {args.new_tokens}
-    per_token = kv_cache_bytes_per_token(model.config.text_config, dtype)
-    report.say(f"static engine: {n} pages in {seconds:.1f} s, batches {sizes} (vision "
-               f"{'in turn' if args.no_overlap else 'beside decode'}), {args.new_tokens} tokens each, "
-               f"all exact: {'yes' if exact else 'NO'}; peak {peak / 2**30:.1f} GiB (KV-cache budget "
-               f"{bench.token_budget * per_token / 2**30:.1f} GiB, total "
-               f"{torch.cuda.get_device_properties(0).total_memory / 2**30 if device == 'cuda' else 0:.0f} GiB)")
     static_rate = n / seconds
     report.result("gpu_pages_per_s", static_rate, "pages/s", ">= 15")
     report.result("gpu_peak_memory", peak / 2**30, "GiB")
     if args.both_orders:  # the same batches with each batch's crops encoded only after the previous decoded
-        other_s, _, _ = timed(device, run_model_stage, model, bench.processor, bench.prompt, bench.crops,
-                                bench.settings, device, dtype, bench.budget, gen, overlap=args.no_overlap)
+        other_s, _, _ = timed(device, run_model_stage, bench, bench.budget,
+                              generation_args(args.new_tokens, args.kv_cache), overlap=args.no_overlap)
         report.say(f"static engine, vision {'beside decode' if args.no_overlap else 'in turn'}: {n} pages in "
                    f"{other_s:.1f} s")
         report.result("gpu_overlap_gain", (other_s / seconds) ** (-1 if args.no_overlap else 1), "x")
@@ -654,9 +775,7 @@ def engine_concurrency(report: Report, bench: Bench) -> None:
     from scriptorium.pipeline.model import continuous
 
     args, model, device, dtype = bench.args, bench.model, bench.device, bench.dtype
-    if bench.engine is not None:  # its cache, sized for the whole budget, goes first
-        bench.engine.close()
-        bench.engine = None
+    bench.close_engine()  # its cache, sized for the whole budget, goes first
     cap = continuous.SDPA_MAX_REQUESTS_ON_GPU
     per_page = len(bench.prompt_ids) + args.sweep_tokens
     for requests in args.engine_requests:
@@ -767,6 +886,7 @@ def main() -> None:
     bench = None
     with report.section("build the model"):
         bench = Bench(args, args.device, dtype)
+        describe_machine(report, args)
         describe(report, bench)
         ceilings(report, args.device)
     if bench is not None:
@@ -776,8 +896,7 @@ def main() -> None:
             if name not in skip:
                 with report.section(name):
                     run(report, bench)
-        if bench.engine is not None:
-            bench.engine.close()
+        bench.close_engine()
     report.say(f"suite done in {time.perf_counter() - started:.0f} s; sections failed: {report.failed or 'none'}")
     sys.stdout.flush()
     os._exit(3 if report.failed else 0)  # the engine's and the watchdog's threads do not hold the exit
