@@ -92,6 +92,7 @@ from scriptorium.pipeline.model.tiny import (  # noqa: E402
 )
 from scriptorium.pipeline.render.size import resolved_render  # noqa: E402
 
+
 @dataclass(frozen=True)
 class Architecture:
     """A model the suite builds from its config with random weights: its family (pipeline/family.py) and
@@ -163,8 +164,14 @@ INSTRUCTION = "Transcribe all the text on this page, in reading order."  # Scrip
 
 def build_tokenizer_for(family: str):
     """Scriptorium's tiny offline tokenizer; the Idefics3 family's has its tile tags as single tokens, as
-    the real ones do, so a page's prompt is as long as its grid makes it."""
+    the real ones do, so a page's prompt is as long as its grid makes it. Its bos, eos and pad are
+    Idefics2's for every family: the Idefics3 family's chat templates open with a tag it spells in a few
+    tokens, nothing beside a page's 800 to 2,900 image tokens."""
     return build_tokenizer(extra_tokens=() if family == "idefics2" else IDEFICS3_TILE_TOKENS)
+
+
+# The Idefics3 family's chat templates (Idefics2's is IDEFICS2_CHAT_TEMPLATE), as the tiny checkpoints have them.
+CHAT_TEMPLATES = {"idefics3": IDEFICS3_CHAT_TEMPLATE, "smolvlm": SMOLVLM_CHAT_TEMPLATE}
 
 
 def build_processor(family: str, tokenizer, image_seq_len: int, longest_edge: int = 980):
@@ -193,19 +200,18 @@ def build_processor(family: str, tokenizer, image_seq_len: int, longest_edge: in
                              chat_template=IDEFICS2_CHAT_TEMPLATE)
 
 
-CHAT_TEMPLATES = {"idefics3": IDEFICS3_CHAT_TEMPLATE, "smolvlm": SMOLVLM_CHAT_TEMPLATE}
 # Each family's config and model class: the concrete classes, which transformers 4.x and 5.x both have.
 MODEL_CLASSES = {"idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration"),
                  "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration"),
                  "smolvlm": ("SmolVLMConfig", "SmolVLMForConditionalGeneration")}
 
 
-def build_model(family: str, tokenizer, sizes: dict, device: str, dtype: torch.dtype, attention: str):
-    """Random weights, created on the device in `dtype` (no float32 copy, no download)."""
+def build_model(family: str, tok, sizes: dict, device: str, dtype: torch.dtype, attention: str):
+    """Random weights, created on the device in `dtype` (no float32 copy, no download); the tokenizer `tok`
+    gives the special tokens' ids."""
     import transformers
 
     config_class, model_class = (getattr(transformers, name) for name in MODEL_CLASSES[family])
-    tok = tokenizer  # its special tokens' ids go into the config and the generation config
     config = config_class(image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **sizes)
     config.text_config.pad_token_id = tok.pad_token_id
@@ -234,7 +240,7 @@ def synchronize(device: str) -> None:
 
 
 @torch.inference_mode()
-def run_model_stage(bench: "Bench", budget, gen, overlap=True, n_pages: int = 0):
+def run_model_stage(bench: Bench, budget, gen, overlap=True, n_pages: int = 0):
     """Scriptorium's model stage on the bench's first `n_pages` pages (0: all): pages of one tile grid
     together, as their prompt ids are the same (Idefics2's pages have no grid: one group), shape-sorted
     batches within, GPU collation, one prompt per batch, decode. `budget` is (pages, pixels, tokens) per
