@@ -30,21 +30,26 @@ def results_of(output: str) -> dict[str, str]:
 
 def test_the_gpu_suite_runs_every_section_on_cpu_with_the_tiny_architecture():
     # The functions and branches the lent GPU runs: the model stage's classes against a CPU run (both
-    # engines, a static fallback, an injected out-of-memory error), then the toy-size architecture
-    # through both engines, the model card's loop, the decode-step and cache measurements, an extract
-    # task's grammar, the length mix, the continuous engine's concurrency and the compile checks.
-    # Pages at 490 instead of 980 only to keep the toy vision tower quick.
+    # engines, a static fallback, an injected out-of-memory error), the same for the tiny Idefics3 and
+    # SmolVLM checkpoints (both engines), then the toy-size idefics2-8b architecture through both engines
+    # and the model card's loop, the toy-size SmolVLM-256M and Idefics3-8B through the static engine on
+    # their own grids of tiles, the decode-step and cache measurements, an extract task's grammar, the
+    # length mix, the continuous engine's concurrency and the compile checks.
+    # Pages at 490 instead of 980 only to keep the toy Idefics2 vision tower quick.
     done = run_bench("bench/gpu_suite.py", "--tiny", "--device", "cpu", "--pages", "3", "--longest-edge", "490")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "sections failed: none" in done.stdout
-    for check in ("suite_static_rows_equal_to_cpu", "suite_continuous_rows_equal_to_cpu", "suite_oom_rows_recovered"):
+    checks = ["suite_static_rows_equal_to_cpu", "suite_continuous_rows_equal_to_cpu", "suite_oom_rows_recovered",
+              "suite_idefics3_static_rows_equal_to_cpu", "suite_idefics3_continuous_rows_equal_to_cpu",
+              "suite_smolvlm_static_rows_equal_to_cpu", "suite_smolvlm_continuous_rows_equal_to_cpu"]
+    for check in checks:
         assert re.search(rf"^RESULT {check} 1 ratio target >= 1$", done.stdout, re.MULTILINE), check
-    assert done.stdout.count("all exact: yes") == 4  # static, continuous, the card's loop, the length mix
+    # idefics2-8b's static, continuous and the card's loop; smolvlm-256m's and idefics3-8b's static; the length mix
+    assert done.stdout.count("all exact: yes") == 6
     assert results_of(done.stdout) == {
-        "suite_static_rows_equal_to_cpu": "ratio", "suite_continuous_rows_equal_to_cpu": "ratio",
-        "suite_oom_rows_recovered": "ratio", "gpu_pages_per_s": "pages/s", "gpu_continuous_pages_per_s": "pages/s",
+        **dict.fromkeys(checks, "ratio"), "gpu_pages_per_s": "pages/s", "gpu_continuous_pages_per_s": "pages/s",
         "gpu_vs_snippet": "x", "gpu_mix_continuous_vs_static": "x"}
-    for measured in ("gpu_vision_ms_per_page", "gpu_decode_step_ms_b2_dynamic", "gpu_decode_step_ms_b2_static",
+    for measured in ("gpu_pages_per_s_smolvlm256m", "gpu_pages_per_s_idefics3_8b", "gpu_vision_ms_per_page", "gpu_decode_step_ms_b2_dynamic", "gpu_decode_step_ms_b2_static",
                      "gpu_decode_step_ms_b2_static_compiled", "gpu_peak_memory", "gpu_mix_static_pages_per_s",
                      "gpu_vision_compiled_vs_eager", "gpu_continuous_tokens_per_s_r2", "gpu_extract_step_ratio_b4"):
         assert re.search(rf"^RESULT {measured} \S+ \S+$", done.stdout, re.MULTILINE), measured
