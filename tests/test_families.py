@@ -169,3 +169,19 @@ def test_a_processor_and_model_that_disagree_on_image_tokens_are_refused(checkpo
     smaller.image_processor.max_image_size = {"longest_edge": 224}
     with pytest.raises(ValueError, match="tiles of 224 px"):
         check_image_tokens(smaller, model)
+
+
+def test_a_prompt_beyond_the_models_context_is_an_error_row_that_says_what_to_change(checkpoint, pages):
+    """Past its trained positions a model degrades without an error: a unit that would go there is not
+    generated (the tiny checkpoints' text models take 8192 tokens, as Idefics3-8B's Llama 3 does)."""
+    _, model = checkpoint
+    document = TaskSpec(kind="qa", name="whole", scope="document", document_pages=2, questions=["Total?"],
+                        max_new_tokens=7800)
+    page = TaskSpec(kind="ocr", max_new_tokens=MAX_NEW_TOKENS)
+    for rows in both_engines(model, [document, page], [plan_row(pages[0])]):
+        by_task = {row["task"]: row for row in rows}
+        assert {row["status"] for row in rows if row["task"] == "ocr"} == {"ok"}
+        refused = by_task["whole"]
+        assert (refused["status"], refused["stage"]) == ("error", "generate")
+        assert "max_new_tokens is 7800: more than the model's context of 8192 tokens" in refused["error"]
+        assert "(10 image crops)" in refused["error"]

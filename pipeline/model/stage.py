@@ -113,6 +113,7 @@ class GenerateAnswers(AnswerStep):
         self.model, self.processor, self.device, self.dtype, self.eos_ids = load_for_generation(model, image_settings)
         self.tokenizer = self.processor.tokenizer
         self.family = family_named(image_settings.family)
+        self.context_tokens = self.model.config.text_config.max_position_embeddings  # prompt + answer, at most
         # Extract tasks decode under their schema's grammar (grammar.py), over the model's whole vocabulary.
         self.grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().out_features, self.eos_ids,
                                  prompts.schemas) if prompts.schemas else None
@@ -181,8 +182,21 @@ class GenerateAnswers(AnswerStep):
                 continue
             # Few-shot example images come first, as in the prompt; then the page(s), in page order.
             grids = self.book.example_grids(task) + [tuple(grid) for grid in page.get("image_grids") or []]
-            sequences.append(Sequence(page, plan, self.book.example_crops(task) + crops, tuple(grids)))
+            seq = Sequence(page, plan, self.book.example_crops(task) + crops, tuple(grids))
+            if self.sequence_tokens(seq) > self.context_tokens:
+                rows.append(self._error_row(page, plan, self._beyond_context(seq), "generate"))
+                continue
+            sequences.append(seq)
         return rows, sequences
+
+    def _beyond_context(self, seq: Sequence) -> str:
+        """Why a sequence longer than the text model's context is not generated: past its trained positions
+        a model's output degrades without any error (Idefics3-8B's Llama 3 takes 8192 tokens, and one split
+        page takes some 2900 of them), so the row says what to change instead."""
+        return (f"the prompt takes {len(self.prompt_ids(seq))} tokens ({len(seq.crops)} image crops) and "
+                f"max_new_tokens is {seq.plan.max_new_tokens}: more than the model's context of "
+                f"{self.context_tokens} tokens; show fewer pages (document_pages, examples), turn image "
+                "splitting off, or lower max_new_tokens")
 
     def generate_static(self, sequences: list[Sequence]) -> list[dict]:
         """Rows of `sequences`, generated in batches with `generate`: a batch that fails is halved until its
@@ -213,6 +227,7 @@ class GenerateAnswers(AnswerStep):
                                       tokens_of=self.sequence_tokens, max_batch_tokens=tokens)
 
     def sequence_tokens(self, seq: Sequence) -> int:
+        """What a sequence's KV cache holds at most: its prompt and max_new_tokens."""
         return len(self.prompt_ids(seq)) + seq.plan.max_new_tokens
 
     def _size(self, batch: list[Sequence]) -> BatchSize:
