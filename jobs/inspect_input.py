@@ -127,35 +127,35 @@ TYPICAL_PAGES = {"letter": (612, 792), "a4": (595, 842)}
 PAGE_NAMES = {"letter": "Letter", "a4": "A4"}
 
 
-def _tiled(family: str, published: str, image_seq_len: int) -> ImageSettings:
-    """Image settings of the Idefics3 family: `published` names its sizes in crops_idefics3.PUBLISHED."""
-    sizes = PUBLISHED[published]
-    return ImageSettings(family=family, do_image_splitting=True, longest_edge=sizes["size"]["longest_edge"],
-                         tile_edge=sizes["max_image_size"]["longest_edge"], image_seq_len=image_seq_len, resample=1)
+def published_settings(published: str | None, image_seq_len: int) -> ImageSettings:
+    """A published checkpoint's image settings, read by Scriptorium's own reader off transformers' PIL image
+    processor at that checkpoint's sizes (crops_idefics3.PUBLISHED); None: Idefics2's class defaults."""
+    if published is None:
+        return ImageSettings(image_seq_len=image_seq_len)  # 980 px, no splitting
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    return ImageSettings.from_image_processor(Idefics3ImageProcessorPil(**PUBLISHED[published]), image_seq_len)
 
 
-# What transformers' processor classes take when a checkpoint's processor files leave a setting out.
-CLASS_DEFAULTS = {
-    "idefics2": ImageSettings(),  # 980 px, no splitting, 64 image tokens a crop
-    "idefics3": _tiled("idefics3", "idefics3", 169),
-    "smolvlm": _tiled("smolvlm", "idefics3", 169),  # SmolVLM's classes default to Idefics3-8B's settings
-}
-
-# The published checkpoints' settings, for a hub id (inspect reads no network): the first row whose words
-# all occur in the id, in lower case. Image tokens a crop: Idefics2's perceiver has 64 latents; the
-# others, (tile / patch)^2 / pixel shuffle^2: Idefics3-8B (364 / 14)^2 / 2^2 = 169, SmolVLM-256M and
-# -500M (512 / 16)^2 / 4^2 = 64, SmolVLM-Instruct and SmolVLM2-2.2B (384 / 14 = 27)^2 / 3^2 = 81.
-# Idefics2 splits as its model card says: the instruction-tuned checkpoints were trained with splitting,
-# the base one without; which is why inspect says "assumed" unless the job sets [model] do_image_splitting.
+# The published checkpoints, for a hub id (inspect reads no network): the first row whose words all occur
+# in the id, in lower case, with the sizes it publishes and its image tokens a crop. Image tokens a crop:
+# Idefics2's perceiver has 64 latents; the others, (tile / patch)^2 / pixel shuffle^2: Idefics3-8B
+# (364 / 14)^2 / 2^2 = 169, SmolVLM-256M and -500M (512 / 16)^2 / 4^2 = 64, SmolVLM-Instruct and
+# SmolVLM2-2.2B (384 / 14 = 27)^2 / 3^2 = 81. Idefics2 splits as its model card says: the
+# instruction-tuned checkpoints were trained with splitting, the base one without; which is why inspect
+# says "assumed" unless the job sets [model] do_image_splitting.
 PUBLISHED_CHECKPOINTS = [
-    (("idefics2", "base"), CLASS_DEFAULTS["idefics2"]),  # idefics2-8b-base
-    (("idefics2",), dataclasses.replace(CLASS_DEFAULTS["idefics2"], do_image_splitting=True)),  # idefics2-8b
-    (("idefics3",), _tiled("idefics3", "idefics3", 169)),  # Idefics3-8B-Llama3
-    (("smolvlm", "256m"), _tiled("smolvlm", "smolvlm", 64)),  # SmolVLM-256M-Instruct, SmolVLM2-256M-Video-...
-    (("smolvlm", "500m"), _tiled("smolvlm", "smolvlm", 64)),  # SmolVLM-500M-Instruct, SmolVLM2-500M-Video-...
-    (("smolvlm", "2.2b"), _tiled("smolvlm", "smolvlm-instruct", 81)),  # SmolVLM2-2.2B-Instruct
-    (("smolvlm-instruct",), _tiled("smolvlm", "smolvlm-instruct", 81)),  # SmolVLM-Instruct (2.2B)
+    (("idefics2", "base"), None, 64, False),  # idefics2-8b-base
+    (("idefics2",), None, 64, True),  # idefics2-8b
+    (("idefics3",), "idefics3", 169, True),  # Idefics3-8B-Llama3
+    (("smolvlm", "256m"), "smolvlm", 64, True),  # SmolVLM-256M-Instruct, SmolVLM2-256M-Video-...
+    (("smolvlm", "500m"), "smolvlm", 64, True),  # SmolVLM-500M-Instruct, SmolVLM2-500M-Video-...
+    (("smolvlm", "2.2b"), "smolvlm-instruct", 81, True),  # SmolVLM2-2.2B-Instruct
+    (("smolvlm-instruct",), "smolvlm-instruct", 81, True),  # SmolVLM-Instruct (2.2B)
 ]
+
+# Image tokens a crop where a checkpoint's processor_config.json leaves it out: its processor class's default.
+DEFAULT_IMAGE_SEQ_LEN = {"idefics2": 64, "idefics3": 169, "smolvlm": 169}
 
 
 def checkpoint_family(model_id: str) -> tuple[str | None, str]:
@@ -181,32 +181,30 @@ def checkpoint_image_settings(model: ModelSpec, family: str | None) -> tuple[Ima
         return None, ("not a family Scriptorium runs" if family else "unknown family")
     folder = Path(os.path.expanduser(model.id))
     if folder.is_dir():
-        settings, source = local_image_settings(folder, family), "processor files"
+        try:
+            settings, source = local_image_settings(folder, family), "processor files"
+        except Exception as exc:  # a folder that is not a whole checkpoint: said, as for a hub id unknown
+            return None, f"its processor files cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     else:
         name = model.id.lower()
-        settings = next((s for words, s in PUBLISHED_CHECKPOINTS if all(word in name for word in words)), None)
-        source = "published checkpoint"
-        if settings is None:
+        published = next((row[1:] for row in PUBLISHED_CHECKPOINTS if all(word in name for word in row[0])), None)
+        if published is None:
             return None, "its hub id matches no published checkpoint: inspect a local copy"
+        sizes, image_seq_len, splits = published
+        settings = dataclasses.replace(published_settings(sizes, image_seq_len), do_image_splitting=splits)
+        source = "published checkpoint"
     overrides = {"do_image_splitting": model.do_image_splitting, "longest_edge": model.longest_edge}
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None}), source
 
 
 def local_image_settings(folder: Path, family: str) -> ImageSettings:
-    """A checkpoint folder's image settings, read as transformers reads them: transformers 5 nests the image
-    processor's in processor_config.json, earlier versions wrote preprocessor_config.json; a setting left
-    out takes the processor class's default."""
-    processor = _read_json(folder / "processor_config.json")
-    image_processor = processor.get("image_processor") or _read_json(folder / "preprocessor_config.json")
-    default = CLASS_DEFAULTS[family]
-    size, tile = image_processor.get("size") or {}, image_processor.get("max_image_size") or {}
-    return dataclasses.replace(
-        default,
-        do_image_splitting=bool(image_processor.get("do_image_splitting", default.do_image_splitting)),
-        longest_edge=int(size.get("longest_edge", default.longest_edge)),
-        tile_edge=int(tile.get("longest_edge", default.tile_edge)),
-        image_seq_len=int(processor.get("image_seq_len", default.image_seq_len)),
-    )
+    """A checkpoint folder's image settings, as a run reads them (`ImageSettings.from_image_processor`), off
+    transformers' PIL image processor (which, unlike SmolVLM's whole processor, needs no torchvision)."""
+    from transformers import AutoImageProcessor
+
+    image_processor = AutoImageProcessor.from_pretrained(str(folder), backend="pil")
+    image_seq_len = _read_json(folder / "processor_config.json").get("image_seq_len", DEFAULT_IMAGE_SEQ_LEN[family])
+    return ImageSettings.from_image_processor(image_processor, int(image_seq_len))
 
 
 def _read_json(path: Path) -> dict:
